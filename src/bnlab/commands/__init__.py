@@ -1,0 +1,1 @@
+"""Subcommands of the `bnlab` CLI, one module each (see :mod:`bnlab.cli`)."""
