@@ -98,11 +98,26 @@ class _BatchNorm(nn.Module):
         return f"{type(self).__name__}({self.num_features})"
 
     def _check_input(self, x: Tensor) -> None:
-        F.check_input(x, self.num_features, self.training, self.layer_name, self._expected_dims)
+        F.check_input(x, self.num_features, self._uses_batch_stats(), self.layer_name, self._expected_dims)
+
+    # -- switches that survive .train()/.eval() (see bnlab.variants.freeze_stats) ---------------------
+    #: ``None`` follows the mode (batch statistics in training); ``True``/``False`` force it.
+    use_batch_stats: Optional[bool] = None
+    #: ``False`` keeps the running statistics fixed even in training.
+    update_running_stats: bool = True
+
+    def _uses_batch_stats(self) -> bool:
+        if self.use_batch_stats is not None:
+            return self.use_batch_stats or self.running_mean is None
+        return self.training or self.running_mean is None
+
+    def _updates_running_stats(self) -> bool:
+        return (self.training and self.track_running_stats and self.update_running_stats
+                and self._uses_batch_stats())
 
     def _momentum_for_step(self) -> float:
         """PyTorch's rule: count the batch, then EMA factor ``momentum`` or ``1/num_batches_tracked``."""
-        if self.training and self.track_running_stats:
+        if self._updates_running_stats():
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 return 1.0 / float(self.num_batches_tracked)
@@ -111,10 +126,9 @@ class _BatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         momentum = self._momentum_for_step()
-        use_batch_stats = self.training or self.running_mean is None
-        update = self.training and self.track_running_stats
-        out = F.batch_norm_stats(x, self.running_mean if (update or not use_batch_stats) else None,
-                                 self.running_var if (update or not use_batch_stats) else None,
+        use_batch_stats, update = self._uses_batch_stats(), self._updates_running_stats()
+        stats = update or not use_batch_stats
+        out = F.batch_norm_stats(x, self.running_mean if stats else None, self.running_var if stats else None,
                                  self.weight, self.bias, use_batch_stats, momentum, self.eps, self.backend)
         if update and out.finite is not None:
             self._commit_running_stats(out)
