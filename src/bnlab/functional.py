@@ -111,86 +111,114 @@ def backend_for(x: Tensor, backend: str = "auto") -> str:
 # training mode: an autograd.Function with the closed-form backward
 # --------------------------------------------------------------------------------------------------
 
-def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance in the compute dtype (Welford, no cancellation)."""
-    var, mean = torch.var_mean(x.to(_compute_dtype(x)), dim=_reduce_dims(x), correction=0)
-    return mean, var.clamp_min(0)
+def _channel_sum(t: Tensor) -> Tensor:
+    return t.sum(_reduce_dims(t))
 
 
-def _normalize(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Optional[Tensor],
-               bias: Optional[Tensor]) -> Tensor:
-    """y = (x − μ)·(γ/σ) + β, centred before scaling so a large mean does not cancel."""
-    scale = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)
-    centred = x.to(inv_std.dtype) - _per_channel(mean, x)
-    if bias is None:
-        # in place only where autograd is not recording (inside the Function's forward)
-        y = centred * _per_channel(scale, x) if torch.is_grad_enabled() else centred.mul_(_per_channel(scale, x))
-    else:
-        y = torch.addcmul(_per_channel(bias.to(inv_std.dtype), x), centred, _per_channel(scale, x))
-    return y.to(x.dtype)
+def _shift(x: Tensor) -> Tensor:
+    """A per-channel reference value near the channel mean: the first sample's mean.
+
+    Statistics are taken of ``d = x − shift`` ("shifted data", Chan, Golub & LeVeque 1983), whose values are
+    of the order of σ, so neither the mean of d nor ``E[d²] − E[d]²`` cancels when |μ| ≫ σ. The shift is a
+    constant for differentiation: the statistics of x do not depend on it.
+    """
+    first = x[:1].detach().to(_compute_dtype(x))
+    return first.reshape(first.shape[1], -1).mean(1) if x.dim() > 2 else first[0]
+
+
+def _shifted_moments(x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``d = x − shift``, ``δ = E[d]`` (so μ = shift + δ) and the biased variance ``E[d²] − δ²`` (≥ 0)."""
+    count = x.numel() // x.shape[1]
+    d = x.to(shift.dtype) - _per_channel(shift, x)
+    delta = _channel_sum(d) / count
+    var = (_channel_sum(d * d) / count - delta * delta).clamp_min(0)
+    return d, delta, var
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Training-mode batch norm. Saves the input and the per-channel μ and 1/σ — nothing full-size
-    beyond the input itself."""
+    """Training-mode batch norm with the closed-form backward.
+
+    Saves the input and four per-channel vectors (shift, δ, σ², γ) — nothing full-size beyond the input,
+    which the caller keeps anyway. Returns ``(y, shift, δ, σ²)``; the batch mean is ``shift + δ``.
+    """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
-        mean, var = _batch_stats(x)
-        inv_std = torch.rsqrt(var + eps)
-        y = _normalize(x, mean, inv_std, weight, bias)
-        if y.dim() >= 4:
-            y = y.contiguous(memory_format=_memory_format(x))
-        return y, mean, var
+        shift = _shift(x)
+        d, delta, var = _shifted_moments(x, shift)                     # d: (N, C, *)
+        scale = torch.rsqrt(var + eps)                                 # (C,) 1/σ, then γ/σ
+        if weight is not None:
+            scale = scale * weight.to(scale.dtype)
+        offset = -delta * scale if bias is None else bias.to(scale.dtype) - delta * scale
+        y = d.mul_(_per_channel(scale, x)).add_(_per_channel(offset, x))   # (x − μ)·γ/σ + β, in d's memory
+        return y.to(x.dtype), shift, delta, var
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, eps = inputs
-        _, mean, var = output
+        _, shift, delta, var = output
         ctx.eps = eps
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.save_for_backward(x, weight, mean, var)
-        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(x, weight, shift, delta, var)
+        ctx.mark_non_differentiable(shift, delta, var)
         ctx.set_materialize_grads(True)
 
     @staticmethod
-    def backward(ctx, dy: Tensor, _dmean, _dvar):
-        x, weight, mean, var = ctx.saved_tensors
+    def backward(ctx, dy: Tensor, _dshift, _ddelta, _dvar):
+        x, weight, shift, delta, var = ctx.saved_tensors
         if torch.is_grad_enabled():
-            # create_graph=True: recompute the statistics from x with differentiable ops, so the
-            # gradient we return is itself a differentiable function of x, γ and dy (double backward).
-            mean, var = _batch_stats(x)
-        return _backward(dy, x, weight, mean, torch.rsqrt(var + ctx.eps), ctx.needs_input_grad,
-                         ctx.has_weight, ctx.has_bias)
+            # create_graph=True: recompute δ and σ² from x with differentiable ops, so the gradient we
+            # return is itself a differentiable function of x, γ and dy (double backward).
+            d, delta, var = _shifted_moments(x, shift)
+        else:
+            d = x.to(shift.dtype) - _per_channel(shift, x)
+        return _backward(dy, d, weight, delta, torch.rsqrt(var + ctx.eps), ctx.needs_input_grad,
+                         ctx.has_weight, ctx.has_bias) + (None,)
 
 
-def _backward(dy, x, weight, mean, inv_std, needs_grad, has_weight, has_bias):
-    """dx, dγ, dβ from the closed form; the two reductions are Σdy and Σdy·(x − μ)."""
-    cdt = inv_std.dtype
-    dims = _reduce_dims(x)
-    m = x.numel() // x.shape[1]
-    dy_c = dy.to(cdt)
-    centred = x.to(cdt) - _per_channel(mean, x)
-    sum_dy = dy_c.sum(dims)                                      # Σ dy            (C,)
-    sum_dy_xhat = (dy_c * centred).sum(dims) * inv_std           # Σ dy·x̂          (C,)
+def _backward(dy, d, weight, delta, inv_std, needs_grad, has_weight, has_bias):
+    """dx, dγ, dβ from the closed form, given the shifted input ``d = x − shift`` (x̂ = (d − δ)/σ).
+
+    The two reductions are Σdy and Σdy·d; then per channel
+    ``dx = A·dy + B·d + C`` with ``A = γ/σ``, ``B = −A/σ · Σdy·x̂/m``, ``C = −A·Σdy/m − B·δ``.
+    Writes into ``d`` when autograd is not recording (single backward).
+    """
+    count = d.numel() // d.shape[1]
+    dy_c = dy.to(inv_std.dtype)
+    sum_dy = _channel_sum(dy_c)                                          # Σ dy     (C,)
+    sum_dy_xhat = (_channel_sum(dy_c * d) - delta * sum_dy) * inv_std   # Σ dy·x̂   (C,)
 
     dx = dweight = dbias = None
     if needs_grad[0]:
-        gamma_inv_std = inv_std if weight is None else weight.to(cdt) * inv_std
-        # dx = γ/σ · (dy − Σdy/m − x̂ · Σdy·x̂/m), with x̂ = (x − μ)/σ
-        coef_x = _per_channel(-gamma_inv_std * inv_std * sum_dy_xhat / m, x)
-        coef_dy = _per_channel(gamma_inv_std, x)
-        shift = _per_channel(-gamma_inv_std * sum_dy / m, x)
-        dx = torch.addcmul(torch.addcmul(shift, centred, coef_x), dy_c, coef_dy).to(x.dtype)
-        if dx.dim() >= 4:
-            dx = dx.contiguous(memory_format=_memory_format(x))
+        coef_dy = inv_std if weight is None else weight.to(inv_std.dtype) * inv_std
+        coef_d = -coef_dy * inv_std * sum_dy_xhat / count
+        const = -coef_dy * sum_dy / count - coef_d * delta
+        if torch.is_grad_enabled():
+            dx = d * _per_channel(coef_d, d) + dy_c * _per_channel(coef_dy, d) + _per_channel(const, d)
+        else:
+            dx = d.mul_(_per_channel(coef_d, d)).addcmul_(dy_c, _per_channel(coef_dy, d))
+            dx = dx.add_(_per_channel(const, d))
+        dx = dx.to(dy.dtype)
     if has_weight and needs_grad[1]:
         dweight = sum_dy_xhat.to(weight.dtype)
     if has_bias and needs_grad[2]:
         dbias = sum_dy.to(dy.dtype if weight is None else weight.dtype)
-    return dx, dweight, dbias, None
+    return dx, dweight, dbias
+
+
+def _normalize_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    eps: float) -> Tensor:
+    """Evaluation: y = (x − μ)·γ/σ + β with the running statistics; plain differentiable ops."""
+    cdt = _compute_dtype(x)
+    scale = torch.rsqrt(var.to(cdt) + eps)
+    if weight is not None:
+        scale = scale * weight.to(cdt)
+    y = (x.to(cdt) - _per_channel(mean.to(cdt), x)) * _per_channel(scale, x)
+    if bias is not None:
+        y = y + _per_channel(bias.to(cdt), x)
+    return y.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,10 +250,7 @@ def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm: running_mean and running_var are required when training=False")
-        inv_std = torch.rsqrt(running_var.to(_compute_dtype(x)) + eps)
-        y = _normalize(x, running_mean.to(inv_std.dtype), inv_std, weight, bias)
-        if y.dim() >= 4:
-            y = y.contiguous(memory_format=_memory_format(x))
+        y = _normalize_eval(x, running_mean, running_var, weight, bias, eps)
         return BatchNormOutput(y, running_mean, running_var, None, None, None)
 
     if x.numel() == 0:  # as PyTorch: an empty batch leaves the statistics alone and keeps the graph
@@ -240,7 +265,8 @@ def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
         from bnlab.kernels import batch_norm_train as _triton_train
         y, mean, var = _triton_train(x, weight, bias, eps)
     else:
-        y, mean, var = _BatchNormTrain.apply(x, weight, bias, eps)
+        y, shift, delta, var = _BatchNormTrain.apply(x, weight, bias, eps)
+        mean = shift + delta
     finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
     new_mean, new_var = running_mean, running_var
     if running_mean is not None and running_var is not None:
