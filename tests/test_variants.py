@@ -1,0 +1,168 @@
+"""bnlab.variants: ghost batch norm, batch renormalization, frozen statistics — each against an independent
+computation with torch.nn.functional.batch_norm or plain tensor arithmetic."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+from bnlab import nn as bnn
+from bnlab import variants as V
+
+
+def _pair(cls, num_features, **kwargs):
+    torch.manual_seed(0)
+    layer = cls(num_features, **kwargs).double()
+    with torch.no_grad():
+        if layer.weight is not None:
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+    return layer
+
+
+# --------------------------------------------------------------------------------------------------
+# ghost batch norm
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls,shape,vbs", [
+    (V.GhostBatchNorm2d, (12, 3, 5, 4), 4),     # divides evenly
+    (V.GhostBatchNorm2d, (11, 3, 5, 4), 4),     # a last smaller ghost batch of 3
+    (V.GhostBatchNorm1d, (10, 7), 4),           # 2D input, a last ghost batch of 2 samples
+    (V.GhostBatchNorm1d, (9, 2, 5), 4),
+    (V.GhostBatchNorm3d, (6, 2, 3, 2, 2), 2),
+    (V.GhostBatchNorm2d, (5, 3, 4, 4), 8),      # virtual batch larger than the batch: plain BN
+])
+def test_ghost_equals_batch_norm_per_sub_batch(cls, shape, vbs):
+    layer = _pair(cls, shape[1], virtual_batch_size=vbs)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(*shape, dtype=torch.float64)
+    y = layer(x)
+    (y * upstream).sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    b = layer.bias.detach().clone().requires_grad_(True)
+    y_ref = torch.cat([TF.batch_norm(chunk, None, None, w, b, training=True, eps=layer.eps)
+                       for chunk in x_ref.split(vbs)])
+    (y_ref * upstream).sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.weight.grad, w.grad)
+    torch.testing.assert_close(layer.bias.grad, b.grad)
+
+    # running statistics: those of plain BN on the whole batch (population estimates)
+    plain = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)](shape[1]).double()
+    plain(x.detach())
+    torch.testing.assert_close(layer.running_mean, plain.running_mean)
+    torch.testing.assert_close(layer.running_var, plain.running_var)
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_ghost_inference_uses_population_statistics():
+    layer = _pair(V.GhostBatchNorm2d, 3, virtual_batch_size=2)
+    for _ in range(3):
+        layer(torch.randn(8, 3, 4, 4, dtype=torch.float64) * 2 + 1)
+    layer.eval()
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    expected = TF.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False,
+                             eps=layer.eps)
+    before = layer.running_mean.clone()
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer.running_mean, before)
+    # one sample at a time gives the same answer in eval mode (no dependence on the batch)
+    torch.testing.assert_close(torch.cat([layer(x[i:i + 1]) for i in range(5)]), expected)
+
+
+def test_ghost_refuses_a_single_value_ghost_batch_and_bad_size():
+    layer = V.GhostBatchNorm1d(4, virtual_batch_size=3)
+    with pytest.raises(ValueError, match="GhostBatchNorm1d\\(4\\).*last ghost batch"):
+        layer(torch.randn(7, 4))
+    with pytest.raises(ValueError, match="virtual_batch_size"):
+        V.GhostBatchNorm2d(4, virtual_batch_size=0)
+
+
+def test_ghost_state_dict_matches_torch_batch_norm_and_channels_last():
+    layer = V.GhostBatchNorm2d(6, virtual_batch_size=4)
+    assert set(layer.state_dict()) == set(nn.BatchNorm2d(6).state_dict())
+    nn.BatchNorm2d(6).load_state_dict(layer.state_dict())
+    x = torch.randn(8, 6, 3, 3).to(memory_format=torch.channels_last)
+    y = layer(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, layer(x.contiguous()))
+
+
+# --------------------------------------------------------------------------------------------------
+# frozen statistics
+# --------------------------------------------------------------------------------------------------
+
+def _net(bn_cls):
+    torch.manual_seed(1)
+    bn1d = nn.BatchNorm1d if issubclass(bn_cls, nn.modules.batchnorm._BatchNorm) else bnn.BatchNorm1d
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), bn_cls(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5), bn1d(5))
+    net.train()
+    for _ in range(2):
+        net(torch.randn(8, 3, 6, 6))   # non-trivial running statistics
+    return net
+
+
+@pytest.mark.parametrize("bn_cls", [nn.BatchNorm2d, bnn.BatchNorm2d, V.GhostBatchNorm2d])
+def test_freeze_stats_uses_running_stats_survives_train_and_trains_affine(bn_cls):
+    net = _net(bn_cls)
+    reference = copy.deepcopy(net).eval()
+    V.freeze_stats(net)
+    net.train()                       # must not undo the freeze
+    x = torch.randn(6, 3, 6, 6)
+    buffers = {k: v.clone() for k, v in net.state_dict().items()}
+    y = net(x)
+    torch.testing.assert_close(y, reference(x))                       # running statistics used
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, buffers[k])                     # and not updated
+    assert net[1].training                                            # the mode itself is left alone
+    y.sum().backward()
+    assert net[1].weight.grad is not None and net[1].weight.grad.abs().sum() > 0
+
+    V.unfreeze_stats(net)
+    net.train()
+    net(x)
+    assert not torch.equal(net[1].running_mean, buffers["1.running_mean"])  # updates again
+
+
+@pytest.mark.parametrize("bn_cls", [nn.BatchNorm2d, bnn.BatchNorm2d])
+def test_switches_batch_stats_without_update_and_affine(bn_cls):
+    net = _net(bn_cls)
+    V.set_bn_switches(net, use_batch_stats=True, update_running_stats=False, train_affine=False)
+    net.eval()
+    x = torch.randn(6, 3, 6, 6)
+    before = net[1].running_mean.clone()
+    h = net[0](x)
+    torch.testing.assert_close(net[1](h), TF.batch_norm(h, None, None, net[1].weight, net[1].bias, True,
+                                                         eps=net[1].eps))
+    torch.testing.assert_close(net[1].running_mean, before)
+    assert not net[1].weight.requires_grad and not net[1].bias.requires_grad
+
+
+def test_freeze_refuses_layers_without_running_stats():
+    net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match="1 \\(BatchNorm1d\\(3\\)\\).*running statistics"):
+        V.freeze_stats(net)
+    with pytest.raises(ValueError, match="no batch-norm layer"):
+        V.freeze_stats(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("bn_cls", [nn.BatchNorm2d, bnn.BatchNorm2d])
+def test_freeze_bn_makes_buffers_and_matches_eval(bn_cls):
+    net = _net(bn_cls)
+    reference = copy.deepcopy(net).eval()
+    keys = set(net.state_dict())
+    V.freeze_bn(net)
+    assert isinstance(net[1], V.FrozenBatchNorm2d) and isinstance(net[5], V.FrozenBatchNorm1d)
+    assert set(net.state_dict()) == keys                          # same checkpoint format
+    assert all("1." not in n for n, _ in net.named_parameters())  # γ/β are no longer parameters
+    net.train()
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(net(x), reference(x))
+    V.unfreeze_bn(net)
+    assert isinstance(net[1], bnn.BatchNorm2d) and net[1].weight.requires_grad
+    torch.testing.assert_close(net.eval()(x), reference(x))
