@@ -166,3 +166,73 @@ def test_freeze_bn_makes_buffers_and_matches_eval(bn_cls):
     V.unfreeze_bn(net)
     assert isinstance(net[1], bnn.BatchNorm2d) and net[1].weight.requires_grad
     torch.testing.assert_close(net.eval()(x), reference(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# batch renormalization
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls,shape", [(V.BatchRenorm2d, (6, 3, 4, 5)), (V.BatchRenorm1d, (9, 4))])
+def test_renorm_with_rmax_1_dmax_0_equals_batch_norm(cls, shape):
+    layer = _pair(cls, shape[1], rmax=1.0, dmax=0.0, warmup_steps=0, ramp_steps=0, momentum=0.1)
+    plain = _pair(bnn.BatchNorm2d if len(shape) == 4 else bnn.BatchNorm1d, shape[1])
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)          # r/d would be far from 1/0 if they were not clipped
+        layer.running_var.uniform_(0.2, 3)
+        plain.running_mean.copy_(layer.running_mean)
+        plain.running_var.copy_(layer.running_var)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    upstream = torch.randn(*shape, dtype=torch.float64)
+    (layer(x) * upstream).sum().backward()
+    (plain(x2) * upstream).sum().backward()
+    torch.testing.assert_close(layer(x.detach()), plain(x2.detach()))
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(layer.weight.grad, plain.weight.grad)
+    torch.testing.assert_close(layer.bias.grad, plain.bias.grad)
+    torch.testing.assert_close(layer.running_var, plain.running_var)
+
+
+def test_renorm_unclipped_training_output_equals_inference_output():
+    # with r and d inside their limits, (x − μB)/σB · r + d = (x − μ)/σ: the paper's central identity
+    layer = _pair(V.BatchRenorm2d, 3, rmax=100.0, dmax=100.0, warmup_steps=0, ramp_steps=0)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    expected = TF.batch_norm(x, layer.running_mean.clone(), layer.running_var.clone(), layer.weight,
+                             layer.bias, False, eps=layer.eps)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_renorm_gradient_treats_r_and_d_as_constants():
+    layer = _pair(V.BatchRenorm1d, 4, rmax=2.0, dmax=1.0, warmup_steps=0, ramp_steps=0)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-2, 2)
+        layer.running_var.uniform_(0.1, 4)
+    rm, rv = layer.running_mean.clone(), layer.running_var.clone()
+    x = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(10, 4, dtype=torch.float64)
+    (layer(x) * upstream).sum().backward()
+
+    # the paper's Algorithm 1, written out with stop-gradient on r and d
+    xr = x.detach().clone().requires_grad_(True)
+    mu = xr.mean(0)
+    sigma = (xr.var(0, unbiased=False) + layer.eps).sqrt()
+    running_sigma = (rv + layer.eps).sqrt()
+    r = (sigma / running_sigma).clamp(0.5, 2.0).detach()
+    d = ((mu - rm) / running_sigma).clamp(-1.0, 1.0).detach()
+    y = ((xr - mu) / sigma * r + d) * layer.weight.detach() + layer.bias.detach()
+    (y * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+def test_renorm_schedule_is_plain_bn_then_linear_ramp():
+    layer = V.BatchRenorm1d(2, rmax=3.0, dmax=5.0, warmup_steps=10, ramp_steps=20)
+    assert layer.current_limits(0) == (1.0, 0.0) and layer.current_limits(10) == (1.0, 0.0)
+    assert layer.current_limits(20) == pytest.approx((2.0, 2.5))
+    assert layer.current_limits(30) == (3.0, 5.0) and layer.current_limits(1000) == (3.0, 5.0)
+    with pytest.raises(ValueError, match="rmax >= 1"):
+        V.BatchRenorm2d(2, rmax=0.5)
+    with pytest.raises(ValueError, match="track_running_stats=True"):
+        V.BatchRenorm2d(2, track_running_stats=False)
