@@ -1,5 +1,85 @@
-"""Fused Triton kernels for batch normalization (see issue: GPU kernels). Placeholder until they land."""
+"""Fused Triton kernels for batch normalization: training and evaluation, plain, +ReLU and +add+ReLU.
+
+Three tiers, as in the Triton layer-norm tutorial: :mod:`~bnlab.kernels.bn_kernels` holds the
+``@triton.jit`` kernels, :mod:`~bnlab.kernels.launch` the launchers (layout, grid, block sizes), and
+:mod:`~bnlab.kernels.ops` thin ``torch.autograd.Function`` wrappers. :mod:`bnlab.functional` dispatches
+here when :func:`supports` says yes; Triton is imported only when a kernel is first used, so
+``import bnlab.kernels`` works without it.
+
+Batch norm is memory-bound, so the kernels are judged by passes over the tensor: training forward reads
+x twice and writes y once (3 passes), backward reads x and dy twice and writes dx (5 passes); small
+tensors whose channels fit in registers read x once per direction.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["supports", "batch_norm_train", "batch_norm_eval", "batch_norm_relu", "batch_norm_add_relu",
+           "available"]
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def supports(x) -> bool:
-    return False
+def available() -> bool:
+    """Whether Triton can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreted() -> bool:
+    """Whether the kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1`` before import)."""
+    try:
+        from bnlab.kernels import launch
+    except ImportError:
+        return False
+    return launch.INTERPRETED
+
+
+def supports(x: Tensor) -> bool:
+    """Whether the kernels can run on ``x``: Triton is installed, ``x`` is a non-empty 2-D to 5-D float
+    tensor, and it is a CUDA tensor — or a CPU tensor with the kernels compiled for Triton's interpreter
+    (``TRITON_INTERPRET=1`` set before the first import of Triton)."""
+    if not isinstance(x, Tensor) or x.dtype not in _SUPPORTED_DTYPES or not 2 <= x.dim() <= 5:
+        return False
+    if x.numel() == 0 or not available():
+        return False
+    if x.is_cuda:
+        return True
+    return x.device.type == "cpu" and _interpreted()
+
+
+def batch_norm_train(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                     eps: float = 1e-5, residual: Optional[Tensor] = None,
+                     relu: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    from bnlab.kernels import ops
+    return ops.batch_norm_train(x, weight, bias, eps, residual, relu)
+
+
+def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
+                    bias: Optional[Tensor] = None, eps: float = 1e-5, residual: Optional[Tensor] = None,
+                    relu: bool = False) -> Tensor:
+    from bnlab.kernels import ops
+    return ops.batch_norm_eval(x, running_mean, running_var, weight, bias, eps, residual, relu)
+
+
+def batch_norm_relu(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                    eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+    """``relu(bn(x))`` in training mode; returns ``(y, mean, biased_var)`` like :func:`batch_norm_train`."""
+    return batch_norm_train(x, weight, bias, eps, relu=True)
+
+
+def batch_norm_add_relu(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
+                        bias: Optional[Tensor] = None, eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+    """``relu(bn(x) + residual)`` in training mode, the residual block's tail; returns
+    ``(y, mean, biased_var)`` like :func:`batch_norm_train`."""
+    return batch_norm_train(x, weight, bias, eps, residual=residual, relu=True)
+
+
+batch_norm_train.__doc__ = """Training-mode batch norm with fused Triton kernels (see
+:func:`bnlab.kernels.ops.batch_norm_train`): returns ``(y, mean, biased_var)``."""
+batch_norm_eval.__doc__ = """Evaluation-mode batch norm in one elementwise pass (see
+:func:`bnlab.kernels.ops.batch_norm_eval`)."""
