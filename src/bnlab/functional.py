@@ -250,7 +250,11 @@ def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm: running_mean and running_var are required when training=False")
-        y = _normalize_eval(x, running_mean, running_var, weight, bias, eps)
+        if x.numel() > 0 and backend_for(x, backend) == "triton":
+            from bnlab.kernels import batch_norm_eval as _triton_eval
+            y = _triton_eval(x, running_mean, running_var, weight, bias, eps)
+        else:
+            y = _normalize_eval(x, running_mean, running_var, weight, bias, eps)
         return BatchNormOutput(y, running_mean, running_var, None, None, None)
 
     if x.numel() == 0:  # as PyTorch: an empty batch leaves the statistics alone and keeps the graph
