@@ -1,19 +1,109 @@
 """Fused batch-norm tails of residual blocks: BN+ReLU and BN+add+ReLU.
 
 ``batch_norm_relu(bn, x)`` = ``relu(bn(x))`` and ``batch_norm_add_relu(bn, x, residual)`` =
-``relu(bn(x) + residual)`` for a :mod:`bnlab.nn` batch-norm module ``bn``. On CUDA with Triton they run
-as fused kernels (:mod:`bnlab.kernels`); elsewhere as the plain composition.
+``relu(bn(x) + residual)`` for a :mod:`bnlab.nn` batch-norm module ``bn``, whose parameters, running
+statistics, momentum, ε, mode and ``backend`` they use. When the module's backend resolves to Triton
+(:func:`bnlab.functional.backend_for`: CUDA tensors under ``"auto"``) they run as one fused kernel per pass
+(:mod:`bnlab.kernels`), which saves the separate passes of the addition and the ReLU and does not store the
+ReLU mask; elsewhere they are the plain composition. The running statistics are updated exactly as
+``bn(x)`` would.
+
+Example::
+
+    bn = bnlab.nn.BatchNorm2d(64).cuda()
+    out = bnlab.fused.batch_norm_add_relu(bn, conv(x), shortcut)   # relu(bn(conv(x)) + shortcut)
+
+    block_tail = bnlab.fused.BatchNormReLU2d(64)                   # a BatchNorm2d with a fused tail
+    out = block_tail(h, residual=shortcut)
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
+from bnlab import functional as F
+from bnlab import nn as bnn
+
+__all__ = ["batch_norm_relu", "batch_norm_add_relu", "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d"]
+
 
 def batch_norm_relu(bn: torch.nn.Module, x: Tensor) -> Tensor:
-    return torch.relu(bn(x))
+    """``relu(bn(x))``, fused when ``bn``'s backend resolves to Triton for ``x``."""
+    return _fused_tail(bn, x, None)
 
 
 def batch_norm_add_relu(bn: torch.nn.Module, x: Tensor, residual: Tensor) -> Tensor:
-    return torch.relu(bn(x) + residual)
+    """``relu(bn(x) + residual)``, fused when ``bn``'s backend resolves to Triton for ``x`` and ``residual``
+    has x's shape, dtype and device (a broadcast residual takes the plain composition)."""
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"batch_norm_add_relu: residual must be a Tensor (got {type(residual).__name__})")
+    return _fused_tail(bn, x, residual)
+
+
+def _composition(bn: torch.nn.Module, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+    # the fused modules' own forward would come back here: call the plain layer's
+    y = bnn._BatchNorm.forward(bn, x) if isinstance(bn, _BatchNormReLU) else bn(x)
+    return torch.relu(y if residual is None else y + residual)
+
+
+def _uses_kernels(bn: bnn._BatchNorm, x: Tensor, residual: Optional[Tensor]) -> bool:
+    if x.numel() == 0:
+        return False
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.device != x.device):
+        return False
+    return F.backend_for(x, getattr(bn, "backend", "auto")) == "triton"
+
+
+def _fused_tail(bn: torch.nn.Module, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+    if not isinstance(bn, bnn._BatchNorm):  # torch.nn.BatchNorm*, or any other norm: compose
+        return _composition(bn, x, residual)
+    bn._check_input(x)
+    if not _uses_kernels(bn, x, residual):
+        return _composition(bn, x, residual)
+    from bnlab import kernels
+
+    momentum = bn._momentum_for_step()
+    if not bn._uses_batch_stats():
+        return kernels.batch_norm_eval(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
+                                       residual, relu=True)
+    y, mean, var = kernels.batch_norm_train(x, bn.weight, bn.bias, bn.eps, residual, relu=True)
+    if bn._updates_running_stats():
+        bn._commit_running_stats(_running_update(x, y, mean, var, bn.running_mean, bn.running_var, momentum))
+    return y
+
+
+def _running_update(x: Tensor, y: Tensor, mean: Tensor, var: Tensor, running_mean: Tensor,
+                    running_var: Tensor, momentum: float) -> F.BatchNormOutput:
+    """The new running statistics from a batch's, as :func:`bnlab.functional.batch_norm_stats` computes
+    them: EMA with the unbiased variance, skipped (``finite=False``) when the batch statistics are not
+    finite."""
+    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+    m = x.numel() // x.shape[1]
+    unbiased = var * (m / (m - 1)) if m > 1 else var
+    new_mean = torch.where(finite, torch.lerp(running_mean, mean.to(running_mean.dtype), momentum), running_mean)
+    new_var = torch.where(finite, torch.lerp(running_var, unbiased.to(running_var.dtype), momentum), running_var)
+    return F.BatchNormOutput(y, new_mean, new_var, mean, var, finite)
+
+
+class _BatchNormReLU:
+    """``forward(x, residual=None)`` = ``relu(bn(x) [+ residual])`` on top of a :mod:`bnlab.nn` batch norm:
+    same constructor, parameters, buffers and ``state_dict`` as the plain layer."""
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return _fused_tail(self, x, residual)
+
+
+class BatchNormReLU1d(_BatchNormReLU, bnn.BatchNorm1d):
+    """:class:`bnlab.nn.BatchNorm1d` followed by an optional residual addition and a ReLU, fused."""
+
+
+class BatchNormReLU2d(_BatchNormReLU, bnn.BatchNorm2d):
+    """:class:`bnlab.nn.BatchNorm2d` followed by an optional residual addition and a ReLU, fused."""
+
+
+class BatchNormReLU3d(_BatchNormReLU, bnn.BatchNorm3d):
+    """:class:`bnlab.nn.BatchNorm3d` followed by an optional residual addition and a ReLU, fused."""
