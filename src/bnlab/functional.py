@@ -198,8 +198,8 @@ def _backward(dy, d, weight, delta, inv_std, needs_grad, has_weight, has_bias):
         if torch.is_grad_enabled():
             dx = d * _per_channel(coef_d, d) + dy_c * _per_channel(coef_dy, d) + _per_channel(const, d)
         else:
-            dx = d.mul_(_per_channel(coef_d, d)).addcmul_(dy_c, _per_channel(coef_dy, d))
-            dx = dx.add_(_per_channel(const, d))
+            dx = d.mul_(_per_channel(coef_d, d)).add_(_per_channel(const, d))
+            dx = dx.addcmul_(dy_c, _per_channel(coef_dy, d))
         dx = dx.to(dy.dtype)
     if has_weight and needs_grad[1]:
         dweight = sum_dy_xhat.to(weight.dtype)
