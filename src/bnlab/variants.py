@@ -30,6 +30,39 @@ __all__ = [
 ]
 
 
+# small tensor helpers, kept here rather than borrowed from bnlab.functional's private names
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """float64 stays float64; half and float32 inputs are reduced in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+def _per_channel(v: Tensor, x: Tensor) -> Tensor:
+    """A (C,) vector shaped (1, C, 1, ...) to broadcast against x."""
+    return v.reshape([1, -1] + [1] * (x.dim() - 2))
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _normalize(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """y = (x − μ)·(γ/σ) + β in inv_std's dtype, centred before scaling; output in x's dtype and layout."""
+    scale = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)
+    y = (x.to(inv_std.dtype) - _per_channel(mean, x)) * _per_channel(scale, x)
+    if bias is not None:
+        y = y + _per_channel(bias.to(inv_std.dtype), x)
+    y = y.to(x.dtype)
+    return y.contiguous(memory_format=_memory_format(x)) if y.dim() >= 4 else y
+
+
 def is_batch_norm(module: nn.Module) -> bool:
     """True for :mod:`bnlab.nn` / :mod:`bnlab.variants` layers and ``torch.nn.BatchNorm*`` (incl. SyncBatchNorm)."""
     return isinstance(module, (_BatchNorm, nn.modules.batchnorm._BatchNorm))
@@ -59,7 +92,7 @@ def _merge_running(module: _BatchNorm, mean: Tensor, var: Tensor, count: int, mo
 
 def _group_norm_stats(xg: Tensor, weight, bias, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Normalize ``xg`` of shape (G, V, C, *) per group and channel; returns y, means (G, C), vars (G, C)."""
-    cdt = F._compute_dtype(xg)
+    cdt = _compute_dtype(xg)
     dims = [1] + list(range(3, xg.dim()))
     var, mean = torch.var_mean(xg.to(cdt), dim=dims, correction=0)          # (G, C)
     var = var.clamp_min(0)
@@ -110,7 +143,7 @@ def ghost_batch_norm(x: Tensor, virtual_batch_size: int, weight: Optional[Tensor
         counts.append(torch.full((groups,), (stop - start) // groups * per_sample, dtype=m.dtype, device=m.device))
     y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if y.dim() >= 4:
-        y = y.contiguous(memory_format=F._memory_format(x))
+        y = y.contiguous(memory_format=_memory_format(x))
     # Chan et al.'s merge of the sub-batch moments: the whole batch's mean and biased variance.
     mean_g, var_g, count_g = (torch.cat(t).detach() for t in (means, vars_, counts))  # (G, C), (G, C), (G,)
     weights = (count_g / count_g.sum())[:, None]
@@ -227,8 +260,8 @@ class _BatchRenorm(_BatchNorm):
         self._check_input(x)
         momentum = self._momentum_for_step()   # counts this step first, as num_batches_tracked does
         rmax, dmax = self.current_limits()
-        cdt = F._compute_dtype(x)
-        dims = F._reduce_dims(x)
+        cdt = _compute_dtype(x)
+        dims = _reduce_dims(x)
         var, mean = torch.var_mean(x.to(cdt), dim=dims, correction=0)
         var = var.clamp_min(0)
         std = torch.sqrt(var + self.eps)
@@ -242,9 +275,9 @@ class _BatchRenorm(_BatchNorm):
             scale, shift = scale * self.weight.to(cdt), shift * self.weight.to(cdt)
         if self.bias is not None:
             shift = shift + self.bias.to(cdt)
-        y = (x.to(cdt) * F._per_channel(scale, x) + F._per_channel(shift, x)).to(x.dtype)
+        y = (x.to(cdt) * _per_channel(scale, x) + _per_channel(shift, x)).to(x.dtype)
         if y.dim() >= 4:
-            y = y.contiguous(memory_format=F._memory_format(x))
+            y = y.contiguous(memory_format=_memory_format(x))
         if self._updates_running_stats():
             self._commit_running_stats(_merge_running(self, mean.detach(), var.detach(),
                                                       x.numel() // x.shape[1], momentum, y))
