@@ -34,6 +34,9 @@ __all__ = ["Scale", "Bias", "ZeroPadShortcut", "BasicBlock", "PreActBlock", "Bot
            "cifar_resnet", "imagenet_resnet"]
 
 
+# ReLUs are never in place, so forward hooks on norm layers, branches and blocks see the values those
+# modules returned, not values a later activation overwrote.
+
 # --------------------------------------------------------------------------------------------------
 # small parts
 # --------------------------------------------------------------------------------------------------
@@ -49,7 +52,7 @@ class Scale(nn.Module):
         return x * self.weight
 
     def extra_repr(self) -> str:
-        return f"init={float(self.weight):g}"
+        return f"value={float(self.weight.detach()):g}"
 
 
 class Bias(nn.Module):
@@ -168,11 +171,11 @@ class BasicBlock(_Block):
         norm = get_norm_layer(norm)
         bias = not norm.has_shift
         if norm.scheme == "fixup":
-            layers = [Bias(), _conv(dims, in_channels, out_channels, 3, stride), Bias(), nn.ReLU(inplace=True),
+            layers = [Bias(), _conv(dims, in_channels, out_channels, 3, stride), Bias(), nn.ReLU(),
                       Bias(), _conv(dims, out_channels, out_channels, 3)]
         else:
             layers = [_conv(dims, in_channels, out_channels, 3, stride, bias), norm(out_channels, dims),
-                      nn.ReLU(inplace=True), _conv(dims, out_channels, out_channels, 3, bias=bias),
+                      nn.ReLU(), _conv(dims, out_channels, out_channels, 3, bias=bias),
                       norm(out_channels, dims)]
             layers = [m for m in layers if not isinstance(m, nn.Identity)]
         sc = None if shortcut is None else _shortcut(in_channels, out_channels, stride, shortcut, norm, dims)
@@ -209,11 +212,11 @@ class PreActBlock(_Block):
         bias = not norm.has_shift
         if norm.scheme == "fixup":
             layers = [Bias(), nn.ReLU(), _conv(dims, in_channels, out_channels, 3, stride), Bias(),
-                      nn.ReLU(inplace=True), Bias(), _conv(dims, out_channels, out_channels, 3)]
+                      nn.ReLU(), Bias(), _conv(dims, out_channels, out_channels, 3)]
         else:
             layers = [norm(in_channels, dims), nn.ReLU(),
                       _conv(dims, in_channels, out_channels, 3, stride, bias), norm(out_channels, dims),
-                      nn.ReLU(inplace=True), _conv(dims, out_channels, out_channels, 3, bias=bias)]
+                      nn.ReLU(), _conv(dims, out_channels, out_channels, 3, bias=bias)]
             layers = [m for m in layers if not isinstance(m, nn.Identity)]
         sc = None if shortcut is None else _shortcut(in_channels, out_channels, stride, shortcut, norm, dims)
         self._finish(layers, norm, sc)
@@ -236,13 +239,13 @@ class Bottleneck(_Block):
         norm = get_norm_layer(norm)
         bias, outer = not norm.has_shift, out_channels * self.expansion
         if norm.scheme == "fixup":
-            layers = [Bias(), _conv(dims, in_channels, out_channels, 1), Bias(), nn.ReLU(inplace=True),
-                      Bias(), _conv(dims, out_channels, out_channels, 3, stride), Bias(), nn.ReLU(inplace=True),
+            layers = [Bias(), _conv(dims, in_channels, out_channels, 1), Bias(), nn.ReLU(),
+                      Bias(), _conv(dims, out_channels, out_channels, 3, stride), Bias(), nn.ReLU(),
                       Bias(), _conv(dims, out_channels, outer, 1)]
         else:
             layers = [_conv(dims, in_channels, out_channels, 1, bias=bias), norm(out_channels, dims),
-                      nn.ReLU(inplace=True), _conv(dims, out_channels, out_channels, 3, stride, bias),
-                      norm(out_channels, dims), nn.ReLU(inplace=True), _conv(dims, out_channels, outer, 1,
+                      nn.ReLU(), _conv(dims, out_channels, out_channels, 3, stride, bias),
+                      norm(out_channels, dims), nn.ReLU(), _conv(dims, out_channels, outer, 1,
                                                                            bias=bias), norm(outer, dims)]
             layers = [m for m in layers if not isinstance(m, nn.Identity)]
         sc = None if shortcut is None else _shortcut(in_channels, outer, stride, shortcut, norm, dims)
@@ -301,7 +304,7 @@ class ResNet(nn.Module):
             stem_layers.append((nn.Conv1d if dims == 1 else nn.Conv2d)(
                 in_channels, width0, 7, 2, 3, bias=not norm.has_shift))
         if not preact:  # a pre-activation network normalizes inside the first block instead
-            stem_layers += [norm(width0, dims), nn.ReLU(inplace=True)]
+            stem_layers += [norm(width0, dims), nn.ReLU()]
         if stem == "imagenet":
             stem_layers.append((nn.MaxPool1d if dims == 1 else nn.MaxPool2d)(3, 2, 1))
         self.stem = nn.Sequential(*[m for m in stem_layers if not isinstance(m, nn.Identity)])
@@ -314,7 +317,7 @@ class ResNet(nn.Module):
                 channels = width * block.expansion
         self.blocks = nn.Sequential(*blocks)
 
-        head: list[nn.Module] = [norm(channels, dims), nn.ReLU(inplace=True)] if preact else []
+        head: list[nn.Module] = [norm(channels, dims), nn.ReLU()] if preact else []
         self.head = nn.Sequential(*[m for m in head if not isinstance(m, nn.Identity)])
         self.pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
