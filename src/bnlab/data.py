@@ -155,6 +155,9 @@ _FASHION_FILES = {
 }
 
 
+_FASHION_CACHE: dict = {}
+
+
 def cache_dir() -> Path:
     """``$BNLAB_DATA``, else ``$XDG_CACHE_HOME/bnlab``, else ``~/.cache/bnlab``."""
     if os.environ.get("BNLAB_DATA"):
@@ -222,7 +225,12 @@ def _load_fashion_mnist(data_dir: Optional[PathLike], download: bool) -> tuple[d
             raise DatasetNotFoundError(
                 f"fashion-mnist: not found in {', '.join(map(str, _search_dirs(data_dir)))} and the download from "
                 f"{FASHION_MNIST_URL} failed ({err}); {_how_to_get('fashion-mnist')}") from err
-    arrays = {stem: read_idx(_find_file(directory, stem), sha) for stem, (_, sha) in _FASHION_FILES.items()}
+    files = [_find_file(directory, stem) for stem in _FASHION_FILES]
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _FASHION_CACHE:  # parse and verify once per process; a changed file is read again
+        _FASHION_CACHE.clear()
+        _FASHION_CACHE[key] = {stem: read_idx(f, sha) for f, (stem, (_, sha)) in zip(files, _FASHION_FILES.items())}
+    arrays = _FASHION_CACHE[key]
     return {"train_x": arrays["train-images-idx3-ubyte"][:, None], "train_y": arrays["train-labels-idx1-ubyte"],
             "test_x": arrays["t10k-images-idx3-ubyte"][:, None], "test_y": arrays["t10k-labels-idx1-ubyte"]}, str(directory)
 

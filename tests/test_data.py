@@ -1,0 +1,205 @@
+"""Datasets and the loader: the IDX reader on real and broken files, subsets, shuffling, augmentation."""
+
+import gzip
+import hashlib
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from bnlab import data
+
+FASHION = data.locate("fashion-mnist")
+needs_fashion = pytest.mark.skipif(FASHION is None, reason="no Fashion-MNIST copy on this machine "
+                                   "(apt-get install dataset-fashion-mnist, or set BNLAB_DATA)")
+
+
+def write_idx(path, array, type_code=0x08, compress=False):
+    header = bytes([0, 0, type_code, array.ndim]) + b"".join(struct.pack(">i", s) for s in array.shape)
+    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+    return payload
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("dtype,code", [(np.uint8, 0x08), (np.int16, 0x0B), (np.float32, 0x0D), (np.float64, 0x0E)])
+def test_idx_roundtrip_by_hand(tmp_path, compress, dtype, code):
+    array = (np.arange(2 * 3 * 5) % 200).astype(dtype).reshape(2, 3, 5)
+    path = tmp_path / "a.idx"
+    payload = write_idx(path, array, code, compress)
+    np.testing.assert_array_equal(data.read_idx(path), array)
+    np.testing.assert_array_equal(data.read_idx(path, hashlib.sha256(payload).hexdigest()), array)
+
+
+def test_idx_errors_name_the_file(tmp_path):
+    good = tmp_path / "good"
+    write_idx(good, np.zeros((4, 3, 3), np.uint8))
+    raw = good.read_bytes()
+    cases = {"magic": b"\x08\x03" + raw[2:], "typecode": raw[:2] + b"\x42" + raw[3:],
+             "truncated": raw[:-5], "short_header": raw[:6], "trailing": raw + b"\0"}
+    messages = {"magic": "not an IDX file", "typecode": "not an IDX file", "truncated": "truncated",
+                "short_header": "truncated IDX header", "trailing": "trailing data"}
+    for name, content in cases.items():
+        path = tmp_path / f"{name}-images-idx3-ubyte"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"{path.name}.*{messages[name]}.*apt-get install dataset-fashion-mnist"):
+            data.read_idx(path)
+    gz = tmp_path / "cut.gz"
+    gz.write_bytes(gzip.compress(raw)[:-9])
+    with pytest.raises(ValueError, match="cut.gz: cannot decompress"):
+        data.read_idx(gz)
+    with pytest.raises(ValueError, match="good: checksum mismatch"):
+        data.read_idx(good, "0" * 64)
+    with pytest.raises(FileNotFoundError, match="missing: no such file"):
+        data.read_idx(tmp_path / "missing")
+
+
+@needs_fashion
+def test_fashion_mnist_real_files():
+    images = data.read_idx(data._find_file(FASHION, "t10k-images-idx3-ubyte"))
+    labels = data.read_idx(data._find_file(FASHION, "t10k-labels-idx1-ubyte"))
+    # Xiao et al. 2017: 10,000 test images of 28x28 grey pixels, 1,000 per class
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [1000] * 10
+
+
+@needs_fashion
+def test_fashion_mnist_load_subset_and_normalization(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "empty"))
+    ds = data.load("fashion-mnist", subset=1000, seed=3)
+    assert ds.train_x.shape == (1000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
+    assert ds.train_y.bincount().tolist() == [100] * 10
+    assert ds.in_channels == 1 and ds.num_classes == 10 and ds.augment
+    assert ds.train_x.dtype == torch.float32 and ds.train_y.dtype == torch.int64
+    # normalized with the full training set's statistics: the test set comes out near mean 0, std 1
+    assert abs(ds.test_x.mean().item()) < 0.05 and abs(ds.test_x.std().item() - 1) < 0.05
+    again = data.load("fashion-mnist", subset=1000, seed=3)
+    assert torch.equal(again.train_x, ds.train_x)
+    assert not torch.equal(data.load("fashion-mnist", subset=1000, seed=4).train_y, ds.train_y)
+
+
+@needs_fashion
+def test_corrupt_copy_in_data_dir_is_named(tmp_path):
+    for f in FASHION.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    target = data._find_file(tmp_path, "train-labels-idx1-ubyte")
+    raw = bytearray(gzip.decompress(target.read_bytes()) if target.suffix == ".gz" else target.read_bytes())
+    raw[100] ^= 1  # one flipped bit: still a valid IDX file, but not Fashion-MNIST
+    target.unlink()
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte: checksum mismatch"):
+        data.load("fashion-mnist", data_dir=tmp_path)
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with pytest.raises(data.DatasetNotFoundError, match="not found in.*apt-get install dataset-fashion-mnist"):
+        data.load("fashion-mnist", data_dir=tmp_path, download=False)
+
+
+def test_generated_datasets():
+    digits = data.load("digits")
+    assert digits.train_x.shape == (1437, 1, 8, 8) and len(digits.test_y) == 360
+    assert digits.train_y.bincount().sum() == 1437 and not digits.augment
+    synthetic = data.load("synthetic")
+    assert synthetic.num_classes == 4 and synthetic.train_x.shape[1:] == (1, 8, 8)
+    assert torch.equal(data.load("synthetic").train_x, synthetic.train_x)
+    with pytest.raises(ValueError, match="unknown dataset 'cifar10'"):
+        data.load("cifar10")
+
+
+def test_mnist1d_matches_the_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path))
+    import mnist1d.data
+    made = []
+    original = mnist1d.data.make_dataset
+    monkeypatch.setattr(mnist1d.data, "make_dataset", lambda args: made.append(original(args)) or made[-1])
+    for attempt in range(2):  # generated by the package, then read back from the cache
+        ds = data.load("mnist1d")
+        reference = made[0]
+        assert ds.train_x.shape == (4000, 1, 40) and ds.test_x.shape == (1000, 1, 40)
+        np.testing.assert_array_equal(ds.train_y.numpy(), reference["y"])
+        x = reference["x"]
+        np.testing.assert_allclose(ds.test_x[:, 0].numpy(), (reference["x_test"] - x.mean()) / x.std(ddof=1),
+                                   rtol=1e-4, atol=1e-4)
+    assert len(made) == 1 and (tmp_path / "mnist1d").is_dir()
+
+
+def test_loader_shuffles_a_permutation_each_epoch():
+    x = torch.arange(103, dtype=torch.float32).view(-1, 1, 1, 1)
+    y = torch.arange(103)
+    loader = data.Loader(x, y, batch_size=10, drop_last=False, seed=1)
+    epochs = [torch.cat([yb for _, yb in loader]) for _ in range(2)]
+    assert len(loader) == 11
+    for seen in epochs:
+        assert sorted(seen.tolist()) == list(range(103))          # every example exactly once
+    assert not torch.equal(epochs[0], epochs[1])                    # a new order each epoch
+    dropped = data.Loader(x, y, batch_size=10, drop_last=True, seed=1)
+    assert len(dropped) == 10 and all(len(yb) == 10 for _, yb in dropped)
+    for xb, yb in data.Loader(x, y, batch_size=10, seed=1):
+        assert torch.equal(xb.flatten().long(), yb)                 # x and y stay paired
+
+
+def test_loader_never_yields_a_batch_of_one_silently():
+    x, y = torch.zeros(21, 1, 2, 2), torch.zeros(21, dtype=torch.long)
+    loader = data.Loader(x, y, batch_size=10, drop_last=False)
+    assert len(loader) == 2
+    with pytest.warns(RuntimeWarning, match="batch of 1"):
+        sizes = [len(yb) for _, yb in loader]
+    assert sizes == [10, 10]
+
+
+def test_loader_epoch_order_depends_only_on_seed_and_epoch():
+    x, y = torch.randn(50, 1, 4, 4), torch.arange(50)
+    a = data.Loader(x, y, 8, augment=True, seed=5)
+    first = [list(a), list(a)]
+    b = data.Loader(x, y, 8, augment=True, seed=5)
+    b.epoch = 1
+    for (xa, ya), (xb, yb) in zip(first[1], b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_augmentation_keeps_shapes_labels_and_content():
+    torch.manual_seed(0)
+    x = torch.rand(64, 2, 9, 9) + 1      # strictly positive, so padding zeros are recognisable
+    y = torch.arange(64)
+    loader = data.Loader(x, y, 16, shuffle=False, augment=True, crop_padding=2, seed=0)
+    for xb, yb in loader:
+        assert xb.shape == (16, 2, 9, 9) and xb.dtype == x.dtype
+        for image, label in zip(xb, yb):
+            original = x[label]
+            # the crop must equal a shifted window of the zero-padded original, possibly flipped
+            padded = torch.nn.functional.pad(original, [2, 2, 2, 2])
+            windows = [padded[:, i:i + 9, j:j + 9] for i in range(5) for j in range(5)]
+            assert any(torch.equal(image, w) or torch.equal(image, w.flip(-1)) for w in windows)
+    flips = data.Loader(x, y, 64, shuffle=False, augment="flip", seed=0)
+    xb, yb = next(iter(flips))
+    flipped = [torch.equal(a, b.flip(-1)) for a, b in zip(xb, x)]
+    unchanged = [torch.equal(a, b) for a, b in zip(xb, x)]
+    assert all(f or u for f, u in zip(flipped, unchanged)) and 10 < sum(flipped) < 54
+
+
+def test_sequence_crop_and_sharding():
+    x, y = torch.rand(40, 1, 12) + 1, torch.arange(40)
+    xb, yb = next(iter(data.Loader(x, y, 40, shuffle=False, augment="crop", crop_padding=3)))
+    assert xb.shape == (40, 1, 12)
+    for row, label in zip(xb, yb):
+        padded = torch.nn.functional.pad(x[label], [3, 3])
+        assert any(torch.equal(row, padded[:, i:i + 12]) for i in range(7))
+    shards = [torch.cat([b for _, b in data.Loader(x, y, 5, drop_last=False, seed=2, rank=r, world_size=3)]) for r in range(3)]
+    union = torch.cat(shards)
+    assert len(union) == 39 and len(set(union.tolist())) == 39   # disjoint, equal-sized shards
+
+
+def test_loader_argument_errors():
+    x, y = torch.zeros(10, 1, 2, 2), torch.zeros(10, dtype=torch.long)
+    with pytest.raises(ValueError, match="differ in length"):
+        data.Loader(x, y[:5], 2)
+    with pytest.raises(ValueError, match="augment must be"):
+        data.Loader(x, y, 2, augment="rotate")
+    with pytest.raises(ValueError, match="no batch"):
+        data.Loader(x, y, 20)
