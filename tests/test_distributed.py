@@ -14,6 +14,7 @@ from torch import nn
 
 from bnlab import nn as bnn
 from bnlab import variants as V
+from bnlab.accumulate import accumulate_bn_stats
 from bnlab.distributed import SyncBatchNorm, SyncBatchRenorm, convert_sync_batchnorm
 
 # (name, per-process batch sizes, per-sample shape after C, channels, layer kind)
@@ -24,6 +25,8 @@ SCENARIOS_3 = [
     ("renorm_2d", [3, 2, 0], (3, 3), 3, "renorm"),
 ]
 STEPS = 2
+# gradient accumulation under sync: per micro-batch, the batch size of each of the 3 processes
+ACCUMULATE_SIZES = [[3, 0, 2], [1, 4, 2]]
 
 
 def _free_port() -> int:
@@ -79,6 +82,15 @@ def _worker(rank, world, port, out_dir, scenarios):
             x, _ = _data(sizes, tail, channels, 99)
             steps.append({"eval": layer(x[:2]).detach()})
             results[name] = steps
+        if world == 3:
+            layer = _make_layer("bn", 3, sync=True)
+            with accumulate_bn_stats(layer):
+                for micro, sizes in enumerate(ACCUMULATE_SIZES):
+                    x, _ = _data(sizes, (2, 2), 3, 10 + micro)
+                    start = sum(sizes[:rank])
+                    layer(x[start:start + sizes[rank]])
+            results["accumulate"] = {"rm": layer.running_mean.clone(), "rv": layer.running_var.clone(),
+                                     "nbt": int(layer.num_batches_tracked)}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -148,6 +160,15 @@ def test_sync_equals_single_process_on_the_union(three_process_results, scenario
             assert r["nbt"] == exp["nbt"]
     for r in three_process_results:
         torch.testing.assert_close(r[name][STEPS]["eval"], expected[STEPS]["eval"])
+
+
+def test_accumulated_sync_statistics_equal_one_full_batch(three_process_results):
+    full = nn.BatchNorm2d(3).double()
+    full(torch.cat([_data(sizes, (2, 2), 3, 10 + micro)[0] for micro, sizes in enumerate(ACCUMULATE_SIZES)]))
+    for r in three_process_results:
+        torch.testing.assert_close(r["accumulate"]["rm"], full.running_mean)
+        torch.testing.assert_close(r["accumulate"]["rv"], full.running_var)
+        assert r["accumulate"]["nbt"] == 1
 
 
 @pytest.mark.slow

@@ -72,8 +72,9 @@ class accumulate_bn_stats:
     Works with :mod:`bnlab` layers (including ghost batch norm and batch renorm, whose running estimates
     are full-batch statistics too) and ``torch.nn.BatchNorm*``; layers that would not update (eval mode,
     frozen statistics) are left alone. A layer whose merged statistics are not finite is not updated and
-    its ``skipped_updates`` grows. If the block raises, nothing is committed. Synchronized batch norm
-    across several processes is refused (its statistics are not local).
+    its ``skipped_updates`` grows. If the block raises, nothing is committed. Synchronized layers
+    (:class:`bnlab.distributed.SyncBatchNorm`, ``torch.nn.SyncBatchNorm``) merge the accumulated statistics
+    across their process group on exit, so every process must leave the block together.
 
     Args:
         model: the network (or a single batch-norm layer).
@@ -92,10 +93,6 @@ class accumulate_bn_stats:
     def __enter__(self) -> "accumulate_bn_stats":
         if self._hooks:
             raise RuntimeError("accumulate_bn_stats: this context is already active (it is not re-entrant)")
-        for name, m in self.layers.items():
-            if isinstance(m, nn.SyncBatchNorm) or (hasattr(m, "_sync_active") and m._sync_active()):
-                raise ValueError(f"accumulate_bn_stats: layer {name} ({type(m).__name__}) synchronizes its "
-                                 f"statistics across processes; accumulating them locally would be wrong")
         self._stats = {name: _Sufficient() for name in self.layers}
         for name, m in self.layers.items():
             self._hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: self._before(name, mod, args)))
@@ -132,9 +129,18 @@ class accumulate_bn_stats:
     @torch.no_grad()
     def commit(self) -> None:
         """Apply the accumulated statistics (called on a normal exit)."""
+        from bnlab.distributed import merge_moments, sync_group
         for name, m in self.layers.items():
             acc = self._stats.get(name)
-            if acc is None or acc.count == 0:
+            if acc is None:
+                continue
+            synced, group = sync_group(m)
+            if synced:   # every process joins, even one whose shards were all empty
+                local_mean = acc.mean if acc.count else torch.zeros(m.num_features, dtype=torch.float64,
+                                                                    device=m.running_mean.device)
+                acc.count, acc.mean, acc.m2 = merge_moments(acc.count, local_mean,
+                                                            acc.m2 if acc.count else torch.zeros_like(local_mean), group)
+            if acc.count == 0:
                 continue
             mean, m2, n = acc.mean, acc.m2, acc.count
             var = m2 / (n - 1) if n > 1 else m2

@@ -34,13 +34,32 @@ from bnlab import nn as bnn
 from bnlab import variants
 from bnlab.variants import _compute_dtype, _memory_format, _normalize, _per_channel, _reduce_dims
 
-__all__ = ["SyncBatchNorm", "SyncBatchRenorm", "convert_sync_batchnorm", "gather_batch_stats"]
+__all__ = ["SyncBatchNorm", "SyncBatchRenorm", "convert_sync_batchnorm", "gather_batch_stats", "merge_moments",
+           "sync_group"]
 
 
 def _world(group) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
+
+
+def merge_moments(count: int, mean: Tensor, sq_dev: Tensor, group=None) -> tuple[int, Tensor, Tensor]:
+    """Merge per-process ``(count, mean, sum of squared deviations)`` over ``group`` (Chan et al.'s pairwise
+    formula, float64): returns the global ``(count, mean, sum of squared deviations)`` on every process."""
+    channels = mean.shape[0]
+    packed = torch.cat([torch.tensor([float(count)], dtype=torch.float64, device=mean.device),
+                        mean.double(), sq_dev.double()])                             # (2C + 1,)
+    gathered = [torch.empty_like(packed) for _ in range(_world(group))]
+    dist.all_gather(gathered, packed, group=group)
+    table = torch.stack(gathered)                                                    # (P, 2C + 1)
+    counts, means, sq_devs = table[:, :1], table[:, 1:channels + 1], table[:, channels + 1:]
+    n = counts.sum()
+    if n == 0:
+        return 0, torch.zeros_like(packed[1:channels + 1]), torch.zeros_like(packed[1:channels + 1])
+    total_mean = (counts * means).sum(0) / n
+    total_sq_dev = sq_devs.sum(0) + (counts * (means - total_mean) ** 2).sum(0)
+    return int(n), total_mean, total_sq_dev
 
 
 def gather_batch_stats(x: Tensor, group=None) -> tuple[Tensor, Tensor, int]:
@@ -53,18 +72,18 @@ def gather_batch_stats(x: Tensor, group=None) -> tuple[Tensor, Tensor, int]:
         var, mean = torch.var_mean(x.detach().to(cdt), dim=_reduce_dims(x), correction=0)
     else:
         var = mean = torch.zeros(channels, dtype=cdt, device=x.device)
-    packed = torch.cat([torch.tensor([float(local_n)], dtype=torch.float64, device=x.device),
-                        mean.double(), var.double() * local_n])                      # (2C + 1,)
-    gathered = [torch.empty_like(packed) for _ in range(_world(group))]
-    dist.all_gather(gathered, packed, group=group)
-    table = torch.stack(gathered)                                                    # (P, 2C + 1)
-    counts, means, sq_dev = table[:, :1], table[:, 1:channels + 1], table[:, channels + 1:]
-    n = counts.sum()
+    n, mean, sq_dev = merge_moments(local_n, mean, var.double() * local_n, group)
     if n == 0:
         return torch.zeros(channels, dtype=cdt, device=x.device), torch.ones(channels, dtype=cdt, device=x.device), 0
-    mean = (counts * means).sum(0) / n
-    var = (sq_dev.sum(0) + (counts * (means - mean) ** 2).sum(0)) / n
-    return mean.to(cdt), var.clamp_min(0).to(cdt), int(n)
+    return mean.to(cdt), (sq_dev / n).clamp_min(0).to(cdt), n
+
+
+def sync_group(layer: nn.Module):
+    """``(True, process_group)`` when ``layer`` synchronizes its statistics across several processes right
+    now (this module's layers or ``torch.nn.SyncBatchNorm``), else ``(False, None)``."""
+    if isinstance(layer, (_SyncMixin, nn.SyncBatchNorm)) and _world(layer.process_group) > 1:
+        return True, layer.process_group
+    return False, None
 
 
 class _SyncNormalize(torch.autograd.Function):
