@@ -38,7 +38,8 @@ def _build(name: str, norm: str) -> torch.nn.Module:
     except ImportError:  # the model zoo is optional here: a small ResNet-like stack of conv-BN-ReLU
         layers, c = [], 3
         for width in (16, 16, 32, 32, 64, 64):
-            layers += [torch.nn.Conv2d(c, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width), torch.nn.ReLU()]
+            layers += [torch.nn.Conv2d(c, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width),
+                       torch.nn.ReLU()]
             c = width
         return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c, 10))
     return models.create(name, norm=norm)

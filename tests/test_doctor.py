@@ -55,6 +55,12 @@ def test_train_mode_at_inference():
     assert _checks(diagnose(net, _batches())) == {"train_mode"}
 
 
+def test_initial_statistics_never_updated():
+    report = diagnose(make_net().eval())                   # no data needed for this check
+    assert _checks(report) == {"initial_statistics"} and {f.layer for f in report.findings} == {"1", "4"}
+    assert diagnose(make_net().eval(), for_inference=False).findings == []
+
+
 def test_momentum_convention():
     net = _healthy()
     net[1].momentum = 0.99

@@ -76,7 +76,8 @@ def test_recalibration_after_weight_averaging_and_num_batches():
     recalibrate_bn(averaged, batches, num_batches=2)
     with torch.no_grad():
         inputs = [_layer_inputs(averaged.module, x)[0] for x in batches[:2]]
-    torch.testing.assert_close(averaged.module[1].running_mean, torch.stack([t.mean((0, 2, 3)) for t in inputs]).mean(0))
+    expected = torch.stack([t.mean((0, 2, 3)) for t in inputs]).mean(0)
+    torch.testing.assert_close(averaged.module[1].running_mean, expected)
     assert averaged.module.training                                   # mode restored
 
 

@@ -136,10 +136,9 @@ class accumulate_bn_stats:
                 continue
             synced, group = sync_group(m)
             if synced:   # every process joins, even one whose shards were all empty
-                local_mean = acc.mean if acc.count else torch.zeros(m.num_features, dtype=torch.float64,
-                                                                    device=m.running_mean.device)
-                acc.count, acc.mean, acc.m2 = merge_moments(acc.count, local_mean,
-                                                            acc.m2 if acc.count else torch.zeros_like(local_mean), group)
+                zeros = torch.zeros(m.num_features, dtype=torch.float64, device=m.running_mean.device)
+                local_mean, local_m2 = (acc.mean, acc.m2) if acc.count else (zeros, zeros)
+                acc.count, acc.mean, acc.m2 = merge_moments(acc.count, local_mean, local_m2, group)
             if acc.count == 0:
                 continue
             mean, m2, n = acc.mean, acc.m2, acc.count

@@ -9,6 +9,7 @@ Each finding names the layer, the evidence and the fix. The checks:
                        output with running statistics by more than ``gap_tol`` (relative RMS)
 ``stale_statistics``   the running mean/var are far from the statistics of the given batches
                        (mean in units of the running std, variance as a ratio)
+``initial_statistics`` the running statistics were never updated (mean 0, variance 1, no batches)
 ``few_values``         batch statistics estimated from fewer than ``min_values`` values per channel
 ``dead_channels``      channels with ``|γ| < dead_gamma``: their output is the constant β
 ``redundant_bias``     a conv/linear bias right before BN: the mean subtraction cancels it
@@ -153,10 +154,19 @@ def _static_findings(name: str, m: nn.Module, health: LayerHealth, for_inference
                              "call model.eval() before inference" if m.training and m.running_mean is not None
                              else "use running statistics at inference (track_running_stats=True, "
                                   "use_batch_stats=None) or a batch-independent norm"))
+    if (for_inference and m.running_mean is not None and int(m.num_batches_tracked) == 0
+            and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())):
+        found.append(Finding("initial_statistics", name, "warning",
+                             "the running statistics are still at their initial values (mean 0, variance 1, "
+                             "num_batches_tracked 0): the layer never ran in training mode, or a checkpoint "
+                             "was loaded without its buffers",
+                             "train the model, or compute the statistics with bnlab.recalibrate.recalibrate_bn; "
+                             "load checkpoints with their buffers (load_state_dict(strict=True))"))
     momentum = getattr(m, "momentum", None)
     if momentum is not None and momentum > 0.5:
         found.append(Finding("momentum_convention", name, "warning",
-                             f"momentum={momentum}: PyTorch's convention is new = (1 − momentum)·old + momentum·batch, "
+                             f"momentum={momentum}: PyTorch's convention is "
+                             f"new = (1 − momentum)·old + momentum·batch, "
                              f"so the running statistics keep only {1 - momentum:.2g} of their history per step; "
                              f"{momentum} looks like Keras/TF's convention (which weights the old value)",
                              f"use momentum={1 - momentum:.3g} (= 1 − {momentum})"))
@@ -270,8 +280,9 @@ def _data_checks(model, layers, batches, num_batches, report, gap_tol, mean_tol,
     probe = copy.deepcopy(model).eval()            # the user's model is never touched
     probe_layers = dict(probe.named_modules())
     seen: dict[str, list[Tensor]] = {name: [] for name in layers}
-    hooks = [probe_layers[name].register_forward_pre_hook(lambda mod, args, name=name: seen[name].append(args[0].detach()))
-             for name in layers]
+    def record(name):
+        return lambda module, args: seen[name].append(args[0].detach())
+    hooks = [probe_layers[name].register_forward_pre_hook(record(name)) for name in layers]
     eval_out = [_flat_tensors(probe(*args)) for args in inputs]
     for h in hooks:
         h.remove()

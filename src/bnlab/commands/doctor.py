@@ -13,9 +13,9 @@ whose factory returns a torch.nn.Module (called with the --arg values as keyword
 "model_state_dict") is loaded into the built model. Inputs come from a dataset's training split
 (--data, see `bnlab.data`) or are random normal tensors of --shape.
 
-Findings (each names the layer, the evidence and the fix): train_mode, train_eval_gap, stale_statistics,
-few_values, dead_channels, redundant_bias, momentum_convention, nonfinite_stats. Exit status 0, or 1 with
---strict when any warning or error was found.
+Findings (each names the layer, the evidence and the fix): train_mode, train_eval_gap,
+stale_statistics, initial_statistics, few_values, dead_channels, redundant_bias, momentum_convention,
+nonfinite_stats. Exit status 0, or 1 with --strict when any warning or error was found.
 """
 
 from __future__ import annotations
