@@ -27,6 +27,7 @@ LITERATURE = ("Santurkar et al. 2018 (https://arxiv.org/abs/1805.11604): noisy B
               "increase it); BN's real effect is a smoother loss landscape. Expected verdict: not supported.")
 ICS_MARGIN = 0.0      # BN must raise cos(G, G′) above the unnormalized arm's (less gradient ICS)
 NOISE_HURTS = 2.0     # noisy BN must lose > 2 points of test accuracy for shift to matter
+FINDING = "Santurkar et al. 2018: noisy BN trains as well; BN does not reduce gradient ICS; smoothness is the real effect (not supported)"
 RULE = (f"Part 1 (BN reduces ICS): at matched training losses, the 95% CI of cos(G, G′) for BN minus that "
         f"without normalization (averaged over measured layers and loss levels, paired by seed) lies above "
         f"{ICS_MARGIN}. Part 2 (that is why it helps): the CI of (test accuracy BN − noisy BN) lies above "
@@ -116,7 +117,7 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
         f"The literature expects BN not to reduce gradient ICS reliably, noisy BN to train about as well, and "
         f"smoothness to be the real difference.")
     return ClaimResult(
-        number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE,
+        number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING,
         verdict=Verdict(verdict, f"Δcos(G, G′) BN − none: {ics_gain.text(3)}; noisy-BN cost {noise_cost.text(1)}",
                         ics_gain, explanation),
         agrees_with_literature=verdict == "not supported",

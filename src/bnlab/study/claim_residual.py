@@ -13,7 +13,8 @@ import math
 
 import numpy as np
 
-from bnlab.study.common import ARM_COLORS, arm_label, figure, final_acc, fmt, fmt_ci, lookup, train_spec
+from bnlab.study import claim_lr
+from bnlab.study.common import ARM_COLORS, arm_label, figure, final_acc, fmt_ci, lookup
 from bnlab.study.metrics import mean_ci
 from bnlab.study.specs import make_spec
 from bnlab.study.verdict import ClaimResult, Interval, Verdict, clears, combine
@@ -29,6 +30,7 @@ LITERATURE = ("He et al. 2016 (https://arxiv.org/abs/1512.03385): CIFAR-10 error
 COMPLEMENT_POINTS = 2.0  # BN+residual must beat the better of BN-plain and none-residual by > 2 points
 IDENTITY_EXPONENT = -0.5  # Var(branch)/Var(skip) ∝ ℓ^k with BN: k must lie below −0.5 (De & Smith: k ≈ −1)
 ARMS = [("bn", False), ("bn", True), ("none", False), ("none", True), ("skipinit", False), ("fixup", False)]
+FINDING = "He et al. 2016, De & Smith 2020: BN ResNets train at depth, plain ones degrade; BN biases blocks to the identity (supported)"
 RULE = (f"Part 1 (complement): at the deepest trained depth, each arm at its best learning rate, the 95% CI of "
         f"(test accuracy of BN+residual − the better of BN-plain and none-residual) lies above "
         f"{COMPLEMENT_POINTS} points. Part 2 (mechanism): at initialization in the deepest network, the slope k "
@@ -44,9 +46,13 @@ def _signal_spec(profile, depth, norm, plain, seed) -> dict:
 
 
 def _train_spec(profile, depth, norm, plain, lr, seed) -> dict:
-    cfg = profile["residual"]
-    return train_spec(profile, depth=depth, norm=norm, plain=plain, lr=lr, batch_size=cfg["batch_size"],
-                      max_steps=cfg["max_steps"], epochs=10 ** 6, seed=seed)
+    """Claim 4's sweep run at another depth and/or without shortcuts: at the profile's depth with
+    shortcuts it *is* claim 4's run, so it runs once for both claims."""
+    spec = claim_lr.sweep_spec(profile, norm, lr, profile["lr"]["batch_sizes"][0], seed)
+    spec["depth"] = depth
+    if plain:
+        spec["plain"] = True
+    return spec
 
 
 def specs(profile: dict) -> list[dict]:
@@ -100,7 +106,7 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
     for n, p in ARMS:
         acc_rows.append([arm_label(n, p)] + [fmt_ci(mean_ci(trained[(d, n, p)][1]), 1) + f" (lr {trained[(d, n, p)][0]:g})"
                                              for d in cfg["train_depths"]])
-    acc_table = {"title": f"Final test accuracy (%) after {cfg['max_steps']} steps, by depth",
+    acc_table = {"title": "Final test accuracy (%) by depth, each arm at its best learning rate",
                  "columns": ["arm"] + [f"depth {d}" for d in cfg["train_depths"]], "rows": acc_rows}
     sig_rows = []
     for n, p in ARMS:
@@ -110,10 +116,11 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
             last_var = [r["result"]["blocks"][-1].get("stream_var", math.nan) for r in rows]
             grads = [r["result"]["grad_norms"] for r in rows]
             spread = [g[0] / g[-2] if len(g) > 1 and g[-2] > 0 else math.nan for g in grads]
-            row.append(f"{fmt(float(np.nanmean(last_var)) if last_var else math.nan, 3)} / "
-                       f"{fmt(float(np.nanmean(spread)) if spread else math.nan, 2)}")
+            row.append(f"{_g(last_var)} / {_g(spread)}")
         sig_rows.append(row)
-    sig_table = {"title": "At initialization: final stream variance / gradient-norm ratio first ÷ last conv",
+    sig_table = {"title": "At initialization: variance of the residual stream after the last block / gradient "
+                          "norm of the first conv ÷ the last conv (n/a: the last conv starts with zero gradient, "
+                          "as in SkipInit and Fixup)",
                  "columns": ["arm"] + [f"depth {d}" for d in cfg["signal_depths"]], "rows": sig_rows}
     other = {a: mean_ci(trained[(deepest, a, False)][1]) for a in ("skipinit", "fixup")}
     explanation = (
@@ -126,11 +133,11 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
         f"{fmt_ci(other['skipinit'], 1)}% and Fixup {fmt_ci(other['fixup'], 1)}% at depth {deepest} without "
         f"normalization — if they match BN, the residual connection needs a down-scaled branch, not BN as such.")
     return ClaimResult(
-        number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE,
+        number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING,
         verdict=Verdict(verdict, f"BN+residual − best alternative at depth {deepest}: {complement.text(1)}",
                         complement, explanation),
         agrees_with_literature=verdict == "supported",
-        caveats=[f"Short training ({cfg['max_steps']} steps) at depths {cfg['train_depths']}, not CIFAR-10 to "
+        caveats=[f"Short training (claim 4's budget) at depths {cfg['train_depths']}, not CIFAR-10 to "
                  f"convergence; He et al.'s depth trend (8.75% → 6.43% error from 20 to 110 layers) needs far "
                  f"longer training to show.",
                  "The width is reduced; narrow networks propagate signals more noisily.",
@@ -140,6 +147,11 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
         figures=[_signal_figure(profile, signal, deepest_signal), _depth_figure(profile, trained)],
         numbers={"complement": complement.to_dict(), "bn_ratio_exponent": bn_exponent.to_dict(),
                  "part1": part1, "part2": part2})
+
+
+def _g(values) -> str:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return f"{float(np.mean(finite)):.3g}" if finite else "n/a"
 
 
 def _signal_figure(profile, signal, depth) -> dict:

@@ -24,6 +24,7 @@ LITERATURE = ("Ioffe & Szegedy 2015 (https://arxiv.org/abs/1502.03167): BN-Incep
               "accuracy in 2.1M instead of 31.0M steps (≈14× fewer) at 5× the learning rate.")
 SPEEDUP = 1.25   # BN must need ≥ 25% fewer steps than none to reach none's best accuracy
 AREA_RATIO = 1.0  # and have a lower mean training loss over the run
+FINDING = "Ioffe & Szegedy 2015: same accuracy in ≈14× fewer steps (supported)"
 RULE = (f"Per seed, the target is the best test accuracy the unnormalized arm reaches at its best learning "
         f"rate; speed-up = steps none needs to first reach it / steps BN needs (a run that never reaches it "
         f"counts as needing all its steps). Part 1 holds when the 95% CI of the geometric-mean speed-up lies "
@@ -99,7 +100,7 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
     explanation += " ".join(f"{arm_label(a)} has a speed-up of {fmt_ci(log_mean_ci(ratio(a, 'steps')), 2)}×."
                             for a in others)
     return ClaimResult(
-        number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE,
+        number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING,
         verdict=Verdict(verdict, f"steps to none's best accuracy: {speedup.text()} fewer with BN", speedup,
                         explanation),
         agrees_with_literature=verdict == "supported",

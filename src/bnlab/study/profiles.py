@@ -10,8 +10,9 @@ claim modules read their own section and never branch on the profile's name. Siz
 * ``full``     — one GPU: Fashion-MNIST, CIFAR-depth ResNets up to 110, 5 seeds.
 
 Units: ``steps`` are optimizer steps; ``lr`` is the SGD learning rate (Nesterov momentum 0.9 and a
-one-cycle schedule for ``train`` runs; plain SGD for claim 1's loop); ``width`` multiplies the base
-widths 16/32/64; ``eval_every`` is in steps.
+one-cycle schedule for ``train`` runs; plain SGD for claim 1's loop, whose per-arm rates were tuned
+once on seed 0 over {0.03, 0.1, 0.3, 1}); ``width`` multiplies the base widths 16/32/64;
+``eval_every`` is in steps. Claim 5's training runs reuse claim 4's budget and first batch size.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from typing import Union
 
 __all__ = ["PROFILES", "get_profile", "with_overrides"]
 
-_LR_GRID = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
-
 PROFILES: dict[str, dict] = {
     "tiny": {
         "description": "seconds: exercises every code path on a synthetic dataset (not a measurement)",
@@ -35,49 +34,47 @@ PROFILES: dict[str, dict] = {
                "max_steps": 6},
         "regularize": {"dataset": None, "subset": 128, "batch_size": 32, "ghost_sizes": [8, 32],
                        "max_steps": 8, "lr": 0.05, "weight_decay": 5e-4, "freeze_after": 4},
-        "residual": {"signal_depths": [8, 14], "train_depths": [8], "signal_batch": 64,
-                     "lrs": [0.05], "max_steps": 6, "batch_size": 32},
+        "residual": {"signal_depths": [8, 14], "train_depths": [8], "signal_batch": 64, "lrs": [0.01]},
     },
     "quick": {
-        "description": "≤ 5 minutes on 2 CPU cores: MNIST-1D, ResNet-8 at width 0.5, 3 seeds",
-        "dataset": "mnist1d", "seeds": [0, 1, 2], "width": 0.5, "depth": 8, "eval_every": 8,
-        "ics": {"arms": {"bn": 0.1, "none": 0.02, "noisy_bn": 0.1}, "steps": 120, "batch_size": 64,
-                "measure_every": 10, "step_sizes": [0.05, 0.1, 0.2, 0.4], "noise_shift": 1.0,
-                "noise_scale": 1.5},
+        "description": "≤ 5 minutes on 2 CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 3 seeds, one epoch per run",
+        "dataset": "mnist1d", "seeds": [0, 1, 2], "width": 0.5, "depth": 8, "eval_every": 6,
+        "ics": {"arms": {"bn": 0.3, "none": 0.1, "noisy_bn": 0.3}, "steps": 100, "batch_size": 64,
+                "measure_every": 20, "step_sizes": [0.1, 0.2, 0.4], "noise_shift": 1.0, "noise_scale": 1.5},
         "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.003, 0.03, 0.3, 3.0],
-               "batch_sizes": [64, 256], "epochs": 3},
+               "batch_sizes": [64, 256], "epochs": 1},
         "regularize": {"dataset": None, "subset": 1000, "batch_size": 128, "ghost_sizes": [8, 32, 128],
-                       "max_steps": 140, "lr": 0.05, "weight_decay": 5e-4, "freeze_after": 20},
-        "residual": {"signal_depths": [8, 20, 56, 110], "train_depths": [8, 20, 44], "signal_batch": 128,
-                     "lrs": [0.03], "max_steps": 50, "batch_size": 64},
+                       "max_steps": 120, "lr": 0.1, "weight_decay": 5e-4, "freeze_after": 40},
+        "residual": {"signal_depths": [8, 20, 56, 110], "train_depths": [8, 26], "signal_batch": 128,
+                     "lrs": [0.03, 0.3]},
     },
     "standard": {
-        "description": "≤ 1 hour on CPU: MNIST-1D, ResNet-8 at width 1, longer runs, finer grids",
+        "description": "≤ 1 hour on CPU: MNIST-1D, 1-D ResNet-8 at width 1, longer runs, finer grids",
         "dataset": "mnist1d", "seeds": [0, 1, 2], "width": 1.0, "depth": 8, "eval_every": 10,
-        "ics": {"arms": {"bn": 0.1, "none": 0.02, "noisy_bn": 0.1}, "steps": 400, "batch_size": 128,
+        "ics": {"arms": {"bn": 0.3, "none": 0.1, "noisy_bn": 0.3}, "steps": 400, "batch_size": 128,
                 "measure_every": 20, "step_sizes": [0.05, 0.1, 0.2, 0.4], "noise_shift": 1.0,
                 "noise_scale": 1.5},
-        "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": _LR_GRID, "batch_sizes": [64, 256],
-               "epochs": 8},
+        "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+               "batch_sizes": [64, 256], "epochs": 4},
         "regularize": {"dataset": "fashion-mnist", "subset": 1000, "batch_size": 128,
-                       "ghost_sizes": [8, 32, 128], "max_steps": 400, "lr": 0.05, "weight_decay": 5e-4,
+                       "ghost_sizes": [8, 32, 128], "max_steps": 300, "lr": 0.1, "weight_decay": 5e-4,
                        "freeze_after": 50, "test_eval_size": 2000},
-        "residual": {"signal_depths": [8, 20, 56, 110, 218], "train_depths": [8, 20, 56, 110],
-                     "signal_batch": 256, "lrs": [0.01, 0.1], "max_steps": 300, "batch_size": 128},
+        "residual": {"signal_depths": [8, 20, 56, 110, 218], "train_depths": [8, 20, 56], "signal_batch": 256,
+                     "lrs": [0.03, 0.3]},
     },
     "full": {
         "description": "one GPU: Fashion-MNIST, ResNet-20, 5 seeds, CIFAR depths up to 110",
         "dataset": "fashion-mnist", "seeds": [0, 1, 2, 3, 4], "width": 1.0, "depth": 20, "eval_every": 100,
-        "ics": {"arms": {"bn": 0.1, "none": 0.01, "noisy_bn": 0.1}, "steps": 2000, "batch_size": 128,
+        "ics": {"arms": {"bn": 0.3, "none": 0.1, "noisy_bn": 0.3}, "steps": 2000, "batch_size": 128,
                 "measure_every": 50, "step_sizes": [0.05, 0.1, 0.2, 0.4], "noise_shift": 1.0,
                 "noise_scale": 1.5},
-        "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": _LR_GRID, "batch_sizes": [128, 512],
-               "epochs": 15},
+        "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+               "batch_sizes": [128, 512], "epochs": 15},
         "regularize": {"dataset": "fashion-mnist", "subset": 2000, "batch_size": 128,
-                       "ghost_sizes": [8, 32, 128], "max_steps": 3000, "lr": 0.05, "weight_decay": 5e-4,
+                       "ghost_sizes": [8, 32, 128], "max_steps": 3000, "lr": 0.1, "weight_decay": 5e-4,
                        "freeze_after": 200},
         "residual": {"signal_depths": [20, 56, 110, 218, 434], "train_depths": [20, 56, 110],
-                     "signal_batch": 256, "lrs": [0.01, 0.1], "max_steps": 3000, "batch_size": 128},
+                     "signal_batch": 256, "lrs": [0.03, 0.3]},
     },
 }
 

@@ -38,7 +38,8 @@ def analyze_claims(profile: dict, results: dict, claims) -> list[ClaimResult]:
         except Exception as error:  # noqa: BLE001 — the report must still be written
             nan = Interval(math.nan, math.nan, math.nan)
             result = ClaimResult(n, module.TITLE, Verdict(CAVEATS, "n/a", nan, "The analysis failed; see below."),
-                                 module.LITERATURE, module.RULE, caveats=["No verdict could be computed from the runs."])
+                                 module.LITERATURE, module.RULE, caveats=["No verdict could be computed from the runs."],
+                                 finding=getattr(module, "FINDING", ""))
             result.error = f"{type(error).__name__}: {error} — {traceback.format_exc(limit=-1).strip()}"
         out.append(result)
     return out
@@ -94,7 +95,7 @@ def build_report(out: str | Path) -> Path:
             figures.append({"title": f["title"], "caption": f.get("caption", ""), "path": f"figures/{f['name']}.png",
                             "base64": base64.b64encode(data).decode()})
         views.append({"number": c.number, "title": c.title, "verdict": c.verdict, "rule": c.rule,
-                      "literature": c.literature, "literature_short": c.literature.split(":")[0],
+                      "literature": c.literature, "literature_short": c.finding or c.literature,
                       "agrees": _agrees(c.agrees_with_literature), "caveats": c.caveats, "tables": c.tables,
                       "figures": figures, "error": getattr(c, "error", None)})
     from bnlab.study.specs import spec_label

@@ -70,11 +70,11 @@ def build_model(spec: dict, data) -> nn.Module:
 
 class Probe:
     """A :func:`bnlab.train.train` callback: the loss at every step, and every ``eval_every`` steps the
-    test accuracy/loss and the accuracy/loss on (up to) ``train_eval_size`` training examples, with the
+    test accuracy/loss and the accuracy/loss on the first ``train_eval_size`` training examples, with the
     training wall time spent so far (evaluation time excluded). Optionally freezes BN statistics after
     ``freeze_after`` steps (the "frozen" arm of claim 3)."""
 
-    def __init__(self, data, eval_every: int, train_eval_size: int = 2048,
+    def __init__(self, data, eval_every: int, train_eval_size: int = 0,
                  freeze_after: Optional[int] = None, test_eval_size: Optional[int] = None) -> None:
         self.data, self.eval_every, self.freeze_after = data, max(1, int(eval_every)), freeze_after
         self.test_x, self.test_y = data.test_x[:test_eval_size], data.test_y[:test_eval_size]
@@ -100,7 +100,8 @@ class Probe:
         was_training = model.training
         model.eval()
         test_loss, test_acc = evaluate(model, self.test_x, self.test_y)
-        train_loss, train_acc = evaluate(model, self.train_x, self.train_y)
+        train_loss, train_acc = (evaluate(model, self.train_x, self.train_y) if len(self.train_x)
+                                 else (math.nan, math.nan))
         model.train(was_training)
         c = self.curve
         c["step"].append(step)
@@ -134,7 +135,7 @@ def _run_train(spec: dict) -> tuple[str, dict]:
                          eval_every=10 ** 6, log_steps=False)
     freeze_after = spec.get("freeze_after") if spec.get("norm") == "frozen_bn" else None
     probe = Probe(data, spec.get("eval_every", 10), freeze_after=freeze_after,
-                  test_eval_size=spec.get("test_eval_size"))
+                  test_eval_size=spec.get("test_eval_size"), train_eval_size=spec.get("train_eval_size", 0))
     history = train(model, data, config, callbacks=[probe], progress=False)
     if not probe.curve["step"] or probe.curve["step"][-1] != len(probe.losses):
         probe.evaluate(model, len(probe.losses))  # always end with an evaluation of the final model

@@ -96,5 +96,6 @@ class ClaimResult:
     tables: list[dict] = field(default_factory=list)   # {"title", "columns", "rows"}
     figures: list[dict] = field(default_factory=list)  # {"title", "name", "figure" (matplotlib), "caption"}
     agrees_with_literature: Optional[bool] = None
+    finding: str = ""                                   # the literature's finding in one line (summary table)
     numbers: dict = field(default_factory=dict)         # raw numbers, saved as JSON beside the report
     error: Optional[str] = None                         # why the analysis failed, if it did
