@@ -1,0 +1,445 @@
+"""Triton kernels (bnlab.kernels) against the float64 NumPy oracle, torch.nn.BatchNorm* and gradcheck.
+
+Without a GPU the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set before
+Triton is imported). Every buffer a kernel writes is filled with NaN before the launch, so an element a
+kernel forgot to write fails the comparison. Each kernel path (single-read, tiled with one program per
+channel block, tiled with the reduction split across programs) is forced in turn on odd and prime shapes.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+pytest.importorskip("triton", reason="Triton is not installed: the kernels cannot run")
+
+from bnlab import functional as F  # noqa: E402
+from bnlab import kernels, reference  # noqa: E402
+from bnlab import nn as bnn  # noqa: E402
+from bnlab.kernels import launch  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not launch.INTERPRETED:
+    pytest.skip("no CUDA device and Triton was imported before TRITON_INTERPRET=1 was set",
+                allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(launch, "POISON", True)
+
+
+def _np(t):
+    return t.detach().cpu().double().numpy()
+
+
+def _layout(x, channels_last):
+    if channels_last and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if channels_last and x.dim() == 5:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    if channels_last and x.dim() == 3:  # (N, C, L) with channels fastest: a transposed (N, L, C)
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.contiguous()
+
+
+# plans that force each path; 'auto' is the launcher's own choice
+def _plan(kind, layout):
+    if kind == "auto":
+        return launch.choose_plan(layout, torch.device(DEVICE))
+    if kind == "single":
+        return launch.Plan(2, triton_pow2(layout.count), single_read=True)
+    if kind == "tiled":
+        return launch.Plan(2, 4, reduce_splits=1, elementwise_splits=1)
+    if kind == "split":  # channel blocks of 4 (C=7: a partial block), reductions split in 3 programs
+        return launch.Plan(4, 2 if layout.channels_last else 4, reduce_splits=3, elementwise_splits=2)
+    raise AssertionError(kind)
+
+
+def triton_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
+@pytest.fixture(params=["auto", "single", "tiled", "split"])
+def plan_kind(request, monkeypatch):
+    real = launch.choose_plan
+    monkeypatch.setattr(launch, "choose_plan", lambda layout, device: _plan(request.param, layout)
+                        if request.param != "auto" else real(layout, device))
+    return request.param
+
+
+SHAPES = [  # (shape, channels_last)
+    ((3, 7, 13, 5), False),
+    ((3, 7, 13, 5), True),
+    ((5, 1, 3, 3), False),       # C = 1
+    ((2, 3), False),             # (N, C), two values per channel
+    ((11, 7), False),
+    ((4, 3, 11), False),         # 1-D with length
+    ((4, 3, 11), True),
+    ((2, 3, 2, 3, 5), False),    # 3-D
+    ((2, 3, 2, 3, 5), True),
+]
+
+
+def _tolerance(dtype):
+    return {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+
+
+def _assert_close(actual, expected, dtype, what, scale=None):
+    actual = _np(actual)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert np.isfinite(actual).all(), f"{what}: non-finite values (an unwritten output?)"
+    scale = np.abs(expected).max() + 1.0 if scale is None else scale
+    err = np.abs(actual - expected).max() / scale
+    assert err <= _tolerance(dtype), f"{what}: relative error {err:.3g} > {_tolerance(dtype)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# training forward and backward against the float64 oracle, every path
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,channels_last", SHAPES)
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+def test_train_matches_reference(plan_kind, shape, channels_last, affine):
+    torch.manual_seed(sum(shape))
+    C = shape[1]
+    x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE) * 2 + 3, channels_last).requires_grad_()
+    w = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True) if affine != "none" else None
+    b = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True) if affine == "both" else None
+    y, mean, var = kernels.batch_norm_train(x, w, b, 1e-5)
+    dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], dy)
+
+    y_ref, cache = reference.forward(_np(x), None if w is None else _np(w), None if b is None else _np(b), 1e-5)
+    dx_ref, dw_ref, db_ref = reference.backward(_np(dy), cache)
+    _assert_close(y, y_ref, torch.float64, "y")
+    _assert_close(mean, cache["mean"], torch.float64, "mean")
+    _assert_close(var, cache["var"], torch.float64, "var")
+    _assert_close(grads[0], dx_ref, torch.float64, "dx")
+    if w is not None:
+        _assert_close(grads[1], dw_ref, torch.float64, "dweight")
+    if b is not None:
+        _assert_close(grads[2], db_ref, torch.float64, "dbias")
+    assert y.stride() == x.stride() and y.dtype == x.dtype
+    assert grads[0].stride() == x.stride()
+    assert not mean.requires_grad and not var.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reduced_precision_storage_accumulates_in_float32(plan_kind, dtype, channels_last):
+    torch.manual_seed(1)
+    shape = (5, 7, 6, 7)
+    x = _layout(torch.randn(shape, device=DEVICE) * 3 + 1, channels_last).to(dtype).requires_grad_()
+    w = torch.randn(7, device=DEVICE, requires_grad=True)
+    b = torch.randn(7, device=DEVICE, requires_grad=True)
+    y, mean, var = kernels.batch_norm_train(x, w, b, 1e-5)
+    assert y.dtype == dtype and mean.dtype == torch.float32 and var.dtype == torch.float32
+    dy = torch.randn(shape, device=DEVICE).to(dtype)
+    dx, dw, db = torch.autograd.grad(y, [x, w, b], dy)
+    assert dx.dtype == dtype and dw.dtype == torch.float32
+
+    # the oracle sees exactly the stored values, in float64
+    y_ref, cache = reference.forward(_np(x), _np(w), _np(b), 1e-5)
+    dx_ref, dw_ref, db_ref = reference.backward(_np(dy), cache)
+    _assert_close(mean, cache["mean"], torch.float32, "mean")
+    _assert_close(var, cache["var"], torch.float32, "var")
+    _assert_close(dw, dw_ref, torch.float32, "dweight", scale=np.abs(dw_ref).max() + 10)
+    _assert_close(db, db_ref, torch.float32, "dbias", scale=np.abs(db_ref).max() + 10)
+    _assert_close(y, y_ref, dtype, "y")
+    _assert_close(dx, dx_ref, dtype, "dx")
+
+
+def test_large_mean_does_not_cancel_the_variance(plan_kind):
+    """|μ| ≫ σ in float32: the naive E[x²] − E[x]² subtracts numbers near μ² = 1e8, whose spacing (8)
+    exceeds σ² = 1; shifted sums keep σ² to float32 precision."""
+    torch.manual_seed(2)
+    x = (1e4 + torch.randn(6, 5, 9, 7, dtype=torch.float64, device=DEVICE)).float()
+    y, mean, var = kernels.batch_norm_train(x)
+    y_ref, cache = reference.forward(_np(x), eps=1e-5)
+    assert np.abs(_np(var) / cache["var"] - 1).max() < 1e-4
+    assert np.abs(_np(y) - y_ref).max() < 1e-2
+
+
+@pytest.mark.parametrize("shape,channels_last", [((3, 7, 13, 5), True), ((4, 3, 11), False)])
+def test_gradcheck(plan_kind, shape, channels_last):
+    torch.manual_seed(3)
+    x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE), channels_last).requires_grad_()
+    w = torch.randn(shape[1], dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(shape[1], dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: kernels.batch_norm_train(*a)[0], (x, w, b), eps=1e-6, atol=1e-6)
+
+
+def test_double_backward_matches_torch():
+    torch.manual_seed(4)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    v = torch.randn_like(x)
+
+    def hvp(fn):
+        (gx,) = torch.autograd.grad((fn(x, w, b) ** 3).sum(), [x], create_graph=True)
+        return torch.autograd.grad((gx * v).sum(), [x, w, b])
+
+    ours = hvp(lambda *a: kernels.batch_norm_relu(*a)[0])
+    theirs = hvp(lambda *a: torch.relu(torch.nn.functional.batch_norm(a[0], None, None, a[1], a[2], True)))
+    for a, t in zip(ours, theirs):
+        _assert_close(a, _np(t), torch.float64, "second derivative")
+
+
+# --------------------------------------------------------------------------------------------------
+# fused ReLU and add+ReLU
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,channels_last", [((3, 7, 13, 5), False), ((3, 7, 13, 5), True),
+                                                  ((11, 7), False), ((2, 3, 2, 3, 5), True)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_relu_matches_composition(plan_kind, shape, channels_last, residual):
+    torch.manual_seed(5)
+    C = shape[1]
+    x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE), channels_last).requires_grad_()
+    w = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    r = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True) if residual else None
+    inputs = [x, w, b] + ([r] if residual else [])
+    if residual:
+        y, mean, var = kernels.batch_norm_add_relu(x, r, w, b)
+    else:
+        y, mean, var = kernels.batch_norm_relu(x, w, b)
+    dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    grads = torch.autograd.grad(y, inputs, dy)
+
+    bn_ref, cache = reference.forward(_np(x), _np(w), _np(b), 1e-5)
+    pre = bn_ref + (_np(r) if residual else 0)
+    mask = pre > 0
+    dz = _np(dy) * mask
+    dx_ref, dw_ref, db_ref = reference.backward(dz, cache)
+    _assert_close(y, np.maximum(pre, 0), torch.float64, "y")
+    for g, ref, name in zip(grads, [dx_ref, dw_ref, db_ref, dz], ["dx", "dweight", "dbias", "dresidual"]):
+        _assert_close(g, ref, torch.float64, name)
+    assert y.stride() == x.stride()
+
+
+def test_fused_residual_with_another_layout_and_expanded_gradient():
+    """A contiguous residual for a channels-last x, and dy = ones expanded (stride 0) from .sum()."""
+    torch.manual_seed(6)
+    x = torch.randn(3, 5, 4, 7, dtype=torch.float64, device=DEVICE).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    r = torch.randn(3, 5, 4, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y, _, _ = kernels.batch_norm_add_relu(x, r)
+    dx, dr = torch.autograd.grad(y.sum(), [x, r])
+    xt, rt = x.detach().clone().requires_grad_(), r.detach().clone().requires_grad_()
+    yt = torch.relu(torch.nn.functional.batch_norm(xt, None, None, training=True) + rt)
+    dxt, drt = torch.autograd.grad(yt.sum(), [xt, rt])
+    _assert_close(y, _np(yt), torch.float64, "y")
+    _assert_close(dx, _np(dxt), torch.float64, "dx")
+    _assert_close(dr, _np(drt), torch.float64, "dresidual")
+
+
+def test_only_some_inputs_need_gradients():
+    torch.manual_seed(7)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    r = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y, _, _ = kernels.batch_norm_add_relu(x, r, w, None)
+    dy = torch.randn_like(y)
+    dw, dr = torch.autograd.grad(y, [w, r], dy)
+    bn_ref, cache = reference.forward(_np(x), _np(w), None, 1e-5)
+    dz = _np(dy) * ((bn_ref + _np(r)) > 0)
+    _assert_close(dw, reference.backward(dz, cache)[1], torch.float64, "dweight")
+    _assert_close(dr, dz, torch.float64, "dresidual")
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation mode
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,channels_last", [((3, 7, 13, 5), False), ((3, 7, 13, 5), True),
+                                                  ((11, 7), False), ((4, 3, 11), True)])
+@pytest.mark.parametrize("fused", ["none", "relu", "add_relu"])
+def test_eval_matches_reference(plan_kind, shape, channels_last, fused):
+    torch.manual_seed(8)
+    C = shape[1]
+    x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE), channels_last).requires_grad_()
+    w = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    rm = torch.randn(C, dtype=torch.float64, device=DEVICE)
+    rv = torch.rand(C, dtype=torch.float64, device=DEVICE) + 0.5
+    r = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True) if fused == "add_relu" else None
+    y = kernels.batch_norm_eval(x, rm, rv, w, b, 1e-5, residual=r, relu=fused != "none")
+    inputs = [x, w, b] + ([r] if r is not None else [])
+    dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    grads = torch.autograd.grad(y, inputs, dy)
+
+    bn_ref, cache = reference.forward(_np(x), _np(w), _np(b), 1e-5, training=False,
+                                      running_mean=_np(rm), running_var=_np(rv))
+    pre = bn_ref + (_np(r) if r is not None else 0)
+    dz = _np(dy) * (pre > 0) if fused != "none" else _np(dy)
+    _assert_close(y, np.maximum(pre, 0) if fused != "none" else pre, torch.float64, "y")
+    refs = list(reference.backward(dz, cache)) + [dz]
+    for g, ref, name in zip(grads, refs, ["dx", "dweight", "dbias", "dresidual"]):
+        _assert_close(g, ref, torch.float64, name)
+    assert y.stride() == x.stride()
+
+
+@pytest.mark.parametrize("fused", ["none", "add_relu"])
+def test_eval_input_gradient_alone(fused):
+    """No affine gradients wanted: dx is one elementwise pass, without the reductions."""
+    torch.manual_seed(9)
+    x = torch.randn(3, 5, 4, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w, b = torch.randn(5, dtype=torch.float64, device=DEVICE), torch.randn(5, dtype=torch.float64, device=DEVICE)
+    rm, rv = torch.randn(5, dtype=torch.float64, device=DEVICE), torch.rand(5, dtype=torch.float64, device=DEVICE) + .5
+    r = torch.randn(3, 5, 4, 4, dtype=torch.float64, device=DEVICE, requires_grad=True) if fused != "none" else None
+    y = kernels.batch_norm_eval(x, rm, rv, w, b, residual=r, relu=r is not None)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x] + ([r] if r is not None else []), dy)
+    bn_ref, cache = reference.forward(_np(x), _np(w), _np(b), training=False, running_mean=_np(rm),
+                                      running_var=_np(rv))
+    dz = _np(dy) * ((bn_ref + _np(r)) > 0) if r is not None else _np(dy)
+    _assert_close(grads[0], reference.backward(dz, cache)[0], torch.float64, "dx")
+    if r is not None:
+        _assert_close(grads[1], dz, torch.float64, "dresidual")
+
+
+def test_eval_gradcheck():
+    torch.manual_seed(10)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    rm, rv = torch.randn(4, dtype=torch.float64, device=DEVICE), torch.rand(4, dtype=torch.float64, device=DEVICE) + .5
+    assert torch.autograd.gradcheck(lambda *a: kernels.batch_norm_eval(a[0], rm, rv, a[1], a[2]), (x, w, b))
+
+
+# --------------------------------------------------------------------------------------------------
+# through bnlab.functional and bnlab.nn, against torch.nn.BatchNorm*
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls,shape,channels_last", [
+    ("BatchNorm1d", (9, 5), False), ("BatchNorm1d", (4, 5, 7), False),
+    ("BatchNorm2d", (3, 7, 13, 5), True), ("BatchNorm2d", (3, 7, 13, 5), False),
+    ("BatchNorm3d", (2, 3, 2, 3, 5), True)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_modules_match_torch_in_train_and_eval(cls, shape, channels_last, momentum):
+    torch.manual_seed(11)
+    ours = getattr(bnn, cls)(shape[1], momentum=momentum, backend="triton").to(DEVICE)
+    theirs = getattr(torch.nn, cls)(shape[1], momentum=momentum).to(DEVICE)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(0.5, 1.5, shape[1]))
+            m.bias.copy_(torch.linspace(-1, 1, shape[1]))
+    for step in range(3):
+        x = _layout(torch.randn(shape, device=DEVICE) * (step + 1) + step, channels_last)
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yt = ours(xo), theirs(xt)
+        dy = torch.randn(shape, device=DEVICE)
+        go = torch.autograd.grad(yo, [xo, ours.weight, ours.bias], dy)
+        gt = torch.autograd.grad(yt, [xt, theirs.weight, theirs.bias], dy)
+        torch.testing.assert_close(yo, yt, rtol=1e-5, atol=1e-5)
+        for a, t in zip(go, gt):
+            torch.testing.assert_close(a, t, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
+
+    ours.eval()
+    theirs.eval()
+    x = _layout(torch.randn(shape, device=DEVICE), channels_last)
+    xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yo, yt = ours(xo), theirs(xt)
+    torch.testing.assert_close(yo, yt, rtol=1e-5, atol=1e-5)
+    dy = torch.randn(shape, device=DEVICE)
+    for a, t in zip(torch.autograd.grad(yo, [xo, ours.weight, ours.bias], dy),
+                    torch.autograd.grad(yt, [xt, theirs.weight, theirs.bias], dy)):
+        torch.testing.assert_close(a, t, rtol=1e-4, atol=1e-4)
+
+
+def test_functional_triton_backend_matches_torch_backend():
+    torch.manual_seed(12)
+    x = torch.randn(6, 4, 5, 3, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE)
+    stats = {k: (torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)) for k in ("torch", "triton")}
+    out = {k: F.batch_norm(x, *stats[k], w, b, training=True, momentum=0.3, backend=k) for k in stats}
+    torch.testing.assert_close(out["triton"], out["torch"], rtol=1e-5, atol=1e-5)
+    for a, t in zip(stats["triton"], stats["torch"]):
+        torch.testing.assert_close(a, t)
+    evals = {k: F.batch_norm(x, *stats[k], w, b, training=False, backend=k) for k in stats}
+    torch.testing.assert_close(evals["triton"], evals["torch"], rtol=1e-5, atol=1e-5)
+    assert out["triton"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_nonfinite_batch_leaves_running_stats_alone():
+    x = torch.randn(4, 3, 5, device=DEVICE)
+    x[1, 2, 3] = float("nan")
+    rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    F.batch_norm(x, rm, rv, training=True, backend="triton")
+    assert torch.equal(rm, torch.zeros(3, device=DEVICE)) and torch.equal(rv, torch.ones(3, device=DEVICE))
+
+
+def test_odd_strides_are_copied_not_misread():
+    """A permuted tensor fits neither layout: the kernels see a contiguous copy, results are unchanged."""
+    torch.manual_seed(13)
+    base = torch.randn(5, 3, 4, 6, dtype=torch.float64, device=DEVICE)
+    x = base.permute(0, 1, 3, 2).requires_grad_()   # (5, 3, 6, 4), strides fit no layout
+    assert launch.layout_of(x) is None
+    y, _, _ = kernels.batch_norm_train(x)
+    y_ref, cache = reference.forward(_np(x))
+    _assert_close(y, y_ref, torch.float64, "y")
+    (dx,) = torch.autograd.grad(y, [x], torch.ones_like(y) + x.detach())
+    _assert_close(dx, reference.backward(_np(torch.ones_like(y) + x.detach()), cache)[0], torch.float64, "dx")
+
+
+# --------------------------------------------------------------------------------------------------
+# plumbing: supports(), errors, the poison switch
+# --------------------------------------------------------------------------------------------------
+
+def test_supports():
+    assert kernels.supports(torch.randn(4, 3, device=DEVICE))
+    assert kernels.supports(torch.randn(2, 3, 4, 5, 6, device=DEVICE, dtype=torch.bfloat16))
+    assert not kernels.supports(torch.randn(4, device=DEVICE))                    # 1-D
+    assert not kernels.supports(torch.randn(1, 2, 3, 4, 5, 6, device=DEVICE))     # 6-D
+    assert not kernels.supports(torch.zeros(4, 3, dtype=torch.int32, device=DEVICE))
+    assert not kernels.supports(torch.empty(0, 3, device=DEVICE))
+    assert F.backend_for(torch.randn(4, 3, device=DEVICE), "triton") == "triton"
+
+
+@pytest.mark.parametrize("call,error,text", [
+    (lambda: kernels.batch_norm_train(torch.randn(4, 3, device=DEVICE), torch.ones(4, device=DEVICE)),
+     ValueError, "weight must have shape (3,)"),
+    (lambda: kernels.batch_norm_train(torch.ones(4, 3, dtype=torch.int64, device=DEVICE)), TypeError, "float16"),
+    (lambda: kernels.batch_norm_train(torch.randn(4, device=DEVICE)), ValueError, "expected 2D to 5D"),
+    (lambda: kernels.batch_norm_add_relu(torch.randn(4, 3, device=DEVICE), torch.randn(4, 1, device=DEVICE)),
+     ValueError, "residual must have x's shape"),
+    (lambda: kernels.batch_norm_add_relu(torch.randn(4, 3, device=DEVICE),
+                                         torch.randn(4, 3, device=DEVICE, dtype=torch.float64)),
+     TypeError, "residual must have x's dtype"),
+    (lambda: kernels.batch_norm_train(torch.randn(4, 3, device=DEVICE), residual=torch.randn(4, 3, device=DEVICE)),
+     ValueError, "only fused together with relu=True"),
+    (lambda: kernels.batch_norm_eval(torch.randn(4, 3, device=DEVICE), torch.zeros(2, device=DEVICE),
+                                     torch.ones(3, device=DEVICE)), ValueError, "running_mean must be a (3,)"),
+    (lambda: kernels.batch_norm_train(torch.empty(0, 3, device=DEVICE)), ValueError, "empty"),
+])
+def test_errors_name_the_argument(call, error, text):
+    with pytest.raises(error, match=None) as info:
+        call()
+    assert text in str(info.value)
+
+
+def test_poison_switch_fills_outputs_with_nan():
+    assert torch.isnan(launch._alloc((3,), torch.float32, DEVICE)).all()
+    assert torch.isnan(launch._alloc_like(torch.zeros(2, 3, device=DEVICE, dtype=torch.bfloat16))).all()
+
+
+def test_plans_cover_both_regimes():
+    """Many channels and few values: one program per channel block suffices; few channels and many
+    values: the reduction is split across programs (the GPU would otherwise starve)."""
+    few_channels = launch.Layout(1, 16, 512 * 32 * 32, 0, 1, 16)
+    plan = launch.choose_plan(few_channels, torch.device("cpu"))
+    grid = launch._grid(few_channels, plan, 0, torch.device("cpu"), per_sm=4)
+    assert not plan.single_read and grid.splits > 1 and grid.c_blocks == 1
+    small = launch.Layout(1, 64, 32, 0, 1, 64)
+    assert launch.choose_plan(small, torch.device("cpu")).single_read
