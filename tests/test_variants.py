@@ -322,3 +322,45 @@ def test_guard_restores_non_finite_statistics_of_torch_layers():
         model(torch.full((8, 4), float("inf")))    # torch.nn.BatchNorm1d would keep the NaN
     torch.testing.assert_close(model[1].running_mean, good)
     assert model[1].skipped_updates == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# the fused BN+ReLU path must not bypass the variants' own training forward
+# --------------------------------------------------------------------------------------------------
+
+def test_variants_report_torch_backend_while_using_batch_stats():
+    layer = V.GhostBatchNorm2d(3, virtual_batch_size=2, backend="triton")
+    assert layer.backend == "torch"                 # training: the layer's own forward must run
+    layer.eval()
+    assert layer.backend == "triton"                # inference: plain BN, any backend will do
+    assert "backend" not in layer.state_dict() and "_backend" not in layer.state_dict()
+
+
+_FUSED_CHECK = """
+import copy
+import torch
+from bnlab import fused, variants
+torch.manual_seed(0)
+x, residual = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+layers = [variants.GhostBatchNorm2d(3, virtual_batch_size=2, backend="triton"),
+          variants.BatchRenorm2d(3, backend="triton", warmup_steps=0, ramp_steps=0)]
+layers[1].running_mean.fill_(1.0)
+for layer in layers:
+    twin = copy.deepcopy(layer)
+    expected = torch.relu(layer(x) + residual)
+    got = fused.batch_norm_add_relu(twin, x, residual)
+    assert torch.allclose(got, expected, atol=1e-5), type(layer).__name__
+    layer.eval()
+    assert torch.allclose(fused.batch_norm_relu(layer, x), torch.relu(layer(x)), atol=1e-5)
+print("ok")
+"""
+
+
+def test_fused_tail_with_triton_interpreter_calls_the_variant_forward():
+    pytest.importorskip("triton", reason="needs Triton (its CPU interpreter) for the fused kernels")
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="1")    # must be set before Triton is first imported
+    done = subprocess.run([sys.executable, "-c", _FUSED_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]

@@ -136,7 +136,7 @@ def _empty_output(x: Tensor, weight, bias) -> Tensor:
     return y
 
 
-class _SyncMixin:
+class _SyncMixin(variants._OwnTrainingForward):
     """The forward shared by :class:`SyncBatchNorm` and :class:`SyncBatchRenorm`."""
 
     process_group = None
@@ -233,10 +233,10 @@ def _convert_layer(name: str, layer: nn.Module, process_group) -> nn.Module:
     if type(layer) in _RENORM:
         new = SyncBatchRenorm(layer.num_features, process_group=process_group, rmax=layer.rmax, dmax=layer.dmax,
                               warmup_steps=layer.warmup_steps, ramp_steps=layer.ramp_steps,
-                              backend=layer.backend, **common)
+                              backend=layer.__dict__.get("_backend", "auto"), **common)
     else:
         new = SyncBatchNorm(layer.num_features, process_group=process_group,
-                            backend=getattr(layer, "backend", "auto"), **common)
+                            backend=layer.__dict__.get("_backend", getattr(layer, "backend", "auto")), **common)
     new.load_state_dict(layer.state_dict())
     new.train(layer.training)
     for pname, p in layer.named_parameters(recurse=False):

@@ -84,6 +84,25 @@ def _merge_running(module: _BatchNorm, mean: Tensor, var: Tensor, count: int, mo
     return F.BatchNormOutput(output, new_mean, new_var, mean, var, finite)
 
 
+class _OwnTrainingForward:
+    """For layers whose batch-statistics forward is their own (ghost, renorm, synchronized).
+
+    :mod:`bnlab.fused` runs the plain batch-norm kernels for any :mod:`bnlab.nn` layer whose ``backend``
+    resolves to Triton, without calling the layer's ``forward``. While these layers normalize with batch
+    statistics they therefore report ``backend == "torch"``, which makes the fused path call the layer
+    itself; with running statistics (plain batch norm) the configured backend is reported and used.
+    """
+
+    @property
+    def backend(self) -> str:
+        configured = self.__dict__.get("_backend", "auto")
+        return "torch" if self._uses_batch_stats() else configured
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.__dict__["_backend"] = value
+
+
 # --------------------------------------------------------------------------------------------------
 # ghost batch norm
 # --------------------------------------------------------------------------------------------------
@@ -150,7 +169,7 @@ def ghost_batch_norm(x: Tensor, virtual_batch_size: int, weight: Optional[Tensor
     return y, mean, var
 
 
-class _GhostBatchNorm(_BatchNorm):
+class _GhostBatchNorm(_OwnTrainingForward, _BatchNorm):
     """Ghost batch norm; see :class:`GhostBatchNorm2d`."""
 
     def __init__(self, num_features: int, virtual_batch_size: int = 32, eps: float = 1e-5,
@@ -218,7 +237,7 @@ class GhostBatchNorm3d(_GhostBatchNorm):
 # batch renormalization
 # --------------------------------------------------------------------------------------------------
 
-class _BatchRenorm(_BatchNorm):
+class _BatchRenorm(_OwnTrainingForward, _BatchNorm):
     """Batch renormalization; see :class:`BatchRenorm2d`."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.01,
