@@ -112,6 +112,18 @@ def test_fold_refuses_batch_norm_without_running_stats_and_shared_layers():
     assert report.folded == [] and all("called 2 times" in why for _, why in report.skipped)
 
 
+def test_fold_refuses_batch_norm_subclasses_that_do_more():
+    fused = pytest.importorskip("bnlab.fused")
+    if not hasattr(fused, "BatchNormReLU2d"):
+        pytest.skip("bnlab.fused has no BatchNormReLU2d in this version")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), fused.BatchNormReLU2d(3), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    folded, report = _check_equal(model, torch.randn(2, 2, 4, 4), 1)
+    assert report.folded == [("3", "2")] and "overrides forward" in dict(report.skipped)["1"]
+    with pytest.raises(TypeError, match="freeze_bn: layer 1 .*overrides forward"):
+        V.freeze_bn(model)
+
+
 class _Untraceable(nn.Module):
     def __init__(self):
         super().__init__()

@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from bnlab.frozen import eval_is_plain_batch_norm
 from bnlab.variants import is_batch_norm, _FrozenBatchNorm
 
 __all__ = ["fold_bn", "FoldReport", "find_conv_bn_pairs"]
@@ -174,6 +175,9 @@ def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 def _why_not(layer: nn.Module, bn: nn.Module) -> Optional[str]:
+    if not eval_is_plain_batch_norm(bn):
+        return (f"{type(bn).__name__} overrides forward (it may do more than batch norm, e.g. a fused ReLU); "
+                f"folding would drop that")
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if out != bn.num_features:
         return f"the preceding layer has {out} outputs but the batch norm {bn.num_features} channels"

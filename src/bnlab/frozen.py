@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from bnlab import functional as F
 from bnlab.nn import _BatchNorm
 
-__all__ = ["is_batch_norm", "set_bn_switches", "freeze_stats", "unfreeze_stats", "freeze_bn", "unfreeze_bn",
+__all__ = ["is_batch_norm", "eval_is_plain_batch_norm", "set_bn_switches", "freeze_stats", "unfreeze_stats", "freeze_bn", "unfreeze_bn",
            "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 
@@ -26,6 +26,16 @@ def is_batch_norm(module: nn.Module) -> bool:
     """True for :mod:`bnlab.nn` / :mod:`bnlab.variants` layers and ``torch.nn.BatchNorm*`` (incl. SyncBatchNorm)."""
     return isinstance(module, (_BatchNorm, nn.modules.batchnorm._BatchNorm))
 
+
+
+def eval_is_plain_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module``'s eval-mode forward is exactly batch norm with its running statistics: the known
+    layers of torch.nn and bnlab, not subclasses that override ``forward`` to do more (a fused ReLU, …)."""
+    from bnlab import distributed, variants    # they import this module
+    return type(module).forward in {
+        nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward, _BatchNorm.forward,
+        variants._GhostBatchNorm.forward, variants._BatchRenorm.forward, _FrozenBatchNorm.forward,
+        distributed._SyncMixin.forward}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,6 +220,9 @@ def freeze_bn(model: nn.Module) -> nn.Module:
     def make(name, m):
         if not is_batch_norm(m):
             return None
+        if not eval_is_plain_batch_norm(m):
+            raise TypeError(f"freeze_bn: layer {_layer_label(name, m)} overrides forward, so a FrozenBatchNorm "
+                            f"would drop what it adds; freeze it with freeze_stats() instead")
         if m.running_mean is None:
             raise ValueError(f"freeze_bn: layer {_layer_label(name, m)} has no running statistics "
                              f"(track_running_stats=False); there is nothing to freeze it to")
