@@ -76,15 +76,17 @@ def _loss_fn(model, params, buffers, x, y):
     return nn.functional.cross_entropy(logits, y)
 
 
-def gradients_after_earlier_steps(model: nn.Module, x, y, grads: dict, lr: float, layer: str) -> torch.Tensor:
+def gradients_after_earlier_steps(model: nn.Module, x, y, grads: dict, lr: float, layer: str,
+                                  loss_fn=None) -> torch.Tensor:
     """G′ for the parameter named ``layer``: its gradient on (x, y) after every parameter registered
-    before it took the SGD step ``−lr·grad`` (registration order is forward order in our ResNets)."""
+    before it took the SGD step ``−lr·grad`` (registration order is forward order in our ResNets).
+    ``loss_fn(model, params, buffers, x, y)`` defaults to cross-entropy through ``functional_call``."""
     names = [n for n, _ in model.named_parameters()]
     position = names.index(layer)
     params = {n: (p.detach() - lr * grads[n]) if i < position and n in grads else p.detach()
               for i, (n, p) in enumerate(model.named_parameters())}
     params[layer] = params[layer].clone().requires_grad_(True)
-    loss = _loss_fn(model, params, dict(model.named_buffers()), x, y)
+    loss = (loss_fn or _loss_fn)(model, params, dict(model.named_buffers()), x, y)
     return torch.autograd.grad(loss, params[layer])[0]
 
 

@@ -149,6 +149,7 @@ def _run_train(spec: dict) -> tuple[str, dict]:
 def execute(spec: dict) -> tuple[str, dict, Optional[str]]:
     """Run ``spec``; returns (status, result, error). Exceptions become status ``failed`` with the
     traceback as the error, so one broken run never stops a study."""
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core per run: --jobs N runs use N cores, and results are reproducible
     try:
         if spec["kind"] == "train":
@@ -164,3 +165,5 @@ def execute(spec: dict) -> tuple[str, dict, Optional[str]]:
         return status, result, None
     except Exception:  # noqa: BLE001 — recorded in the store with its traceback
         return "failed", {}, traceback.format_exc()
+    finally:
+        torch.set_num_threads(previous_threads)

@@ -1,0 +1,187 @@
+"""The study's metric functions against hand-computed values and NumPy/torch oracles."""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bnlab.study import metrics
+from bnlab.study.ics_loop import NoisyBatchNorm, gradients_after_earlier_steps
+from bnlab.study.signal import run_signal
+
+
+def test_percentiles_of_0_to_100_are_the_percentile_values():
+    x = torch.arange(0, 101, dtype=torch.float32).reshape(1, 101)
+    assert metrics.percentiles(x) == pytest.approx([15.0, 50.0, 85.0])
+
+
+def test_percentiles_interpolate_like_numpy():
+    values = np.array([3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0])
+    # sorted 1 1 2 3 4 5 6 9; position 0.15*7 = 1.05 → 1 + 0.05*(2-1) = 1.05
+    assert metrics.percentiles(torch.tensor(values), (15,))[0] == pytest.approx(1.05)
+
+
+def test_mean_ci_matches_hand_computation():
+    mean, low, high = metrics.mean_ci([1.0, 2.0, 3.0])
+    half = 4.303 * 1.0 / math.sqrt(3)  # t(0.975, 2 df) · sd / √n
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    assert metrics.mean_ci([5.0]) == (5.0, 5.0, 5.0)
+    assert all(math.isnan(v) for v in metrics.mean_ci([]))
+    assert metrics.mean_ci([1.0, float("nan"), 3.0])[0] == pytest.approx(2.0)
+
+
+def test_log_mean_ci_is_geometric():
+    mean, low, high = metrics.log_mean_ci([2.0, 8.0])
+    assert mean == pytest.approx(4.0)
+    assert low < 4.0 < high
+
+
+def test_step_changes():
+    assert metrics.step_changes([1.0, 3.0, 2.5]) == pytest.approx([2.0, 0.5])
+
+
+def test_gradient_ics_distance_and_cosine():
+    distance, cosine = metrics.gradient_ics(torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0]))
+    assert distance == pytest.approx(5.0)
+    assert cosine == pytest.approx(0.0)
+    distance, cosine = metrics.gradient_ics(torch.tensor([1.0, 1.0]), torch.tensor([-2.0, -2.0]))
+    assert distance == pytest.approx(math.sqrt(18))
+    assert cosine == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.gradient_ics(torch.zeros(2), torch.zeros(3))
+
+
+def test_gradient_ics_on_a_two_layer_linear_net_matches_the_hand_derivation():
+    # f(x) = w2·(w1·x), L = ½(f(x) − y)². Layer 2's G′ is its gradient after layer 1 stepped:
+    # w1' = w1 − lr·∂L/∂w1 = w1 − lr·(w2 w1 x − y)·w2 x;  G′ = (w2 w1' x − y)·w1' x.
+    w1, w2, x, y, lr = 0.5, 2.0, 3.0, 1.0, 0.1
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)).double()
+    with torch.no_grad():
+        model[0].weight.fill_(w1)
+        model[1].weight.fill_(w2)
+    xb, yb = torch.tensor([[x]], dtype=torch.float64), torch.tensor([[y]], dtype=torch.float64)
+    loss = 0.5 * ((model(xb) - yb) ** 2).sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    residual = w2 * w1 * x - y
+    assert grads["1.weight"].item() == pytest.approx(residual * w1 * x)
+    w1_after = w1 - lr * residual * w2 * x
+    expected = (w2 * w1_after * x - y) * w1_after * x
+
+    def mse(model_, params, buffers, xb_, yb_):  # the same loss through functional_call
+        from torch.func import functional_call
+        return 0.5 * ((functional_call(model_, params, (xb_,)) - yb_) ** 2).sum()
+
+    g_after = gradients_after_earlier_steps(model, xb, yb, grads, lr, "1.weight", loss_fn=mse)
+    assert g_after.item() == pytest.approx(expected)
+    distance, cosine = metrics.gradient_ics(grads["1.weight"], g_after)
+    assert distance == pytest.approx(abs(residual * w1 * x - expected))
+    assert cosine == pytest.approx(math.copysign(1.0, residual * w1 * x * expected))
+    # the first layer has no earlier layer: G′ = G
+    g_first = gradients_after_earlier_steps(model, xb, yb, grads, lr, "0.weight", loss_fn=mse)
+    assert g_first.item() == pytest.approx(grads["0.weight"].item())
+
+
+def test_channel_stats_by_hand():
+    # channel 0 holds 1, 3, 5, 7 (mean 4, variance 5); channel 1 holds 0, 0, 2, 2 (mean 1, variance 1)
+    x = torch.tensor([[[1.0, 3.0], [0.0, 0.0]], [[5.0, 7.0], [2.0, 2.0]]])  # (N=2, C=2, L=2)
+    sq_mean, var = metrics.channel_stats(x)
+    assert sq_mean == pytest.approx((16 + 1) / 2)
+    assert var == pytest.approx((5 + 1) / 2)
+    with pytest.raises(ValueError, match="expected"):
+        metrics.channel_stats(torch.zeros(3))
+
+
+def test_variance_ratio():
+    assert metrics.variance_ratio(torch.tensor([0.0, 2.0]), torch.tensor([0.0, 4.0])) == pytest.approx(0.25)
+
+
+def test_loss_curve_area_is_the_mean_under_the_trapezoid():
+    assert metrics.loss_curve_area([0, 1, 2], [2.0, 1.0, 0.0]) == pytest.approx(1.0)
+    assert metrics.loss_curve_area([0, 2, 3], [1.0, 1.0, 4.0]) == pytest.approx((2 * 1 + 1 * 2.5) / 3)
+
+
+def test_steps_to_target_and_matched_index():
+    assert metrics.steps_to_target([10, 20, 30], [0.2, 0.5, 0.6], 0.5) == 20
+    assert metrics.steps_to_target([10, 20], [0.2, 0.3], 0.5) is None
+    assert metrics.first_index_at_or_below([3.0, float("nan"), 1.5, 1.0], 1.5) == 2
+    assert metrics.first_index_at_or_below([3.0], 1.0) is None
+
+
+def test_stability_and_max_stable_lr():
+    assert metrics.is_stable("done", 2.3, 1.0)
+    assert not metrics.is_stable("done", 2.3, 2.4)
+    assert not metrics.is_stable("diverged", 2.3, 1.0)
+    assert not metrics.is_stable("done", 2.3, float("nan"))
+    assert metrics.max_stable_lr([0.01, 0.1, 1.0], [True, True, False]) == 0.1
+    assert metrics.max_stable_lr([0.01, 0.1], [False, False]) is None
+
+
+def test_smoothness_summaries():
+    s = metrics.smoothness([1.0, 0.5, 0.8], [0.2, 0.4, 1.0], [0.1, 0.2, 0.4], grad_norm=2.0)
+    assert s["loss_range"] == pytest.approx(0.5)
+    assert s["grad_change"] == pytest.approx(1.0)
+    assert s["beta"] == pytest.approx(max(0.2 / 0.2, 0.4 / 0.4, 1.0 / 0.8))
+
+
+class _IdentityBlock(nn.Module):
+    """A residual block whose branch outputs zeros: the stream passes through unchanged."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.branch = nn.Conv1d(channels, channels, 1, bias=False)
+        nn.init.zeros_(self.branch.weight)
+        self.shortcut = nn.Identity()
+
+    def forward(self, x):
+        return self.branch(x) + self.shortcut(x)
+
+
+class _IdentityNet(nn.Module):
+    def __init__(self, channels=3, depth=4, classes=2):
+        super().__init__()
+        self.blocks = nn.Sequential(*[_IdentityBlock(channels) for _ in range(depth)])
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x):
+        return self.fc(self.blocks(x).mean(-1))
+
+
+def test_signal_propagation_of_an_identity_network_is_flat():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 5, generator=g) * torch.tensor([1.0, 2.0, 0.5]).reshape(1, 3, 1) + 1.0
+    data = SimpleNamespace(train_x=x, train_y=torch.randint(0, 2, (64,), generator=g))
+    status, result = run_signal({"seed": 0, "batch_size": 64}, data, lambda spec, d: _IdentityNet())
+    assert status == "done"
+    xs = x.double().numpy()
+    per_channel_mean = xs.mean(axis=(0, 2))
+    per_channel_var = xs.var(axis=(0, 2))
+    for block in result["blocks"]:
+        assert block["stream_sq_mean"] == pytest.approx(float(np.mean(per_channel_mean ** 2)), rel=1e-6)
+        assert block["stream_var"] == pytest.approx(float(np.mean(per_channel_var)), rel=1e-6)
+        assert block["branch_var"] == 0.0
+        assert block["ratio"] == 0.0
+    assert len(result["grad_norms"]) == 4 + 1  # four branch convs and the classifier
+
+
+def test_noisy_batch_norm_perturbs_training_outputs_only_and_changes_each_step():
+    from bnlab.nn import BatchNorm1d
+    model = nn.Sequential(BatchNorm1d(4))
+    x = torch.randn(16, 4, 6)
+    clean = model(x)
+    noise = NoisyBatchNorm(model, shift=1.0, scale=2.0, seed=0)
+    first = model(x)
+    scale, shift = noise.noise[id(model[0])]
+    torch.testing.assert_close(first, clean * scale.reshape(1, 4, 1) + shift.reshape(1, 4, 1))
+    assert not torch.allclose(first, clean)
+    noise.resample()
+    assert not torch.allclose(model(x), first)
+    model.eval()
+    eval_out = model(x)
+    noise.remove()
+    torch.testing.assert_close(eval_out, model(x))
+    with pytest.raises(ValueError, match="scale"):
+        NoisyBatchNorm(model, shift=1.0, scale=0.5)

@@ -1,0 +1,132 @@
+"""The whole study on the `tiny` profile: specs → runs → store → verdicts → report, and resume after a
+real kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bnlab.cli import main
+from bnlab.study import CLAIMS, get_profile
+from bnlab.study.runner import STORE_NAME, collect_specs, run_study
+from bnlab.study.store import Store
+from bnlab.study.verdict import VERDICTS
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    run_study(get_profile("tiny"), out, jobs=1, progress=False)
+    return out
+
+
+def _comparable(result):
+    """A run's result without its wall-clock times (the only thing allowed to differ between runs)."""
+    result = json.loads(json.dumps(result))
+    result.get("curve", {}).pop("seconds", None)
+    result.get("final", {}).pop("seconds", None)
+    return result
+
+
+def test_tiny_study_writes_every_claim_and_verdict(tiny_study):
+    specs = collect_specs(get_profile("tiny"), sorted(CLAIMS))
+    store = Store(tiny_study / STORE_NAME)
+    rows = store.results()
+    assert set(rows) == set(specs)
+    assert all(r["status"] in ("done", "diverged") for r in rows.values()), [r["error"] for r in rows.values()]
+    assert all(r["versions"]["torch"] and r["hardware"]["cpus"] for r in rows.values())
+    md = (tiny_study / "report.md").read_text()
+    html = (tiny_study / "report.html").read_text()
+    verdicts = json.loads((tiny_study / "verdicts.json").read_text())
+    assert sorted(int(n) for n in verdicts) == sorted(CLAIMS)
+    for number, module in CLAIMS.items():
+        verdict = verdicts[str(number)]["verdict"]
+        assert verdict in VERDICTS
+        for text in (md, html):
+            assert module.TITLE in text
+            assert f"Claim {number}" in text
+        assert f"| {number} | {module.TITLE} | **{verdict}** |" in md
+        assert "could not be analyzed" not in md
+    pngs = sorted(p.name for p in (tiny_study / "figures").glob("*.png"))
+    assert len(pngs) >= 5
+    assert html.count("data:image/png;base64,") == len(pngs)  # self-contained: every figure embedded
+    assert "<img src=\"figures" not in html
+    assert "Appendix" in md and "torch" in md
+
+
+def test_report_command_rebuilds_without_training(tiny_study, tmp_path, capsys):
+    (tiny_study / "report.html").unlink()
+    count = Store(tiny_study / STORE_NAME).count()
+    assert main(["report", str(tiny_study)]) == 0
+    assert (tiny_study / "report.html").is_file()
+    assert Store(tiny_study / STORE_NAME).count() == count
+    with pytest.raises(SystemExit, match="no study store"):
+        main(["report", str(tmp_path)])
+
+
+def test_rerunning_reuses_every_finished_run(tiny_study):
+    before = {k: r["finished"] for k, r in Store(tiny_study / STORE_NAME).results().items()}
+    run_study(get_profile("tiny"), tiny_study, jobs=1, progress=False, report=False)
+    after = {k: r["finished"] for k, r in Store(tiny_study / STORE_NAME).results().items()}
+    assert after == before
+
+
+def test_resume_after_a_killed_process_finishes_with_the_same_results(tiny_study, tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "bnlab.cli", "study", "--profile", "tiny", "--out", str(out), "--no-progress"]
+    process = subprocess.Popen(command + ["--jobs", "1"], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    total = len(collect_specs(get_profile("tiny"), sorted(CLAIMS)))
+    deadline = time.time() + 180
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the study finished (rc {process.returncode}) before it could be killed")
+            if (out / STORE_NAME).is_file() and Store(out / STORE_NAME).count() >= 8:
+                break
+            if time.time() > deadline:
+                pytest.fail("no runs were stored within 180 s")
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # the whole process group, mid-study
+        process.wait()
+    survived = {k: r["finished"] for k, r in Store(out / STORE_NAME).results().items()}
+    assert 8 <= len(survived) < total
+
+    resumed = subprocess.run(command + ["--jobs", "2"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = Store(out / STORE_NAME).results()
+    assert len(rows) == total  # every spec once: no duplicates
+    assert all(r["attempts"] == 1 for r in rows.values())  # nothing finished was run again
+    assert all(rows[k]["finished"] == t for k, t in survived.items())
+    reference = Store(tiny_study / STORE_NAME).results()
+    for key, row in rows.items():
+        assert row["status"] == reference[key]["status"], row["spec"]
+        assert _comparable(row["result"]) == _comparable(reference[key]["result"]), row["spec"]
+    mine = json.loads((out / "verdicts.json").read_text())
+    theirs = json.loads((tiny_study / "verdicts.json").read_text())
+    assert {n: v["verdict"] for n, v in mine.items()} == {n: v["verdict"] for n, v in theirs.items()}
+
+
+def test_study_command_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="--claims"):
+        main(["study", "--profile", "tiny", "--claims", "9", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--profile"):
+        main(["study", "--profile", "enormous", "--out", str(tmp_path / "x")])
+    target = tmp_path / "file"
+    target.write_text("")
+    with pytest.raises(ValueError, match="--out"):
+        main(["study", "--profile", "tiny", "--out", str(target)])
+    with pytest.raises(ValueError, match="--jobs"):
+        main(["study", "--profile", "tiny", "--claims", "5", "--jobs", "0", "--out", str(tmp_path / "y")])
+
+
+def test_show_profile_prints_json(capsys):
+    assert main(["study", "--profile", "tiny", "--show-profile"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "tiny"

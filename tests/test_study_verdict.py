@@ -1,0 +1,93 @@
+"""Verdict rules on synthetic results: each rule must be able to give each of the three verdicts."""
+
+import math
+
+import pytest
+
+from bnlab.study import claim_lr, claim_speed
+from bnlab.study.specs import spec_key
+from bnlab.study.verdict import CAVEATS, NOT_SUPPORTED, SUPPORTED, Interval, Verdict, clears, combine
+
+PROFILE = {"name": "synthetic", "dataset": "synthetic", "seeds": [0, 1, 2], "width": 0.25, "depth": 8,
+           "eval_every": 1, "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.01, 0.1, 1.0],
+                                   "batch_sizes": [32], "max_steps": 10}}
+
+
+def test_clears_and_combine():
+    assert clears(Interval(2.0, 1.5, 2.5), 1.0) is True
+    assert clears(Interval(0.5, 0.2, 0.9), 1.0) is False
+    assert clears(Interval(1.0, 0.5, 1.5), 1.0) is None
+    assert clears(Interval(math.nan, math.nan, math.nan), 0.0) is None
+    assert combine(True, True) == SUPPORTED
+    assert combine(True, False) == CAVEATS
+    assert combine(True, None) == CAVEATS
+    assert combine(None, True) == CAVEATS
+    assert combine(False, True) == NOT_SUPPORTED
+    assert combine(None, False) == NOT_SUPPORTED
+    with pytest.raises(ValueError, match="verdict"):
+        Verdict("maybe", "", Interval(0, 0, 0), "")
+
+
+def _row(status, losses, accs, steps=None):
+    steps = steps or list(range(1, len(accs) + 1))
+    return {"status": status, "result": {"losses": losses, "initial_loss": losses[0] if losses else None,
+                                         "chance": 0.1, "curve": {"step": steps, "test_acc": accs,
+                                                                  "seconds": [0.1 * s for s in steps]}}}
+
+
+def _sweep(stable_up_to: dict, accuracy: dict, curve_speed: dict = None) -> dict:
+    """Synthetic claim-4 results: each arm is stable up to its lr, with final accuracy accuracy[arm] (plus
+    a little seed jitter) at its best (lowest unstable-free) rate; curve_speed[arm] = steps to its plateau."""
+    results = {}
+    cfg = PROFILE["lr"]
+    for arm in cfg["arms"]:
+        for lr in cfg["lrs"]:
+            for seed in PROFILE["seeds"]:
+                spec = claim_lr.sweep_spec(PROFILE, arm, lr, cfg["batch_sizes"][0], seed)
+                if lr > stable_up_to[arm]:
+                    row = _row("diverged", [2.3, 50.0, float("nan")], [0.1])
+                else:
+                    final = accuracy[arm] + 0.01 * seed - (0.05 if lr < stable_up_to[arm] else 0.0)
+                    speed = (curve_speed or {}).get(arm, 5)
+                    accs = [min(final, final * step / speed) for step in range(1, 11)]
+                    losses = [2.3 - 0.1 * step / speed * 10 for step in range(10)]
+                    row = _row("done", losses, accs)
+                results[spec_key(spec)] = row
+    return results
+
+
+def test_claim_lr_supported_when_bn_is_stable_higher_and_better():
+    results = _sweep({"bn": 1.0, "none": 0.01, "skipinit": 0.1, "fixup": 0.1},
+                     {"bn": 0.9, "none": 0.5, "skipinit": 0.7, "fixup": 0.7})
+    result = claim_lr.analyze(PROFILE, results)
+    assert result.verdict.verdict == SUPPORTED
+    assert result.verdict.key_interval.mean == pytest.approx(2.0)  # 1.0 / 0.01: two decades
+
+
+def test_claim_lr_caveats_when_higher_rates_do_not_give_better_models():
+    results = _sweep({"bn": 1.0, "none": 0.01, "skipinit": 0.1, "fixup": 0.1},
+                     {"bn": 0.6, "none": 0.6, "skipinit": 0.6, "fixup": 0.6})
+    result = claim_lr.analyze(PROFILE, results)
+    assert result.verdict.verdict == CAVEATS
+    assert result.numbers["half_a"] is True and result.numbers["half_b"] is False
+
+
+def test_claim_lr_not_supported_when_bn_allows_no_higher_rate():
+    results = _sweep({"bn": 0.1, "none": 0.1, "skipinit": 0.1, "fixup": 0.1},
+                     {"bn": 0.9, "none": 0.5, "skipinit": 0.5, "fixup": 0.5})
+    assert claim_lr.analyze(PROFILE, results).verdict.verdict == NOT_SUPPORTED
+
+
+def test_claim_speed_verdicts_follow_the_speedup():
+    stable = {"bn": 1.0, "none": 1.0, "skipinit": 1.0, "fixup": 1.0}
+    accuracy = {"bn": 0.8, "none": 0.8, "skipinit": 0.8, "fixup": 0.8}
+    fast = claim_speed.analyze(PROFILE, _sweep(stable, accuracy, {"bn": 2, "none": 8}))
+    assert fast.verdict.verdict == SUPPORTED
+    assert fast.verdict.key_interval.mean == pytest.approx(4.0, rel=0.3)
+    same = claim_speed.analyze(PROFILE, _sweep(stable, accuracy, {"bn": 8, "none": 8}))
+    assert same.verdict.verdict == NOT_SUPPORTED
+    # fewer steps to the target, but the loss curve is no lower overall → caveats
+    mixed = _sweep(stable, accuracy, {"bn": 2, "none": 8})
+    for key, row in mixed.items():
+        row["result"]["losses"] = [2.0] * 10
+    assert claim_speed.analyze(PROFILE, mixed).verdict.verdict == CAVEATS
