@@ -220,3 +220,16 @@ def test_resnet_block_fused_equals_unfused(poisoned):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     for a, b in zip(nets[True].buffers(), nets[False].buffers()):
         torch.testing.assert_close(a, b)
+
+
+def test_subclass_with_its_own_forward_is_not_bypassed(poisoned):
+    """A batch-norm variant that overrides forward keeps it: the fused tail composes around it."""
+    class Doubled(bnn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(6)
+    bn, plain = Doubled(3, backend="triton").to(DEVICE), bnn.BatchNorm2d(3, backend="triton").to(DEVICE)
+    x, r = torch.randn(4, 3, 5, 5, device=DEVICE), torch.randn(4, 3, 5, 5, device=DEVICE)
+    torch.testing.assert_close(fused.batch_norm_add_relu(bn, x, r), torch.relu(2 * plain(x) + r))
+    torch.testing.assert_close(bn.running_var, plain.running_var)
