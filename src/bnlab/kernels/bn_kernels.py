@@ -30,9 +30,8 @@ def _tile_offsets(t, c, s_range, stride_b, stride_c, stride_s, S, n_s_chunks, BL
 @triton.jit
 def _stats_partial_kernel(
     X,           # (B, C, S) input
-    PART_MEAN,   # (SPLIT, C) ACC: mean of the values this program saw, per channel
-    PART_M2,     # (SPLIT, C) ACC: sum of squared deviations from that mean
-    PART_COUNT,  # (SPLIT, C) ACC: how many values
+    PART,        # (3, SPLIT, C) ACC out: per program and channel, the mean of the values it saw, the sum
+                 #   of squared deviations from that mean (M2), and how many values
     stride_b, stride_c, stride_s,
     C, S, n_s_chunks, n_tiles, tiles_per_program,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -72,16 +71,15 @@ def _stats_partial_kernel(
     mean = shift + s1 / n
     m2 = tl.maximum(s2 - s1 * (s1 / n), 0.0)
     out = pid_t * C + c
-    tl.store(PART_MEAN + out, mean, mask=c_mask)
-    tl.store(PART_M2 + out, m2, mask=c_mask)
-    tl.store(PART_COUNT + out, tl.zeros((BLOCK_C,), dtype=ACC) + n, mask=c_mask)
+    part_size = tl.num_programs(1) * C
+    tl.store(PART + out, mean, mask=c_mask)
+    tl.store(PART + part_size + out, m2, mask=c_mask)
+    tl.store(PART + 2 * part_size + out, tl.zeros((BLOCK_C,), dtype=ACC) + n, mask=c_mask)
 
 
 @triton.jit
 def _stats_finalize_kernel(
-    PART_MEAN,   # (SPLIT, C) ACC
-    PART_M2,     # (SPLIT, C) ACC
-    PART_COUNT,  # (SPLIT, C) ACC
+    PART,        # (3, SPLIT, C) ACC: mean, M2 and count per program, from _stats_partial_kernel
     MEAN,        # (C,) ACC out: batch mean
     VAR,         # (C,) ACC out: biased batch variance
     C, n_splits,
@@ -90,13 +88,14 @@ def _stats_finalize_kernel(
     """Chan's pairwise formula over the programs' partials: exact for any split, no cancellation."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    n = tl.load(PART_COUNT + c, mask=c_mask, other=1.0)
-    mean = tl.load(PART_MEAN + c, mask=c_mask, other=0.0)
-    m2 = tl.load(PART_M2 + c, mask=c_mask, other=0.0)
+    part_size = n_splits * C
+    mean = tl.load(PART + c, mask=c_mask, other=0.0)
+    m2 = tl.load(PART + part_size + c, mask=c_mask, other=0.0)
+    n = tl.load(PART + 2 * part_size + c, mask=c_mask, other=1.0)
     for p in range(1, n_splits):
-        n_b = tl.load(PART_COUNT + p * C + c, mask=c_mask, other=1.0)
-        mean_b = tl.load(PART_MEAN + p * C + c, mask=c_mask, other=0.0)
-        m2_b = tl.load(PART_M2 + p * C + c, mask=c_mask, other=0.0)
+        mean_b = tl.load(PART + p * C + c, mask=c_mask, other=0.0)
+        m2_b = tl.load(PART + part_size + p * C + c, mask=c_mask, other=0.0)
+        n_b = tl.load(PART + 2 * part_size + p * C + c, mask=c_mask, other=1.0)
         total = n + n_b
         delta = mean_b - mean
         mean += delta * (n_b / total)
@@ -159,8 +158,7 @@ def _backward_partial_kernel(
     Y,           # (B, C, S) output of the forward: its sign is the ReLU mask (read when RELU)
     DZ,          # (B, C, S) out: masked gradient dz = dy·[y > 0] (written when STORE_DZ)
     MEAN,        # (C,) mean the forward subtracted
-    PART_SUM_DY,     # (SPLIT, C) ACC out: Σ dz
-    PART_SUM_DY_XC,  # (SPLIT, C) ACC out: Σ dz·(x − μ)
+    PART,        # (2, SPLIT, C) ACC out: per program and channel, Σ dz and Σ dz·(x − μ)
     stride_b, stride_c, stride_s,
     C, S, n_s_chunks, n_tiles, tiles_per_program,
     ACC: tl.constexpr, RELU: tl.constexpr, STORE_DZ: tl.constexpr,
@@ -191,14 +189,13 @@ def _backward_partial_kernel(
         sum_dy += dy
         sum_dy_xc += dy * (x - mean[:, None])
     out = pid_t * C + c
-    tl.store(PART_SUM_DY + out, tl.sum(sum_dy, axis=1), mask=c_mask)
-    tl.store(PART_SUM_DY_XC + out, tl.sum(sum_dy_xc, axis=1), mask=c_mask)
+    tl.store(PART + out, tl.sum(sum_dy, axis=1), mask=c_mask)
+    tl.store(PART + tl.num_programs(1) * C + out, tl.sum(sum_dy_xc, axis=1), mask=c_mask)
 
 
 @triton.jit
 def _backward_finalize_kernel(
-    PART_SUM_DY,     # (SPLIT, C) ACC
-    PART_SUM_DY_XC,  # (SPLIT, C) ACC
+    PART,        # (2, SPLIT, C) ACC: Σ dz and Σ dz·(x − μ) per program, from _backward_partial_kernel
     VAR,         # (C,) variance the forward divided by
     W,           # (C,) γ (read when HAS_WEIGHT)
     DW,          # (C,) out: dγ = Σ dz·x̂ (written when STORE_DW)
@@ -218,8 +215,8 @@ def _backward_finalize_kernel(
     sum_dy = tl.zeros((BLOCK_C,), dtype=ACC)
     sum_dy_xc = tl.zeros((BLOCK_C,), dtype=ACC)
     for p in range(0, n_splits):
-        sum_dy += tl.load(PART_SUM_DY + p * C + c, mask=c_mask, other=0.0)
-        sum_dy_xc += tl.load(PART_SUM_DY_XC + p * C + c, mask=c_mask, other=0.0)
+        sum_dy += tl.load(PART + p * C + c, mask=c_mask, other=0.0)
+        sum_dy_xc += tl.load(PART + (n_splits + p) * C + c, mask=c_mask, other=0.0)
     inv_std = 1.0 / tl.sqrt(tl.load(VAR + c, mask=c_mask, other=1.0).to(ACC) + eps)
     gain = inv_std
     if HAS_WEIGHT:

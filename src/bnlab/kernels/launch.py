@@ -219,15 +219,13 @@ def forward_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
         return y, mean, var
 
     grid = _grid(layout, plan, plan.reduce_splits, x.device, per_sm=4)
-    part_mean = _alloc((grid.splits, layout.C), acc, x.device)
-    part_m2 = _alloc((grid.splits, layout.C), acc, x.device)
-    part_count = _alloc((grid.splits, layout.C), acc, x.device)
+    part = _alloc((3, grid.splits, layout.C), acc, x.device)
     K._stats_partial_kernel[(grid.c_blocks, grid.splits)](
-        x, part_mean, part_m2, part_count, *_strides(layout), *_geometry(layout, grid),
+        x, part, *_strides(layout), *_geometry(layout, grid),
         ACC=_tl_acc(x.dtype), BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
     finalize_block = min(triton.next_power_of_2(layout.C), 256)
     K._stats_finalize_kernel[(triton.cdiv(layout.C, finalize_block),)](
-        part_mean, part_m2, part_count, mean, var, layout.C, grid.splits, BLOCK_C=finalize_block)
+        part, mean, var, layout.C, grid.splits, BLOCK_C=finalize_block)
     _normalize(x, y, res, mean, var, w, b, eps, layout, plan, flags)
     return y, mean, var
 
@@ -312,17 +310,16 @@ def backward(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor
         return dx, None, None, (dres if relu else dy) if need_dres else None
 
     grid = _grid(layout, plan, plan.reduce_splits, device, per_sm=4)
-    part_dy = _alloc((grid.splits, layout.C), acc, device)
-    part_dy_xc = _alloc((grid.splits, layout.C), acc, device)
+    part = _alloc((2, grid.splits, layout.C), acc, device)
     K._backward_partial_kernel[(grid.c_blocks, grid.splits)](
-        x, dy, y_arg, dres if dres is not None else x, mean, part_dy, part_dy_xc,
+        x, dy, y_arg, dres if dres is not None else x, mean, part,
         *_strides(layout), *_geometry(layout, grid),
         ACC=_tl_acc(x.dtype), RELU=relu, STORE_DZ=dres is not None,
         BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
     coef = _alloc((3, layout.C), acc, device)
     finalize_block = min(triton.next_power_of_2(layout.C), 256)
     K._backward_finalize_kernel[(triton.cdiv(layout.C, finalize_block),)](
-        part_dy, part_dy_xc, var, w_arg, dw if dw is not None else coef, db if db is not None else coef, coef,
+        part, var, w_arg, dw if dw is not None else coef, db if db is not None else coef, coef,
         layout.C, grid.splits, layout.count, eps,
         ACC=_tl_acc(x.dtype), HAS_WEIGHT=weight is not None, STORE_DW=need_dw, STORE_DB=need_db,
         TRAINING=training, BLOCK_C=finalize_block)
