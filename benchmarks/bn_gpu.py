@@ -131,6 +131,25 @@ def _step(impl, x, r, dy, w, b, op):
     return run
 
 
+def _graphed(run):
+    """``run`` captured in a CUDA graph: the GPU time alone, without Python and launch overhead (shows
+    whether a case is launch-bound). ``None`` when capture fails."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        return graph.replay
+    except Exception as error:  # noqa: BLE001 - any capture failure just drops the column
+        print(f"  (CUDA graph capture failed: {type(error).__name__}: {error})")
+        return None
+
+
 def _compiled(op):
     fn = torch.compile(lambda x, w, b, r: _native(x, w, b, r, op), dynamic=False)
     return lambda x, w, b, r, _op: fn(x, w, b, r)
@@ -185,7 +204,8 @@ def check_correctness(shapes) -> bool:
 def time_kernels(shapes, bandwidth: float, compile_mode: str) -> list[float]:
     print(f"\nkernels: median ms; floor = passes × tensor bytes / {bandwidth / 1e12:.2f} TB/s; "
           f"'×floor' = time / floor, 'speed-up' = other / ours")
-    header = (f"{'shape':<18}{'dtype':<6}{'layout':<15}{'op':<21}{'ours':>8}{'native':>8}{'compile':>9}"
+    print("'graph' = ours captured in a CUDA graph (GPU time without launch overhead)")
+    header = (f"{'shape':<18}{'dtype':<6}{'layout':<15}{'op':<21}{'ours':>8}{'graph':>8}{'native':>8}{'compile':>9}"
               f"{'floor':>8}{'ours×floor':>11}{'nat×floor':>10}{'vs native':>10}{'vs compile':>11}")
     print(header)
     print("-" * len(header))
@@ -198,6 +218,8 @@ def time_kernels(shapes, bandwidth: float, compile_mode: str) -> list[float]:
                 for op, passes in OPS.items():
                     floor = passes * nbytes / bandwidth * 1e3
                     t_ours = _bench(_step(_ours, x, r, dy, w, b, op))
+                    replay = _graphed(_step(_ours, x, r, dy, w, b, op))
+                    t_graph = _bench(replay) if replay is not None else None
                     t_native = _bench(_step(_native, x, r, dy, w, b, op))
                     want_compile = compile_mode == "all" or (
                         compile_mode == "some" and dname == "bf16" and layout == "channels_last"
@@ -206,7 +228,8 @@ def time_kernels(shapes, bandwidth: float, compile_mode: str) -> list[float]:
                     ratios.append(t_native / t_ours)
                     comp = f"{t_compile:>9.3f}" if t_compile else f"{'—':>9}"
                     vs_comp = f"{t_compile / t_ours:>10.2f}×" if t_compile else f"{'—':>11}"
-                    print(f"{str(shape):<18}{dname:<6}{layout:<15}{op:<21}{t_ours:>8.3f}{t_native:>8.3f}{comp}"
+                    graph = f"{t_graph:>8.3f}" if t_graph else f"{'—':>8}"
+                    print(f"{str(shape):<18}{dname:<6}{layout:<15}{op:<21}{t_ours:>8.3f}{graph}{t_native:>8.3f}{comp}"
                           f"{floor:>8.3f}{t_ours / floor:>10.2f}×{t_native / floor:>9.2f}×"
                           f"{t_native / t_ours:>9.2f}×{vs_comp}", flush=True)
                 del x, r, dy
