@@ -209,6 +209,32 @@ def test_double_backward_matches_torch():
         _assert_close(a, _np(t), torch.float64, "second derivative")
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reads_stay_inside_the_tensors(plan_kind, channels_last):
+    """x, the residual and dy are views into NaN-filled buffers: reading one element outside them (a
+    missing mask, a wrong stride) would turn the results into NaN."""
+    torch.manual_seed(14)
+    shape = (3, 7, 13, 5)
+
+    def padded(values):
+        big = torch.full((shape[0] + 2,) + shape[1:], float("nan"), dtype=torch.float64, device=DEVICE)
+        big = _layout(big, channels_last)
+        big[1:-1] = values
+        return big[1:-1]
+
+    x = padded(torch.randn(shape, dtype=torch.float64, device=DEVICE)).requires_grad_()
+    r = padded(torch.randn(shape, dtype=torch.float64, device=DEVICE)).requires_grad_()
+    dy = padded(torch.randn(shape, dtype=torch.float64, device=DEVICE))
+    assert launch.layout_of(x) is not None  # the kernels see the views themselves, not copies
+    y, mean, var = kernels.batch_norm_add_relu(x, r)
+    dx, dr = torch.autograd.grad(y, [x, r], dy)
+    bn_ref, cache = reference.forward(_np(x))
+    dz = _np(dy) * ((bn_ref + _np(r)) > 0)
+    _assert_close(y, np.maximum(bn_ref + _np(r), 0), torch.float64, "y")
+    _assert_close(dx, reference.backward(dz, cache)[0], torch.float64, "dx")
+    _assert_close(dr, dz, torch.float64, "dresidual")
+
+
 # --------------------------------------------------------------------------------------------------
 # fused ReLU and add+ReLU
 # --------------------------------------------------------------------------------------------------
