@@ -176,7 +176,7 @@ def test_resnet8_reaches_80_percent_on_5k_fashion_mnist():
     ds = data.load("fashion-mnist", subset=5000, seed=0)
     set_seed(0)
     model = models.create("resnet8", in_channels=1, num_classes=10)
-    config = TrainConfig(epochs=3, batch_size=128, lr=0.2, augment=False, device="cpu", eval_every=100)
+    config = TrainConfig(epochs=4, batch_size=128, lr=0.2, augment=False, device="cpu", eval_every=100)
     history = train(model, ds, config, progress=False)
     assert history.status == "done"
     assert history.final["test_acc"] > 0.80, history.final

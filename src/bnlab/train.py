@@ -78,6 +78,7 @@ class TrainConfig:
     amp: bool = False                # bf16 autocast (CUDA only)
     channels_last: bool = False      # NHWC memory format for 4-D inputs
     compile: bool = False            # torch.compile the model
+    compile_mode: Optional[str] = None  # torch.compile mode: "reduce-overhead" captures CUDA graphs
     tta: bool = False                # evaluate with horizontal-flip test-time augmentation
     crop_padding: int = 2            # padding of the random crop, pixels
 
@@ -292,7 +293,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, callbacks: Optio
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     raw_model = model.module if hasattr(model, "module") else model
-    forward = torch.compile(model) if config.compile else model
+    forward = torch.compile(model, mode=config.compile_mode) if config.compile else model
 
     augment = data.augment if config.augment is None else config.augment
     loader = Loader(data.train_x, data.train_y, config.batch_size, shuffle=True, drop_last=config.drop_last,
@@ -356,8 +357,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, callbacks: Optio
                                  torch.zeros((), dtype=torch.int64, device=device), 0]
         skip = state["batch"]
         bar = _progress(progress, steps_per_epoch - skip, f"epoch {epoch + 1}/{config.epochs}")
-        _sync(device)
-        started = time.perf_counter()
+        timer = _Timer(device)
         diverged = None
         try:
             for batch_index, (x, y) in enumerate(loader):
@@ -396,8 +396,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, callbacks: Optio
                 if diverged:
                     break
         except KeyboardInterrupt:
-            _sync(device)
-            state["seconds"] += time.perf_counter() - started
+            state["seconds"] += timer.seconds()
             state["sums"] = sums
             history.status, history.reason = "stopped", f"interrupted in epoch {epoch + 1}"
             checkpoint()
@@ -405,8 +404,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, callbacks: Optio
         finally:
             if bar is not None:
                 bar.close()
-        _sync(device)
-        epoch_time = time.perf_counter() - started
+        epoch_time = timer.seconds()
         state["seconds"] += epoch_time
         count = max(1, sums[2])
         train_loss, train_acc = float(sums[0]) / count, float(sums[1]) / count
@@ -436,6 +434,22 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, callbacks: Optio
     return finish("done", f"{config.epochs} epochs")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class _Timer:
+    """Seconds since creation: CUDA events on a GPU (the device's own clock, no idle host time counted
+    before the work is queued), ``perf_counter`` elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end) / 1e3
+        return time.perf_counter() - self.started
