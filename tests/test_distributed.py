@@ -172,14 +172,20 @@ def test_accumulated_sync_statistics_equal_one_full_batch(three_process_results)
 
 
 @pytest.mark.slow
-def test_sync_with_four_processes(tmp_path):
-    scenarios = [("four", [3, 0, 1, 6], (2, 3), 2, "bn"), ("four_renorm", [2, 2, 0, 5], (4,), 3, "renorm")]
-    results = _run(4, scenarios, tmp_path)
+@pytest.mark.parametrize("world,scenarios", [
+    (2, [("two", [5, 2], (3,), 4, "bn"), ("two_empty", [0, 4], (2, 2), 2, "bn")]),
+    (4, [("four", [3, 0, 1, 6], (2, 3), 2, "bn"), ("four_renorm", [2, 2, 0, 5], (4,), 3, "renorm")]),
+])
+def test_sync_with_two_and_four_processes(tmp_path, world, scenarios):
+    results = _run(world, scenarios, tmp_path)
     for name, sizes, tail, channels, kind in scenarios:
         expected = _reference(sizes, tail, channels, kind)
         for step in range(STEPS):
+            torch.testing.assert_close(torch.cat([r[name][step]["y"] for r in results]), expected[step]["y"])
             torch.testing.assert_close(torch.cat([r[name][step]["dx"] for r in results]), expected[step]["dx"])
             torch.testing.assert_close(sum(r[name][step]["dw"] for r in results), expected[step]["dw"])
+            for r in results:
+                torch.testing.assert_close(r[name][step]["rv"], expected[step]["rv"])
 
 
 # --------------------------------------------------------------------------------------------------

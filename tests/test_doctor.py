@@ -133,3 +133,14 @@ def test_cli_json_with_factory_and_checkpoint(tmp_path, capsys):
                        "--batches", "1"])
     text = capsys.readouterr().out
     assert status == 0 and "redundant_bias" in text and "train_mode" in text and "values/ch" in text
+
+
+def test_cli_with_a_model_name_and_a_dataset(capsys):
+    models = pytest.importorskip("bnlab.models")
+    pytest.importorskip("bnlab.data")
+    status = cli.main(["doctor", "resnet8", "--data", "synthetic", "--batches", "1", "--batch-size", "16",
+                       "--training", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    net = models.create("resnet8", in_channels=1, num_classes=4)
+    assert status == 0 and len(out["layers"]) == sum(V.is_batch_norm(m) for m in net.modules())
+    assert all(f["check"] != "train_mode" for f in out["findings"])      # --training
