@@ -45,8 +45,8 @@ def supports(x: Tensor) -> bool:
     (``TRITON_INTERPRET=1`` set before the first import of Triton)."""
     if not isinstance(x, Tensor) or x.dtype not in _SUPPORTED_DTYPES or not 2 <= x.dim() <= 5:
         return False
-    if x.numel() == 0 or not available():
-        return False
+    if x.numel() == 0 or x.numel() // x.shape[1] >= 2**31 or not available():
+        return False  # empty, or more values per channel than the kernels' 32-bit position index
     if x.is_cuda:
         return True
     return x.device.type == "cpu" and _interpreted()
@@ -55,6 +55,21 @@ def supports(x: Tensor) -> bool:
 def batch_norm_train(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                      eps: float = 1e-5, residual: Optional[Tensor] = None,
                      relu: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Training-mode batch norm with the fused kernels: ``y = [relu](bn(x) [+ residual])``.
+
+    Args:
+        x: ``(N, C, *)`` with 0 to 3 spatial dims, contiguous or channels-last (other strides are copied
+            first); float16, bfloat16, float32 (accumulated in float32) or float64.
+        weight, bias: ``(C,)`` γ and β, or ``None``.
+        eps: added to the variance inside the square root.
+        residual: a tensor of x's shape and dtype added after the affine step (only with ``relu=True``).
+        relu: apply a ReLU last; its mask is recovered from the output in the backward.
+
+    Returns:
+        ``(y, mean, biased_var)``: ``y`` with x's dtype and memory format, differentiable w.r.t. x, weight,
+        bias and residual; the batch mean and biased variance ``(C,)``, float32 (float64 for float64
+        input), not differentiable.
+    """
     from bnlab.kernels import ops
     return ops.batch_norm_train(x, weight, bias, eps, residual, relu)
 
@@ -62,6 +77,9 @@ def batch_norm_train(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[
 def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
                     bias: Optional[Tensor] = None, eps: float = 1e-5, residual: Optional[Tensor] = None,
                     relu: bool = False) -> Tensor:
+    """Evaluation-mode batch norm with fixed statistics, ``[relu](bn(x) [+ residual])``, in one
+    elementwise pass. Arguments as :func:`batch_norm_train`, plus the ``(C,)`` statistics to use;
+    differentiable w.r.t. x, weight, bias and residual (the statistics are constants)."""
     from bnlab.kernels import ops
     return ops.batch_norm_eval(x, running_mean, running_var, weight, bias, eps, residual, relu)
 
@@ -77,9 +95,3 @@ def batch_norm_add_relu(x: Tensor, residual: Tensor, weight: Optional[Tensor] = 
     """``relu(bn(x) + residual)`` in training mode, the residual block's tail; returns
     ``(y, mean, biased_var)`` like :func:`batch_norm_train`."""
     return batch_norm_train(x, weight, bias, eps, residual=residual, relu=True)
-
-
-batch_norm_train.__doc__ = """Training-mode batch norm with fused Triton kernels (see
-:func:`bnlab.kernels.ops.batch_norm_train`): returns ``(y, mean, biased_var)``."""
-batch_norm_eval.__doc__ = """Evaluation-mode batch norm in one elementwise pass (see
-:func:`bnlab.kernels.ops.batch_norm_eval`)."""

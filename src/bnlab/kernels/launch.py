@@ -136,12 +136,18 @@ def _target_programs(device: torch.device, per_sm: int) -> int:
 
 
 def choose_plan(layout: Layout, device: torch.device) -> Plan:
-    """Block sizes from the layout; splits are filled in by :func:`_splits` from the device size."""
+    """Block sizes from the layout (the splits are chosen per launch by :func:`_grid` from the device size).
+
+    Channels-last: channels are the contiguous axis, so a tile spans up to 128 channels (whole 32-byte
+    sectors) and as many positions as fill 4096 elements. Contiguous: positions are the contiguous axis,
+    so a tile spans up to 1024 of them and as many channels as fill the rest. Single-read when a block of
+    channels has at most 8192 values in all.
+    """
     C, S, count = layout.C, layout.S, layout.count
     c_pow2 = triton.next_power_of_2(C)
     r_pow2 = triton.next_power_of_2(count)
     if layout.channels_last:
-        # channels are contiguous: a tile spans ≥ 16 channels (a 32-byte sector) when there are that many
+        # channels are contiguous: even a whole-channel block spans up to 32 of them, so loads stay coalesced
         small_c = min(c_pow2, 32)
         if small_c * r_pow2 <= _SMALL_TILE:
             return Plan(small_c, r_pow2, single_read=True, num_warps=4 if small_c * r_pow2 <= 2048 else 8)

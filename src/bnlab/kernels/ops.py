@@ -27,6 +27,9 @@ def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual
     if x.numel() == 0:
         raise ValueError(f"{name}: x is empty (shape {tuple(x.shape)})")
     C = x.shape[1]
+    if x.numel() // C >= 2**31:
+        raise ValueError(f"{name}: at most 2**31 - 1 values per channel (got {x.numel() // C}); "
+                         f"use bnlab.functional.batch_norm(..., backend='torch')")
     for label, p in (("weight", weight), ("bias", bias)):
         if p is not None and (p.dim() != 1 or p.shape[0] != C):
             raise ValueError(f"{name}: {label} must have shape ({C},) (got {tuple(p.shape)})")
@@ -126,21 +129,7 @@ class _BatchNormEval(torch.autograd.Function):
 def batch_norm_train(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                      eps: float = 1e-5, residual: Optional[Tensor] = None,
                      relu: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Training-mode batch norm with fused Triton kernels: ``y = [relu](bn(x) [+ residual])``.
-
-    Args:
-        x: ``(N, C, *)`` with 0 to 3 spatial dims, contiguous or channels-last; float16, bfloat16, float32
-            (accumulated in float32) or float64.
-        weight, bias: ``(C,)`` γ and β, or ``None``.
-        eps: added to the variance inside the square root.
-        residual: a tensor of x's shape and dtype added after the affine step, or ``None``.
-        relu: apply a ReLU last (its mask is recovered from the output in the backward).
-
-    Returns:
-        ``(y, mean, biased_var)``: ``y`` differentiable w.r.t. x, weight, bias and residual, with x's
-        dtype and memory format; the batch mean and biased variance ``(C,)`` in float32 (float64 for
-        float64 input), not differentiable.
-    """
+    """See :func:`bnlab.kernels.batch_norm_train`."""
     _check(x, weight, bias, residual, "batch_norm_train")
     if residual is not None and not relu:
         raise ValueError("batch_norm_train: residual is only fused together with relu=True "
@@ -151,11 +140,7 @@ def batch_norm_train(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[
 def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
                     bias: Optional[Tensor] = None, eps: float = 1e-5, residual: Optional[Tensor] = None,
                     relu: bool = False) -> Tensor:
-    """Evaluation-mode batch norm with the given statistics, ``[relu](bn(x) [+ residual])``, in one pass.
-
-    Arguments as :func:`batch_norm_train`, plus the ``(C,)`` statistics to use. Differentiable w.r.t. x,
-    weight, bias and residual (the statistics are constants).
-    """
+    """See :func:`bnlab.kernels.batch_norm_eval`."""
     _check(x, weight, bias, residual, "batch_norm_eval")
     if residual is not None and not relu:
         raise ValueError("batch_norm_eval: residual is only fused together with relu=True "
