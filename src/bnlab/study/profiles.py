@@ -55,11 +55,11 @@ PROFILES: dict[str, dict] = {
                 "measure_every": 20, "step_sizes": [0.05, 0.1, 0.2, 0.4], "noise_shift": 1.0,
                 "noise_scale": 1.5},
         "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
-               "batch_sizes": [64, 256], "epochs": 4},
+               "batch_sizes": [64, 256], "epochs": 3},
         "regularize": {"dataset": "fashion-mnist", "subset": 1000, "batch_size": 128,
                        "ghost_sizes": [8, 32, 128], "max_steps": 300, "lr": 0.1, "weight_decay": 5e-4,
                        "freeze_after": 50, "test_eval_size": 2000},
-        "residual": {"signal_depths": [8, 20, 56, 110, 218], "train_depths": [8, 20, 56], "signal_batch": 256,
+        "residual": {"signal_depths": [8, 20, 56, 110, 218], "train_depths": [8, 20, 44], "signal_batch": 256,
                      "lrs": [0.03, 0.3]},
     },
     "full": {
