@@ -119,6 +119,10 @@ def test_study_command_rejects_bad_arguments(tmp_path):
         main(["study", "--profile", "tiny", "--claims", "9", "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="--profile"):
         main(["study", "--profile", "enormous", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--dataset"):
+        main(["study", "--profile", "tiny", "--dataset", "imagenet", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--device"):
+        main(["study", "--profile", "tiny", "--device", "tpu", "--out", str(tmp_path / "x")])
     target = tmp_path / "file"
     target.write_text("")
     with pytest.raises(ValueError, match="--out"):

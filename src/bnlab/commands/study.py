@@ -48,6 +48,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--show-profile", action="store_true", help="print the profile as JSON and exit")
 
 
+def _check_dataset_and_device(profile: dict) -> None:
+    import bnlab.data
+    import torch
+
+    known = bnlab.data.available()
+    for name in {profile["dataset"], profile["regularize"].get("dataset") or profile["dataset"]}:
+        if name.lower().replace("_", "-") not in known:
+            raise ValueError(f"--dataset {name!r} is unknown: expected one of {', '.join(known)}")
+    device = str(profile.get("device", "cpu"))
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"--device must be cpu or cuda[:N] (got {device!r})")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+
+
 def run(args) -> int:
     from bnlab.study import get_profile, parse_claims, with_overrides
     from bnlab.study.runner import run_study
@@ -57,6 +72,7 @@ def run(args) -> int:
         print(json.dumps(profile, indent=2))
         return 0
     claims = parse_claims(args.claims)
+    _check_dataset_and_device(profile)
     jobs = args.jobs if args.jobs is not None else max(1, min(4, os.cpu_count() or 1))
     if str(profile.get("device", "cpu")).startswith("cuda"):
         jobs = 1 if args.jobs is None else jobs  # one GPU: parallel processes would only contend for it
