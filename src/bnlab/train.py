@@ -290,7 +290,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, callbacks: Optio
     if data.train_x.device != device:
         data = data.to(device)
     model.to(device)
-    if config.channels_last:
+    if config.channels_last and data.train_x.dim() == 4:  # NHWC exists for images only
         model.to(memory_format=torch.channels_last)
     raw_model = model.module if hasattr(model, "module") else model
     forward = torch.compile(model, mode=config.compile_mode) if config.compile else model
