@@ -203,3 +203,41 @@ def test_loader_argument_errors():
         data.Loader(x, y, 2, augment="rotate")
     with pytest.raises(ValueError, match="no batch"):
         data.Loader(x, y, 20)
+
+
+@needs_fashion
+def test_search_order_data_dir_then_env_then_cache(tmp_path, monkeypatch):
+    first, second = tmp_path / "given", tmp_path / "env" / "fashion-mnist"
+    for directory in (first, second):
+        directory.mkdir(parents=True)
+        for f in FASHION.iterdir():
+            (directory / f.name).symlink_to(f)
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "env"))
+    assert data.locate("fashion-mnist") == second
+    assert data.locate("fashion-mnist", data_dir=first) == first
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "nothing"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.locate("fashion-mnist") == FASHION
+
+
+def test_download_checks_the_published_md5(tmp_path, monkeypatch):
+    requested = []
+
+    class FakeResponse:
+        def __init__(self, url):
+            requested.append(url)
+
+        def read(self):
+            return b"not the real file"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(url))
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz: checksum mismatch.*8d4fb7e6c68d591d4c3dfef9ec88bf0d"):
+        data._download_fashion_mnist(tmp_path)
+    assert requested == [data.FASHION_MNIST_URL + "train-images-idx3-ubyte.gz"]
+    assert list(tmp_path.iterdir()) == []     # nothing half-written is left behind

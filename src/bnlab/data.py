@@ -150,7 +150,7 @@ _FASHION_FILES = {
                                 "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
     "t10k-images-idx3-ubyte": ("bef4ecab320f06d8554ea6380940ec79",
                                "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
-    "t10k-labels-idx1-ubyte": ("bb300cfdad3c16e7a12e480ee83cd310",
+    "t10k-labels-idx1-ubyte": ("bb300cfdad3c16e7a12a480ee83cd310",
                                "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
 }
 
