@@ -11,6 +11,10 @@ the ``BLOCK_S`` positions starting at ``(t % n_s_chunks)·BLOCK_S``. Splitting a
 programs (grid axis 1) keeps the GPU busy when there are few channels; the partial results are combined
 by the small ``*_finalize`` kernels. All arithmetic is in ``ACC`` (float32, or float64 for float64 data).
 Tensors that share the input's shape (``Y``, ``RES``, ``DY``, ``DZ``, ``DX``) share its strides.
+
+Loop bounds and counts that change with the batch size are not specialized on (``do_not_specialize``), so
+a new batch size does not recompile; strides and sizes are, since knowing a stride is 1 or a multiple of 16
+is what lets Triton emit wide, coalesced loads.
 """
 
 import triton
@@ -27,7 +31,7 @@ def _tile_offsets(t, c, s_range, stride_b, stride_c, stride_s, S, n_s_chunks, BL
     return offsets, s < S
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tiles", "tiles_per_program"])
 def _stats_partial_kernel(
     X,           # (B, C, S) input
     PART,        # (3, SPLIT, C) ACC out: per program and channel, the mean of the values it saw, the sum
@@ -77,7 +81,7 @@ def _stats_partial_kernel(
     tl.store(PART + 2 * part_size + out, tl.zeros((BLOCK_C,), dtype=ACC) + n, mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def _stats_finalize_kernel(
     PART,        # (3, SPLIT, C) ACC: mean, M2 and count per program, from _stats_partial_kernel
     MEAN,        # (C,) ACC out: batch mean
@@ -105,7 +109,7 @@ def _stats_finalize_kernel(
     tl.store(VAR + c, m2 / n, mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tiles", "tiles_per_program"])
 def _normalize_kernel(
     X,           # (B, C, S) input
     Y,           # (B, C, S) output
@@ -151,7 +155,7 @@ def _normalize_kernel(
         tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tiles", "tiles_per_program"])
 def _backward_partial_kernel(
     X,           # (B, C, S) input of the forward
     DY,          # (B, C, S) gradient of the output
@@ -193,7 +197,7 @@ def _backward_partial_kernel(
     tl.store(PART + tl.num_programs(1) * C + out, tl.sum(sum_dy_xc, axis=1), mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits", "count"])
 def _backward_finalize_kernel(
     PART,        # (2, SPLIT, C) ACC: Σ dz and Σ dz·(x − μ) per program, from _backward_partial_kernel
     VAR,         # (C,) variance the forward divided by
@@ -236,7 +240,7 @@ def _backward_finalize_kernel(
     tl.store(COEF + 2 * C + c, coef_one, mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tiles", "tiles_per_program"])
 def _backward_dx_kernel(
     X,           # (B, C, S) input of the forward (read when TRAINING)
     DY,          # (B, C, S) gradient of the output (or the already-masked dz)
@@ -287,7 +291,7 @@ def _whole_channel_offsets(c, r, stride_b, stride_c, stride_s, S):
             + ((r // S).to(tl.int64) * stride_b + (r % S).to(tl.int64) * stride_s)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count"])
 def _small_forward_kernel(
     X,           # (B, C, S) input
     Y,           # (B, C, S) output
@@ -327,7 +331,7 @@ def _small_forward_kernel(
     tl.store(VAR + c, var, mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count"])
 def _small_backward_kernel(
     X,           # (B, C, S) input of the forward
     DY,          # (B, C, S) gradient of the output
