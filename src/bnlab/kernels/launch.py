@@ -306,12 +306,12 @@ def backward(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor
         plan = _tiled_plan(layout, plan)
 
     need_sums = need_dw or need_db or (need_dx and training)
-    if not need_sums:  # evaluation, no affine gradients: dx is elementwise
-        coef = _alloc((3, layout.C), acc, device)
-        coef[0] = torch.rsqrt(var.to(acc) + eps) * (weight.to(acc) if weight is not None else 1.0)
+    if not need_sums:  # fixed statistics and no affine gradients (or only the residual's): elementwise
         if dres is not None:
             dres.copy_(torch.where(y > 0, dy, torch.zeros((), dtype=dy.dtype, device=device)))
         if need_dx:
+            coef = _alloc((3, layout.C), acc, device)
+            coef[0] = torch.rsqrt(var.to(acc) + eps) * (weight.to(acc) if weight is not None else 1.0)
             _dx(x, dy, y_arg, dx, mean, coef, layout, plan, relu=relu, training=False)
         return dx, None, None, (dres if relu else dy) if need_dres else None
 
