@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 pytest.importorskip("triton", reason="Triton is not installed: the kernels cannot run")
 
@@ -296,6 +298,45 @@ def test_only_some_inputs_need_gradients():
     dz = _np(dy) * ((bn_ref + _np(r)) > 0)
     _assert_close(dw, reference.backward(dz, cache)[1], torch.float64, "dweight")
     _assert_close(dr, dz, torch.float64, "dresidual")
+
+
+def test_only_the_residual_needs_a_gradient():
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=DEVICE)
+    r = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y, _, _ = kernels.batch_norm_add_relu(x, r)
+    dy = torch.randn_like(y)
+    (dr,) = torch.autograd.grad(y, [r], dy)
+    _assert_close(dr, _np(dy) * ((reference.forward(_np(x))[0] + _np(r)) > 0), torch.float64, "dresidual")
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(2, 5), c=st.integers(1, 9), spatial=st.lists(st.integers(1, 7), max_size=3),
+       channels_last=st.booleans(), kind=st.sampled_from(["single", "tiled", "split"]),
+       fused=st.sampled_from(["none", "relu", "add_relu"]))
+def test_random_shapes_match_torch(n, c, spatial, channels_last, kind, fused):
+    real = launch.choose_plan
+    launch.choose_plan = lambda layout, device: _plan(kind, layout)
+    launch.POISON = True
+    try:
+        shape = (n, c, *spatial)
+        torch.manual_seed(len(shape) + n * c)
+        x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE), channels_last).requires_grad_()
+        w = torch.randn(c, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        b = torch.randn(c, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        r = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        if fused == "add_relu":
+            y = kernels.batch_norm_add_relu(x, r, w, b)[0]
+        else:
+            y = kernels.batch_norm_train(x, w, b, relu=fused == "relu")[0]
+        yt = torch.nn.functional.batch_norm(x, None, None, w, b, training=True)
+        yt = torch.relu(yt + r) if fused == "add_relu" else torch.relu(yt) if fused == "relu" else yt
+        dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+        inputs = [x, w, b] + ([r] if fused == "add_relu" else [])
+        for a, t in zip([y, *torch.autograd.grad(y, inputs, dy)], [yt, *torch.autograd.grad(yt, inputs, dy)]):
+            _assert_close(a, _np(t), torch.float64, f"{shape} {kind} {fused}")
+    finally:
+        launch.choose_plan = real
+        launch.POISON = False
 
 
 # --------------------------------------------------------------------------------------------------
