@@ -27,7 +27,8 @@ LITERATURE = ("Santurkar et al. 2018 (https://arxiv.org/abs/1805.11604): noisy B
               "increase it); BN's real effect is a smoother loss landscape. Expected verdict: not supported.")
 ICS_MARGIN = 0.0      # BN must raise cos(G, G′) above the unnormalized arm's (less gradient ICS)
 NOISE_HURTS = 2.0     # noisy BN must lose > 2 points of test accuracy for shift to matter
-FINDING = "Santurkar et al. 2018: noisy BN trains as well; BN does not reduce gradient ICS; smoothness is the real effect (not supported)"
+FINDING = ("Santurkar et al. 2018: noisy BN trains as well; BN does not reduce gradient ICS; smoothness is "
+           "the real effect (not supported)")
 RULE = (f"Part 1 (BN reduces ICS): at matched training losses, the 95% CI of cos(G, G′) for BN minus that "
         f"without normalization (averaged over measured layers and loss levels, paired by seed) lies above "
         f"{ICS_MARGIN}. Part 2 (that is why it helps): the CI of (test accuracy BN − noisy BN) lies above "
@@ -83,10 +84,8 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
 
     def per_seed(a, fn):
         return [fn(r) if r else math.nan for r in runs[a]]
-    shift = {a: per_seed(a, lambda r: float(np.mean(step_changes(r["dist"]["mean"]))) if len(r["dist"]["mean"]) > 1 else math.nan)
-             for a in arms}
-    shift_std = {a: per_seed(a, lambda r: float(np.mean(step_changes(r["dist"]["std"]))) if len(r["dist"]["std"]) > 1 else math.nan)
-                 for a in arms}
+    shift = {a: per_seed(a, lambda r: _mean_change(r["dist"]["mean"])) for a in arms}
+    shift_std = {a: per_seed(a, lambda r: _mean_change(r["dist"]["std"])) for a in arms}
     cosine = {a: per_seed(a, lambda r: _at_levels(r, "ics", "cosine", levels)) for a in arms}
     distance = {a: per_seed(a, lambda r: _at_levels(r, "ics", "distance", levels)) for a in arms}
     loss_range = {a: per_seed(a, lambda r: _at_levels(r, "smooth", "loss_range", levels)) for a in arms}
@@ -95,7 +94,8 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
 
     ics_gain = Interval.of(mean_ci([b - n for b, n in zip(cosine["bn"], cosine["none"])]), "")
     noise_cost = Interval.of(mean_ci([b - n for b, n in zip(acc["bn"], acc["noisy_bn"])]), "points")
-    smoother = Interval.of(log_mean_ci([n / b if b else math.nan for n, b in zip(loss_range["none"], loss_range["bn"])]), "×")
+    smoother = Interval.of(log_mean_ci([n / b if b else math.nan
+                                        for n, b in zip(loss_range["none"], loss_range["bn"])]), "×")
     part1, part2 = clears(ics_gain, ICS_MARGIN), clears(noise_cost, NOISE_HURTS)
     verdict = combine(part1, part2)
 
@@ -129,6 +129,11 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
         tables=[table], figures=[_percentile_figure(runs), _ics_figure(runs)],
         numbers={"cos_gain": ics_gain.to_dict(), "noise_cost": noise_cost.to_dict(),
                  "smoothness_ratio": smoother.to_dict(), "levels": levels})
+
+
+def _mean_change(values: list[float]) -> float:
+    """Mean |step-to-step change| of a statistic recorded every step."""
+    return float(np.mean(step_changes(values))) if len(values) > 1 else math.nan
 
 
 def _percentile_figure(runs) -> dict:

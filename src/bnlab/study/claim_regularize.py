@@ -26,12 +26,14 @@ LITERATURE = ("Ioffe & Szegedy 2015 reduced dropout thanks to BN; Luo et al. 201
               "Hoffer et al. 2017 (https://arxiv.org/abs/1705.08741) show smaller ghost batches generalize "
               "better. Zhang et al. 2019 (Fixup) match BN's test error only once extra regularization is added.")
 GAP_REDUCTION = 1.0  # BN's accuracy gap must be > 1 point smaller than none's
-FINDING = "Luo et al. 2019, Hoffer et al. 2017: batch noise regularizes, smaller ghost batches generalize better (supported)"
+FINDING = ("Luo et al. 2019, Hoffer et al. 2017: batch noise regularizes, smaller ghost batches generalize "
+           "better (supported)")
 RULE = (f"Two runs of one seed are compared at the lowest training loss both reach (measured on the whole "
-        f"training subset in eval mode); the accuracy gap = train − test accuracy (points). Part 1 holds when the 95% CI of (gap none − gap "
-        f"BN), with BN at the full batch, lies above {GAP_REDUCTION} point; part 2 (the mechanism is batch "
-        f"noise) when the CI of (gap with the largest ghost batch − gap with the smallest) lies above 0. "
-        f"Both → supported; part 1 fails → not supported; otherwise supported with caveats.")
+        f"training subset in eval mode); the accuracy gap = train − test accuracy (points). Part 1 holds when "
+        f"the 95% CI of (gap none − gap BN), with BN at the full batch, lies above {GAP_REDUCTION} point; "
+        f"part 2 (the mechanism is batch noise) when the CI of (gap with the largest ghost batch − gap with the "
+        f"smallest) lies above 0. Both → supported; part 1 fails → not supported; otherwise supported with "
+        f"caveats.")
 
 
 def arms(profile: dict) -> list[tuple[str, str, float]]:

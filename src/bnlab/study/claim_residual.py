@@ -30,7 +30,8 @@ LITERATURE = ("He et al. 2016 (https://arxiv.org/abs/1512.03385): CIFAR-10 error
 COMPLEMENT_POINTS = 2.0  # BN+residual must beat the better of BN-plain and none-residual by > 2 points
 IDENTITY_EXPONENT = -0.5  # Var(branch)/Var(skip) ∝ ℓ^k with BN: k must lie below −0.5 (De & Smith: k ≈ −1)
 ARMS = [("bn", False), ("bn", True), ("none", False), ("none", True), ("skipinit", False), ("fixup", False)]
-FINDING = "He et al. 2016, De & Smith 2020: BN ResNets train at depth, plain ones degrade; BN biases blocks to the identity (supported)"
+FINDING = ("He et al. 2016, De & Smith 2020: BN ResNets train at depth, plain ones degrade; BN biases blocks "
+           "to the identity (supported)")
 RULE = (f"Part 1 (complement): at the deepest trained depth, each arm at its best learning rate, the 95% CI of "
         f"(test accuracy of BN+residual − the better of BN-plain and none-residual) lies above "
         f"{COMPLEMENT_POINTS} points. Part 2 (mechanism): at initialization in the deepest network, the slope k "
@@ -104,8 +105,9 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
 
     acc_rows = []
     for n, p in ARMS:
-        acc_rows.append([arm_label(n, p)] + [fmt_ci(mean_ci(trained[(d, n, p)][1]), 1) + f" (lr {trained[(d, n, p)][0]:g})"
-                                             for d in cfg["train_depths"]])
+        cells = [f"{fmt_ci(mean_ci(trained[(d, n, p)][1]), 1)} (lr {trained[(d, n, p)][0]:g})"
+                 for d in cfg["train_depths"]]
+        acc_rows.append([arm_label(n, p)] + cells)
     acc_table = {"title": "Final test accuracy (%) by depth, each arm at its best learning rate",
                  "columns": ["arm"] + [f"depth {d}" for d in cfg["train_depths"]], "rows": acc_rows}
     sig_rows = []
@@ -166,7 +168,8 @@ def _signal_figure(profile, signal, depth) -> dict:
         var = np.nanmean([[b.get("stream_var", math.nan) for b in bl] for bl in blocks], axis=0)
         ax_var.plot(idx, var, color=color, ls=ls, label=arm_label(n, p))
         if not p:
-            ratio = np.nanmean([[b["ratio"] if b.get("ratio") is not None else math.nan for b in bl] for bl in blocks], axis=0)
+            ratio = np.nanmean([[b["ratio"] if b.get("ratio") is not None else math.nan for b in bl]
+                                for bl in blocks], axis=0)
             ax_ratio.plot(idx, ratio, color=color, label=arm_label(n, p))
         grads = np.nanmean([r["result"]["grad_norms"] for r in rows], axis=0)
         ax_grad.plot(np.arange(1, len(grads) + 1), grads, color=color, ls=ls)
@@ -192,7 +195,8 @@ def _depth_figure(profile, trained) -> dict:
     ax = axes[0]
     for n, p in ARMS:
         stats = [mean_ci(trained[(d, n, p)][1]) for d in depths]
-        ax.errorbar(depths, [m for m, _, _ in stats], yerr=[[m - lo for m, lo, _ in stats], [hi - m for m, _, hi in stats]],
+        errors = [[m - lo for m, lo, _ in stats], [hi - m for m, _, hi in stats]]
+        ax.errorbar(depths, [m for m, _, _ in stats], yerr=errors,
                     marker="o", ms=3, capsize=2, color=ARM_COLORS.get(n), ls="--" if p else "-", label=arm_label(n, p))
     ax.set_xlabel("depth")
     ax.set_ylabel("final test accuracy (%)")
