@@ -100,6 +100,8 @@ def backend_for(x: Tensor, backend: str = "auto") -> str:
         supported = kernels.supports(x)
     except ImportError:  # Triton not installed
         supported = False
+    if backend == "auto" and supported:
+        supported = kernels.preferred(x)  # shapes where the kernels do not win stay on PyTorch
     if backend == "triton" and not supported:
         raise ValueError(f"batch_norm: backend='triton' is not available for this input "
                          f"(device={x.device}, dtype={x.dtype}, dim={x.dim()}); it needs Triton and a "
