@@ -14,7 +14,9 @@ Sections, in order:
    diagnosis, and the script exits with status 1;
 3. kernels: shapes × {bf16, fp32} × {channels_last, contiguous} × {BN fwd, BN fwd+bwd, BN+ReLU fwd+bwd,
    BN+add+ReLU fwd+bwd}: ours, native eager, torch.compile (``--compile``), the floor, and the ratios;
-4. end to end: one SGD training step of ResNet-20 (CIFAR, 32×32) and ResNet-50 (224×224), bf16 autocast,
+4. dispatch: bnlab.functional fwd+bwd on the Triton vs the PyTorch backend from tiny tensors up, to set
+   ``bnlab.kernels.AUTO_MIN_NUMEL`` (where ``backend="auto"`` stays on PyTorch);
+5. end to end: one SGD training step of ResNet-20 (CIFAR, 32×32) and ResNet-50 (224×224), bf16 autocast,
    channels_last, with bnlab batch norm on the Triton kernels and the fused BN+add+ReLU vs
    ``torch.nn.BatchNorm2d`` (needs :mod:`bnlab.models`; skipped with a note when it is absent).
 
@@ -240,6 +242,43 @@ def time_kernels(shapes, bandwidth: float, compile_mode: str) -> list[float]:
 
 
 # --------------------------------------------------------------------------------------------------
+# dispatch: where backend="auto" should use the kernels
+# --------------------------------------------------------------------------------------------------
+
+DISPATCH_SHAPES = [(32, 64), (256, 512), (64, 16, 8, 8), (128, 16, 32, 32), (128, 64, 56, 56)]
+
+
+def time_dispatch() -> None:
+    """bnlab.functional.batch_norm fwd+bwd with running statistics, backend="triton" vs "torch", from tiny
+    tensors (all launch overhead) up; a loss marks a shape ``auto`` should keep on PyTorch
+    (``bnlab.kernels.AUTO_MIN_NUMEL``)."""
+    from bnlab import functional as bn_F
+    print("\ndispatch: bnlab.functional.batch_norm fwd+bwd, median ms (bf16, channels_last where 4-D)")
+    print(f"{'shape':<20}{'numel':>11}{'triton':>9}{'torch':>9}{'speed-up':>10}")
+    losing = []
+    for shape in DISPATCH_SHAPES:
+        x, r, dy, w, b = _make(shape, torch.bfloat16, "channels_last" if len(shape) == 4 else "contiguous")
+        rm, rv = torch.zeros_like(w.detach()), torch.ones_like(w.detach())
+        times = {}
+        for backend in ("triton", "torch"):
+            xg = x.detach().requires_grad_()
+
+            def run():
+                y = bn_F.batch_norm(xg, rm, rv, w, b, training=True, backend=backend)
+                torch.autograd.grad(y, [xg, w, b], dy)
+            times[backend] = _bench(run)
+        if times["triton"] > 1.05 * times["torch"]:
+            losing.append(x.numel())
+        print(f"{str(shape):<20}{x.numel():>11}{times['triton']:>9.3f}{times['torch']:>9.3f}"
+              f"{times['torch'] / times['triton']:>9.2f}×", flush=True)
+    if losing:
+        print(f"the kernels lose by > 5% up to {max(losing)} elements: set bnlab.kernels.AUTO_MIN_NUMEL "
+              f"above that")
+    else:
+        print("the kernels win at every size: AUTO_MIN_NUMEL = 0 is right for this device")
+
+
+# --------------------------------------------------------------------------------------------------
 # end to end
 # --------------------------------------------------------------------------------------------------
 
@@ -325,6 +364,7 @@ def main() -> None:
     print(f"\nslowest case relative to native eager: {worst:.2f}× "
           f"({'never slower' if worst >= 0.95 else 'SLOWER than native there: tighten bnlab.kernels.supports'})")
     if not args.quick:
+        time_dispatch()
         time_training_steps()
     print(f"\ntotal {time.time() - started:.0f} s")
     if not correct:

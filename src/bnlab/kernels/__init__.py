@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["supports", "batch_norm_train", "batch_norm_eval", "batch_norm_relu", "batch_norm_add_relu",
+__all__ = ["supports", "preferred", "batch_norm_train", "batch_norm_eval", "batch_norm_relu", "batch_norm_add_relu",
            "available"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -50,6 +50,18 @@ def supports(x: Tensor) -> bool:
     if x.is_cuda:
         return True
     return x.device.type == "cpu" and _interpreted()
+
+
+#: ``backend="auto"`` keeps tensors with fewer elements than this on PyTorch. Tiny tensors are all launch
+#: overhead, where one or three kernel launches still beat PyTorch's ten-odd ops, so none is kept by
+#: default; ``benchmarks/bn_gpu.py`` measures the crossover on the device at hand ("dispatch" section).
+AUTO_MIN_NUMEL = 0
+
+
+def preferred(x: Tensor) -> bool:
+    """Whether ``backend="auto"`` should use the kernels for ``x`` (given :func:`supports`): the shape
+    heuristic that keeps ``auto`` from being slower than the PyTorch implementation."""
+    return x.numel() >= AUTO_MIN_NUMEL
 
 
 def batch_norm_train(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
