@@ -91,3 +91,50 @@ def test_claim_speed_verdicts_follow_the_speedup():
     for key, row in mixed.items():
         row["result"]["losses"] = [2.0] * 10
     assert claim_speed.analyze(PROFILE, mixed).verdict.verdict == CAVEATS
+
+
+REG_PROFILE = {"name": "synthetic", "dataset": "synthetic", "seeds": [0, 1, 2], "width": 0.25, "depth": 8,
+               "eval_every": 1, "regularize": {"dataset": None, "subset": 100, "batch_size": 32,
+                                               "ghost_sizes": [8, 32], "max_steps": 4, "lr": 0.1,
+                                               "weight_decay": 5e-4, "freeze_after": 2}}
+
+
+def _regularize_results(gaps: dict, slow: tuple = ()) -> dict:
+    """Every arm follows the same training curve except the ``slow`` ones (which only get half-way);
+    test accuracy sits ``gaps[arm]`` below training accuracy."""
+    from bnlab.study import claim_regularize
+    results = {}
+    for key, norm, wd in claim_regularize.arms(REG_PROFILE):
+        for seed in REG_PROFILE["seeds"]:
+            train_loss = [2.0, 1.5, 1.0, 0.5] if key not in slow else [2.0, 1.8, 1.6, 1.5]
+            train_acc = [0.3, 0.5, 0.7, 0.9] if key not in slow else [0.3, 0.35, 0.4, 0.5]
+            test_acc = [a - gaps.get(key, 0.1) - 0.001 * seed for a in train_acc]
+            curve = {"step": [1, 2, 3, 4], "train_loss": train_loss, "train_acc": train_acc,
+                     "test_acc": test_acc, "test_loss": [v + 0.1 for v in train_loss], "seconds": [0, 0, 0, 0]}
+            spec = claim_regularize._spec(REG_PROFILE, norm, wd, seed)
+            results[spec_key(spec)] = {"status": "done", "result": {"curve": curve, "losses": train_loss}}
+    return results
+
+
+def test_claim_regularize_verdicts():
+    from bnlab.study import claim_regularize
+    supported = claim_regularize.analyze(REG_PROFILE, _regularize_results(
+        {"none": 0.2, "ghost:32": 0.1, "ghost:8": 0.05}))
+    assert supported.verdict.verdict == SUPPORTED
+    assert supported.verdict.key_interval.mean == pytest.approx(10.0)  # points
+    caveats = claim_regularize.analyze(REG_PROFILE, _regularize_results(
+        {"none": 0.2, "ghost:32": 0.1, "ghost:8": 0.15}))
+    assert caveats.verdict.verdict == CAVEATS
+    none = claim_regularize.analyze(REG_PROFILE, _regularize_results({"none": 0.1, "ghost:32": 0.1}))
+    assert none.verdict.verdict == NOT_SUPPORTED
+
+
+def test_claim_regularize_compares_at_the_loss_both_arms_reach():
+    from bnlab.study import claim_regularize
+    # "none" fits slowly (lowest loss 1.5): BN must be judged where it, too, had loss ≤ 1.5 — its second
+    # evaluation (accuracy 0.5, gap 0.1) — not at its end
+    result = claim_regularize.analyze(REG_PROFILE, _regularize_results(
+        {"none": 0.2, "ghost:32": 0.1, "ghost:8": 0.05}, slow=("none",)))
+    assert result.numbers["gap_reduction"]["mean"] == pytest.approx(10.0)
+    table = {row[0]: row for row in result.tables[0]["rows"]}
+    assert table["no norm (He init)"][1].startswith("1.500")

@@ -52,6 +52,8 @@ def _spec(profile, norm, weight_decay, seed) -> dict:
               "epochs": 10 ** 6, "weight_decay": weight_decay, "seed": seed, "train_eval_size": cfg["subset"]}
     if norm == "frozen_bn":
         fields["freeze_after"] = cfg["freeze_after"]
+    if cfg.get("eval_every"):  # both training-set and test-set evaluations: every few steps is plenty
+        fields["eval_every"] = cfg["eval_every"]
     if cfg.get("test_eval_size"):
         fields["test_eval_size"] = cfg["test_eval_size"]
     return train_spec(profile, **fields)

@@ -29,6 +29,7 @@ LITERATURE = ("He et al. 2016 (https://arxiv.org/abs/1512.03385): CIFAR-10 error
               "(https://arxiv.org/abs/1902.08129): deep BN nets without skips have exploding gradients.")
 COMPLEMENT_POINTS = 2.0  # BN+residual must beat the better of BN-plain and none-residual by > 2 points
 IDENTITY_EXPONENT = -0.5  # Var(branch)/Var(skip) ∝ ℓ^k with BN: k must lie below −0.5 (De & Smith: k ≈ −1)
+HE_ET_AL_ERRORS = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43}  # CIFAR-10 test error %, Table 6
 ARMS = [("bn", False), ("bn", True), ("none", False), ("none", True), ("skipinit", False), ("fixup", False)]
 FINDING = ("He et al. 2016, De & Smith 2020: BN ResNets train at depth, plain ones degrade; BN biases blocks "
            "to the identity (supported)")
@@ -124,6 +125,14 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
                           "norm of the first conv ÷ the last conv (n/a: the last conv starts with zero gradient, "
                           "as in SkipInit and Fixup)",
                  "columns": ["arm"] + [f"depth {d}" for d in cfg["signal_depths"]], "rows": sig_rows}
+    anchor_rows = []
+    for depth in sorted(set(HE_ET_AL_ERRORS) | set(cfg["train_depths"])):
+        ours = mean_ci([100 - a for a in trained[(depth, "bn", False)][1]]) if depth in cfg["train_depths"] else None
+        anchor_rows.append([depth, f"{HE_ET_AL_ERRORS[depth]:.2f}" if depth in HE_ET_AL_ERRORS else "—",
+                            fmt_ci(ours, 1) if ours else "—"])
+    anchor_table = {"title": f"Anchor: test error (%) of BN ResNets, He et al. 2016 on CIFAR-10 (full training) vs "
+                             f"ours on {profile['dataset']} (short training)",
+                    "columns": ["depth", "He et al. 2016", "this run"], "rows": anchor_rows}
     other = {a: mean_ci(trained[(deepest, a, False)][1]) for a in ("skipinit", "fixup")}
     explanation = (
         f"At depth {deepest}, BN with residual connections reaches {fmt_ci(mean_ci(bn_res), 1)}% test accuracy, "
@@ -145,7 +154,7 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
                  "The width is reduced; narrow networks propagate signals more noisily.",
                  f"One learning-rate grid ({cfg['lrs']}) for every arm: plain deep nets may train at rates "
                  f"outside it."],
-        tables=[acc_table, sig_table],
+        tables=[acc_table, sig_table, anchor_table],
         figures=[_signal_figure(profile, signal, deepest_signal), _depth_figure(profile, trained)],
         numbers={"complement": complement.to_dict(), "bn_ratio_exponent": bn_exponent.to_dict(),
                  "part1": part1, "part2": part2})
