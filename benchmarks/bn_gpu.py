@@ -69,7 +69,7 @@ def _require_cuda():
 def _bench(fn) -> float:
     """Median milliseconds of ``fn`` (CUDA events, L2 flushed between runs)."""
     import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -355,11 +355,15 @@ def main() -> None:
     print(f"copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s")
 
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    section = time.time()
     correct = check_correctness(shapes)
+    print(f"({time.time() - section:.0f} s, including the kernels' compilation)")
     if not correct:
         print("\nWARNING: our kernels are less accurate than expected in the rows marked NO; timings follow "
               "for diagnosis, and the run ends with exit status 1")
+    section = time.time()
     ratios = time_kernels(shapes, bandwidth, args.compile)
+    print(f"({time.time() - section:.0f} s)")
     worst = min(ratios)
     print(f"\nslowest case relative to native eager: {worst:.2f}× "
           f"({'never slower' if worst >= 0.95 else 'SLOWER than native there: tighten bnlab.kernels.supports'})")

@@ -528,3 +528,15 @@ def test_plans_cover_both_regimes():
     assert not plan.single_read and grid.splits > 1 and grid.c_blocks == 1
     small = launch.Layout(1, 64, 32, 0, 1, 64)
     assert launch.choose_plan(small, torch.device("cpu")).single_read
+
+
+def test_auto_dispatch_heuristic(monkeypatch):
+    """backend="auto" keeps tensors below AUTO_MIN_NUMEL on PyTorch; "triton" still honours them."""
+    monkeypatch.setattr(kernels, "AUTO_MIN_NUMEL", 100)
+    small, large = torch.randn(4, 3, device=DEVICE), torch.randn(10, 3, 2, 2, device=DEVICE)
+    assert not kernels.preferred(small) and kernels.preferred(large)
+    assert F.backend_for(small, "triton") == "triton"
+    if small.is_cuda:
+        assert F.backend_for(small, "auto") == "torch" and F.backend_for(large, "auto") == "triton"
+    else:
+        assert F.backend_for(large, "auto") == "torch"  # auto never runs the interpreter
