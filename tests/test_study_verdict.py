@@ -138,3 +138,82 @@ def test_claim_regularize_compares_at_the_loss_both_arms_reach():
     assert result.numbers["gap_reduction"]["mean"] == pytest.approx(10.0)
     table = {row[0]: row for row in result.tables[0]["rows"]}
     assert table["no norm (He init)"][1].startswith("1.500")
+
+
+ICS_PROFILE = {"name": "synthetic", "dataset": "synthetic", "seeds": [0, 1, 2], "width": 0.25, "depth": 8,
+               "ics": {"arms": {"bn": 0.1, "none": 0.05, "noisy_bn": 0.1}, "steps": 4, "batch_size": 8,
+                       "measure_every": 1, "step_sizes": [0.1], "noise_shift": 1.0, "noise_scale": 1.5}}
+
+
+def _ics_results(cosine: dict, accuracy: dict) -> dict:
+    from bnlab.study import claim_ics
+    results = {}
+    for arm, lr in ICS_PROFILE["ics"]["arms"].items():
+        for seed in ICS_PROFILE["seeds"]:
+            ema = [2.3, 2.0, 1.5, 1.0]
+            run = {"ics": {"step": [0, 1, 2, 3], "ema_loss": ema, "cosine": [[cosine[arm] + 0.001 * seed] * 2] * 4,
+                           "distance": [[0.1, 0.1]] * 4},
+                   "smooth": {"step": [0, 1, 2, 3], "ema_loss": ema, "loss_range": [0.1] * 4,
+                              "grad_change": [0.1] * 4, "beta": [1.0] * 4},
+                   "dist": {"mean": [0.0, 0.1, 0.0], "std": [1.0, 1.1, 1.0], "p15": [0] * 3, "p50": [0] * 3,
+                            "p85": [0] * 3},
+                   "final": {"test_acc": accuracy[arm] + 0.001 * seed}, "layers": ["a", "b"]}
+            results[spec_key(claim_ics._spec(ICS_PROFILE, arm, lr, seed))] = {"status": "done", "result": run}
+    return results
+
+
+def test_claim_ics_verdicts():
+    from bnlab.study import claim_ics
+    supported = claim_ics.analyze(ICS_PROFILE, _ics_results({"bn": 0.9, "none": 0.5, "noisy_bn": 0.9},
+                                                           {"bn": 0.9, "none": 0.6, "noisy_bn": 0.5}))
+    assert supported.verdict.verdict == SUPPORTED
+    assert supported.verdict.key_interval.mean == pytest.approx(0.4)
+    caveats = claim_ics.analyze(ICS_PROFILE, _ics_results({"bn": 0.9, "none": 0.5, "noisy_bn": 0.9},
+                                                         {"bn": 0.9, "none": 0.6, "noisy_bn": 0.9}))
+    assert caveats.verdict.verdict == CAVEATS  # BN lowers gradient ICS, but injected shift costs nothing
+    literature = claim_ics.analyze(ICS_PROFILE, _ics_results({"bn": 0.5, "none": 0.9, "noisy_bn": 0.5},
+                                                            {"bn": 0.9, "none": 0.6, "noisy_bn": 0.89}))
+    assert literature.verdict.verdict == NOT_SUPPORTED
+    assert literature.agrees_with_literature is True
+
+
+RES_PROFILE = {"name": "synthetic", "dataset": "synthetic", "seeds": [0, 1, 2], "width": 0.25, "depth": 8,
+               "eval_every": 1, "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.1],
+                                       "batch_sizes": [32], "max_steps": 4},
+               "residual": {"signal_depths": [8, 14], "train_depths": [8, 14], "signal_batch": 16, "lrs": [0.1]}}
+
+
+def _residual_results(accuracy: dict, bn_exponent: float) -> dict:
+    """accuracy[(norm, plain)] at every depth; BN's branch/skip ratio ∝ ℓ^bn_exponent, the others' flat."""
+    from bnlab.study import claim_residual
+    cfg = RES_PROFILE["residual"]
+    results = {}
+    for norm, plain in claim_residual.ARMS:
+        for seed in RES_PROFILE["seeds"]:
+            for depth in cfg["signal_depths"]:
+                n_blocks = (depth - 2) // 2
+                exponent = bn_exponent if norm == "bn" and not plain else 0.0
+                blocks = [{"stream_sq_mean": 0.0, "stream_var": 1.0, "branch_var": 1.0,
+                           "ratio": None if plain else (i + 1) ** exponent} for i in range(n_blocks)]
+                spec = claim_residual._signal_spec(RES_PROFILE, depth, norm, plain, seed)
+                results[spec_key(spec)] = {"status": "done", "result": {"blocks": blocks, "grad_norms": [1.0, 1.0]}}
+            for depth in cfg["train_depths"]:
+                for lr in cfg["lrs"]:
+                    acc = accuracy[(norm, plain)] + 0.001 * seed
+                    spec = claim_residual._train_spec(RES_PROFILE, depth, norm, plain, lr, seed)
+                    results[spec_key(spec)] = _row("done", [2.3, 1.0], [acc])
+    return results
+
+
+def test_claim_residual_verdicts():
+    from bnlab.study import claim_residual
+    base = {("bn", False): 0.9, ("bn", True): 0.6, ("none", False): 0.5, ("none", True): 0.2,
+            ("skipinit", False): 0.85, ("fixup", False): 0.85}
+    supported = claim_residual.analyze(RES_PROFILE, _residual_results(base, -1.0))
+    assert supported.verdict.verdict == SUPPORTED
+    assert supported.verdict.key_interval.mean == pytest.approx(30.0)  # 90% − 60% (BN-plain)
+    assert supported.numbers["bn_ratio_exponent"]["mean"] == pytest.approx(-1.0)
+    flat = claim_residual.analyze(RES_PROFILE, _residual_results(base, 0.0))
+    assert flat.verdict.verdict == CAVEATS  # it trains better, but not through identity-biased blocks
+    no_gain = claim_residual.analyze(RES_PROFILE, _residual_results({**base, ("bn", True): 0.9}, -1.0))
+    assert no_gain.verdict.verdict == NOT_SUPPORTED
