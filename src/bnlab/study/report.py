@@ -80,9 +80,13 @@ def build_report(out: str | Path) -> Path:
     results = {k: r for k, r in rows.items()}
     counts = {s: sum(r["status"] == s for r in rows.values()) for s in ("done", "diverged", "failed")}
     run_counts = f"{len(rows)} runs: {counts['done']} done, {counts['diverged']} diverged, {counts['failed']} failed"
-    any_row = next(iter(rows.values()), None)
-    versions = ", ".join(f"{k} {v}" for k, v in (any_row or {}).get("versions", {}).items()) or "n/a"
-    hardware = ", ".join(f"{k}: {v}" for k, v in (any_row or {}).get("hardware", {}).items() if v) or "n/a"
+    versions = "; ".join(sorted({", ".join(f"{k} {v}" for k, v in (r.get("versions") or {}).items())
+                                 for r in rows.values()})) or "n/a"
+    hardware = "; ".join(sorted({", ".join(f"{k}: {v}" for k, v in (r.get("hardware") or {}).items() if v)
+                                 for r in rows.values()})) or "n/a"
+    seconds = store.get_meta("last_run_seconds")
+    if seconds is not None:
+        run_counts += f"; the runs of the last `bnlab study` took {seconds:.0f} s"
     run_info = (f"[{profile['dataset']}, ResNet-{profile['depth']} width {profile['width']} unless stated, "
                 f"seeds {profile['seeds']}; {versions}; {hardware}]")
 

@@ -46,6 +46,7 @@ def _work(store_path: str, key: str, spec: dict) -> tuple[str, str, Optional[str
     started = time.perf_counter()
     status, result, error = execute(spec)
     versions, hardware = environment()
+    hardware["threads_per_run"] = 1  # execute() runs every spec on one thread
     Store(store_path).put(key, spec, status, result, error, time.perf_counter() - started, versions, hardware)
     return key, status, error
 

@@ -52,7 +52,7 @@ def environment() -> tuple[dict, dict]:
     versions = {"bnlab": bnlab.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
                 "python": platform.python_version()}
     hardware = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-                "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "system": platform.system(),
+                "cpus": os.cpu_count(), "system": platform.system(),
                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     return versions, hardware
 
