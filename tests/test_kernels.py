@@ -547,7 +547,7 @@ def test_auto_dispatch_heuristic(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 _COMPILE_FOR_HOPPER = r'''
-import json, os, re
+import json, os, re, subprocess, tempfile
 os.environ.pop("TRITON_INTERPRET", None)
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -573,6 +573,15 @@ def build(label, fn, args, consts, num_warps=8):
     ptx = kernel.asm["ptx"]
     out[label] = {"loads": sorted(set(re.findall(r"ld\.global[.a-z0-9]*", ptx))),
                   "stores": sorted(set(re.findall(r"st\.global[.a-z0-9]*", ptx)))}
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(cuobjdump):
+        with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as cubin:
+            cubin.write(kernel.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+        found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+        if found:
+            out[label]["registers"], out[label]["stack"], out[label]["local"] = map(int, found.groups())
 
 bf16, f32, f64 = "*bf16", "*fp32", "*fp64"
 acc = dict(ACC=tl.float32)
@@ -598,19 +607,20 @@ build("backward finalize fp64", K._backward_finalize_kernel,
       dict(ACC=tl.float64, HAS_WEIGHT=True, STORE_DW=True, STORE_DB=True, TRAINING=True, BLOCK_C=256), 4)
 build("small forward", K._small_forward_kernel,
       dict(X=bf16, Y=bf16, RES=bf16, W=f32, BIAS=f32, MEAN=f32, VAR=f32, eps="fp32"),
-      dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True, BLOCK_C=16, BLOCK_R=512, **acc))
+      dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True, BLOCK_C=16, BLOCK_R=256, **acc))
 build("small backward", K._small_backward_kernel,
       dict(X=bf16, DY=bf16, Y=bf16, DX=bf16, DZ=bf16, MEAN=f32, VAR=f32, W=f32, DW=f32, DB=f32, eps="fp32"),
       dict(HAS_WEIGHT=True, RELU=True, STORE_DX=True, STORE_DZ=True, STORE_DW=True, STORE_DB=True,
-           BLOCK_C=16, BLOCK_R=512, **acc))
+           BLOCK_C=16, BLOCK_R=256, **acc))
 print(json.dumps(out))
 '''
 
 
 def test_kernels_compile_for_hopper_with_wide_accesses():
-    """The interpreter accepts programs the GPU compiler may reject; this compiles each kernel to PTX for
-    sm_90 (no GPU needed) and checks that the tiled passes move 16 bytes per load and store in both
-    layouts, which is what lets a memory-bound kernel approach the bandwidth floor."""
+    """The interpreter accepts programs the GPU compiler may reject; this compiles each kernel for sm_90
+    (no GPU needed) with the launcher's tile sizes, and checks that the tiled passes move 16 bytes per
+    load and store in both layouts (what lets a memory-bound kernel approach the bandwidth floor) and that
+    no kernel spills registers."""
     import json
     import subprocess
     import sys
@@ -631,3 +641,7 @@ def test_kernels_compile_for_hopper_with_wide_accesses():
         assert any(".v4." in op for op in result[label]["loads"]), (label, result[label])
     for label in ("normalize+add+relu cl", "dx contiguous"):
         assert any(".v4." in op for op in result[label]["stores"]), (label, result[label])
+    # the launcher's tile sizes (16 values per thread) fit in registers: nothing spills to local memory
+    for label, info in result.items():
+        if "stack" in info:
+            assert info["stack"] == 0 and info["local"] == 0, (label, info)
