@@ -105,7 +105,7 @@ def _writer(path, offset):
 def test_parallel_processes_write_one_store_safely(tmp_path):
     path = str(tmp_path / "s.sqlite")
     Store(path)
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("fork")  # the writers touch only sqlite3, never torch
     workers = [context.Process(target=_writer, args=(path, n)) for n in range(3)]
     for w in workers:
         w.start()
