@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
@@ -50,6 +49,15 @@ def _alloc(shape, dtype, device) -> Tensor:
 def _alloc_like(ref: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     out = torch.empty_like(ref, dtype=dtype)  # keeps ref's strides (ref is dense)
     return out.fill_(float("nan")) if POISON else out
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of 2 ≥ n (n ≥ 1)."""
+    return 1 << (n - 1).bit_length()
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,11 +95,30 @@ class Layout:
 
 def layout_of(x: Tensor) -> Optional[Layout]:
     """The ``(B, C, S)`` view of ``x`` without a copy, or ``None`` when its strides fit neither layout."""
-    N, C = x.shape[0], x.shape[1]
-    spatial = math.prod(x.shape[2:])
-    if x.is_contiguous() and spatial > 1:
+    return _layout_from(tuple(x.shape), x.stride())
+
+
+def _dense_in_order(shape: tuple[int, ...], stride: tuple[int, ...], order) -> bool:
+    """Whether dims ``order`` (innermost first) are packed without gaps; size-1 dims have any stride."""
+    expected = 1
+    for d in order:
+        if shape[d] != 1 and stride[d] != expected:
+            return False
+        expected *= shape[d]
+    return True
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout_from(shape: tuple[int, ...], stride: tuple[int, ...]) -> Optional[Layout]:
+    # cached: the launchers run once per layer per step, and this is pure Python on two tuples
+    N, C = shape[0], shape[1]
+    spatial = math.prod(shape[2:])
+    ndim = len(shape)
+    contiguous = _dense_in_order(shape, stride, range(ndim - 1, -1, -1))
+    if contiguous and spatial > 1:
         return Layout(N, C, spatial, C * spatial, spatial, 1)
-    if x.movedim(1, -1).is_contiguous():  # channels-last, or (N, C) / (N, C, 1, …) contiguous
+    # channels-last, or (N, C) / (N, C, 1, …) contiguous
+    if _dense_in_order(shape, stride, [1, *range(ndim - 1, 1, -1), 0]):
         return Layout(1, C, N * spatial, 0, 1, C)
     return None
 
@@ -136,6 +163,7 @@ def _target_programs(device: torch.device, per_sm: int) -> int:
     return 4  # interpreter: a few programs, so the split-and-combine path is exercised
 
 
+@functools.lru_cache(maxsize=4096)
 def choose_plan(layout: Layout, device: torch.device) -> Plan:
     """Block sizes from the layout (the splits are chosen per launch by :func:`_grid` from the device size).
 
@@ -146,8 +174,8 @@ def choose_plan(layout: Layout, device: torch.device) -> Plan:
     kernels on sm_90, no spills).
     """
     C, S, count = layout.C, layout.S, layout.count
-    c_pow2 = triton.next_power_of_2(C)
-    r_pow2 = triton.next_power_of_2(count)
+    c_pow2 = _pow2(C)
+    r_pow2 = _pow2(count)
     if layout.channels_last:
         # channels are contiguous: even a whole-channel block spans up to 16 of them (a 32-byte sector in
         # half precision), so loads stay coalesced
@@ -155,12 +183,12 @@ def choose_plan(layout: Layout, device: torch.device) -> Plan:
         if small_c * r_pow2 <= _SMALL_TILE:
             return Plan(small_c, r_pow2, single_read=True, num_warps=4 if small_c * r_pow2 <= 2048 else 8)
         block_c = min(c_pow2, 128)
-        block_s = max(1, min(triton.next_power_of_2(S), _TILE // block_c))
+        block_s = max(1, min(_pow2(S), _TILE // block_c))
     else:
         if r_pow2 <= _SMALL_TILE:
             block_c = max(1, min(c_pow2, _SMALL_TILE // r_pow2, 16))
             return Plan(block_c, r_pow2, single_read=True, num_warps=4 if block_c * r_pow2 <= 2048 else 8)
-        block_s = min(triton.next_power_of_2(S), 1024)
+        block_s = min(_pow2(S), 1024)
         block_c = max(1, min(c_pow2, _TILE // block_s))
     return Plan(block_c, block_s, num_warps=8 if block_c * block_s >= 4096 else 4)
 
@@ -174,15 +202,16 @@ class _Grid:
     c_blocks: int
 
 
+@functools.lru_cache(maxsize=4096)
 def _grid(layout: Layout, plan: Plan, splits: int, device: torch.device, per_sm: int) -> _Grid:
-    n_s_chunks = triton.cdiv(layout.S, plan.block_s)
+    n_s_chunks = _cdiv(layout.S, plan.block_s)
     n_tiles = layout.B * n_s_chunks
-    c_blocks = triton.cdiv(layout.C, plan.block_c)
+    c_blocks = _cdiv(layout.C, plan.block_c)
     if splits <= 0:
-        splits = triton.cdiv(_target_programs(device, per_sm), c_blocks)
+        splits = _cdiv(_target_programs(device, per_sm), c_blocks)
     splits = max(1, min(splits, n_tiles))
-    tiles_per_program = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tiles_per_program)  # every program gets at least one tile
+    tiles_per_program = _cdiv(n_tiles, splits)
+    splits = _cdiv(n_tiles, tiles_per_program)  # every program gets at least one tile
     return _Grid(n_s_chunks, n_tiles, tiles_per_program, splits, c_blocks)
 
 
@@ -221,7 +250,7 @@ def forward_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     res = residual if residual is not None else x
 
     if plan.single_read:
-        K._small_forward_kernel[(triton.cdiv(layout.C, plan.block_c),)](
+        K._small_forward_kernel[(_cdiv(layout.C, plan.block_c),)](
             x, y, res, w, b, mean, var, *_strides(layout), layout.C, layout.S, layout.count, eps,
             ACC=_tl_acc(x.dtype), **flags, BLOCK_C=plan.block_c, BLOCK_R=plan.block_s,
             num_warps=plan.num_warps)
@@ -232,8 +261,8 @@ def forward_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     K._stats_partial_kernel[(grid.c_blocks, grid.splits)](
         x, part, *_strides(layout), *_geometry(layout, grid),
         ACC=_tl_acc(x.dtype), BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
-    finalize_block = min(triton.next_power_of_2(layout.C), 256)
-    K._stats_finalize_kernel[(triton.cdiv(layout.C, finalize_block),)](
+    finalize_block = min(_pow2(layout.C), 256)
+    K._stats_finalize_kernel[(_cdiv(layout.C, finalize_block),)](
         part, mean, var, layout.C, grid.splits, BLOCK_C=finalize_block)
     _normalize(x, y, res, mean, var, w, b, eps, layout, plan, flags)
     return y, mean, var
@@ -259,7 +288,7 @@ def forward_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: O
 
 def _tiled_plan(layout: Layout, plan: Plan) -> Plan:
     """A tiled plan with the single-read plan's channel block."""
-    block_s = max(1, min(triton.next_power_of_2(layout.S), max(1, _TILE // plan.block_c)))
+    block_s = max(1, min(_pow2(layout.S), max(1, _TILE // plan.block_c)))
     return Plan(plan.block_c, block_s, plan.reduce_splits, plan.elementwise_splits, False, plan.num_warps)
 
 
@@ -297,7 +326,7 @@ def backward(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor
     w_arg = weight if weight is not None else var
 
     if plan.single_read and training:
-        K._small_backward_kernel[(triton.cdiv(layout.C, plan.block_c),)](
+        K._small_backward_kernel[(_cdiv(layout.C, plan.block_c),)](
             x, dy, y_arg, dx if dx is not None else x, dres if dres is not None else x, mean, var, w_arg,
             dw if dw is not None else var, db if db is not None else var,
             *_strides(layout), layout.C, layout.S, layout.count, eps,
@@ -326,8 +355,8 @@ def backward(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor
         ACC=_tl_acc(x.dtype), RELU=relu, STORE_DZ=dres is not None,
         BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
     coef = _alloc((3, layout.C), acc, device)
-    finalize_block = min(triton.next_power_of_2(layout.C), 256)
-    K._backward_finalize_kernel[(triton.cdiv(layout.C, finalize_block),)](
+    finalize_block = min(_pow2(layout.C), 256)
+    K._backward_finalize_kernel[(_cdiv(layout.C, finalize_block),)](
         part, var, w_arg, dw if dw is not None else coef, db if db is not None else coef, coef,
         layout.C, grid.splits, layout.count, eps,
         ACC=_tl_acc(x.dtype), HAS_WEIGHT=weight is not None, STORE_DW=need_dw, STORE_DB=need_db,
