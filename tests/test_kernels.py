@@ -478,6 +478,47 @@ def test_odd_strides_are_copied_not_misread():
     _assert_close(dx, reference.backward(_np(torch.ones_like(y) + x.detach()), cache)[0], torch.float64, "dx")
 
 
+@pytest.mark.parametrize("C,dtype", [(7, torch.float32), (1500, torch.float32), (5, torch.float16),
+                                     (3, torch.float64)])
+def test_running_stats_update_matches_reference(C, dtype):
+    """C = 1500 spans two of the kernel's channel blocks; float16 running statistics are updated in
+    float32 and rounded once."""
+    torch.manual_seed(15)
+    x = torch.randn(6, C, dtype=torch.float64) * 2 + 1
+    _, cache = reference.forward(x.numpy())
+    mean = torch.tensor(cache["mean"], dtype=torch.float32, device=DEVICE)
+    var = torch.tensor(cache["var"], dtype=torch.float32, device=DEVICE)
+    rm = torch.randn(C, dtype=dtype, device=DEVICE)
+    rv = (torch.rand(C, dtype=dtype, device=DEVICE) + 0.5)
+    expected_mean, expected_var = reference.update_running(_np(rm), _np(rv), cache, momentum=0.3)
+    finite = kernels.update_running_stats(mean, var, rm, rv, 6, 0.3)
+    assert finite.dtype == torch.bool and finite.dim() == 0
+    assert finite.view(torch.uint8).item() == 1
+    tol = 1e-3 if dtype == torch.float16 else 1e-6
+    np.testing.assert_allclose(_np(rm), expected_mean, rtol=tol, atol=tol)
+    np.testing.assert_allclose(_np(rv), expected_var, rtol=tol, atol=tol)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_running_stats_update_skips_a_nonfinite_batch(bad):
+    mean, var = torch.randn(1100, device=DEVICE), torch.rand(1100, device=DEVICE)
+    var[1050] = bad  # in the second channel block: the decision covers every channel
+    rm, rv = torch.randn(1100, device=DEVICE), torch.rand(1100, device=DEVICE)
+    before = rm.clone(), rv.clone()
+    finite = kernels.update_running_stats(mean, var, rm, rv, 10, 0.1)
+    assert finite.view(torch.uint8).item() == 0
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+def test_running_stats_update_errors():
+    z = torch.zeros(3, device=DEVICE)
+    with pytest.raises(ValueError, match="running_var must be a"):
+        kernels.update_running_stats(z, z, z.clone(), torch.zeros(4, device=DEVICE), 5, 0.1)
+    with pytest.raises(ValueError, match="count must be at least 2"):
+        kernels.update_running_stats(z, z, z.clone(), z.clone(), 1, 0.1)
+
+
 # --------------------------------------------------------------------------------------------------
 # plumbing: supports(), errors, the poison switch
 # --------------------------------------------------------------------------------------------------
@@ -605,6 +646,9 @@ build("stats finalize", K._stats_finalize_kernel, dict(PART=f32, MEAN=f32, VAR=f
 build("backward finalize fp64", K._backward_finalize_kernel,
       dict(PART=f64, VAR=f64, W=f64, DW=f64, DB=f64, COEF=f64, eps="fp32"),
       dict(ACC=tl.float64, HAS_WEIGHT=True, STORE_DW=True, STORE_DB=True, TRAINING=True, BLOCK_C=256), 4)
+build("running stats", K._running_stats_kernel, dict(MEAN=f32, VAR=f32, RUNNING_MEAN=f32, RUNNING_VAR=f32,
+                                                     FINITE="*u8", momentum="fp32"),
+      dict(BLOCK_C=1024, **acc), 4)
 build("small forward", K._small_forward_kernel,
       dict(X=bf16, Y=bf16, RES=bf16, W=f32, BIAS=f32, MEAN=f32, VAR=f32, eps="fp32"),
       dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True, BLOCK_C=16, BLOCK_R=256, **acc))
@@ -635,7 +679,7 @@ def test_kernels_compile_for_hopper_with_wide_accesses():
         pytest.skip("ptxas is not available")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(result) == 9
+    assert len(result) == 10
     for label in ("stats cl", "normalize+add+relu cl", "backward partial relu cl", "dx contiguous",
                   "stats contiguous"):
         assert any(".v4." in op for op in result[label]["loads"]), (label, result[label])

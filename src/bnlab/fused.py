@@ -74,21 +74,12 @@ def _fused_tail(bn: torch.nn.Module, x: Tensor, residual: Optional[Tensor]) -> T
                                        residual, relu=True)
     y, mean, var = kernels.batch_norm_train(x, bn.weight, bn.bias, bn.eps, residual, relu=True)
     if bn._updates_running_stats():
-        bn._commit_running_stats(_running_update(x, y, mean, var, bn.running_mean, bn.running_var, momentum))
+        # the update as bnlab.functional.batch_norm_stats defines it, in place and in one kernel; the
+        # module's own commit step then only does its bookkeeping (its copies are onto themselves)
+        finite = kernels.update_running_stats(mean, var, bn.running_mean, bn.running_var,
+                                              x.numel() // x.shape[1], momentum)
+        bn._commit_running_stats(F.BatchNormOutput(y, bn.running_mean, bn.running_var, mean, var, finite))
     return y
-
-
-def _running_update(x: Tensor, y: Tensor, mean: Tensor, var: Tensor, running_mean: Tensor,
-                    running_var: Tensor, momentum: float) -> F.BatchNormOutput:
-    """The new running statistics from a batch's, as :func:`bnlab.functional.batch_norm_stats` computes
-    them: EMA with the unbiased variance, skipped (``finite=False``) when the batch statistics are not
-    finite."""
-    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
-    m = x.numel() // x.shape[1]
-    unbiased = var * (m / (m - 1)) if m > 1 else var
-    new_mean = torch.where(finite, torch.lerp(running_mean, mean.to(running_mean.dtype), momentum), running_mean)
-    new_var = torch.where(finite, torch.lerp(running_var, unbiased.to(running_var.dtype), momentum), running_var)
-    return F.BatchNormOutput(y, new_mean, new_var, mean, var, finite)
 
 
 class _BatchNormReLU:

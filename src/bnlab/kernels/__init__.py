@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["supports", "preferred", "batch_norm_train", "batch_norm_eval", "batch_norm_relu", "batch_norm_add_relu",
-           "available"]
+__all__ = ["supports", "preferred", "batch_norm_train", "batch_norm_eval", "batch_norm_relu",
+           "batch_norm_add_relu", "update_running_stats", "available"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -107,3 +107,24 @@ def batch_norm_add_relu(x: Tensor, residual: Tensor, weight: Optional[Tensor] = 
     """``relu(bn(x) + residual)`` in training mode, the residual block's tail; returns
     ``(y, mean, biased_var)`` like :func:`batch_norm_train`."""
     return batch_norm_train(x, weight, bias, eps, residual=residual, relu=True)
+
+
+def update_running_stats(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor, count: int,
+                         momentum: float) -> Tensor:
+    """Update the running statistics in place from a batch's ``mean`` and biased ``var`` (``count`` values
+    per channel), as :func:`bnlab.functional.batch_norm_stats` does — EMA with the unbiased variance,
+    skipped when a batch statistic is not finite — in one kernel launch instead of ten-odd small ops.
+
+    Returns a 0-dim bool tensor: whether the update happened (no host synchronisation).
+    """
+    for label, t in (("mean", mean), ("var", var), ("running_mean", running_mean), ("running_var", running_var)):
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.shape != mean.shape or t.device != mean.device:
+            raise ValueError(f"update_running_stats: {label} must be a (C,) tensor on mean's device "
+                             f"(got {getattr(t, 'shape', type(t).__name__)})")
+    if not running_mean.is_contiguous() or not running_var.is_contiguous():
+        raise ValueError("update_running_stats: running_mean and running_var must be contiguous")
+    if count < 2:
+        raise ValueError(f"update_running_stats: count must be at least 2 (got {count})")
+    from bnlab.kernels import launch
+    return launch.update_running_stats(mean.contiguous(), var.contiguous(), running_mean, running_var, count,
+                                       momentum)

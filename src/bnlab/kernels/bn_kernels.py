@@ -380,3 +380,47 @@ def _small_backward_kernel(
         coef_one = -gain * sum_dy / count
         dx = dy * gain[:, None] + xc * coef_xc[:, None] + coef_one[:, None]
         tl.store(DX + offsets, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# running statistics
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["count"])
+def _running_stats_kernel(
+    MEAN,          # (C,) batch mean
+    VAR,           # (C,) biased batch variance
+    RUNNING_MEAN,  # (C,) updated in place
+    RUNNING_VAR,   # (C,) updated in place
+    FINITE,        # (1,) uint8 out: 1 when all the batch statistics were finite, else 0
+    C, count,
+    momentum,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """EMA of the running statistics with the unbiased batch variance, skipped entirely when any batch
+    statistic is not finite: one program, so that the decision covers every channel. Replaces the ten-odd
+    small PyTorch ops of the same update."""
+    offs = tl.arange(0, BLOCK_C)
+    bad = tl.zeros((BLOCK_C,), dtype=tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + offs
+        c_mask = c < C
+        mean = tl.load(MEAN + c, mask=c_mask, other=0.0).to(ACC)
+        var = tl.load(VAR + c, mask=c_mask, other=0.0).to(ACC)
+        # x − x is 0 for finite x, NaN for ±inf and NaN
+        bad += ((mean - mean != 0.0) | (var - var != 0.0)).to(tl.int32)
+    n_bad = tl.sum(bad, axis=0)
+    keep = tl.zeros((BLOCK_C,), dtype=tl.int32) + n_bad > 0    # (BLOCK_C,) the same flag in every lane
+    unbias = count / (count - 1.0)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + offs
+        c_mask = c < C
+        mean = tl.load(MEAN + c, mask=c_mask, other=0.0).to(ACC)
+        var = tl.load(VAR + c, mask=c_mask, other=0.0).to(ACC)
+        old_mean = tl.load(RUNNING_MEAN + c, mask=c_mask, other=0.0).to(ACC)
+        old_var = tl.load(RUNNING_VAR + c, mask=c_mask, other=0.0).to(ACC)
+        new_mean = tl.where(keep, old_mean, old_mean + momentum * (mean - old_mean))
+        new_var = tl.where(keep, old_var, old_var + momentum * (var * unbias - old_var))
+        tl.store(RUNNING_MEAN + c, new_mean.to(RUNNING_MEAN.dtype.element_ty), mask=c_mask)
+        tl.store(RUNNING_VAR + c, new_var.to(RUNNING_VAR.dtype.element_ty), mask=c_mask)
+    tl.store(FINITE + offs, tl.where(keep, 0, 1).to(tl.uint8), mask=offs < 1)

@@ -375,3 +375,22 @@ def _dx(x, dy, y, dx, mean, coef, layout: Layout, plan: Plan, *, relu: bool, tra
         x, dy, y, dx, mean, coef, *_strides(layout), *_geometry(layout, grid),
         ACC=_tl_acc(x.dtype), RELU=relu, TRAINING=training,
         BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
+
+
+# --------------------------------------------------------------------------------------------------
+# running statistics
+# --------------------------------------------------------------------------------------------------
+
+def update_running_stats(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor, count: int,
+                         momentum: float) -> Tensor:
+    """``running ← (1 − momentum)·running + momentum·batch`` in place (variance unbiased by
+    ``count/(count − 1)``), unless a batch statistic is not finite. Returns that flag as a 0-dim bool
+    tensor, without a host synchronisation."""
+    C = mean.shape[0]
+    finite = torch.empty(1, dtype=torch.uint8, device=mean.device)
+    if POISON:
+        finite.fill_(2)  # neither answer: an unwritten flag shows up
+    K._running_stats_kernel[(1,)](
+        mean, var, running_mean, running_var, finite, C, count, float(momentum),
+        ACC=_tl_acc(running_mean.dtype), BLOCK_C=min(_pow2(C), 1024))
+    return finite.view(torch.bool)[0]
