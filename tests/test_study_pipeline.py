@@ -3,6 +3,7 @@ real kill."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,10 +18,15 @@ from bnlab.study.store import Store
 from bnlab.study.verdict import VERDICTS
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    run_study(get_profile("tiny"), out, jobs=1, progress=False)
+    """One uninterrupted tiny study, shared by every test (and every pytest-xdist worker) that reads it."""
+    from filelock import FileLock
+    root = tmp_path_factory.getbasetemp().parent  # the same directory for all xdist workers
+    out = root / "tiny-study"
+    with FileLock(str(root / "tiny-study.lock")):
+        if not (out / "verdicts.json").is_file():
+            run_study(get_profile("tiny"), out, jobs=1, progress=False)
     return out
 
 
@@ -59,19 +65,24 @@ def test_tiny_study_writes_every_claim_and_verdict(tiny_study):
 
 
 def test_report_command_rebuilds_without_training(tiny_study, tmp_path, capsys):
-    (tiny_study / "report.html").unlink()
-    count = Store(tiny_study / STORE_NAME).count()
-    assert main(["report", str(tiny_study)]) == 0
-    assert (tiny_study / "report.html").is_file()
-    assert Store(tiny_study / STORE_NAME).count() == count
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_study, copy)
+    (copy / "report.html").unlink()
+    count = Store(copy / STORE_NAME).count()
+    assert main(["report", str(copy)]) == 0
+    assert (copy / "report.html").is_file()
+    assert Store(copy / STORE_NAME).count() == count
+    assert (copy / "verdicts.json").read_text() == (tiny_study / "verdicts.json").read_text()
     with pytest.raises(SystemExit, match="no study store"):
         main(["report", str(tmp_path)])
 
 
-def test_rerunning_reuses_every_finished_run(tiny_study):
-    before = {k: r["finished"] for k, r in Store(tiny_study / STORE_NAME).results().items()}
-    run_study(get_profile("tiny"), tiny_study, jobs=1, progress=False, report=False)
-    after = {k: r["finished"] for k, r in Store(tiny_study / STORE_NAME).results().items()}
+def test_rerunning_reuses_every_finished_run(tiny_study, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_study, copy)
+    before = {k: r["finished"] for k, r in Store(copy / STORE_NAME).results().items()}
+    run_study(get_profile("tiny"), copy, jobs=1, progress=False, report=False)
+    after = {k: r["finished"] for k, r in Store(copy / STORE_NAME).results().items()}
     assert after == before
 
 

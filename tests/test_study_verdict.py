@@ -2,11 +2,18 @@
 
 import math
 
+import matplotlib.pyplot as plt
 import pytest
 
 from bnlab.study import claim_lr, claim_speed
 from bnlab.study.specs import spec_key
 from bnlab.study.verdict import CAVEATS, NOT_SUPPORTED, SUPPORTED, Interval, Verdict, clears, combine
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")  # analyze() draws the report's figures; nothing here shows them
+
 
 PROFILE = {"name": "synthetic", "dataset": "synthetic", "seeds": [0, 1, 2], "width": 0.25, "depth": 8,
            "eval_every": 1, "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.01, 0.1, 1.0],
