@@ -166,7 +166,7 @@ def _g(values) -> str:
 
 
 def _signal_figure(profile, signal, depth) -> dict:
-    fig, (ax_var, ax_ratio, ax_grad) = figure(width=4.2, ncols=3)
+    fig, (ax_mean, ax_var, ax_ratio, ax_grad) = figure(width=3.6, ncols=4)
     for n, p in ARMS:
         rows = [r for r in signal[(depth, n, p)] if r]
         if not rows:
@@ -175,7 +175,9 @@ def _signal_figure(profile, signal, depth) -> dict:
         blocks = [r["result"]["blocks"] for r in rows]
         idx = np.arange(1, len(blocks[0]) + 1)
         var = np.nanmean([[b.get("stream_var", math.nan) for b in bl] for bl in blocks], axis=0)
-        ax_var.plot(idx, var, color=color, ls=ls, label=arm_label(n, p))
+        sq_mean = np.nanmean([[b.get("stream_sq_mean", math.nan) for b in bl] for bl in blocks], axis=0)
+        ax_mean.plot(idx, sq_mean, color=color, ls=ls, label=arm_label(n, p))
+        ax_var.plot(idx, var, color=color, ls=ls)
         if not p:
             ratio = np.nanmean([[b["ratio"] if b.get("ratio") is not None else math.nan for b in bl]
                                 for bl in blocks], axis=0)
@@ -183,7 +185,8 @@ def _signal_figure(profile, signal, depth) -> dict:
         grads = np.nanmean([r["result"]["grad_norms"] for r in rows], axis=0)
         ax_grad.plot(np.arange(1, len(grads) + 1), grads, color=color, ls=ls)
     ax_ratio.plot(idx, 1 / idx, color="k", lw=0.8, ls=":", label="1/ℓ (De & Smith)")
-    for ax, title, ylabel in ((ax_var, "residual stream", "avg channel variance"),
+    for ax, title, ylabel in ((ax_mean, "residual stream", "avg channel squared mean"),
+                              (ax_var, "residual stream", "avg channel variance"),
                               (ax_ratio, "branch / skip", "Var(branch)/Var(skip)"),
                               (ax_grad, "gradients", "‖∂L/∂W‖ per layer")):
         ax.set_yscale("log")
@@ -191,11 +194,13 @@ def _signal_figure(profile, signal, depth) -> dict:
         ax.set_ylabel(ylabel)
         ax.set_xlabel("block ℓ" if ax is not ax_grad else "layer (forward order)")
         ax.grid(alpha=0.3)
-    ax_var.legend(fontsize=6)
+    ax_mean.legend(fontsize=6)
     ax_ratio.legend(fontsize=6)
     fig.tight_layout()
     return {"name": "claim5_signal_propagation", "title": f"Signal propagation at initialization, depth {depth}",
-            "figure": fig, "caption": "Mean over seeds of one training-mode batch; dashed lines are plain networks."}
+            "figure": fig, "caption": "Mean over seeds of one training-mode batch; dashed lines are plain networks. "
+                       "SkipInit and Fixup start with zero branches: their ratio and most branch "
+                       "gradients are 0 and do not show on the log scales."}
 
 
 def _depth_figure(profile, trained) -> dict:

@@ -141,7 +141,7 @@ def _run_train(spec: dict) -> tuple[str, dict]:
         probe.evaluate(model, len(probe.losses))  # always end with an evaluation of the final model
     losses = [_finite_or_none(v) for v in probe.losses]
     result = {"losses": losses, "curve": probe.curve, "initial_loss": losses[0] if losses else None,
-              "final": history.final, "reason": history.reason, "steps": len(losses),
+              "final": history.final, "reason": history.reason, "steps": len(losses), "epochs": history.epochs,
               "chance": 1.0 / data.num_classes}
     return history.status, result
 
