@@ -6,7 +6,7 @@ each so that changes in machine load hit both alike; the ratio is folded / unfol
 
     python benchmarks/fold_cpu.py                                  # resnet20, batch 64, 32x32
     python benchmarks/fold_cpu.py --model resnet18 --batch 16      # any name bnlab.models.create knows
-    python benchmarks/fold_cpu.py --norm torch_bn --threads 1
+    python benchmarks/fold_cpu.py --norm torch_bn --threads 1     # one thread: steadier on a shared machine
 """
 
 from __future__ import annotations
