@@ -106,12 +106,12 @@ class DoctorReport:
         def num(v, fmt="{:.3g}"):
             return "-" if v is None else fmt.format(v)
         name_width = max([5] + [len(layer.layer) for layer in self.layers])
-        head = (f"{'layer':{name_width}s}  {'kind':14s} {'C':>5s} {'values/ch':>9s} {'gap':>7s} "
+        head = (f"{'layer':{name_width}s}  {'kind':14s} {'C':>5s} {'values/ch':>9s} {'gap':>9s} "
                 f"{'mean dist':>9s} {'var ratio':>9s} {'dead':>4s}  at inference")
         lines = [head, "-" * len(head)]
         for r in self.layers:
             lines.append(f"{r.layer:{name_width}s}  {r.kind[:14]:14s} {r.num_features:5d} "
-                         f"{num(r.values_per_channel, '{:d}'):>9s} {num(r.train_eval_gap):>7s} "
+                         f"{num(r.values_per_channel, '{:d}'):>9s} {num(r.train_eval_gap):>9s} "
                          f"{num(r.mean_distance):>9s} {num(r.var_ratio):>9s} {r.dead_channels:4d}  {r.mode}")
         lines.append("")
         if self.model_gap is not None:

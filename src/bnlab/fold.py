@@ -57,7 +57,7 @@ class FoldReport:
         lines += [f"  folded  {bn} -> {into}" for bn, into in self.folded]
         lines += [f"  kept    {bn}: {reason}" for bn, reason in self.skipped]
         if self.trace_error:
-            lines.append(f"  torch.fx tracing failed: {self.trace_error}")
+            lines.append(f"  torch.fx could not trace {self.trace_error}; its submodules were traced instead")
         if self.max_abs_error is not None:
             lines.append(f"  probe: max |folded - original| = {self.max_abs_error:.3g} "
                          f"(relative {self.max_rel_error:.3g})")
@@ -251,7 +251,8 @@ def fold_bn(model: nn.Module, probe: Union[Tensor, Sequence[Tensor], None] = Non
 
     Works with :mod:`bnlab.nn`, :mod:`bnlab.variants` and ``torch.nn`` batch-norm layers, convolutions of
     any ``groups``, with or without bias. The result is for inference: it is returned in eval mode and
-    matches ``model.eval()``.
+    matches ``model.eval()``. A linear layer is folded as feeding batch norm on ``(N, C)`` features (its
+    output features are the channels); pass ``probe`` to have every fold verified.
 
     Args:
         model: the network; not modified unless ``inplace``.
