@@ -200,7 +200,7 @@ def _residual_results(accuracy: dict, bn_exponent: float) -> dict:
             for depth in cfg["signal_depths"]:
                 n_blocks = (depth - 2) // 2
                 exponent = bn_exponent if norm == "bn" and not plain else 0.0
-                blocks = [{"stream_sq_mean": 0.0, "stream_var": 1.0, "branch_var": 1.0,
+                blocks = [{"stream_sq_mean": 0.01, "stream_var": 1.0, "branch_var": 1.0,
                            "ratio": None if plain else (i + 1) ** exponent} for i in range(n_blocks)]
                 spec = claim_residual._signal_spec(RES_PROFILE, depth, norm, plain, seed)
                 results[spec_key(spec)] = {"status": "done", "result": {"blocks": blocks, "grad_norms": [1.0, 1.0]}}
