@@ -194,9 +194,14 @@ def test_gradcheck(monkeypatch, kind, shape, channels_last):
                                     fast_mode=True)
 
 
-def test_double_backward_matches_torch():
+@pytest.mark.parametrize("odd_strides", [False, True])
+def test_double_backward_matches_torch(odd_strides):
+    """Second derivatives through the ReLU-fused op (recomputed with PyTorch ops); with odd strides the
+    kernels see a copy of x, and the second derivative must still reach x itself."""
     torch.manual_seed(4)
-    x = torch.randn(4, 3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    base = torch.randn(3, 4, 5, dtype=torch.float64, device=DEVICE).permute(1, 0, 2)   # (4, 3, 5)
+    x = (base if odd_strides else base.contiguous()).requires_grad_()
+    assert (launch.layout_of(x) is None) == odd_strides
     w = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     v = torch.randn_like(x)

@@ -70,15 +70,16 @@ class _BatchNormTrain(torch.autograd.Function):
     """Training mode: batch statistics; returns ``(y, mean, biased_var)``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, relu):
-        x = launch.canonical(x)
+    def forward(ctx, x_in, weight, bias, residual, eps, relu):
+        x = launch.canonical(x_in)
         if residual is not None:
             residual = launch.like(residual, x)
         y, mean, var = launch.forward_train(x, weight, bias, eps, residual, relu)
         ctx.eps, ctx.relu, ctx.training = eps, relu, True
         ctx.has_residual = residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, bias, y if relu else None, mean, var)
+        # the input itself, not a canonical copy: double backward must reach the caller's tensor
+        ctx.save_for_backward(x_in, weight, bias, y if relu else None, mean, var)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -88,6 +89,7 @@ class _BatchNormTrain(torch.autograd.Function):
             dx, dw, db, dres = _double_backward(ctx, dy, ctx.needs_input_grad[:3])
             return dx, dw, db, dres, None, None
         x, weight, bias, y, mean, var = ctx.saved_tensors
+        x = launch.canonical(x)
         need = ctx.needs_input_grad
         dx, dw, db, dres = launch.backward(
             launch.like(dy, x), x, y, weight, mean, var, ctx.eps, training=True, relu=ctx.relu,
@@ -100,15 +102,15 @@ class _BatchNormEval(torch.autograd.Function):
     """Evaluation mode: fixed (running) statistics; one elementwise pass forward."""
 
     @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, residual, eps, relu):
-        x = launch.canonical(x)
+    def forward(ctx, x_in, running_mean, running_var, weight, bias, residual, eps, relu):
+        x = launch.canonical(x_in)
         if residual is not None:
             residual = launch.like(residual, x)
         y = launch.forward_eval(x, running_mean, running_var, weight, bias, eps, residual, relu)
         ctx.eps, ctx.relu, ctx.training = eps, relu, False
         ctx.has_residual = residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, bias, y if relu else None, running_mean, running_var)
+        ctx.save_for_backward(x_in, weight, bias, y if relu else None, running_mean, running_var)
         return y
 
     @staticmethod
@@ -118,6 +120,7 @@ class _BatchNormEval(torch.autograd.Function):
         if torch.is_grad_enabled():
             dx, dw, db, dres = _double_backward(ctx, dy, (need[0], need[3], need[4]), running_mean, running_var)
             return dx, None, None, dw, db, dres, None, None
+        x = launch.canonical(x)
         dx, dw, db, dres = launch.backward(
             launch.like(dy, x), x, y, weight, running_mean, running_var, ctx.eps, training=False,
             relu=ctx.relu, need_dx=need[0], need_dw=weight is not None and need[3],
