@@ -5,7 +5,7 @@ Examples:
   bnlab study --jobs 2 --out study-out      # two runs at a time; rerun the same command to resume
   bnlab study --claims 1,4 --profile standard
   bnlab study --profile full --device cuda --out study-full
-  bnlab study --show-profile quick > my.json && bnlab study --profile my.json
+  bnlab study --profile quick --show-profile > my.json && bnlab study --profile my.json
   bnlab report study-out                    # rebuild report.html / report.md without training
 
 Five claims, one verdict each (supported / supported with caveats / not supported), computed from

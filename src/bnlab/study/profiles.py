@@ -97,7 +97,7 @@ def get_profile(name_or_path: Union[str, Path]) -> dict:
         missing = [k for k in ("dataset", "seeds", "ics", "lr", "regularize", "residual") if k not in profile]
         if missing:
             raise ValueError(f"--profile {path}: missing sections {', '.join(missing)}; "
-                             f"start from one printed by `bnlab study --show-profile quick`")
+                             f"start from one printed by `bnlab study --profile quick --show-profile`")
         profile.setdefault("name", path.stem)
         return profile
     raise ValueError(f"--profile must be one of {', '.join(PROFILES)} or a .json file (got {text!r})")
