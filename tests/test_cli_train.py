@@ -95,3 +95,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
     subprocess.run(cmd, check=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     history = json.loads((out / "history.json").read_text())
     assert history["meta"]["world_size"] == 2 and history["final"]["steps"] == 512 // 2 // 32
+
+
+def test_train_refuses_a_model_for_the_wrong_kind_of_data(tmp_path, capsys):
+    assert cli.main(["train", "--model", "resnet8", "--dataset", "mnist1d", "--out", str(tmp_path)]) == 2
+    assert "use resnet1d" in capsys.readouterr().err

@@ -146,9 +146,16 @@ def run(args) -> int:
                               num_classes=dataset.num_classes, width=args.width, plain=args.plain,
                               zero_init_residual=args.zero_init_residual,
                               fused=False if args.no_fused else None, **kw)
+        data_dims, model_dims = dataset.train_x.dim() - 2, getattr(model, "dims", 2)
+        if model_dims != data_dims:
+            raise ValueError(f"--model {args.model} takes {'sequences (N, C, L)' if model_dims == 1 else 'images'}, "
+                             f"but --dataset {args.dataset} holds {tuple(dataset.train_x.shape[1:])} examples; "
+                             f"use {'resnet1d' if data_dims == 1 else 'an image model such as resnet20'}")
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"bnlab train: {error}", file=sys.stderr)
         return 2
+    if hasattr(model, "init_whitening") and not args.resume:  # airbench: fit the stem to the data
+        model.init_whitening(dataset.train_x[:5000])
     if world_size > 1:
         model = _sync_batchnorm(model).to(config.device)
         model = torch.nn.parallel.DistributedDataParallel(
