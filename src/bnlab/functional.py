@@ -113,8 +113,25 @@ def backend_for(x: Tensor, backend: str = "auto") -> str:
 # training mode: an autograd.Function with the closed-form backward
 # --------------------------------------------------------------------------------------------------
 
-def _channel_sum(t: Tensor) -> Tensor:
-    return t.sum(_reduce_dims(t))
+# Values per chunk in _channel_sums: about 1 MiB of float32, so a chunk read for the first sum is still in
+# cache for the second and the elementwise product never exists at full size (a full-size temporary costs
+# an allocation and a pass through memory).
+_CHUNK_VALUES = 1 << 18
+
+
+def _channel_sums(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``Σa`` and ``Σa·b`` over every dimension but 1, computed in chunks of samples."""
+    dims = _reduce_dims(a)
+    rows = max(1, _CHUNK_VALUES // max(1, a[0].numel()))
+    if rows >= a.shape[0]:
+        return a.sum(dims), (a * b).sum(dims)
+    sum_a = sum_ab = None
+    for start in range(0, a.shape[0], rows):
+        a_rows, b_rows = a[start:start + rows], b[start:start + rows]
+        part_a, part_ab = a_rows.sum(dims), (a_rows * b_rows).sum(dims)
+        sum_a = part_a if sum_a is None else sum_a + part_a
+        sum_ab = part_ab if sum_ab is None else sum_ab + part_ab
+    return sum_a, sum_ab
 
 
 def _shift(x: Tensor) -> Tensor:
@@ -132,8 +149,9 @@ def _shifted_moments(x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``d = x − shift``, ``δ = E[d]`` (so μ = shift + δ) and the biased variance ``E[d²] − δ²`` (≥ 0)."""
     count = x.numel() // x.shape[1]
     d = x.to(shift.dtype) - _per_channel(shift, x)
-    delta = _channel_sum(d) / count
-    var = (_channel_sum(d * d) / count - delta * delta).clamp_min(0)
+    sum_d, sum_d2 = _channel_sums(d, d)
+    delta = sum_d / count
+    var = (sum_d2 / count - delta * delta).clamp_min(0)
     return d, delta, var
 
 
@@ -189,8 +207,8 @@ def _backward(dy, d, weight, delta, inv_std, needs_grad, has_weight, has_bias):
     """
     count = d.numel() // d.shape[1]
     dy_c = dy.to(inv_std.dtype)
-    sum_dy = _channel_sum(dy_c)                                          # Σ dy     (C,)
-    sum_dy_xhat = (_channel_sum(dy_c * d) - delta * sum_dy) * inv_std   # Σ dy·x̂   (C,)
+    sum_dy, sum_dy_d = _channel_sums(dy_c, d)                  # Σ dy, Σ dy·d   (C,)
+    sum_dy_xhat = (sum_dy_d - delta * sum_dy) * inv_std         # Σ dy·x̂         (C,)
 
     dx = dweight = dbias = None
     if needs_grad[0]:
