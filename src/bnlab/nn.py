@@ -22,14 +22,15 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
 class _BatchNorm(nn.Module):
     """Shared state and forward of :class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d`.
 
-    Subclasses set ``_expected_dims``. Class attribute ``warn_nonfinite`` (default ``True``) checks each
-    training batch's statistics on the host and warns when a non-finite batch was kept out of the running
-    statistics; set it to ``False`` to avoid that host synchronisation (the update is still skipped).
+    Subclasses set ``_expected_dims``. A batch whose statistics are not finite never reaches the running
+    statistics (decided on the device). ``warn_nonfinite`` says whether the host also checks, warns and
+    counts it in ``skipped_updates``: ``None`` (default) on CPU tensors only, where the check is free;
+    ``True`` everywhere (one host synchronisation per layer and step on a GPU); ``False`` never.
     """
 
     _version = 2
     _expected_dims: tuple[int, ...] = ()
-    warn_nonfinite: bool = True
+    warn_nonfinite: Optional[bool] = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
@@ -138,7 +139,8 @@ class _BatchNorm(nn.Module):
         with torch.no_grad():
             self.running_mean.copy_(out.running_mean)
             self.running_var.copy_(out.running_var)
-        if self.warn_nonfinite and not bool(out.finite):
+        check = self.warn_nonfinite if self.warn_nonfinite is not None else out.finite.device.type == "cpu"
+        if check and not bool(out.finite):
             self.skipped_updates += 1
             self.num_batches_tracked.sub_(1)
             warnings.warn(f"{self.layer_name}: the batch statistics are not finite (NaN or Inf in the input); "
