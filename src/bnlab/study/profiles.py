@@ -4,8 +4,8 @@ A profile is a plain dict (one per size below, or a JSON file passed as ``--prof
 claim modules read their own section and never branch on the profile's name. Sizes:
 
 * ``tiny``     — seconds; drives the whole pipeline in the tests (2 seeds; its verdicts mean nothing);
-* ``quick``    — the default: ≤ 5 minutes on 2 CPU cores; MNIST-1D (4k sequences of length 40),
-  narrow ResNet-8s, 3 seeds, every verdict;
+* ``quick``    — the default: ≤ 5 minutes on 2 CPU cores (about 2 on an idle machine); MNIST-1D (4k
+  sequences of length 40), narrow 1-D ResNet-8s, 3 seeds, every verdict;
 * ``standard`` — ≤ 1 hour on CPU: three epochs per run, eight learning rates, depths to 44, and
   Fashion-MNIST for the small-data claim;
 * ``full``     — one GPU: Fashion-MNIST, CIFAR-depth ResNets up to 110, 5 seeds.
@@ -38,12 +38,12 @@ PROFILES: dict[str, dict] = {
         "residual": {"signal_depths": [8, 14], "train_depths": [8], "signal_batch": 64, "lrs": [0.01]},
     },
     "quick": {
-        "description": "≤ 5 minutes on 2 CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 3 seeds, one epoch per run",
+        "description": "≤ 5 minutes on 2 CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 3 seeds, two epochs per run",
         "dataset": "mnist1d", "seeds": [0, 1, 2], "width": 0.5, "depth": 8, "eval_every": 6,
-        "ics": {"arms": {"bn": 0.3, "none": 0.1, "noisy_bn": 0.3}, "steps": 100, "batch_size": 64,
+        "ics": {"arms": {"bn": 0.3, "none": 0.1, "noisy_bn": 0.3}, "steps": 150, "batch_size": 64,
                 "measure_every": 20, "step_sizes": [0.1, 0.2, 0.4], "noise_shift": 1.0, "noise_scale": 1.5},
         "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.003, 0.03, 0.3, 3.0],
-               "batch_sizes": [64, 256], "epochs": 1},
+               "batch_sizes": [64, 256], "epochs": 2},
         "regularize": {"dataset": None, "subset": 1000, "batch_size": 128, "ghost_sizes": [8, 32, 128],
                        "max_steps": 120, "lr": 0.1, "weight_decay": 5e-4, "freeze_after": 40, "eval_every": 12},
         "residual": {"signal_depths": [8, 20, 56, 110], "train_depths": [8, 20], "signal_batch": 128,
