@@ -110,7 +110,7 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
         f"Distributional shift: the middle layer's input mean moves {fmt_ci(mean_ci(shift['noisy_bn']), 4)} per step "
         f"with noisy BN against {fmt_ci(mean_ci(shift['bn']), 4)} with BN, yet noisy BN reaches "
         f"{fmt_ci(mean_ci(acc['noisy_bn']), 1)}% test accuracy against BN's {fmt_ci(mean_ci(acc['bn']), 1)}% "
-        f"(a cost of {noise_cost.text(1)} points). Gradient ICS at matched training loss "
+        f"(a cost of {noise_cost.text(1)}). Gradient ICS at matched training loss "
         f"({', '.join(f'{v:.3f}' for v in levels)}): cos(G, G′) is {fmt_ci(mean_ci(cosine['bn']), 3)} with BN and "
         f"{fmt_ci(mean_ci(cosine['none']), 3)} without (difference {ics_gain.text(3)}; higher means less ICS). "
         f"Smoothness: along the gradient the loss varies {smoother.text()} times more without BN than with it. "

@@ -114,7 +114,7 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
         f"{10 ** higher.mean:.3g}× that without normalization (log10 ratio {higher.text()}), averaged over "
         f"batch sizes {', '.join(map(str, cfg['batch_sizes']))}. Half B (better models) {word(half_b)}: at "
         f"each arm's own best rate (BN {tables[(b0, 'bn')]['best_lr']}, none {tables[(b0, 'none')]['best_lr']}, "
-        f"batch {b0}) BN's final test accuracy is {better.text(1)} percentage points above no normalization.")
+        f"batch {b0}) BN's final test accuracy is {better.text(1)} above no normalization.")
     if (b0, "skipinit") in tables and (b0, "fixup") in tables:
         explanation += (
             f" SkipInit reaches {fmt_ci(mean_ci(tables[(b0, 'skipinit')]['best_acc']), 1)}% and Fixup "

@@ -137,7 +137,7 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
     explanation = (
         f"At depth {deepest}, BN with residual connections reaches {fmt_ci(mean_ci(bn_res), 1)}% test accuracy, "
         f"BN without them {fmt_ci(mean_ci(bn_plain), 1)}% and residual without BN {fmt_ci(mean_ci(none_res), 1)}%: "
-        f"BN+residual beats the better alternative ({rival}) by {complement.text(1)} points. At initialization in "
+        f"BN+residual beats the better alternative ({rival}) by {complement.text(1)}. At initialization in "
         f"the {deepest_signal}-layer BN ResNet the branch-to-skip variance ratio falls as ℓ^k with k = "
         f"{bn_exponent.text()} (De & Smith predict k ≈ −1: blocks biased toward the identity); without BN k = "
         f"{fmt_ci(mean_ci(exponents[(deepest_signal, 'none', False)]), 2)}. SkipInit reaches "
