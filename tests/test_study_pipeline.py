@@ -35,6 +35,9 @@ def _comparable(result):
     result = json.loads(json.dumps(result))
     result.get("curve", {}).pop("seconds", None)
     result.get("final", {}).pop("seconds", None)
+    for epoch in result.get("epochs", []):
+        epoch.pop("time", None)
+        epoch.pop("epoch_time", None)
     return result
 
 
