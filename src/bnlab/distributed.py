@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from bnlab import functional as F
 from bnlab import nn as bnn
 from bnlab import variants
-from bnlab.variants import _compute_dtype, _memory_format, _normalize, _per_channel, _reduce_dims
+from bnlab.functional import _compute_dtype, _memory_format, _normalize, _per_channel, _reduce_dims
 
 __all__ = ["SyncBatchNorm", "SyncBatchRenorm", "convert_sync_batchnorm", "gather_batch_stats", "merge_moments",
            "sync_group"]

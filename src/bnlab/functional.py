@@ -228,17 +228,22 @@ def _backward(dy, d, weight, delta, inv_std, needs_grad, has_weight, has_bias):
     return dx, dweight, dbias
 
 
+def _normalize(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Optional[Tensor],
+               bias: Optional[Tensor]) -> Tensor:
+    """y = (x − μ)·γ/σ + β in inv_std's dtype, centred before scaling; output in x's dtype and layout.
+    Plain differentiable ops: the evaluation path here and the batch-norm variants use it."""
+    scale = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)
+    y = (x.to(inv_std.dtype) - _per_channel(mean.to(inv_std.dtype), x)) * _per_channel(scale, x)
+    if bias is not None:
+        y = y + _per_channel(bias.to(inv_std.dtype), x)
+    y = y.to(x.dtype)
+    return y.contiguous(memory_format=_memory_format(x)) if y.dim() >= 4 else y
+
+
 def _normalize_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     eps: float) -> Tensor:
-    """Evaluation: y = (x − μ)·γ/σ + β with the running statistics; plain differentiable ops."""
-    cdt = _compute_dtype(x)
-    scale = torch.rsqrt(var.to(cdt) + eps)
-    if weight is not None:
-        scale = scale * weight.to(cdt)
-    y = (x.to(cdt) - _per_channel(mean.to(cdt), x)) * _per_channel(scale, x)
-    if bias is not None:
-        y = y + _per_channel(bias.to(cdt), x)
-    return y.to(x.dtype)
+    """Evaluation: the running statistics in place of the batch's."""
+    return _normalize(x, mean, torch.rsqrt(var.to(_compute_dtype(x)) + eps), weight, bias)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from torch import Tensor
 from bnlab import functional as F
 from bnlab.frozen import (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm,  # noqa: F401
                           freeze_bn, freeze_stats, is_batch_norm, set_bn_switches, unfreeze_bn, unfreeze_stats)
+from bnlab.functional import _compute_dtype, _memory_format, _per_channel, _reduce_dims
 from bnlab.nn import _BatchNorm
 
 __all__ = [
@@ -31,39 +32,6 @@ __all__ = [
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
     "is_batch_norm", "set_bn_switches", "freeze_stats", "unfreeze_stats", "freeze_bn", "unfreeze_bn",
 ]
-
-
-# small tensor helpers, kept here rather than borrowed from bnlab.functional's private names
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """float64 stays float64; half and float32 inputs are reduced in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _reduce_dims(x: Tensor) -> list[int]:
-    return [0] + list(range(2, x.dim()))
-
-
-def _per_channel(v: Tensor, x: Tensor) -> Tensor:
-    """A (C,) vector shaped (1, C, 1, ...) to broadcast against x."""
-    return v.reshape([1, -1] + [1] * (x.dim() - 2))
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def _normalize(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """y = (x − μ)·(γ/σ) + β in inv_std's dtype, centred before scaling; output in x's dtype and layout."""
-    scale = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)
-    y = (x.to(inv_std.dtype) - _per_channel(mean, x)) * _per_channel(scale, x)
-    if bias is not None:
-        y = y + _per_channel(bias.to(inv_std.dtype), x)
-    y = y.to(x.dtype)
-    return y.contiguous(memory_format=_memory_format(x)) if y.dim() >= 4 else y
 
 
 def _shape_channel(v: Tensor, ndim: int, channel_dim: int = 1) -> Tensor:
