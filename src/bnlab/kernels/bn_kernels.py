@@ -155,6 +155,20 @@ def _normalize_kernel(
         tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _relu_masked_grad(DY, Y, DZ, offsets, mask, ACC: tl.constexpr, RELU: tl.constexpr,
+                      STORE_DZ: tl.constexpr):
+    """dy, zeroed where a fused ReLU's output is 0 (the mask recovered from y); with STORE_DZ also written
+    out, as the residual's gradient of BN+add+ReLU."""
+    dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
+    if RELU:
+        y = tl.load(Y + offsets, mask=mask, other=0.0).to(ACC)
+        dy = tl.where(y > 0.0, dy, 0.0)
+        if STORE_DZ:
+            tl.store(DZ + offsets, dy.to(DZ.dtype.element_ty), mask=mask)
+    return dy
+
+
 @triton.jit(do_not_specialize=["n_tiles", "tiles_per_program"])
 def _backward_partial_kernel(
     X,           # (B, C, S) input of the forward
@@ -184,12 +198,7 @@ def _backward_partial_kernel(
         offsets, s_mask = _tile_offsets(t, c, s_range, stride_b, stride_c, stride_s, S, n_s_chunks, BLOCK_S)
         mask = c_mask[:, None] & s_mask[None, :]
         x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
-        if RELU:
-            y = tl.load(Y + offsets, mask=mask, other=0.0).to(ACC)
-            dy = tl.where(y > 0.0, dy, 0.0)
-            if STORE_DZ:
-                tl.store(DZ + offsets, dy.to(DZ.dtype.element_ty), mask=mask)
+        dy = _relu_masked_grad(DY, Y, DZ, offsets, mask, ACC, RELU, STORE_DZ)
         sum_dy += dy
         sum_dy_xc += dy * (x - mean[:, None])
     out = pid_t * C + c
@@ -269,10 +278,7 @@ def _backward_dx_kernel(
     for t in range(t_start, t_end):
         offsets, s_mask = _tile_offsets(t, c, s_range, stride_b, stride_c, stride_s, S, n_s_chunks, BLOCK_S)
         mask = c_mask[:, None] & s_mask[None, :]
-        dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
-        if RELU:
-            y = tl.load(Y + offsets, mask=mask, other=0.0).to(ACC)
-            dy = tl.where(y > 0.0, dy, 0.0)
+        dy = _relu_masked_grad(DY, Y, DY, offsets, mask, ACC, RELU, False)
         dx = dy * gain[:, None]
         if TRAINING:
             x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
@@ -357,12 +363,7 @@ def _small_backward_kernel(
     mask = c_mask[:, None] & (r < count)[None, :]
     offsets = _whole_channel_offsets(c, r, stride_b, stride_c, stride_s, S)
     x = tl.load(X + offsets, mask=mask, other=0.0).to(ACC)
-    dy = tl.load(DY + offsets, mask=mask, other=0.0).to(ACC)
-    if RELU:
-        y = tl.load(Y + offsets, mask=mask, other=0.0).to(ACC)
-        dy = tl.where(y > 0.0, dy, 0.0)
-        if STORE_DZ:
-            tl.store(DZ + offsets, dy.to(DZ.dtype.element_ty), mask=mask)
+    dy = _relu_masked_grad(DY, Y, DZ, offsets, mask, ACC, RELU, STORE_DZ)
     mean = tl.load(MEAN + c, mask=c_mask, other=0.0).to(ACC)
     inv_std = 1.0 / tl.sqrt(tl.load(VAR + c, mask=c_mask, other=1.0).to(ACC) + eps)
     xc = tl.where(mask, x - mean[:, None], 0.0)
