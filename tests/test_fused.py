@@ -59,7 +59,7 @@ def _params(m):
     return [p for p in (m.weight, m.bias) if p is not None]
 
 
-def _compare_steps(ours, theirs, shape, residual, channels_last, steps=3, train=True):
+def _check_steps_match_torch(ours, theirs, shape, residual, channels_last, steps=3, train=True):
     ours.train(train)
     theirs.train(train)
     for step in range(steps):
@@ -93,8 +93,8 @@ def _compare_steps(ours, theirs, shape, residual, channels_last, steps=3, train=
 def test_fused_kernels_match_torch_composition(poisoned, residual, channels_last, momentum):
     torch.manual_seed(0)
     ours, theirs = _pair("BatchNorm2d", 5, momentum=momentum)
-    _compare_steps(ours, theirs, (3, 5, 7, 3), residual, channels_last)
-    _compare_steps(ours, theirs, (3, 5, 7, 3), residual, channels_last, steps=1, train=False)
+    _check_steps_match_torch(ours, theirs, (3, 5, 7, 3), residual, channels_last)
+    _check_steps_match_torch(ours, theirs, (3, 5, 7, 3), residual, channels_last, steps=1, train=False)
 
 
 @pytest.mark.parametrize("cls_name,shape", [("BatchNorm1d", (9, 4)), ("BatchNorm1d", (3, 4, 5)),
@@ -102,16 +102,16 @@ def test_fused_kernels_match_torch_composition(poisoned, residual, channels_last
 def test_fused_other_dimensions(poisoned, cls_name, shape):
     torch.manual_seed(1)
     ours, theirs = _pair(cls_name, shape[1])
-    _compare_steps(ours, theirs, shape, residual=True, channels_last=False, steps=2)
-    _compare_steps(ours, theirs, shape, residual=True, channels_last=False, steps=1, train=False)
+    _check_steps_match_torch(ours, theirs, shape, residual=True, channels_last=False, steps=2)
+    _check_steps_match_torch(ours, theirs, shape, residual=True, channels_last=False, steps=1, train=False)
 
 
 @pytest.mark.parametrize("kw", [dict(affine=False), dict(track_running_stats=False)])
 def test_fused_without_affine_or_running_stats(poisoned, kw):
     torch.manual_seed(2)
     ours, theirs = _pair("BatchNorm2d", 3, **kw)
-    _compare_steps(ours, theirs, (4, 3, 5, 5), residual=True, channels_last=False, steps=2)
-    _compare_steps(ours, theirs, (4, 3, 5, 5), residual=True, channels_last=False, steps=1, train=False)
+    _check_steps_match_torch(ours, theirs, (4, 3, 5, 5), residual=True, channels_last=False, steps=2)
+    _check_steps_match_torch(ours, theirs, (4, 3, 5, 5), residual=True, channels_last=False, steps=1, train=False)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
