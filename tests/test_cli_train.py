@@ -11,17 +11,6 @@ import torch
 from bnlab import cli, data
 
 
-@pytest.fixture(autouse=True)
-def one_thread_per_worker():
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(threads)
-    else:
-        yield
-
-
 def test_train_prints_a_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--model", "resnet8", "--width", "0.5", "--dataset", "synthetic", "--epochs", "2",

@@ -1,7 +1,6 @@
 """The training engine: schedules, parameter groups, repeatability, resume, divergence, accuracy."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -9,18 +8,6 @@ from torch import nn
 
 from bnlab import data, models
 from bnlab.train import History, TrainConfig, evaluate, lr_factor, param_groups, set_seed, train
-
-
-@pytest.fixture(autouse=True)
-def one_thread_per_worker():
-    # two pytest-xdist workers on two cores: more threads per process only oversubscribe the machine
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(threads)
-    else:
-        yield
 
 
 @pytest.fixture(scope="module")
