@@ -304,6 +304,25 @@ def test_download_then_reuse_the_cache(tmp_path, monkeypatch, server):
     assert requests == ["/cifar-10-python.tar.gz"] and torch.equal(again.train_x, ds.train_x)
 
 
+def test_concurrent_downloads_fetch_once(tmp_path, monkeypatch, server):
+    root, url, requests = server
+    path, _, _ = make_cifar10(root)
+    trust(monkeypatch, "cifar10", path)
+    barrier, results = threading.Barrier(3), []
+
+    def fetch():  # as two ranks of one job would, each with its own lock on the same file
+        barrier.wait()
+        results.append(cifar.download_archive("cifar10", tmp_path / "cache", url=url.rstrip("/")))
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert requests == ["/cifar-10-python.tar.gz"] and len(set(results)) == 1 and len(results) == 3
+    assert results[0].read_bytes() == path.read_bytes()
+
+
 def test_a_corrupt_download_is_not_saved(tmp_path, monkeypatch, server):
     root, url, requests = server
     path, _, _ = make_cifar10(root)
