@@ -301,3 +301,30 @@ def test_read_only_store_refuses_writes(empty_study):
 def test_report_without_a_store_names_the_directory(tmp_path):
     with pytest.raises(UserError, match="no study store"):
         build_report(tmp_path)
+
+
+def _can_mount_read_only() -> bool:
+    import shutil
+    import subprocess
+    if not (shutil.which("unshare") and shutil.which("mount")):
+        return False
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow  # two CLI processes: ~5 s on an idle machine
+@pytest.mark.skipif(not _can_mount_read_only(), reason="needs root and unshare -m to mount a read-only directory")
+def test_report_on_a_read_only_filesystem(empty_study, tmp_path):
+    """A real read-only mount (where even root cannot write): one line naming --out, then --out works."""
+    import shlex
+    import subprocess
+    import sys
+    mount, out = tmp_path / "mnt", tmp_path / "out"
+    mount.mkdir()
+    bnlab = f"{shlex.quote(sys.executable)} -m bnlab.cli report {mount}"
+    script = (f"mount --bind {empty_study} {mount} && mount -o remount,bind,ro {mount} && "
+              f"{{ {bnlab}; echo rc=$?; }} && {bnlab} --out {out}")
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{mount} is not writable; write the report elsewhere with --out OTHER" in done.stderr
+    assert "rc=0" not in done.stdout
+    assert (out / "report.html").is_file() and not (empty_study / "report.html").exists()
