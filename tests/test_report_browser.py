@@ -23,10 +23,16 @@ def _bnlab(*args, timeout=300):
 
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
-    """The tiny study through `bnlab study`, then each viewport's view of its report.html."""
+    """The tiny study through `bnlab study` (built once, shared by pytest-xdist workers), then each
+    viewport's view of its report.html."""
+    from filelock import FileLock
+
     from bnlab.study.browser import inspect_report
-    out = tmp_path_factory.mktemp("browser") / "study"
-    _bnlab("study", "--profile", "tiny", "--out", out, "--jobs", "1", "--no-progress")
+    root = tmp_path_factory.getbasetemp().parent  # the same directory for all xdist workers
+    out = root / "browser-study"
+    with FileLock(str(root / "browser-study.lock")):
+        if not (out / "report.html").is_file():
+            _bnlab("study", "--profile", "tiny", "--out", out, "--jobs", "1", "--no-progress")
     return out, inspect_report(out / "report.html")
 
 
