@@ -87,4 +87,6 @@ def test_report_command_writes_screenshots_at_both_sizes(tiny_report, tmp_path):
     assert main(["report", str(out), "--out", str(other), "--screenshots"]) == 0
     for width, height in VIEWPORTS.values():
         shot = other / "screenshots" / f"report-{width}x{height}.png"
-        assert Image.open(shot).size == (width, height)
+        image = Image.open(shot)
+        assert image.size == (width, height) and image.mode == "P"
+        assert len(set(image.convert("RGB").getdata())) > 8  # a page was drawn, not a blank screen

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from bnlab.errors import UserError
+from bnlab.study.style import to_palette_png
 
 __all__ = ["VIEWPORTS", "CHROMIUM_MISSING", "find_chromium", "launch", "PageView", "inspect_report", "screenshots"]
 
@@ -109,7 +110,8 @@ def _view(browser, html: Path, viewport: str, screenshot: Optional[Path] = None)
         view.inner_height, view.summary_bottom = measured["innerHeight"], measured["summaryBottom"]
         if screenshot is not None:
             screenshot.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(screenshot))  # the first screen, as a reader first sees it
+            # the first screen, as a reader first sees it; a palette PNG, small enough to commit or share
+            screenshot.write_bytes(to_palette_png(page.screenshot()))
             view.screenshot = screenshot
     finally:
         page.close()

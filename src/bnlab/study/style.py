@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import to_hex, to_rgb  # noqa: E402
 
 __all__ = ["OKABE_ITO", "ARM_COLORS", "LINESTYLES", "RC", "DPI", "MAX_WIDTH", "arm_color", "figure", "band",
-           "legend_outside", "png_bytes"]
+           "legend_outside", "png_bytes", "to_palette_png"]
 
 OKABE_ITO = {"orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442",
              "blue": "#0072B2", "vermillion": "#D55E00", "purple": "#CC79A7", "black": "#000000",
@@ -94,16 +94,20 @@ def legend_outside(fig, axes) -> None:
 
 
 def png_bytes(fig, dpi: int = DPI) -> bytes:
-    """``fig`` as a palette PNG (closing it): about a third of the RGBA PNG's size, the same picture to the eye
-    (plots use a few flat colours; :data:`PALETTE_COLORS` covers their antialiased edges and bands)."""
-    from PIL import Image
-
+    """``fig`` as a palette PNG (closing it): about a third of the RGBA PNG's size, the same picture to the eye."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
-    buffer.seek(0)
-    image = Image.open(buffer).convert("RGB")  # the background is opaque white: no alpha needed
-    palette = image.quantize(colors=PALETTE_COLORS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    return to_palette_png(buffer.getvalue())
+
+
+def to_palette_png(png: bytes, colors: int = PALETTE_COLORS) -> bytes:
+    """A PNG (figure or screenshot on an opaque background) re-encoded with a palette of ``colors``: plots and
+    pages use a few flat colours, and the palette covers their antialiased edges and shaded bands."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    palette = image.quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     out = io.BytesIO()
     palette.save(out, format="PNG", optimize=True)
     return out.getvalue()
