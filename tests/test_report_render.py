@@ -298,6 +298,16 @@ def test_read_only_store_refuses_writes(empty_study):
         Store(empty_study / "missing.sqlite", readonly=True)
 
 
+def test_screenshots_without_chromium_say_how_to_get_it(rendered, monkeypatch):
+    from bnlab.study import browser
+    out, _ = rendered
+    monkeypatch.setenv("BNLAB_CHROMIUM", str(out / "no-such-browser"))
+    assert browser.find_chromium() is None
+    with pytest.raises(UserError, match="chromium not found: run make setup as root or install chromium"):
+        browser.screenshots(out / "report.html", out / "screenshots")
+    assert not (out / "screenshots").exists()
+
+
 def test_report_without_a_store_names_the_directory(tmp_path):
     with pytest.raises(UserError, match="no study store"):
         build_report(tmp_path)

@@ -12,6 +12,7 @@ in backticks and bare ``https://`` or ``arXiv:NNNN.NNNNN`` references. :func:`in
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import math
@@ -192,8 +193,6 @@ def render(results: list[ClaimResult], study: dict, out: str | Path, profile: di
            failures: list[dict] | None = None, store: str = "") -> Path:
     """Write report.md, report.html, figures/*.png and verdicts.json for ``results`` in ``out``; return
     report.html. ``study`` is the metadata of :func:`_study_metadata`; ``profile`` the full profile."""
-    import base64
-
     out = Path(out)
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
