@@ -90,3 +90,23 @@ def test_report_command_writes_screenshots_at_both_sizes(tiny_report, tmp_path):
         image = Image.open(shot)
         assert image.size == (width, height) and image.mode == "P"
         assert len(set(image.convert("RGB").getdata())) > 8  # a page was drawn, not a blank screen
+
+
+def test_figures_are_shown_at_their_own_size_on_a_laptop(tmp_path):
+    """Figures drawn with bnlab.study.style fit the text column, so a browser never scales their text down
+    (a report of synthetic claim results: no training)."""
+    from test_report_render import PROFILE, STUDY, synthetic_results
+
+    from bnlab.study import style
+    from bnlab.study.browser import inspect_report
+    from bnlab.study.report import render
+    results = synthetic_results()
+    fig, axes = style.figure(ncols=3)  # the widest figure the study draws: three panels
+    for ax in axes:
+        ax.plot([0, 1], [0, 1], color=style.arm_color("bn"), label="BN")
+    style.legend_outside(fig, axes)
+    results[0].figures.append({"title": "Three panels", "name": "wide", "figure": fig, "caption": "Wide."})
+    views = inspect_report(render(results, STUDY, tmp_path, PROFILE), viewports=("desktop",))
+    images = views["desktop"].images
+    assert len(images) == 3 and max(i["width"] for i in images) > 1000
+    assert all(abs(i["shown"] - i["width"]) < 1 for i in images), images

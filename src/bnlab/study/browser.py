@@ -37,8 +37,8 @@ _MEASURE = """() => {
   const box = table ? table.getBoundingClientRect() : null;
   const links = [...document.querySelectorAll('a[href^="#"]')].map(a => a.getAttribute("href"));
   return {
-    images: [...document.images].map(img => ({alt: img.alt, complete: img.complete,
-                                               width: img.naturalWidth, height: img.naturalHeight})),
+    images: [...document.images].map(img => ({alt: img.alt, complete: img.complete, width: img.naturalWidth,
+                                               height: img.naturalHeight, shown: img.getBoundingClientRect().width})),
     scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
     innerHeight: window.innerHeight, summaryBottom: box ? box.bottom + window.scrollY : null,
     brokenLinks: links.filter(h => h.length < 2 || !document.getElementById(decodeURIComponent(h.slice(1)))),
@@ -85,7 +85,8 @@ class PageView:
     viewport: str
     console_errors: list[str] = field(default_factory=list)
     failed_requests: list[str] = field(default_factory=list)
-    images: list[dict] = field(default_factory=list)    # {"alt", "complete", "width", "height"} (natural size)
+    images: list[dict] = field(default_factory=list)    # {"alt", "complete", "width", "height"} (natural size),
+                                                        # "shown": the displayed width in CSS pixels
     scroll_width: int = 0                               # document.documentElement.scrollWidth
     inner_width: int = 0
     inner_height: int = 0

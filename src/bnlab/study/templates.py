@@ -18,7 +18,8 @@ Every number below is a mean over seeds with its 95% confidence interval in brac
 ## Claim {{ c.number }}: "{{ c.title }}" — {{ c.verdict }}
 {% if c.verdict == "no verdict" %}
 **No verdict:** {% if c.failed_runs %}{{ c.failed_runs }} run(s) of this claim failed (listed in the appendix; \
-rerun the same `bnlab study` command to retry them){% else %}too few seeds finished{% endif %}.
+rerun the same `bnlab study` command to retry them){% elif c.error %}the analysis failed (the error is at the end of this \
+section){% else %}too few seeds finished{% endif %}.
 {% endif %}
 {{ c.explanation | md }}
 {% if c.parts %}
@@ -114,7 +115,8 @@ what was run is in the <a href="#appendix">appendix</a>.</p>
 {% if c.verdict == "no verdict" %}<p class="no-verdict"><b>No verdict:</b>
 {% if c.failed_runs %}{{ c.failed_runs }} run(s) of this claim failed ({% if failures %}<a href="#failed-runs">listed
 in the appendix</a>{% else %}listed in the store{% endif %}; rerun the same <code>bnlab study</code> command to retry
-them){% else %}too few seeds finished{% endif %}.</p>{% endif %}
+them){% elif c.error %}the analysis failed (the error is at the end of this section){% else %}too few seeds
+finished{% endif %}.</p>{% endif %}
 <p>{{ c.explanation | rich }}</p>
 {% if c.parts %}<ul class="parts">{% for p in c.parts %}<li>{{ p | rich }}</li>{% endfor %}</ul>{% endif %}
 <p class="rule"><b>Verdict rule (fixed before the data):</b> {{ c.rule | rich }}</p>
