@@ -78,7 +78,7 @@ def run(args) -> int:
         jobs = 1 if args.jobs is None else jobs  # one GPU: parallel processes would only contend for it
     started = time.perf_counter()
     report = run_study(profile, args.out, claims=claims, jobs=jobs, progress=not args.no_progress)
-    verdicts = json.loads((report.parent / "verdicts.json").read_text())
+    verdicts = json.loads((report.parent / "verdicts.json").read_text())["claims"]
     print(f"\n{'claim':<62} verdict")
     for number, v in verdicts.items():
         print(f"{number}. {v['title']:<59} {v['verdict']}")
