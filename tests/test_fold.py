@@ -14,7 +14,7 @@ def _randomize_bn(model, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if V.is_batch_norm(m) or isinstance(m, V._FrozenBatchNorm):
+            if V.is_batch_norm(m):   # FrozenBatchNorm* included
                 c = m.num_features
                 m.running_mean.copy_(torch.randn(c, generator=gen))
                 m.running_var.copy_(torch.rand(c, generator=gen) * 3 + 0.1)

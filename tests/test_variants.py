@@ -9,6 +9,7 @@ import torch.nn.functional as TF
 from torch import nn
 
 from bnlab import nn as bnn
+from bnlab import protocol
 from bnlab import variants as V
 
 
@@ -99,7 +100,7 @@ def test_ghost_state_dict_matches_torch_batch_norm_and_channels_last():
 
 def _net(bn_cls):
     torch.manual_seed(1)
-    bn1d = nn.BatchNorm1d if issubclass(bn_cls, nn.modules.batchnorm._BatchNorm) else bnn.BatchNorm1d
+    bn1d = nn.BatchNorm1d if bn_cls.__module__.startswith("torch.") else bnn.BatchNorm1d
     net = nn.Sequential(nn.Conv2d(3, 4, 3), bn_cls(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5), bn1d(5))
     net.train()
     for _ in range(2):
@@ -328,11 +329,13 @@ def test_guard_restores_non_finite_statistics_of_torch_layers():
 # the fused BN+ReLU path must not bypass the variants' own training forward
 # --------------------------------------------------------------------------------------------------
 
-def test_variants_report_torch_backend_while_using_batch_stats():
-    layer = V.GhostBatchNorm2d(3, virtual_batch_size=2, backend="triton")
-    assert layer.backend == "torch"                 # training: the layer's own forward must run
-    layer.eval()
-    assert layer.backend == "triton"                # inference: plain BN, any backend will do
+@pytest.mark.parametrize("make", [lambda: V.GhostBatchNorm2d(3, virtual_batch_size=2, backend="triton"),
+                                  lambda: V.BatchRenorm2d(3, backend="triton")])
+def test_variants_declare_their_training_forward_is_their_own(make):
+    layer = make()
+    assert not protocol.capability(layer, "bn_plain_training")   # training: the layer's own forward must run
+    assert protocol.capability(layer, "bn_plain_inference")      # inference: plain BN, any backend will do
+    assert layer.backend == "triton"
     assert "backend" not in layer.state_dict() and "_backend" not in layer.state_dict()
 
 

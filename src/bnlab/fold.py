@@ -25,10 +25,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from bnlab.frozen import eval_is_plain_batch_norm
-from bnlab.variants import is_batch_norm, _FrozenBatchNorm
+from bnlab import protocol
 
-__all__ = ["fold_bn", "FoldReport", "find_conv_bn_pairs"]
+__all__ = ["fold_bn", "FoldReport", "find_conv_bn_pairs", "output_tensors"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -36,7 +35,7 @@ _FOLDABLE = _CONVS + _TRANSPOSED + (nn.Linear,)
 
 
 def _is_norm(m: nn.Module) -> bool:
-    return is_batch_norm(m) or isinstance(m, _FrozenBatchNorm)
+    return protocol.is_batch_norm(m)
 
 
 @dataclass
@@ -175,7 +174,7 @@ def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 def _why_not(layer: nn.Module, bn: nn.Module) -> Optional[str]:
-    if not eval_is_plain_batch_norm(bn):
+    if not protocol.capability(bn, "bn_plain_inference"):
         return (f"{type(bn).__name__} overrides forward (it may do more than batch norm, e.g. a fused ReLU); "
                 f"folding would drop that")
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
@@ -215,13 +214,14 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _flat_tensors(out) -> list[Tensor]:
+def output_tensors(out) -> list[Tensor]:
+    """The tensors of a model's output (a tensor, or tensors nested in tuples, lists and dicts), in order."""
     if isinstance(out, Tensor):
         return [out]
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat_tensors(o)]
+        return [t for o in out for t in output_tensors(o)]
     return []
 
 
@@ -231,7 +231,7 @@ def _eval_outputs(model: nn.Module, probe) -> list[Tensor]:
     was_training = model.training
     model.eval()
     try:
-        out = _flat_tensors(model(*args))
+        out = output_tensors(model(*args))
     finally:
         model.train(was_training)
     if not out:

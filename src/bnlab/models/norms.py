@@ -45,7 +45,7 @@ import bnlab.nn
 __all__ = ["NormFactory", "get_norm_layer", "available", "group_count", "is_batch_norm", "SCHEMES"]
 
 SCHEMES = ("norm", "skipinit", "fixup")
-_BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, bnlab.nn._BatchNorm)
+_BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, bnlab.nn.BatchNorm)
 
 
 def group_count(num_channels: int, max_groups: int = 32) -> int:

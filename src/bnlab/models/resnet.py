@@ -106,7 +106,7 @@ def _shortcut(in_channels: int, out_channels: int, stride: int, kind: str, norm:
 
 
 def _fused_allowed(fused: Optional[bool], last: nn.Module, where: str) -> Optional[bool]:
-    if fused and not isinstance(last, bnlab.nn._BatchNorm):
+    if fused and not isinstance(last, bnlab.nn.BatchNorm):
         raise ValueError(f"{where}: fused=True needs norm='bn' (bnlab batch norm at the end of each branch), "
                          f"got {type(last).__name__}; use fused=None or False")
     return fused
@@ -183,7 +183,7 @@ class BasicBlock(_Block):
         self.fused = _fused_allowed(fused, self.branch[-1], type(self).__name__)
 
     def _use_fused(self, x: Tensor) -> bool:
-        if self.fused is False or not isinstance(self.branch[-1], bnlab.nn._BatchNorm):
+        if self.fused is False or not isinstance(self.branch[-1], bnlab.nn.BatchNorm):
             return False
         return bool(self.fused) or x.is_cuda
 
