@@ -19,6 +19,7 @@ Everything not folded is listed with the reason.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -251,7 +252,8 @@ def fold_bn(model: nn.Module, probe: Union[Tensor, Sequence[Tensor], None] = Non
 
     Works with :mod:`bnlab.nn`, :mod:`bnlab.variants` and ``torch.nn`` batch-norm layers, convolutions of
     any ``groups``, with or without bias. The result is for inference: it is returned in eval mode and
-    matches ``model.eval()``. A linear layer is folded as feeding batch norm on ``(N, C)`` features (its
+    matches ``model.eval()``, and folding a model whose batch norms use batch statistics (training mode)
+    warns, since its output as called differs. A linear layer is folded as feeding batch norm on ``(N, C)`` features (its
     output features are the channels); pass ``probe`` to have every fold verified.
 
     Args:
@@ -265,6 +267,13 @@ def fold_bn(model: nn.Module, probe: Union[Tensor, Sequence[Tensor], None] = Non
     Returns:
         ``(folded_model, report)``, see :class:`FoldReport`.
     """
+    in_training = [name for name, m in model.named_modules() if protocol.is_batch_norm(m) and protocol.uses_batch_stats(m)]
+    if in_training:
+        shown = ", ".join(in_training[:4]) + (f" and {len(in_training) - 4} more" if len(in_training) > 4 else "")
+        warnings.warn(f"fold_bn: {len(in_training)} batch-norm layer(s) of the model normalize with batch "
+                      f"statistics as it is ({shown}: training mode or use_batch_stats=True); folding uses their "
+                      f"running statistics, so the folded model matches model.eval(), not the model as it was "
+                      f"called. Call model.eval() before fold_bn", UserWarning, stacklevel=2)
     reference = _eval_outputs(model, probe) if probe is not None else None
     folded_model = model if inplace else copy.deepcopy(model)
     pairs, skipped, method, trace_error = find_conv_bn_pairs(folded_model)

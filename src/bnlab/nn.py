@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from bnlab import functional as F
 from bnlab import protocol
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "fx_batch_norm"]
 
 
 class BatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -94,6 +94,8 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         return 0.0 if self.momentum is None else self.momentum
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return self._traced_forward(x)
         self._check_input_dim(x)
         momentum = self.momentum_for_step()
         use_batch_stats, update = protocol.uses_batch_stats(self), protocol.updates_running_stats(self)
@@ -103,6 +105,15 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         if update and out.finite is not None:
             self.commit_running_stats(out.running_mean, out.running_var, out.finite)
         return out.output
+
+    def _traced_forward(self, x) -> Tensor:
+        """What ``torch.fx.symbolic_trace`` records: one :func:`fx_batch_norm` call with this mode's
+        arguments; buffers and parameters become graph attributes."""
+        use_batch_stats, update = protocol.uses_batch_stats(self), protocol.updates_running_stats(self)
+        stats = update or not use_batch_stats
+        return fx_batch_norm(x, self.running_mean if stats else None, self.running_var if stats else None,
+                             self.num_batches_tracked if update else None, self.weight, self.bias,
+                             use_batch_stats, self.momentum, self.eps)
 
     def batch_affine(self, mean: Tensor, var: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """The γ and β applied after normalizing with a batch's ``mean`` and biased ``var``: the layer's
@@ -132,6 +143,22 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
                           f"statistics were not updated for this batch ({self.skipped_updates} skipped so far)",
                           RuntimeWarning, stacklevel=3)
 
+
+def fx_batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  num_batches_tracked: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                  training: bool, momentum: Optional[float], eps: float) -> Tensor:
+    """One bnlab batch-norm layer's forward as a single node of a ``torch.fx`` graph (the layers' forward
+    has Python control flow that symbolic tracing cannot follow): :func:`bnlab.functional.batch_norm`,
+    counting the batch in ``num_batches_tracked`` when one is given (the running statistics update)."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            momentum = 1.0 / float(num_batches_tracked)
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training,
+                        0.0 if momentum is None else momentum, eps)
+
+
+torch.fx.wrap("fx_batch_norm")
 
 _BatchNorm = BatchNorm   # the name before the base became public
 

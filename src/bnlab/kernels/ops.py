@@ -3,7 +3,7 @@ addition and a ReLU.
 
 The ReLU's mask is not stored: the backward reads it back from the output (``y > 0``), which autograd
 keeps alive anyway when the next layer needs it. Double backward (``create_graph=True``) recomputes the
-forward with :mod:`bnlab.functional`'s differentiable PyTorch ops.
+forward with PyTorch's differentiable batch norm.
 """
 
 from __future__ import annotations
@@ -45,9 +45,8 @@ def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual
 
 
 def _torch_composition(x, weight, bias, running_mean, running_var, eps, training):
-    from bnlab import functional
-    return functional.batch_norm(x, running_mean, running_var, weight, bias, training=training, eps=eps,
-                                 backend="torch")
+    # ATen's batch norm: differentiable twice, and no import of bnlab.functional (which dispatches here)
+    return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training=training, eps=eps)
 
 
 def _double_backward(ctx, dy: Tensor, needs: tuple[bool, bool, bool], running_mean=None, running_var=None):
