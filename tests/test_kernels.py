@@ -1,26 +1,22 @@
 """Triton kernels (bnlab.kernels) against the float64 NumPy oracle, torch.nn.BatchNorm* and gradcheck.
 
-Without a GPU the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set before
-Triton is imported). Every buffer a kernel writes is filled with NaN before the launch, so an element a
+Without a GPU the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, which
+tests/conftest.py sets before Triton is imported). Every buffer a kernel writes is filled with NaN before the launch, so an element a
 kernel forgot to write fails the comparison. Each kernel path (single-read, tiled with one program per
 channel block, tiled with the reduction split across programs) is forced in turn on odd and prime shapes.
 """
 
 import os
 
+import numpy as np
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="Triton is not installed: the kernels cannot run")
 
-from bnlab import functional as F  # noqa: E402
+from bnlab import functional as F  # noqa: E402   (after the skip: launch imports Triton)
 from bnlab import kernels, reference  # noqa: E402
 from bnlab import nn as bnn  # noqa: E402
 from bnlab.kernels import launch  # noqa: E402
@@ -210,7 +206,7 @@ def test_double_backward_matches_torch(odd_strides):
         (gx,) = torch.autograd.grad((fn(x, w, b) ** 3).sum(), [x], create_graph=True)
         return torch.autograd.grad((gx * v).sum(), [x, w, b])
 
-    ours = hvp(lambda *a: kernels.batch_norm_relu(*a)[0])
+    ours = hvp(lambda *a: kernels.batch_norm_train_relu(*a)[0])
     theirs = hvp(lambda *a: torch.relu(torch.nn.functional.batch_norm(a[0], None, None, a[1], a[2], True)))
     for a, t in zip(ours, theirs):
         _assert_close(a, _np(t), torch.float64, "second derivative")
@@ -233,7 +229,7 @@ def test_reads_stay_inside_the_tensors(plan_kind, channels_last):
     r = padded(torch.randn(shape, dtype=torch.float64, device=DEVICE)).requires_grad_()
     dy = padded(torch.randn(shape, dtype=torch.float64, device=DEVICE))
     assert launch.layout_of(x) is not None  # the kernels see the views themselves, not copies
-    y, mean, var = kernels.batch_norm_add_relu(x, r)
+    y, mean, var = kernels.batch_norm_train_add_relu(x, r)
     dx, dr = torch.autograd.grad(y, [x, r], dy)
     bn_ref, cache = reference.forward(_np(x))
     dz = _np(dy) * ((bn_ref + _np(r)) > 0)
@@ -258,9 +254,9 @@ def test_fused_relu_matches_composition(plan_kind, shape, channels_last, residua
     r = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True) if residual else None
     inputs = [x, w, b] + ([r] if residual else [])
     if residual:
-        y, mean, var = kernels.batch_norm_add_relu(x, r, w, b)
+        y, mean, var = kernels.batch_norm_train_add_relu(x, r, w, b)
     else:
-        y, mean, var = kernels.batch_norm_relu(x, w, b)
+        y, mean, var = kernels.batch_norm_train_relu(x, w, b)
     dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
     grads = torch.autograd.grad(y, inputs, dy)
 
@@ -281,7 +277,7 @@ def test_fused_residual_with_another_layout_and_expanded_gradient():
     x = torch.randn(3, 5, 4, 7, dtype=torch.float64, device=DEVICE).contiguous(
         memory_format=torch.channels_last).requires_grad_()
     r = torch.randn(3, 5, 4, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    y, _, _ = kernels.batch_norm_add_relu(x, r)
+    y, _, _ = kernels.batch_norm_train_add_relu(x, r)
     dx, dr = torch.autograd.grad(y.sum(), [x, r])
     xt, rt = x.detach().clone().requires_grad_(), r.detach().clone().requires_grad_()
     yt = torch.relu(torch.nn.functional.batch_norm(xt, None, None, training=True) + rt)
@@ -296,7 +292,7 @@ def test_only_some_inputs_need_gradients():
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=DEVICE)
     w = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     r = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    y, _, _ = kernels.batch_norm_add_relu(x, r, w, None)
+    y, _, _ = kernels.batch_norm_train_add_relu(x, r, w, None)
     dy = torch.randn_like(y)
     dw, dr = torch.autograd.grad(y, [w, r], dy)
     bn_ref, cache = reference.forward(_np(x), _np(w), None, 1e-5)
@@ -308,7 +304,7 @@ def test_only_some_inputs_need_gradients():
 def test_only_the_residual_needs_a_gradient():
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=DEVICE)
     r = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    y, _, _ = kernels.batch_norm_add_relu(x, r)
+    y, _, _ = kernels.batch_norm_train_add_relu(x, r)
     dy = torch.randn_like(y)
     (dr,) = torch.autograd.grad(y, [r], dy)
     _assert_close(dr, _np(dy) * ((reference.forward(_np(x))[0] + _np(r)) > 0), torch.float64, "dresidual")
@@ -330,7 +326,7 @@ def test_random_shapes_match_torch(n, c, spatial, channels_last, kind, fused):
         b = torch.randn(c, dtype=torch.float64, device=DEVICE, requires_grad=True)
         r = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
         if fused == "add_relu":
-            y = kernels.batch_norm_add_relu(x, r, w, b)[0]
+            y = kernels.batch_norm_train_add_relu(x, r, w, b)[0]
         else:
             y = kernels.batch_norm_train(x, w, b, relu=fused == "relu")[0]
         yt = torch.nn.functional.batch_norm(x, None, None, w, b, training=True)
@@ -543,9 +539,9 @@ def test_supports():
      ValueError, "weight must have shape (3,)"),
     (lambda: kernels.batch_norm_train(torch.ones(4, 3, dtype=torch.int64, device=DEVICE)), TypeError, "float16"),
     (lambda: kernels.batch_norm_train(torch.randn(4, device=DEVICE)), ValueError, "expected 2D to 5D"),
-    (lambda: kernels.batch_norm_add_relu(torch.randn(4, 3, device=DEVICE), torch.randn(4, 1, device=DEVICE)),
+    (lambda: kernels.batch_norm_train_add_relu(torch.randn(4, 3, device=DEVICE), torch.randn(4, 1, device=DEVICE)),
      ValueError, "residual must have x's shape"),
-    (lambda: kernels.batch_norm_add_relu(torch.randn(4, 3, device=DEVICE),
+    (lambda: kernels.batch_norm_train_add_relu(torch.randn(4, 3, device=DEVICE),
                                          torch.randn(4, 3, device=DEVICE, dtype=torch.float64)),
      TypeError, "residual must have x's dtype"),
     (lambda: kernels.batch_norm_train(torch.randn(4, 3, device=DEVICE), residual=torch.randn(4, 3, device=DEVICE)),

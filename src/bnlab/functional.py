@@ -42,6 +42,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from bnlab.dtypes import compute_dtype
+
 __all__ = ["batch_norm", "batch_norm_stats", "BatchNormOutput", "check_input", "backend_for", "Moments", "moments",
            "merge_moments", "normalize", "update_running_stats", "compute_dtype", "memory_format", "empty_output"]
 
@@ -49,13 +51,6 @@ __all__ = ["batch_norm", "batch_norm_stats", "BatchNormOutput", "check_input", "
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype statistics of ``x`` are reduced in: float64 stays float64; float32, float16 and bfloat16
-    are reduced in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 
 def _reduce_dims(x: Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
