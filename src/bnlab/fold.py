@@ -267,7 +267,8 @@ def fold_bn(model: nn.Module, probe: Union[Tensor, Sequence[Tensor], None] = Non
     Returns:
         ``(folded_model, report)``, see :class:`FoldReport`.
     """
-    in_training = [name for name, m in model.named_modules() if protocol.is_batch_norm(m) and protocol.uses_batch_stats(m)]
+    in_training = [name for name, m in model.named_modules()   # (layers without running statistics: skipped)
+                   if protocol.is_batch_norm(m) and m.running_mean is not None and protocol.uses_batch_stats(m)]
     if in_training:
         shown = ", ".join(in_training[:4]) + (f" and {len(in_training) - 4} more" if len(in_training) > 4 else "")
         warnings.warn(f"fold_bn: {len(in_training)} batch-norm layer(s) of the model normalize with batch "
