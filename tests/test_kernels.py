@@ -46,6 +46,24 @@ def _layout(x, channels_last):
     return x.contiguous()
 
 
+def _inputs(shape, channels_last=False, affine="both", residual=False, scale=1.0, offset=0.0, seed=0):
+    """The one builder of float64 test inputs: ``(x, w, b, r, dy)`` with x (``scale·N(0,1) + offset``) in the
+    layout asked, γ and β per ``affine`` (``"both"``, ``"weight"``, ``"none"``), a residual of x's shape when
+    asked (else ``None``) and an upstream gradient; x, γ, β and r require gradients."""
+    torch.manual_seed(seed)
+    C = shape[1]
+
+    def leaf(*size):
+        return torch.randn(size, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+    x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE) * scale + offset,
+                channels_last).requires_grad_()
+    w = leaf(C) if affine != "none" else None
+    b = leaf(C) if affine == "both" else None
+    r = leaf(*shape) if residual else None
+    return x, w, b, r, torch.randn(shape, dtype=torch.float64, device=DEVICE)
+
+
 # plans that force each path ('auto', the launcher's own choice, is what the module tests below use)
 def _plan(kind, layout):
     if kind == "auto":
@@ -118,13 +136,8 @@ def test_train_without_bias_or_affine(plan_kind, affine):
 
 
 def _check_train(shape, channels_last, affine):
-    torch.manual_seed(sum(shape))
-    C = shape[1]
-    x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE) * 2 + 3, channels_last).requires_grad_()
-    w = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True) if affine != "none" else None
-    b = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True) if affine == "both" else None
+    x, w, b, _, dy = _inputs(shape, channels_last, affine, scale=2, offset=3, seed=sum(shape))
     y, mean, var = kernels.batch_norm_train(x, w, b, 1e-5)
-    dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
     grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], dy)
 
     y_ref, cache = reference.forward(_np(x), None if w is None else _np(w), None if b is None else _np(b), 1e-5)
@@ -182,10 +195,7 @@ def test_large_mean_does_not_cancel_the_variance(plan_kind):
                                                      ("split", (3, 5, 2, 3), True)])
 def test_gradcheck(monkeypatch, kind, shape, channels_last):
     _force_plan(monkeypatch, kind)
-    torch.manual_seed(3)
-    x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE), channels_last).requires_grad_()
-    w = torch.randn(shape[1], dtype=torch.float64, device=DEVICE, requires_grad=True)
-    b = torch.randn(shape[1], dtype=torch.float64, device=DEVICE, requires_grad=True)
+    x, w, b, _, _ = _inputs(shape, channels_last, seed=3)
     assert torch.autograd.gradcheck(lambda *a: kernels.batch_norm_train(*a)[0], (x, w, b), eps=1e-6, atol=1e-6,
                                     fast_mode=True)
 
@@ -246,18 +256,12 @@ def test_reads_stay_inside_the_tensors(plan_kind, channels_last):
                                                   ((11, 7), False), ((2, 3, 2, 3, 5), True)])
 @pytest.mark.parametrize("residual", [False, True])
 def test_fused_relu_matches_composition(plan_kind, shape, channels_last, residual):
-    torch.manual_seed(5)
-    C = shape[1]
-    x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE), channels_last).requires_grad_()
-    w = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    b = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    r = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True) if residual else None
+    x, w, b, r, dy = _inputs(shape, channels_last, residual=residual, seed=5)
     inputs = [x, w, b] + ([r] if residual else [])
     if residual:
         y, mean, var = kernels.batch_norm_train_add_relu(x, r, w, b)
     else:
         y, mean, var = kernels.batch_norm_train_relu(x, w, b)
-    dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
     grads = torch.autograd.grad(y, inputs, dy)
 
     bn_ref, cache = reference.forward(_np(x), _np(w), _np(b), 1e-5)
@@ -320,18 +324,13 @@ def test_random_shapes_match_torch(n, c, spatial, channels_last, kind, fused):
     launch.POISON = True
     try:
         shape = (n, c, *spatial)
-        torch.manual_seed(len(shape) + n * c)
-        x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE), channels_last).requires_grad_()
-        w = torch.randn(c, dtype=torch.float64, device=DEVICE, requires_grad=True)
-        b = torch.randn(c, dtype=torch.float64, device=DEVICE, requires_grad=True)
-        r = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        x, w, b, r, dy = _inputs(shape, channels_last, residual=True, seed=len(shape) + n * c)
         if fused == "add_relu":
             y = kernels.batch_norm_train_add_relu(x, r, w, b)[0]
         else:
             y = kernels.batch_norm_train(x, w, b, relu=fused == "relu")[0]
         yt = torch.nn.functional.batch_norm(x, None, None, w, b, training=True)
         yt = torch.relu(yt + r) if fused == "add_relu" else torch.relu(yt) if fused == "relu" else yt
-        dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
         inputs = [x, w, b] + ([r] if fused == "add_relu" else [])
         for a, t in zip([y, *torch.autograd.grad(y, inputs, dy)], [yt, *torch.autograd.grad(yt, inputs, dy)]):
             _assert_close(a, _np(t), torch.float64, f"{shape} {kind} {fused}")
@@ -348,17 +347,12 @@ def test_random_shapes_match_torch(n, c, spatial, channels_last, kind, fused):
                                                   ((11, 7), False), ((4, 3, 11), True)])
 @pytest.mark.parametrize("fused", ["none", "relu", "add_relu"])
 def test_eval_matches_reference(tiled_plan_kind, shape, channels_last, fused):
-    torch.manual_seed(8)
+    x, w, b, r, dy = _inputs(shape, channels_last, residual=fused == "add_relu", seed=8)
     C = shape[1]
-    x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE), channels_last).requires_grad_()
-    w = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    b = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True)
     rm = torch.randn(C, dtype=torch.float64, device=DEVICE)
     rv = torch.rand(C, dtype=torch.float64, device=DEVICE) + 0.5
-    r = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True) if fused == "add_relu" else None
     y = kernels.batch_norm_eval(x, rm, rv, w, b, 1e-5, residual=r, relu=fused != "none")
     inputs = [x, w, b] + ([r] if r is not None else [])
-    dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
     grads = torch.autograd.grad(y, inputs, dy)
 
     bn_ref, cache = reference.forward(_np(x), _np(w), _np(b), 1e-5, training=False,
