@@ -47,24 +47,18 @@ _KEEP = object()
 
 
 def _torch_bn_pre_hook(module: nn.Module, args):
-    use_batch = module.__dict__.get("use_batch_stats")
-    update = module.__dict__.get("update_running_stats", True)
     was_training = module.training
-    uses_batch = was_training if use_batch is None else bool(use_batch)
-    snapshot = None
-    if uses_batch and module.track_running_stats and not (update and was_training):
-        snapshot = [b.detach().clone() for b in (module.running_mean, module.running_var,
-                                                 module.num_batches_tracked)]
-    module.__dict__["_bnlab_call_state"] = (was_training, snapshot)
+    uses_batch = protocol.uses_batch_stats(module)
+    # torch's layer updates whenever it trains with batch statistics: undo it when the switch says no
+    undo = uses_batch and module.track_running_stats and not protocol.updates_running_stats(module)
+    module.__dict__["_bnlab_call_state"] = (was_training, protocol.snapshot(module) if undo else None)
     module.training = uses_batch
 
 
 def _torch_bn_post_hook(module: nn.Module, args, output):
     was_training, snapshot = module.__dict__.pop("_bnlab_call_state")
     if snapshot is not None:
-        with torch.no_grad():
-            for buf, saved in zip((module.running_mean, module.running_var, module.num_batches_tracked), snapshot):
-                buf.copy_(saved)
+        protocol.restore(module, snapshot)
     module.training = was_training
 
 
