@@ -4,6 +4,7 @@ SyncBatchNorm conversion, torch.fx tracing, selection by type, torch.compile wit
 import ast
 import copy
 import pathlib
+import types
 import warnings
 
 import pytest
@@ -263,3 +264,16 @@ def test_no_import_cycles_outside_the_study():
 
     cycles = sorted(name for name in graph if name in reach(name))
     assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+def test_fused_path_never_bypasses_a_subclass_forward_in_eval(monkeypatch):
+    class Doubled(bnn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    layer = Doubled(3).eval()
+    x = torch.randn(2, 3, 4, 4)
+    expected = torch.relu(layer(x))
+    # bnlab.fused as on a GPU, where it would run the plain kernels instead of a plain layer's forward
+    monkeypatch.setattr(fused, "F", types.SimpleNamespace(backend_for=lambda x, backend="auto": "triton"))
+    torch.testing.assert_close(fused.batch_norm_relu(layer, x), expected)

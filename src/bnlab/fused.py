@@ -51,8 +51,10 @@ def _composition(bn: torch.nn.Module, x: Tensor, residual: Optional[Tensor]) -> 
 
 
 def _uses_kernels(bn: bnn.BatchNorm, x: Tensor, residual: Optional[Tensor]) -> bool:
-    if protocol.uses_batch_stats(bn) and not protocol.capability(bn, "bn_plain_training"):
-        return False  # a variant with its own training statistics (ghost, renorm, sync): never bypass it
+    own_tail = type(bn).forward is _BatchNormReLU.forward
+    plain = protocol.capability(bn, "bn_plain_training" if protocol.uses_batch_stats(bn) else "bn_plain_inference")
+    if not (own_tail or plain):
+        return False  # a layer whose forward does more (ghost, renorm, sync, a subclass): never bypass it
     if x.numel() == 0:
         return False
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
