@@ -102,11 +102,12 @@ def check_input(x: Tensor, num_features: Optional[int] = None, training: bool = 
 
 def backend_for(x: Tensor, backend: str = "auto") -> str:
     """The implementation :func:`batch_norm` uses for ``x``: ``"triton"`` (fused GPU kernels) or
-    ``"torch"`` (this module's PyTorch implementation)."""
+    ``"torch"`` (this module's PyTorch implementation, also what ``"auto"`` means inside ``torch.compile``,
+    whose compiler fuses the traced math itself)."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"batch_norm: backend must be 'auto', 'triton' or 'torch' (got {backend!r})")
-    if backend == "torch" or (backend == "auto" and not x.is_cuda):
-        return "torch"
+    if backend == "torch" or (backend == "auto" and (not x.is_cuda or torch.compiler.is_compiling())):
+        return "torch"   # (under torch.compile, "auto" leaves fusion to the compiler: the math traces)
     try:
         from bnlab import kernels
         supported = kernels.supports(x)
