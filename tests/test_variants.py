@@ -1,8 +1,6 @@
 """bnlab.variants: ghost batch norm and batch renormalization — each against an independent
 computation with torch.nn.functional.batch_norm or plain tensor arithmetic."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as TF
