@@ -58,9 +58,18 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"{type(self).__name__}({num_features}): momentum must be in [0, 1] or None "
                              f"(got {momentum}); PyTorch's convention is new = (1 - momentum)·old + "
                              f"momentum·batch, so Keras' 0.99 is 0.01 here")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if affine and not bias:   # (torch's own `bias=` keyword is recent: not relied upon)
+            self.register_parameter("bias", None)
         self.backend = backend
         self.skipped_updates = 0  # batches kept out of the running statistics (non-finite statistics)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "

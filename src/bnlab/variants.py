@@ -130,7 +130,8 @@ _GHOST_DOC = r"""Ghost (virtual) batch normalization over a {dims} input.
     The running estimates are updated once per forward from the whole batch (its mean and unbiased
     variance, merged from the sub-batch moments), so they estimate the population statistics, and
     inference uses them exactly as :class:`bnlab.nn.BatchNorm{d}` does; ``virtual_batch_size`` has no
-    effect in eval mode. No Python loop runs over sub-batches.
+    effect in eval mode. The sub-batches are normalized as one batch norm of a reshaped view: no Python
+    loop runs over their values.
 
     Args:
         num_features: ``C``.
