@@ -204,15 +204,7 @@ def _convert_layer(layer: nn.Module, policy: str, process_group) -> nn.Module:
                               warmup_steps=layer.warmup_steps, ramp_steps=layer.ramp_steps, **common)
     else:
         new = SyncBatchNorm(layer.num_features, process_group=process_group, **common)
-    new.load_state_dict(layer.state_dict())
-    new.train(layer.training)
-    for pname, p in layer.named_parameters(recurse=False):
-        getattr(new, pname).requires_grad_(p.requires_grad)
-    # the switches of bnlab.frozen (on torch layers they live in the instance dict) and the bookkeeping
-    for attr in ("use_batch_stats", "update_running_stats", "warn_nonfinite", "skipped_updates", "layer_path"):
-        if attr in layer.__dict__:
-            setattr(new, attr, layer.__dict__[attr])
-    return new
+    return protocol.carry_over(layer, new)
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:

@@ -221,11 +221,7 @@ def _swap(layer: nn.Module, cls: type) -> nn.Module:
     new = cls(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
               bias=layer.bias is not None,
               **({} if ref is None else {"device": ref.device, "dtype": ref.dtype}))
-    new.load_state_dict(layer.state_dict())
-    new.train(layer.training)
-    for name, p in layer.named_parameters(recurse=False):
-        getattr(new, name).requires_grad_(p.requires_grad)
-    return new
+    return protocol.carry_over(layer, new)
 
 
 def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:

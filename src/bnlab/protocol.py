@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["is_batch_norm", "uses_batch_stats", "updates_running_stats", "capability", "snapshot", "restore",
-           "replace_layers", "name_layers", "layer_label", "RunningState"]
+           "replace_layers", "carry_over", "name_layers", "layer_label", "first_tensor", "RunningState"]
 
 _TorchBN = nn.modules.batchnorm._BatchNorm
 
@@ -128,6 +128,22 @@ def replace_layers(model: nn.Module, make: Callable[[str, nn.Module], Optional[n
         return module
 
     return walk(model, "")
+
+
+def carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Give ``new`` (a replacement layer) ``old``'s state: its ``state_dict``, train/eval mode,
+    ``requires_grad`` of each parameter, and the per-layer settings kept in the instance (the switches of
+    :func:`bnlab.frozen.set_bn_switches`, when ``new``'s class reads them; ``warn_nonfinite``,
+    ``skipped_updates``, ``layer_path``). Returns ``new``."""
+    new.load_state_dict(old.state_dict())
+    new.train(old.training)
+    for name, p in old.named_parameters(recurse=False):
+        getattr(new, name).requires_grad_(p.requires_grad)
+    reads_switches = hasattr(type(new), "use_batch_stats")   # torch's layers need hooks for them
+    for attr in ("use_batch_stats", "update_running_stats", "warn_nonfinite", "skipped_updates", "layer_path"):
+        if attr in old.__dict__ and (reads_switches or attr not in ("use_batch_stats", "update_running_stats")):
+            setattr(new, attr, old.__dict__[attr])
+    return new
 
 
 def name_layers(model: nn.Module) -> nn.Module:
