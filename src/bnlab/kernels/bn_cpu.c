@@ -1,0 +1,229 @@
+/* Training-mode batch norm on CPU, forward and backward, for float32 and float64 tensors in two layouts.
+ *
+ *   planar: x is (N, C, S) contiguous (NCHW, NCL, NCDHW);  one channel is N runs of S values.
+ *   rows:   x is (M, C) contiguous (NHWC, NDHWC, (N, C));  one channel is every C-th value.
+ *
+ * Statistics are taken of d = x − shift, shift = the mean of the first sample's values of the channel
+ * ("shifted data", Chan, Golub & LeVeque 1983), so a large mean does not cancel. Sums are blocked: short
+ * runs accumulate in the storage type (vectorized), each run is added to a double per channel.
+ *
+ * Forward:  delta = E[d], var = max(E[d²] − delta², 0), y = d·γ/σ + (β − delta·γ/σ).
+ * Backward: Σdy, Σdy·d, then dx = A·dy + B·d + K with A = γ/σ, B = −A/σ·Σdy·x̂/m, K = −A·Σdy/m − B·delta.
+ *
+ * Threads: OpenMP, num_threads passed in by the caller (torch.get_num_threads()); over channels in the
+ * planar layout, over blocks of rows in the rows layout. Hot loops sit in small functions that GCC clones
+ * for AVX2/AVX-512 on x86-64 (picked at load time), so one build runs on any x86-64; elsewhere the
+ * compiler's default vectorization applies.
+ *
+ * Built by bnlab.kernels.cpu with `cc -O3 -fPIC -shared -fopenmp`; no Python or torch headers.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <omp.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define HOT __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#ifndef HOT
+#define HOT
+#endif
+
+#define BLOCK 256  /* values per run summed in the storage type before going into a double */
+#define ROWS 16    /* rows per run in the rows layout */
+
+#define DEFINE_KERNELS(T, SUF)                                                                                 \
+                                                                                                               \
+/* Σd and Σd² over one contiguous run of n values, d = p − s. */                                               \
+HOT static void run_sums_##SUF(const T *p, int64_t n, T s, double *sum_d, double *sum_d2) {                    \
+    double a = 0, b = 0;                                                                                       \
+    for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {                                                                \
+        int64_t i1 = i0 + BLOCK < n ? i0 + BLOCK : n;                                                          \
+        T ba = 0, bb = 0;                                                                                      \
+        _Pragma("omp simd reduction(+:ba,bb)")                                                                 \
+        for (int64_t i = i0; i < i1; i++) { T d = p[i] - s; ba += d; bb += d * d; }                            \
+        a += ba; b += bb;                                                                                      \
+    }                                                                                                          \
+    *sum_d += a; *sum_d2 += b;                                                                                 \
+}                                                                                                              \
+                                                                                                               \
+/* Σdy and Σdy·d over one contiguous run. */                                                                   \
+HOT static void run_grad_sums_##SUF(const T *p, const T *g, int64_t n, T s, double *sum_g, double *sum_gd) {   \
+    double a = 0, b = 0;                                                                                       \
+    for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {                                                                \
+        int64_t i1 = i0 + BLOCK < n ? i0 + BLOCK : n;                                                          \
+        T ba = 0, bb = 0;                                                                                      \
+        _Pragma("omp simd reduction(+:ba,bb)")                                                                 \
+        for (int64_t i = i0; i < i1; i++) { ba += g[i]; bb += g[i] * (p[i] - s); }                            \
+        a += ba; b += bb;                                                                                      \
+    }                                                                                                          \
+    *sum_g += a; *sum_gd += b;                                                                                 \
+}                                                                                                              \
+                                                                                                               \
+HOT static void run_affine_##SUF(const T *p, T *q, int64_t n, T s, T scale, T offset) {                        \
+    _Pragma("omp simd")                                                                                        \
+    for (int64_t i = 0; i < n; i++) q[i] = (p[i] - s) * scale + offset;                                        \
+}                                                                                                              \
+                                                                                                               \
+HOT static void run_dx_##SUF(const T *p, const T *g, T *q, int64_t n, T s, T a, T b, T k) {                    \
+    _Pragma("omp simd")                                                                                        \
+    for (int64_t i = 0; i < n; i++) q[i] = a * g[i] + b * (p[i] - s) + k;                                      \
+}                                                                                                              \
+                                                                                                               \
+/* Rows layout: per-channel Σd, Σd² (or Σdy, Σdy·d when g != NULL) over rows [r0, r1) of an (M, C) array. */  \
+HOT static void rows_sums_##SUF(const T *x, const T *g, int64_t r0, int64_t r1, int64_t C, const T *shift,     \
+                                double *sum_a, double *sum_b, T *acc_a, T *acc_b) {                            \
+    for (int64_t b0 = r0; b0 < r1; b0 += ROWS) {                                                               \
+        int64_t b1 = b0 + ROWS < r1 ? b0 + ROWS : r1;                                                          \
+        for (int64_t c = 0; c < C; c++) { acc_a[c] = 0; acc_b[c] = 0; }                                        \
+        for (int64_t r = b0; r < b1; r++) {                                                                    \
+            const T *xr = x + r * C;                                                                           \
+            if (g) {                                                                                           \
+                const T *gr = g + r * C;                                                                       \
+                _Pragma("omp simd")                                                                            \
+                for (int64_t c = 0; c < C; c++) { acc_a[c] += gr[c]; acc_b[c] += gr[c] * (xr[c] - shift[c]); } \
+            } else {                                                                                           \
+                _Pragma("omp simd")                                                                            \
+                for (int64_t c = 0; c < C; c++) { T d = xr[c] - shift[c]; acc_a[c] += d; acc_b[c] += d * d; }  \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int64_t c = 0; c < C; c++) { sum_a[c] += acc_a[c]; sum_b[c] += acc_b[c]; }                        \
+    }                                                                                                          \
+}                                                                                                              \
+                                                                                                               \
+/* Rows layout: out = coef_a·(x − shift) + coef_k, or + coef_g·g when g != NULL, over rows [r0, r1). */       \
+HOT static void rows_affine_##SUF(const T *x, const T *g, T *out, int64_t r0, int64_t r1, int64_t C,           \
+                                  const T *shift, const T *coef_d, const T *coef_g, const T *coef_k) {         \
+    for (int64_t r = r0; r < r1; r++) {                                                                        \
+        const T *xr = x + r * C;                                                                               \
+        T *orow = out + r * C;                                                                                 \
+        if (g) {                                                                                               \
+            const T *gr = g + r * C;                                                                           \
+            _Pragma("omp simd")                                                                                \
+            for (int64_t c = 0; c < C; c++) orow[c] = coef_g[c] * gr[c] + coef_d[c] * (xr[c] - shift[c]) + coef_k[c]; \
+        } else {                                                                                               \
+            _Pragma("omp simd")                                                                                \
+            for (int64_t c = 0; c < C; c++) orow[c] = (xr[c] - shift[c]) * coef_d[c] + coef_k[c];              \
+        }                                                                                                      \
+    }                                                                                                          \
+}                                                                                                              \
+                                                                                                               \
+/* The per-channel constants of the forward from the sums. */                                                  \
+static void fwd_coefs_##SUF(double sd, double sq, double m, const T *weight, const T *bias, int64_t c,         \
+                            double eps, T *delta, T *var, T *scale, T *offset) {                               \
+    double dl = sd / m, v = sq / m - dl * dl;                                                                  \
+    if (v < 0) v = 0;                                                                                          \
+    double sc = 1.0 / sqrt(v + eps);                                                                           \
+    if (weight) sc *= (double)weight[c];                                                                       \
+    *delta = (T)dl; *var = (T)v; *scale = (T)sc;                                                               \
+    *offset = (T)((bias ? (double)bias[c] : 0.0) - dl * sc);                                                   \
+}                                                                                                              \
+                                                                                                               \
+/* ... and of the backward: dx = a·dy + b·d + k; returns Σdy·x̂ (dγ), Σdy (dβ). */                              \
+static void bwd_coefs_##SUF(double sg, double sgd, double m, const T *weight, int64_t c, T delta, T var,       \
+                            double eps, T *a, T *b, T *k, T *dweight, T *dbias) {                              \
+    double inv_std = 1.0 / sqrt((double)var + eps);                                                            \
+    double sgx = (sgd - (double)delta * sg) * inv_std;                                                         \
+    double ca = weight ? (double)weight[c] * inv_std : inv_std;                                                \
+    double cb = -ca * inv_std * sgx / m;                                                                       \
+    *a = (T)ca; *b = (T)cb; *k = (T)(-ca * sg / m - cb * (double)delta);                                       \
+    *dweight = (T)sgx; *dbias = (T)sg;                                                                         \
+}                                                                                                              \
+                                                                                                               \
+int bn_forward_planar_##SUF(const T *x, T *y, const T *weight, const T *bias, T *shift, T *delta, T *var,      \
+                            int64_t N, int64_t C, int64_t S, double eps, int threads) {                        \
+    double m = (double)N * (double)S;                                                                          \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                          \
+    for (int64_t c = 0; c < C; c++) {                                                                          \
+        double first = 0;                                                                                      \
+        for (int64_t i = 0; i < S; i++) first += x[c * S + i];                                                 \
+        T s = (T)(first / (double)S);                                                                          \
+        double sd = 0, sq = 0;                                                                                 \
+        for (int64_t n = 0; n < N; n++) run_sums_##SUF(x + (n * C + c) * S, S, s, &sd, &sq);                  \
+        T scale, offset;                                                                                       \
+        fwd_coefs_##SUF(sd, sq, m, weight, bias, c, eps, &delta[c], &var[c], &scale, &offset);                 \
+        shift[c] = s;                                                                                          \
+        for (int64_t n = 0; n < N; n++)                                                                        \
+            run_affine_##SUF(x + (n * C + c) * S, y + (n * C + c) * S, S, s, scale, offset);                   \
+    }                                                                                                          \
+    return 0;                                                                                                  \
+}                                                                                                              \
+                                                                                                               \
+int bn_backward_planar_##SUF(const T *x, const T *dy, T *dx, const T *weight, const T *shift, const T *delta,  \
+                             const T *var, T *dweight, T *dbias, int64_t N, int64_t C, int64_t S, double eps,  \
+                             int threads) {                                                                    \
+    double m = (double)N * (double)S;                                                                          \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                          \
+    for (int64_t c = 0; c < C; c++) {                                                                          \
+        double sg = 0, sgd = 0;                                                                                \
+        for (int64_t n = 0; n < N; n++)                                                                        \
+            run_grad_sums_##SUF(x + (n * C + c) * S, dy + (n * C + c) * S, S, shift[c], &sg, &sgd);            \
+        T a, b, k;                                                                                             \
+        bwd_coefs_##SUF(sg, sgd, m, weight, c, delta[c], var[c], eps, &a, &b, &k, &dweight[c], &dbias[c]);     \
+        if (dx)                                                                                                \
+            for (int64_t n = 0; n < N; n++)                                                                    \
+                run_dx_##SUF(x + (n * C + c) * S, dy + (n * C + c) * S, dx + (n * C + c) * S, S, shift[c],     \
+                             a, b, k);                                                                         \
+    }                                                                                                          \
+    return 0;                                                                                                  \
+}                                                                                                              \
+                                                                                                               \
+/* Rows layout, both directions: per-thread partial sums over a block of rows, one reduction, then the        \
+ * elementwise pass over the same blocks. S rows make up the first sample (the shift). Returns −1 when        \
+ * out of memory. */                                                                                           \
+static int rows_pass_##SUF(const T *x, const T *g, T *out, const T *weight, const T *bias, T *shift,           \
+                           T *delta, T *var, T *dweight, T *dbias, int64_t M, int64_t C, int64_t S,            \
+                           double eps, int threads) {                                                          \
+    double m = (double)M;                                                                                      \
+    double *partial = calloc((size_t)(2 * threads * C), sizeof(double));                                       \
+    T *coefs = malloc((size_t)(3 * C) * sizeof(T));                                                            \
+    T *accs = malloc((size_t)(2 * threads * C) * sizeof(T));                                                   \
+    if (!partial || !coefs || !accs) { free(partial); free(coefs); free(accs); return -1; }                    \
+    if (!g) {                                                                                                  \
+        for (int64_t c = 0; c < C; c++) partial[c] = 0;                                                        \
+        for (int64_t r = 0; r < S; r++) for (int64_t c = 0; c < C; c++) partial[c] += x[r * C + c];            \
+        for (int64_t c = 0; c < C; c++) { shift[c] = (T)(partial[c] / (double)S); partial[c] = 0; }            \
+    }                                                                                                          \
+    _Pragma("omp parallel num_threads(threads)")                                                               \
+    {                                                                                                          \
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();                                              \
+        int64_t r0 = M * t / nt, r1 = M * (t + 1) / nt;                                                        \
+        rows_sums_##SUF(x, g, r0, r1, C, shift, partial + 2 * t * C, partial + (2 * t + 1) * C,                \
+                        accs + 2 * t * C, accs + (2 * t + 1) * C);                                             \
+        _Pragma("omp barrier")                                                                                 \
+        _Pragma("omp single")                                                                                  \
+        for (int64_t c = 0; c < C; c++) {                                                                      \
+            double sa = 0, sb = 0;                                                                             \
+            for (int u = 0; u < threads; u++) { sa += partial[2 * u * C + c]; sb += partial[(2 * u + 1) * C + c]; } \
+            if (g)                                                                                             \
+                bwd_coefs_##SUF(sa, sb, m, weight, c, delta[c], var[c], eps, &coefs[c], &coefs[C + c],         \
+                                &coefs[2 * C + c], &dweight[c], &dbias[c]);                                    \
+            else                                                                                               \
+                fwd_coefs_##SUF(sa, sb, m, weight, bias, c, eps, &delta[c], &var[c], &coefs[c],                \
+                                &coefs[2 * C + c]);                                                            \
+        }                                                                                                      \
+        /* the implicit barrier after single publishes the coefficients */                                     \
+        if (out) {                                                                                             \
+            if (g) rows_affine_##SUF(x, g, out, r0, r1, C, shift, coefs + C, coefs, coefs + 2 * C);            \
+            else rows_affine_##SUF(x, NULL, out, r0, r1, C, shift, coefs, NULL, coefs + 2 * C);                \
+        }                                                                                                      \
+    }                                                                                                          \
+    free(partial); free(coefs); free(accs);                                                                    \
+    return 0;                                                                                                  \
+}                                                                                                              \
+                                                                                                               \
+int bn_forward_rows_##SUF(const T *x, T *y, const T *weight, const T *bias, T *shift, T *delta, T *var,        \
+                          int64_t M, int64_t C, int64_t S, double eps, int threads) {                          \
+    return rows_pass_##SUF(x, NULL, y, weight, bias, shift, delta, var, NULL, NULL, M, C, S, eps, threads);    \
+}                                                                                                              \
+                                                                                                               \
+int bn_backward_rows_##SUF(const T *x, const T *dy, T *dx, const T *weight, const T *shift, const T *delta,    \
+                           const T *var, T *dweight, T *dbias, int64_t M, int64_t C, double eps, int threads) { \
+    return rows_pass_##SUF(x, dy, dx, weight, NULL, (T *)shift, (T *)delta, (T *)var, dweight, dbias, M, C, 1, \
+                           eps, threads);                                                                      \
+}
+
+DEFINE_KERNELS(float, f32)
+DEFINE_KERNELS(double, f64)
