@@ -22,57 +22,71 @@
 #include <stdlib.h>
 #include <omp.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__has_attribute)
+#if !defined(HOT) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
 #define HOT __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 #endif
-#ifndef HOT
+#if !defined(HOT)
 #define HOT
 #endif
 
 #define BLOCK 256  /* values per run summed in the storage type before going into a double */
 #define ROWS 16    /* rows per run in the rows layout */
+#define WIDE 64    /* the rows layout takes rows together up to this many values */
 
 #define DEFINE_KERNELS(T, SUF)                                                                                 \
                                                                                                                \
-/* Σd and Σd² over one contiguous run of n values, d = p − s. */                                               \
-HOT static void run_sums_##SUF(const T *p, int64_t n, T s, double *sum_d, double *sum_d2) {                    \
+/* Planar layout, one channel: N runs of S values, run n at p + n·stride. */                                   \
+/* Σd and Σd², d = p − s. */                                                                                   \
+HOT static void plane_sums_##SUF(const T *p, int64_t N, int64_t stride, int64_t S, T s, double *sum_d,         \
+                                 double *sum_d2) {                                                             \
     double a = 0, b = 0;                                                                                       \
-    for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {                                                                \
-        int64_t i1 = i0 + BLOCK < n ? i0 + BLOCK : n;                                                          \
-        T ba = 0, bb = 0;                                                                                      \
-        _Pragma("omp simd reduction(+:ba,bb)")                                                                 \
-        for (int64_t i = i0; i < i1; i++) { T d = p[i] - s; ba += d; bb += d * d; }                            \
-        a += ba; b += bb;                                                                                      \
-    }                                                                                                          \
-    *sum_d += a; *sum_d2 += b;                                                                                 \
+    for (int64_t n = 0; n < N; n++, p += stride)                                                               \
+        for (int64_t i0 = 0; i0 < S; i0 += BLOCK) {                                                            \
+            int64_t i1 = i0 + BLOCK < S ? i0 + BLOCK : S;                                                      \
+            T ba = 0, bb = 0;                                                                                  \
+            _Pragma("omp simd reduction(+:ba,bb)")                                                             \
+            for (int64_t i = i0; i < i1; i++) { T d = p[i] - s; ba += d; bb += d * d; }                        \
+            a += ba; b += bb;                                                                                  \
+        }                                                                                                      \
+    *sum_d = a; *sum_d2 = b;                                                                                   \
 }                                                                                                              \
                                                                                                                \
-/* Σdy and Σdy·d over one contiguous run. */                                                                   \
-HOT static void run_grad_sums_##SUF(const T *p, const T *g, int64_t n, T s, double *sum_g, double *sum_gd) {   \
+/* Σdy and Σdy·d. */                                                                                           \
+HOT static void plane_grad_sums_##SUF(const T *p, const T *g, int64_t N, int64_t stride, int64_t S, T s,       \
+                                      double *sum_g, double *sum_gd) {                                         \
     double a = 0, b = 0;                                                                                       \
-    for (int64_t i0 = 0; i0 < n; i0 += BLOCK) {                                                                \
-        int64_t i1 = i0 + BLOCK < n ? i0 + BLOCK : n;                                                          \
-        T ba = 0, bb = 0;                                                                                      \
-        _Pragma("omp simd reduction(+:ba,bb)")                                                                 \
-        for (int64_t i = i0; i < i1; i++) { ba += g[i]; bb += g[i] * (p[i] - s); }                            \
-        a += ba; b += bb;                                                                                      \
+    for (int64_t n = 0; n < N; n++, p += stride, g += stride)                                                  \
+        for (int64_t i0 = 0; i0 < S; i0 += BLOCK) {                                                            \
+            int64_t i1 = i0 + BLOCK < S ? i0 + BLOCK : S;                                                      \
+            T ba = 0, bb = 0;                                                                                  \
+            _Pragma("omp simd reduction(+:ba,bb)")                                                             \
+            for (int64_t i = i0; i < i1; i++) { ba += g[i]; bb += g[i] * (p[i] - s); }                         \
+            a += ba; b += bb;                                                                                  \
+        }                                                                                                      \
+    *sum_g = a; *sum_gd = b;                                                                                   \
+}                                                                                                              \
+                                                                                                               \
+/* q = (p − s)·scale + offset. */                                                                              \
+HOT static void plane_affine_##SUF(const T *p, T *q, int64_t N, int64_t stride, int64_t S, T s, T scale,       \
+                                   T offset) {                                                                 \
+    for (int64_t n = 0; n < N; n++, p += stride, q += stride) {                                                \
+        _Pragma("omp simd")                                                                                    \
+        for (int64_t i = 0; i < S; i++) q[i] = (p[i] - s) * scale + offset;                                    \
     }                                                                                                          \
-    *sum_g += a; *sum_gd += b;                                                                                 \
 }                                                                                                              \
                                                                                                                \
-HOT static void run_affine_##SUF(const T *p, T *q, int64_t n, T s, T scale, T offset) {                        \
-    _Pragma("omp simd")                                                                                        \
-    for (int64_t i = 0; i < n; i++) q[i] = (p[i] - s) * scale + offset;                                        \
+/* q = a·g + b·(p − s) + k. */                                                                                 \
+HOT static void plane_dx_##SUF(const T *p, const T *g, T *q, int64_t N, int64_t stride, int64_t S, T s, T a,   \
+                               T b, T k) {                                                                     \
+    for (int64_t n = 0; n < N; n++, p += stride, g += stride, q += stride) {                                   \
+        _Pragma("omp simd")                                                                                    \
+        for (int64_t i = 0; i < S; i++) q[i] = a * g[i] + b * (p[i] - s) + k;                                  \
+    }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
-HOT static void run_dx_##SUF(const T *p, const T *g, T *q, int64_t n, T s, T a, T b, T k) {                    \
-    _Pragma("omp simd")                                                                                        \
-    for (int64_t i = 0; i < n; i++) q[i] = a * g[i] + b * (p[i] - s) + k;                                      \
-}                                                                                                              \
-                                                                                                               \
-/* Rows layout: per-channel Σd, Σd² (or Σdy, Σdy·d when g != NULL) over rows [r0, r1) of an (M, C) array. */  \
+/* Rows layout: per-channel Σd, Σd² (or Σdy, Σdy·d when g != NULL) over rows [r0, r1) of an (M, C) array. */   \
 HOT static void rows_sums_##SUF(const T *x, const T *g, int64_t r0, int64_t r1, int64_t C, const T *shift,     \
                                 double *sum_a, double *sum_b, T *acc_a, T *acc_b) {                            \
     for (int64_t b0 = r0; b0 < r1; b0 += ROWS) {                                                               \
@@ -93,7 +107,7 @@ HOT static void rows_sums_##SUF(const T *x, const T *g, int64_t r0, int64_t r1, 
     }                                                                                                          \
 }                                                                                                              \
                                                                                                                \
-/* Rows layout: out = coef_a·(x − shift) + coef_k, or + coef_g·g when g != NULL, over rows [r0, r1). */       \
+/* Rows layout: out = coef_a·(x − shift) + coef_k, or + coef_g·g when g != NULL, over rows [r0, r1). */        \
 HOT static void rows_affine_##SUF(const T *x, const T *g, T *out, int64_t r0, int64_t r1, int64_t C,           \
                                   const T *shift, const T *coef_d, const T *coef_g, const T *coef_k) {         \
     for (int64_t r = r0; r < r1; r++) {                                                                        \
@@ -121,7 +135,7 @@ static void fwd_coefs_##SUF(double sd, double sq, double m, const T *weight, con
     *offset = (T)((bias ? (double)bias[c] : 0.0) - dl * sc);                                                   \
 }                                                                                                              \
                                                                                                                \
-/* ... and of the backward: dx = a·dy + b·d + k; returns Σdy·x̂ (dγ), Σdy (dβ). */                              \
+/* ... and of the backward: dx = a·dy + b·d + k; returns Σdy·x̂ (dγ), Σdy (dβ). */                             \
 static void bwd_coefs_##SUF(double sg, double sgd, double m, const T *weight, int64_t c, T delta, T var,       \
                             double eps, T *a, T *b, T *k, T *dweight, T *dbias) {                              \
     double inv_std = 1.0 / sqrt((double)var + eps);                                                            \
@@ -141,12 +155,11 @@ int bn_forward_planar_##SUF(const T *x, T *y, const T *weight, const T *bias, T 
         for (int64_t i = 0; i < S; i++) first += x[c * S + i];                                                 \
         T s = (T)(first / (double)S);                                                                          \
         double sd = 0, sq = 0;                                                                                 \
-        for (int64_t n = 0; n < N; n++) run_sums_##SUF(x + (n * C + c) * S, S, s, &sd, &sq);                  \
+        plane_sums_##SUF(x + c * S, N, C * S, S, s, &sd, &sq);                                                 \
         T scale, offset;                                                                                       \
         fwd_coefs_##SUF(sd, sq, m, weight, bias, c, eps, &delta[c], &var[c], &scale, &offset);                 \
         shift[c] = s;                                                                                          \
-        for (int64_t n = 0; n < N; n++)                                                                        \
-            run_affine_##SUF(x + (n * C + c) * S, y + (n * C + c) * S, S, s, scale, offset);                   \
+        plane_affine_##SUF(x + c * S, y + c * S, N, C * S, S, s, scale, offset);                               \
     }                                                                                                          \
     return 0;                                                                                                  \
 }                                                                                                              \
@@ -158,59 +171,68 @@ int bn_backward_planar_##SUF(const T *x, const T *dy, T *dx, const T *weight, co
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                                          \
     for (int64_t c = 0; c < C; c++) {                                                                          \
         double sg = 0, sgd = 0;                                                                                \
-        for (int64_t n = 0; n < N; n++)                                                                        \
-            run_grad_sums_##SUF(x + (n * C + c) * S, dy + (n * C + c) * S, S, shift[c], &sg, &sgd);            \
+        plane_grad_sums_##SUF(x + c * S, dy + c * S, N, C * S, S, shift[c], &sg, &sgd);                        \
         T a, b, k;                                                                                             \
         bwd_coefs_##SUF(sg, sgd, m, weight, c, delta[c], var[c], eps, &a, &b, &k, &dweight[c], &dbias[c]);     \
-        if (dx)                                                                                                \
-            for (int64_t n = 0; n < N; n++)                                                                    \
-                run_dx_##SUF(x + (n * C + c) * S, dy + (n * C + c) * S, dx + (n * C + c) * S, S, shift[c],     \
-                             a, b, k);                                                                         \
+        if (dx) plane_dx_##SUF(x + c * S, dy + c * S, dx + c * S, N, C * S, S, shift[c], a, b, k);             \
     }                                                                                                          \
     return 0;                                                                                                  \
 }                                                                                                              \
                                                                                                                \
-/* Rows layout, both directions: per-thread partial sums over a block of rows, one reduction, then the        \
- * elementwise pass over the same blocks. S rows make up the first sample (the shift). Returns −1 when        \
- * out of memory. */                                                                                           \
+/* Rows layout, both directions: per-thread partial sums over blocks of rows, one reduction, then the          \
+ * elementwise pass over the same rows. With few channels, K consecutive rows are taken as one row of          \
+ * W = K·C values against K copies of the per-channel vectors, so the inner loops stay long; the M mod K       \
+ * rows left over run at width C. S rows make up the first sample (the shift). Returns −1 when out of memory. */ \
 static int rows_pass_##SUF(const T *x, const T *g, T *out, const T *weight, const T *bias, T *shift,           \
                            T *delta, T *var, T *dweight, T *dbias, int64_t M, int64_t C, int64_t S,            \
                            double eps, int threads) {                                                          \
     double m = (double)M;                                                                                      \
-    double *partial = calloc((size_t)(2 * threads * C), sizeof(double));                                       \
-    T *coefs = malloc((size_t)(3 * C) * sizeof(T));                                                            \
-    T *accs = malloc((size_t)(2 * threads * C) * sizeof(T));                                                   \
-    if (!partial || !coefs || !accs) { free(partial); free(coefs); free(accs); return -1; }                    \
+    int64_t K = C < WIDE ? WIDE / C : 1, W = K * C, wide_rows = M / K, tail = wide_rows * K;                   \
+    int64_t L = (W + 15) / 16 * 16;       /* per-thread stride in whole cache lines: threads share none */     \
+    double *partial = aligned_alloc(64, (size_t)(2 * threads * L) * sizeof(double));                           \
+    T *vecs = malloc((size_t)(4 * W) * sizeof(T));           /* shift, then three coefficients, each ×K */     \
+    T *accs = aligned_alloc(64, (size_t)(2 * threads * L) * sizeof(T));                                        \
+    if (!partial || !vecs || !accs) { free(partial); free(vecs); free(accs); return -1; }                      \
+    for (int64_t j = 0; j < 2 * threads * L; j++) partial[j] = 0;                                              \
     if (!g) {                                                                                                  \
-        for (int64_t c = 0; c < C; c++) partial[c] = 0;                                                        \
         for (int64_t r = 0; r < S; r++) for (int64_t c = 0; c < C; c++) partial[c] += x[r * C + c];            \
         for (int64_t c = 0; c < C; c++) { shift[c] = (T)(partial[c] / (double)S); partial[c] = 0; }            \
     }                                                                                                          \
+    T *shift_w = vecs, *coefs = vecs + W;                     /* coefs: [a (W) | b (W) | k (W)] */             \
+    for (int64_t j = 0; j < W; j++) shift_w[j] = shift[j % C];                                                 \
     _Pragma("omp parallel num_threads(threads)")                                                               \
     {                                                                                                          \
         int t = omp_get_thread_num(), nt = omp_get_num_threads();                                              \
-        int64_t r0 = M * t / nt, r1 = M * (t + 1) / nt;                                                        \
-        rows_sums_##SUF(x, g, r0, r1, C, shift, partial + 2 * t * C, partial + (2 * t + 1) * C,                \
-                        accs + 2 * t * C, accs + (2 * t + 1) * C);                                             \
+        int64_t r0 = wide_rows * t / nt, r1 = wide_rows * (t + 1) / nt;                                        \
+        double *sum_a = partial + 2 * t * L, *sum_b = partial + (2 * t + 1) * L;                               \
+        T *acc_a = accs + 2 * t * L, *acc_b = accs + (2 * t + 1) * L;                                          \
+        rows_sums_##SUF(x, g, r0, r1, W, shift_w, sum_a, sum_b, acc_a, acc_b);                                 \
+        if (t == nt - 1) rows_sums_##SUF(x, g, tail, M, C, shift_w, sum_a, sum_b, acc_a, acc_b);               \
         _Pragma("omp barrier")                                                                                 \
         _Pragma("omp single")                                                                                  \
-        for (int64_t c = 0; c < C; c++) {                                                                      \
-            double sa = 0, sb = 0;                                                                             \
-            for (int u = 0; u < threads; u++) { sa += partial[2 * u * C + c]; sb += partial[(2 * u + 1) * C + c]; } \
-            if (g)                                                                                             \
-                bwd_coefs_##SUF(sa, sb, m, weight, c, delta[c], var[c], eps, &coefs[c], &coefs[C + c],         \
-                                &coefs[2 * C + c], &dweight[c], &dbias[c]);                                    \
-            else                                                                                               \
-                fwd_coefs_##SUF(sa, sb, m, weight, bias, c, eps, &delta[c], &var[c], &coefs[c],                \
-                                &coefs[2 * C + c]);                                                            \
+        {                                                                                                      \
+            for (int64_t c = 0; c < C; c++) {                                                                  \
+                double sa = 0, sb = 0;                                                                         \
+                for (int u = 0; u < threads; u++)                                                              \
+                    for (int64_t j = c; j < W; j += C) { sa += partial[2 * u * L + j]; sb += partial[(2 * u + 1) * L + j]; } \
+                if (g)                                                                                         \
+                    bwd_coefs_##SUF(sa, sb, m, weight, c, delta[c], var[c], eps, &coefs[c], &coefs[W + c],     \
+                                    &coefs[2 * W + c], &dweight[c], &dbias[c]);                                \
+                else                                                                                           \
+                    fwd_coefs_##SUF(sa, sb, m, weight, bias, c, eps, &delta[c], &var[c], &coefs[c],            \
+                                    &coefs[2 * W + c]);                                                        \
+            }                                                                                                  \
+            for (int64_t j = C; j < W; j++)                                                                    \
+                for (int v = 0; v < 3; v++) coefs[v * W + j] = coefs[v * W + j % C];                           \
         }                                                                                                      \
         /* the implicit barrier after single publishes the coefficients */                                     \
         if (out) {                                                                                             \
-            if (g) rows_affine_##SUF(x, g, out, r0, r1, C, shift, coefs + C, coefs, coefs + 2 * C);            \
-            else rows_affine_##SUF(x, NULL, out, r0, r1, C, shift, coefs, NULL, coefs + 2 * C);                \
+            const T *cd = g ? coefs + W : coefs, *cg = g ? coefs : NULL, *ck = coefs + 2 * W;                  \
+            rows_affine_##SUF(x, g, out, r0, r1, W, shift_w, cd, cg, ck);                                      \
+            if (t == nt - 1) rows_affine_##SUF(x, g, out, tail, M, C, shift_w, cd, cg, ck);                    \
         }                                                                                                      \
     }                                                                                                          \
-    free(partial); free(coefs); free(accs);                                                                    \
+    free(partial); free(vecs); free(accs);                                                                     \
     return 0;                                                                                                  \
 }                                                                                                              \
                                                                                                                \
