@@ -37,11 +37,29 @@
 
 #define DEFINE_KERNELS(T, SUF)                                                                                 \
                                                                                                                \
-/* Planar layout, one channel: N runs of S values, run n at p + n·stride. */                                   \
+/* Planar layout, one channel: N runs of S values, run n at p + n·stride. Runs shorter than BLOCK are          \
+ * summed lane-wise over ROWS runs at a time (no horizontal sum per short run), longer ones per BLOCK. */      \
 /* Σd and Σd², d = p − s. */                                                                                   \
 HOT static void plane_sums_##SUF(const T *p, int64_t N, int64_t stride, int64_t S, T s, double *sum_d,         \
                                  double *sum_d2) {                                                             \
     double a = 0, b = 0;                                                                                       \
+    if (S < BLOCK) {                                                                                           \
+        T la[BLOCK], lb[BLOCK];                                                                                \
+        for (int64_t n0 = 0; n0 < N; n0 += ROWS) {                                                             \
+            int64_t n1 = n0 + ROWS < N ? n0 + ROWS : N;                                                        \
+            for (int64_t i = 0; i < S; i++) { la[i] = 0; lb[i] = 0; }                                          \
+            for (int64_t n = n0; n < n1; n++, p += stride) {                                                   \
+                _Pragma("omp simd")                                                                            \
+                for (int64_t i = 0; i < S; i++) { T d = p[i] - s; la[i] += d; lb[i] += d * d; }                \
+            }                                                                                                  \
+            T ba = 0, bb = 0;                                                                                  \
+            _Pragma("omp simd reduction(+:ba,bb)")                                                             \
+            for (int64_t i = 0; i < S; i++) { ba += la[i]; bb += lb[i]; }                                      \
+            a += ba; b += bb;                                                                                  \
+        }                                                                                                      \
+        *sum_d = a; *sum_d2 = b;                                                                               \
+        return;                                                                                                \
+    }                                                                                                          \
     for (int64_t n = 0; n < N; n++, p += stride)                                                               \
         for (int64_t i0 = 0; i0 < S; i0 += BLOCK) {                                                            \
             int64_t i1 = i0 + BLOCK < S ? i0 + BLOCK : S;                                                      \
@@ -57,6 +75,23 @@ HOT static void plane_sums_##SUF(const T *p, int64_t N, int64_t stride, int64_t 
 HOT static void plane_grad_sums_##SUF(const T *p, const T *g, int64_t N, int64_t stride, int64_t S, T s,       \
                                       double *sum_g, double *sum_gd) {                                         \
     double a = 0, b = 0;                                                                                       \
+    if (S < BLOCK) {                                                                                           \
+        T la[BLOCK], lb[BLOCK];                                                                                \
+        for (int64_t n0 = 0; n0 < N; n0 += ROWS) {                                                             \
+            int64_t n1 = n0 + ROWS < N ? n0 + ROWS : N;                                                        \
+            for (int64_t i = 0; i < S; i++) { la[i] = 0; lb[i] = 0; }                                          \
+            for (int64_t n = n0; n < n1; n++, p += stride, g += stride) {                                      \
+                _Pragma("omp simd")                                                                            \
+                for (int64_t i = 0; i < S; i++) { la[i] += g[i]; lb[i] += g[i] * (p[i] - s); }                 \
+            }                                                                                                  \
+            T ba = 0, bb = 0;                                                                                  \
+            _Pragma("omp simd reduction(+:ba,bb)")                                                             \
+            for (int64_t i = 0; i < S; i++) { ba += la[i]; bb += lb[i]; }                                      \
+            a += ba; b += bb;                                                                                  \
+        }                                                                                                      \
+        *sum_g = a; *sum_gd = b;                                                                               \
+        return;                                                                                                \
+    }                                                                                                          \
     for (int64_t n = 0; n < N; n++, p += stride, g += stride)                                                  \
         for (int64_t i0 = 0; i0 < S; i0 += BLOCK) {                                                            \
             int64_t i1 = i0 + BLOCK < S ? i0 + BLOCK : S;                                                      \
