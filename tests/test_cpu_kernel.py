@@ -190,6 +190,21 @@ def test_under_torch_func_and_compile_the_kernel_stands_aside(monkeypatch):
     assert not cpu.usable(x)
 
 
+def test_torch_compile_fullgraph_traces_the_composed_math(calls):
+    """Dynamo traces the training path in one graph; the traced math is the composed one, not the C call."""
+    x = _input((4, 3, 5, 5), torch.float32, "channels_last").requires_grad_()
+    w = torch.randn(3, requires_grad=True)
+    compiled = torch.compile(lambda x, w: batch_norm(x, None, None, w, None, training=True), backend="eager",
+                             fullgraph=True)
+    y = compiled(x, w)
+    dx, dw = torch.autograd.grad(y, (x, w), torch.cos(y))
+    assert calls == {"forward": 0, "backward": 0}
+    y_t = torch.nn.functional.batch_norm(x, None, None, w, None, training=True)
+    dx_t, dw_t = torch.autograd.grad(y_t, (x, w), torch.cos(y_t))
+    for ours, theirs in ((y, y_t), (dx, dx_t), (dw, dw_t)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 def test_empty_batch_is_left_to_the_composed_math(calls):
     x = torch.randn(0, 3, 4, 4, requires_grad=True)
     w, b = torch.randn(3), torch.randn(3)
