@@ -41,11 +41,11 @@ def calls(monkeypatch):
 
 @pytest.fixture
 def fresh_state():
-    """Let a test rebuild or fail to build, then restore the normal library for the rest of the session."""
+    """Let a test rebuild or fail to build; afterwards the next call loads the library again (lazily, once
+    monkeypatch has restored the environment — loading here would still see the test's CC)."""
     cpu._reset()
     yield
     cpu._reset()
-    cpu.library()
 
 
 def _input(shape, dtype, layout, mean=1.0, seed=0):
@@ -213,6 +213,8 @@ def test_empty_batch_is_left_to_the_composed_math(calls):
 
 
 def test_missing_compiler_falls_back_and_says_so_once(monkeypatch, tmp_path, caplog, fresh_state, calls):
+    """A machine without a C compiler: the composed math, one logged warning, and the kernel path back
+    once a compiler is there again."""
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("BNLAB_CACHE_DIR", str(tmp_path / "cache"))
     x = _input((5, 4, 3, 3), torch.float32, "channels_last")
@@ -260,3 +262,8 @@ def test_concurrent_first_builds_share_one_cache_entry(tmp_path):
         assert proc.returncode == 0 and out.strip() == "ok", err
     assert len(list(tmp_path.glob("bn_cpu-*.so"))) == 1
     assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no temporary build folder left behind
+
+
+def test_the_kernel_is_back_after_the_fallback_tests():
+    """The fallback tests leave no lasting state: later tests in the same process get the kernel."""
+    assert cpu.usable(torch.randn(4, 3, 2, 2))
