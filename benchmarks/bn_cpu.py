@@ -14,6 +14,7 @@ and keeps its best attempt; the table marks such rows with the number of attempt
     python benchmarks/bn_cpu.py                       # 1 and 2 threads, the full table
     python benchmarks/bn_cpu.py --threads 1 --repeat 5
     BNLAB_CPU_KERNEL=0 python benchmarks/bn_cpu.py    # the composed PyTorch math alone
+    python benchmarks/bn_cpu.py --inductor            # also: the composed math under torch.compile
 """
 
 from __future__ import annotations
@@ -121,18 +122,44 @@ def table(threads: int, repeat: int, target: float, retries: int) -> float:
     return worst
 
 
+def inductor(threads: int, repeat: int, shape=(128, 64, 16, 16)) -> None:
+    """The other mechanism measured: the composed math compiled by Inductor (its first compile, then its
+    forward against native), for comparison only; it never enters the pass/fail verdict."""
+    torch.set_num_threads(threads)
+    print(f"\ntorch.compile (Inductor) of the composed training forward, {threads} thread(s), {shape}")
+    for layout in ("contiguous", "channels_last"):
+        x = torch.randn(shape)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        compiled = torch.compile(lambda t: bn_F.batch_norm(t, None, None, training=True), fullgraph=True,
+                                 dynamic=False)
+        start = time.perf_counter()
+        with torch.no_grad():
+            compiled(x)
+        first_s = time.perf_counter() - start
+        with torch.no_grad():
+            t_compiled, t_native = _best_ms([lambda: compiled(x),
+                                             lambda: torch_F.batch_norm(x, None, None, training=True)], repeat)
+        print(f"{layout:<15} first call {first_s:6.1f} s   {t_compiled:.2f} ms vs native {t_native:.2f} ms"
+              f"   ratio {t_compiled / t_native:.2f}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts (default 1,2)")
     parser.add_argument("--target", type=float, default=1.25, help="worst acceptable ratio ours/native")
     parser.add_argument("--retries", type=int, default=2, help="extra attempts for a row over the target")
+    parser.add_argument("--inductor", action="store_true",
+                        help="also time the composed math under torch.compile (slow first compile)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"bnlab {bnlab.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(first_call_cost())
     worst = max(table(int(t), args.repeat, args.target, args.retries) for t in args.threads.split(","))
+    if args.inductor:
+        inductor(int(args.threads.split(",")[0]), args.repeat)
     verdict = "met" if worst <= args.target else "MISSED"
     print(f"\nworst ratio ours/native: {worst:.2f} (target ≤ {args.target}): {verdict}")
     return 0 if worst <= args.target else 1
