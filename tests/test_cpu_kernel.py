@@ -43,9 +43,9 @@ def calls(monkeypatch):
 def fresh_state():
     """Let a test rebuild or fail to build; afterwards the next call loads the library again (lazily, once
     monkeypatch has restored the environment — loading here would still see the test's CC)."""
-    cpu._reset()
+    cpu.reset()
     yield
-    cpu._reset()
+    cpu.reset()
 
 
 def _input(shape, dtype, layout, mean=1.0, seed=0):

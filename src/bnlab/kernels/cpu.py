@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -35,7 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["usable", "forward", "backward", "library", "load_error", "enabled"]
+__all__ = ["usable", "forward", "backward", "library", "load_error", "enabled", "build", "reset", "compiler"]
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +55,33 @@ def _cache_dir() -> Path:
     return Path(base) / "bnlab"
 
 
-def _compiler_identity(cc: str) -> str:
-    """The compiler's resolved path and ``--version`` banner; raises OSError when it cannot be run."""
-    path = shutil.which(cc)
+def _compiler_command(cc: str) -> tuple[list[str], str]:
+    """``cc`` as a command (``$CC`` may carry arguments, e.g. ``ccache gcc``) with its program resolved, and
+    its identity for the cache key (resolved path, arguments, ``--version`` banner). Raises OSError when
+    the program is not there."""
+    program, *args = shlex.split(cc) or [""]
+    path = shutil.which(program)
     if path is None:
         raise OSError(f"C compiler {cc!r} not found (set CC to a C compiler with OpenMP, e.g. gcc)")
-    banner = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout
-    return f"{os.path.realpath(path)}\n{banner}"
+    command = [path, *args]
+    banner = subprocess.run(command + ["--version"], capture_output=True, text=True, timeout=60).stdout
+    return command, "\n".join([os.path.realpath(path), *args, banner])
 
 
-def _build(cc: str) -> Path:
-    """The path of the compiled library, building it first if the cache lacks it."""
+def compiler() -> str:
+    """The C compiler the kernel is built with: ``$CC``, else ``cc``."""
+    return os.environ.get("CC") or "cc"
+
+
+def build(cc: Optional[str] = None) -> Path:
+    """The path of the compiled library in the cache, compiling it first with ``cc`` (default
+    :func:`compiler`) if the cache lacks it. Raises ``OSError`` when there is no compiler or it fails."""
+    cc = cc or compiler()
     from filelock import FileLock
 
     source = resources.files("bnlab.kernels").joinpath("bn_cpu.c").read_bytes()
-    key = hashlib.sha256(b"\0".join([source, _compiler_identity(cc).encode(), " ".join(_FLAGS).encode(),
+    command, identity = _compiler_command(cc)
+    key = hashlib.sha256(b"\0".join([source, identity.encode(), " ".join(_FLAGS).encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     cache = _cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
@@ -81,7 +94,7 @@ def _build(cc: str) -> Path:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             src, out = Path(tmp) / "bn_cpu.c", Path(tmp) / "bn_cpu.so"
             src.write_bytes(source)
-            proc = subprocess.run([shutil.which(cc), *_FLAGS, "-o", str(out), str(src), "-lm"],
+            proc = subprocess.run([*command, *_FLAGS, "-o", str(out), str(src), "-lm"],
                                   capture_output=True, text=True, timeout=300)
             if proc.returncode != 0:
                 raise OSError(f"{cc} failed to compile bn_cpu.c (exit {proc.returncode}): "
@@ -114,9 +127,8 @@ def library() -> Optional[ctypes.CDLL]:
     cannot be built or loaded."""
     if not _state.tried:
         _state.tried = True
-        cc = os.environ.get("CC") or "cc"
         try:
-            lib = ctypes.CDLL(str(_build(cc)))
+            lib = ctypes.CDLL(str(build()))
             _declare(lib)
             _state.lib = lib
         except Exception as exc:  # no compiler, no OpenMP, read-only cache, ...: the composed math still works
@@ -131,8 +143,8 @@ def load_error() -> Optional[str]:
     return _state.error
 
 
-def _reset() -> None:
-    """Forget the loaded library and any failure, so the next call builds again (tests)."""
+def reset() -> None:
+    """Forget the loaded library and any failure: the next :func:`library` call builds or loads it again."""
     _state.lib, _state.error, _state.tried = None, None, False
 
 
