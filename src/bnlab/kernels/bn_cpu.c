@@ -225,7 +225,9 @@ static int rows_pass_##SUF(const T *x, const T *g, T *out, const T *weight, cons
     int64_t K = C < WIDE ? WIDE / C : 1, W = K * C, wide_rows = M / K, tail = wide_rows * K;                   \
     int64_t L = (W + 15) / 16 * 16;       /* per-thread stride in whole cache lines: threads share none */     \
     double *partial = aligned_alloc(64, (size_t)(2 * threads * L) * sizeof(double));                           \
-    T *vecs = malloc((size_t)(4 * W) * sizeof(T));           /* shift, then three coefficients, each ×K */     \
+    /* the shift ×K, then per thread three coefficients ×K: every thread derives them from the partial sums    \
+     * itself (same order, same values), which saves a second barrier */                                       \
+    T *vecs = aligned_alloc(64, (size_t)(L + 3 * threads * L) * sizeof(T));                                    \
     T *accs = aligned_alloc(64, (size_t)(2 * threads * L) * sizeof(T));                                        \
     if (!partial || !vecs || !accs) { free(partial); free(vecs); free(accs); return -1; }                      \
     for (int64_t j = 0; j < 2 * threads * L; j++) partial[j] = 0;                                              \
@@ -233,7 +235,7 @@ static int rows_pass_##SUF(const T *x, const T *g, T *out, const T *weight, cons
         for (int64_t r = 0; r < S; r++) for (int64_t c = 0; c < C; c++) partial[c] += x[r * C + c];            \
         for (int64_t c = 0; c < C; c++) { shift[c] = (T)(partial[c] / (double)S); partial[c] = 0; }            \
     }                                                                                                          \
-    T *shift_w = vecs, *coefs = vecs + W;                     /* coefs: [a (W) | b (W) | k (W)] */             \
+    T *shift_w = vecs;                                                                                         \
     for (int64_t j = 0; j < W; j++) shift_w[j] = shift[j % C];                                                 \
     _Pragma("omp parallel num_threads(threads)")                                                               \
     {                                                                                                          \
@@ -244,23 +246,25 @@ static int rows_pass_##SUF(const T *x, const T *g, T *out, const T *weight, cons
         rows_sums_##SUF(x, g, r0, r1, W, shift_w, sum_a, sum_b, acc_a, acc_b);                                 \
         if (t == nt - 1) rows_sums_##SUF(x, g, tail, M, C, shift_w, sum_a, sum_b, acc_a, acc_b);               \
         _Pragma("omp barrier")                                                                                 \
-        _Pragma("omp single")                                                                                  \
+        T *coefs = vecs + L + 3 * t * L;                      /* [a (W) | b (W) | k (W)], this thread's */     \
         {                                                                                                      \
             for (int64_t c = 0; c < C; c++) {                                                                  \
+                T out_a, out_b;                                   /* δ, σ² or dγ, dβ: thread 0 stores them */  \
                 double sa = 0, sb = 0;                                                                         \
                 for (int u = 0; u < threads; u++)                                                              \
                     for (int64_t j = c; j < W; j += C) { sa += partial[2 * u * L + j]; sb += partial[(2 * u + 1) * L + j]; } \
-                if (g)                                                                                         \
+                if (g) {                                                                                       \
                     bwd_coefs_##SUF(sa, sb, m, weight, c, delta[c], var[c], eps, &coefs[c], &coefs[W + c],     \
-                                    &coefs[2 * W + c], &dweight[c], &dbias[c]);                                \
-                else                                                                                           \
-                    fwd_coefs_##SUF(sa, sb, m, weight, bias, c, eps, &delta[c], &var[c], &coefs[c],            \
-                                    &coefs[2 * W + c]);                                                        \
+                                    &coefs[2 * W + c], &out_a, &out_b);                                        \
+                    if (t == 0) { dweight[c] = out_a; dbias[c] = out_b; }                                      \
+                } else {                                                                                       \
+                    fwd_coefs_##SUF(sa, sb, m, weight, bias, c, eps, &out_a, &out_b, &coefs[c], &coefs[2 * W + c]); \
+                    if (t == 0) { delta[c] = out_a; var[c] = out_b; }                                          \
+                }                                                                                              \
             }                                                                                                  \
             for (int64_t j = C; j < W; j++)                                                                    \
                 for (int v = 0; v < 3; v++) coefs[v * W + j] = coefs[v * W + j % C];                           \
         }                                                                                                      \
-        /* the implicit barrier after single publishes the coefficients */                                     \
         if (out) {                                                                                             \
             const T *cd = g ? coefs + W : coefs, *cg = g ? coefs : NULL, *ck = coefs + 2 * W;                  \
             rows_affine_##SUF(x, g, out, r0, r1, W, shift_w, cd, cg, ck);                                      \
