@@ -160,13 +160,15 @@ def enabled() -> bool:
 def _layout(x: Tensor) -> Optional[str]:
     """``"planar"`` for (N, C, S) contiguous, ``"rows"`` for (M, C) contiguous (channels last, or 2-D), else
     ``None``."""
-    if x.dim() == 2 or (x.is_contiguous() and math.prod(x.shape[2:]) == 1):
-        return "rows" if x.is_contiguous() else None
+    shape, strides = x.shape, x.stride()
     if x.is_contiguous():
-        return "planar"
-    if x.permute(0, *range(2, x.dim()), 1).is_contiguous():
-        return "rows"
-    return None
+        return "rows" if math.prod(shape[2:]) == 1 else "planar"
+    expected = 1  # rows: dense in the order (N, *spatial, C), read from the strides (no tensor op)
+    for dim in [1, *range(x.dim() - 1, 1, -1), 0]:
+        if shape[dim] != 1 and strides[dim] != expected:
+            return None
+        expected *= shape[dim]
+    return "rows"
 
 
 def _plain(t: Optional[Tensor]) -> bool:
@@ -186,7 +188,10 @@ def usable(x: Tensor, *others: Optional[Tensor]) -> bool:
 
 
 def _vector(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if t is None else t.detach().to(dtype).contiguous()
+    """``t`` as a contiguous vector of ``dtype`` (itself when it already is: only its pointer is used)."""
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.detach().to(dtype).contiguous()
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
