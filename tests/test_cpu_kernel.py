@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bnlab import reference
+from bnlab.errors import UserError
 from bnlab.functional import batch_norm, batch_norm_stats
 from bnlab.kernels import cpu
 
@@ -120,6 +121,18 @@ def test_both_paths_agree_and_the_switch_turns_the_kernel_off(layout, monkeypatc
     assert calls == {"forward": 1, "backward": 1}          # only the first pass used the kernel
     for a, b_ in zip(fused, composed):
         torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("off", False), ("1", True), ("", True)])
+def test_switch_values(value, on, monkeypatch):
+    monkeypatch.setenv("BNLAB_CPU_KERNEL", value)
+    assert cpu.enabled() is on and cpu.usable(torch.randn(4, 3, 2)) is on
+
+
+def test_a_bad_switch_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("BNLAB_CPU_KERNEL", "maybe")
+    with pytest.raises(UserError, match=r"BNLAB_CPU_KERNEL='maybe': expected 1 .* or 0"):
+        batch_norm(torch.randn(4, 3, 2), None, None, training=True)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

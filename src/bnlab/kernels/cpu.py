@@ -36,6 +36,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from bnlab.errors import UserError
+
 __all__ = ["usable", "forward", "backward", "library", "load_error", "enabled", "build", "reset", "compiler"]
 
 log = logging.getLogger(__name__)
@@ -152,9 +154,19 @@ def reset() -> None:
 # dispatch
 # --------------------------------------------------------------------------------------------------
 
+_SWITCH = {"": True, "1": True, "true": True, "yes": True, "on": True,
+           "0": False, "false": False, "no": False, "off": False}
+
+
 def enabled() -> bool:
-    """Whether the path is switched on (``BNLAB_CPU_KERNEL`` unset or not ``0``)."""
-    return os.environ.get("BNLAB_CPU_KERNEL", "1") != "0"
+    """Whether the path is switched on: ``BNLAB_CPU_KERNEL`` unset or ``1`` (also true/yes/on); ``0``
+    (also false/no/off) turns it off; anything else is a :class:`~bnlab.errors.UserError`."""
+    value = os.environ.get("BNLAB_CPU_KERNEL", "1")
+    try:
+        return _SWITCH[value.strip().lower()]
+    except KeyError:
+        raise UserError(f"BNLAB_CPU_KERNEL={value!r}: expected 1 (use the fused CPU batch-norm kernel) or 0 "
+                        f"(use the composed PyTorch math)") from None
 
 
 def _layout(x: Tensor) -> Optional[str]:
