@@ -28,6 +28,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -113,6 +114,7 @@ class _State:
 
 
 _state = _State()
+_state_lock = threading.Lock()  # one build per process; other threads wait for it instead of falling back
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -128,15 +130,17 @@ def library() -> Optional[ctypes.CDLL]:
     """The loaded kernel library, building it on first use; ``None`` (and one logged warning) when it
     cannot be built or loaded."""
     if not _state.tried:
-        _state.tried = True
-        try:
-            lib = ctypes.CDLL(str(build()))
-            _declare(lib)
-            _state.lib = lib
-        except Exception as exc:  # no compiler, no OpenMP, read-only cache, ...: the composed math still works
-            _state.error = f"{type(exc).__name__}: {exc}"
-            log.warning("bnlab: the fused CPU batch-norm kernel is unavailable, using the composed PyTorch "
-                        "math instead (%s)", _state.error)
+        with _state_lock:
+            if not _state.tried:
+                try:
+                    lib = ctypes.CDLL(str(build()))
+                    _declare(lib)
+                    _state.lib = lib
+                except Exception as exc:  # no compiler, no OpenMP, read-only cache: the composed math works
+                    _state.error = f"{type(exc).__name__}: {exc}"
+                    log.warning("bnlab: the fused CPU batch-norm kernel is unavailable, using the composed "
+                                "PyTorch math instead (%s)", _state.error)
+                _state.tried = True
     return _state.lib
 
 
@@ -147,7 +151,8 @@ def load_error() -> Optional[str]:
 
 def reset() -> None:
     """Forget the loaded library and any failure: the next :func:`library` call builds or loads it again."""
-    _state.lib, _state.error, _state.tried = None, None, False
+    with _state_lock:
+        _state.lib, _state.error, _state.tried = None, None, False
 
 
 # --------------------------------------------------------------------------------------------------
