@@ -279,9 +279,10 @@ _CHILD = textwrap.dedent("""
 
 def test_concurrent_first_builds_share_one_cache_entry(tmp_path):
     """Two processes building into an empty cache at once: both load a working library, one file results."""
-    env = dict(os.environ, BNLAB_CACHE_DIR=str(tmp_path), PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    env = dict(os.environ, BNLAB_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     for proc, (out, err) in zip(procs, results):
         assert proc.returncode == 0 and out.strip() == "ok", err
