@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from bnlab.dtypes import compute_dtype
+from bnlab.kernels import cpu as _cpu_kernel
 
 __all__ = ["batch_norm", "batch_norm_stats", "BatchNormOutput", "check_input", "backend_for", "Moments", "moments",
            "merge_moments", "normalize", "update_running_stats", "compute_dtype", "memory_format", "empty_output"]
@@ -179,6 +180,8 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
+        if _cpu_kernel.usable(x, weight, bias):  # fused CPU kernel (bnlab.kernels.cpu): same outputs
+            return _cpu_kernel.forward(x, weight, bias, eps)
         shift = _shift(x)
         d, delta, var = _shifted_moments(x, shift)                     # d: (N, C, *)
         scale = torch.rsqrt(var + eps)                                 # (C,) 1/σ, then γ/σ
@@ -201,6 +204,9 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor, _dshift, _ddelta, _dvar):
         x, weight, shift, delta, var = ctx.saved_tensors
+        if not torch.is_grad_enabled() and _cpu_kernel.usable(x, dy, weight):  # fused CPU kernel, single backward
+            return _cpu_kernel.backward(dy, x, weight, shift, delta, var, ctx.eps, ctx.needs_input_grad,
+                                        ctx.has_weight, ctx.has_bias) + (None,)
         if torch.is_grad_enabled():
             # create_graph=True: recompute δ and σ² from x with differentiable ops, so the gradient we
             # return is itself a differentiable function of x, γ and dy (double backward).
