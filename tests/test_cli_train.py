@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bnlab import cli, data
+from bnlab.errors import UserError
 
 
 def test_train_prints_a_table_and_writes_json(tmp_path, capsys):
@@ -71,7 +72,7 @@ def test_datasets_says_where_each_was_found(capsys, tmp_path):
 def test_distributed_without_bnlab_distributed_is_a_clear_error(monkeypatch):
     from bnlab.commands import train as train_command
     monkeypatch.setitem(sys.modules, "bnlab.distributed", None)   # as if the module did not exist
-    with pytest.raises(SystemExit, match="bnlab.distributed.convert_sync_batchnorm"):
+    with pytest.raises(UserError, match="bnlab.distributed.convert_sync_batchnorm"):
         train_command._sync_batchnorm(torch.nn.Linear(2, 2))
 
 
