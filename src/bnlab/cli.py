@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{getattr(error, 'prog', None) or _prog(argv)}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as interrupt:  # a command may say what was kept (bnlab.study.runner.Interrupted)
-        print(f"\n{_prog(argv)}: {str(interrupt) or 'interrupted'}", file=sys.stderr)
+        newline = "\n" if sys.stderr.isatty() else ""  # off the line where the terminal echoed ^C
+        print(f"{newline}{_prog(argv)}: {str(interrupt) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # the reader went away (`bnlab models | head`): point stdout at /dev/null so the interpreter's

@@ -16,7 +16,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-__all__ = ["Store", "FINISHED", "STATUSES", "environment"]
+from bnlab.errors import UserError
+
+__all__ = ["Store", "STORE_NAME", "FINISHED", "STATUSES", "environment"]
+
+STORE_NAME = "study.sqlite"  # the store's file name in a study directory
 
 STATUSES = ("done", "diverged", "failed")
 FINISHED = ("done", "diverged")  # reused on resume; "failed" runs are retried
@@ -67,7 +71,7 @@ class Store:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         if self.path.exists() and self.path.is_dir():
-            raise ValueError(f"store path {self.path} is a directory; expected a SQLite file path")
+            raise UserError(f"store path {self.path} is a directory; expected a SQLite file path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
         try:
