@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data test test-slow bench study clean
+.PHONY: setup data browser test test-slow bench study clean
 
 setup: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH)"
 	$(PY) -m pip install -e ".[dev]"
-	@$(MAKE) --no-print-directory data
+	@$(MAKE) --no-print-directory data browser
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's package where apt-get works as root; harmless elsewhere.
@@ -25,6 +25,18 @@ data:
 	    || echo "note: could not install dataset-fashion-mnist; bnlab will download Fashion-MNIST when needed"; \
 	else \
 	  echo "note: not root or no apt-get; bnlab will download Fashion-MNIST when needed (or set BNLAB_DATA)"; \
+	fi
+
+# Headless Chromium for the report's browser test and `bnlab report --screenshots`: Debian's package where
+# apt-get works as root (Playwright drives it through executable_path; no browser download).
+browser:
+	@if command -v chromium >/dev/null 2>&1; then \
+	  echo "chromium found: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get update -qq && apt-get install -y -qq chromium) \
+	    || echo "note: could not install chromium; the browser test will be skipped"; \
+	else \
+	  echo "note: not root or no apt-get; install chromium (or set BNLAB_CHROMIUM) for the browser test"; \
 	fi
 
 test: setup

@@ -63,7 +63,7 @@ def test_models_lists_names_and_paper_sizes(capsys):
 def test_datasets_says_where_each_was_found(capsys, tmp_path):
     assert cli.main(["datasets", "--json", "--data-dir", str(tmp_path)]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {"fashion-mnist", "mnist1d", "digits", "synthetic"}
+    assert set(rows) == {"fashion-mnist", "mnist1d", "digits", "synthetic", "cifar10", "cifar100"}
     found = data.locate("fashion-mnist", tmp_path)
     source = rows["fashion-mnist"]["source"]
     assert found is None  # an explicit --data-dir is the only place looked in, and tmp_path is empty

@@ -109,8 +109,8 @@ def test_generated_datasets():
     synthetic = data.load("synthetic")
     assert synthetic.num_classes == 4 and synthetic.train_x.shape[1:] == (1, 8, 8)
     assert torch.equal(data.load("synthetic").train_x, synthetic.train_x)
-    with pytest.raises(ValueError, match="unknown dataset 'cifar10'"):
-        data.load("cifar10")
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        data.load("imagenet")
 
 
 def test_mnist1d_matches_the_package(tmp_path, monkeypatch):

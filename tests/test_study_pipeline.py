@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from bnlab.cli import main
+from bnlab.cli import build_parser, main
+from bnlab.commands import report as report_command
+from bnlab.errors import UserError
 from bnlab.study import CLAIMS, get_profile
 from bnlab.study.report import build_report
 from bnlab.study.runner import STORE_NAME, collect_specs, run_study
@@ -51,7 +53,7 @@ def test_tiny_study_writes_every_claim_and_verdict(tiny_study):
     assert all(r["versions"]["torch"] and r["hardware"]["cpus"] for r in rows.values())
     md = (tiny_study / "report.md").read_text()
     html = (tiny_study / "report.html").read_text()
-    verdicts = json.loads((tiny_study / "verdicts.json").read_text())
+    verdicts = json.loads((tiny_study / "verdicts.json").read_text())["claims"]
     assert sorted(int(n) for n in verdicts) == sorted(CLAIMS)
     for number, module in CLAIMS.items():
         verdict = verdicts[str(number)]["verdict"]
@@ -77,8 +79,8 @@ def test_report_command_rebuilds_without_training(tiny_study, tmp_path, capsys):
     assert (copy / "report.html").is_file()
     assert Store(copy / STORE_NAME).count() == count
     assert (copy / "verdicts.json").read_text() == (tiny_study / "verdicts.json").read_text()
-    with pytest.raises(SystemExit, match="no study store"):
-        main(["report", str(tmp_path)])
+    with pytest.raises(UserError, match="no study store"):
+        report_command.run(build_parser().parse_args(["report", str(tmp_path)]))
 
 
 def test_rerunning_reuses_every_finished_run(tiny_study, tmp_path):
@@ -123,8 +125,8 @@ def test_resume_after_a_killed_process_finishes_with_the_same_results(tiny_study
     for key, row in rows.items():
         assert row["status"] == reference[key]["status"], row["spec"]
         assert _comparable(row["result"]) == _comparable(reference[key]["result"]), row["spec"]
-    mine = json.loads((out / "verdicts.json").read_text())
-    theirs = json.loads((tiny_study / "verdicts.json").read_text())
+    mine = json.loads((out / "verdicts.json").read_text())["claims"]
+    theirs = json.loads((tiny_study / "verdicts.json").read_text())["claims"]
     assert {n: v["verdict"] for n, v in mine.items()} == {n: v["verdict"] for n, v in theirs.items()}
 
 

@@ -8,6 +8,8 @@ the training set's per-channel mean and standard deviation, and whose labels are
 ``mnist1d``        4k/1k, (1, 40), 10            Greydanus 2020, https://arxiv.org/abs/2011.14439
 ``digits``         1437/360, (1, 8, 8), 10       scikit-learn's copy of the UCI handwritten digits
 ``synthetic``      512/256, (1, 8, 8), 4         class templates plus noise, for tests
+``cifar10``        50k/10k, (3, 32, 32), 10      Krizhevsky 2009, https://www.cs.toronto.edu/~kriz/cifar.html
+``cifar100``       50k/10k, (3, 32, 32), 100     the same, fine labels (:mod:`bnlab.cifar` reads both)
 =================  ===========================  ==================================================
 
 Fashion-MNIST is read from IDX files (gzip or raw). A directory named explicitly, ``data_dir`` or else
@@ -77,6 +79,7 @@ class Dataset:
     in_channels: int
     source: str            # where it was found (a directory, or what generated it)
     augment: bool          # whether random crops and horizontal flips make sense for it
+    crop_padding: int = 2  # zero padding of its random crop, pixels (CIFAR's standard: 4)
 
     def to(self, device: Union[str, torch.device]) -> "Dataset":
         return replace(self, **{k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")})
@@ -316,11 +319,13 @@ def _load_synthetic(num_classes: int = 4, train: int = 512, test: int = 256, siz
 
 
 _SPECS = {
-    # name: (loader, classes, augment, description)
+    # name: (generator, or None when read from files; classes, augment, description)
     "fashion-mnist": (None, 10, True, "Fashion-MNIST, 60k/10k 28x28 grey images, 10 classes"),
     "mnist1d": (_load_mnist1d, 10, False, "MNIST-1D, 4k/1k sequences of length 40, 10 classes"),
     "digits": (_load_digits, 10, False, "scikit-learn digits, 1437/360 8x8 images, 10 classes"),
     "synthetic": (_load_synthetic, 4, False, "synthetic templates + noise, 512/256 8x8, 4 classes (tests)"),
+    "cifar10": (None, 10, True, "CIFAR-10, 50k/10k 32x32 colour images, 10 classes"),
+    "cifar100": (None, 100, True, "CIFAR-100, 50k/10k 32x32 colour images, 100 fine classes"),
 }
 
 
@@ -350,20 +355,27 @@ def load(name: str, data_dir: Optional[PathLike] = None, subset: Optional[int] =
     """Load dataset ``name`` (see :func:`available`) onto ``device``.
 
     Args:
-        name: ``"fashion-mnist"``, ``"mnist1d"``, ``"digits"`` or ``"synthetic"``.
+        name: ``"fashion-mnist"``, ``"mnist1d"``, ``"digits"``, ``"synthetic"``, ``"cifar10"`` or ``"cifar100"``.
         data_dir: a directory searched first for dataset files.
         subset: keep a seeded, class-balanced subset of this many training examples (test set intact).
         seed: seed of the subset.
         device: where the tensors live.
-        download: allow downloading Fashion-MNIST when no copy is found.
+        download: allow downloading Fashion-MNIST or a CIFAR archive when no copy is found.
     """
     key = name.lower().replace("_", "-")
-    if key == "fashionmnist":
-        key = "fashion-mnist"
+    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}.get(key, key)
     if key not in _SPECS:
         raise UserError(f"unknown dataset {name!r}: expected one of {', '.join(_SPECS)}")
     make, num_classes, augment, _ = _SPECS[key]
-    arrays, source = _load_fashion_mnist(data_dir, download) if make is None else make()
+    crop_padding = 2  # pixels of zero padding around the random crop
+    if make is not None:
+        arrays, source = make()
+    elif key == "fashion-mnist":
+        arrays, source = _load_fashion_mnist(data_dir, download)
+    else:
+        from bnlab import cifar  # imported here: it uses this module's cache_dir and DatasetNotFoundError
+        arrays, source = cifar.load_arrays(key, data_dir, download)
+        crop_padding = cifar.CROP_PADDING
     train_x = torch.from_numpy(np.ascontiguousarray(arrays["train_x"])).float()
     test_x = torch.from_numpy(np.ascontiguousarray(arrays["test_x"])).float()
     train_y = torch.from_numpy(np.asarray(arrays["train_y"]).astype(np.int64))
@@ -376,7 +388,7 @@ def load(name: str, data_dir: Optional[PathLike] = None, subset: Optional[int] =
     full_x = torch.from_numpy(np.ascontiguousarray(arrays["train_x"])).float()
     mean, std = full_x.mean(dims, keepdim=True)[:1], full_x.std(dims, keepdim=True)[:1]
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    ds = Dataset(key, train_x, train_y, test_x, test_y, num_classes, train_x.shape[1], source, augment)
+    ds = Dataset(key, train_x, train_y, test_x, test_y, num_classes, train_x.shape[1], source, augment, crop_padding)
     return ds.to(device)
 
 

@@ -105,7 +105,7 @@ def run(args) -> int:
     started = time.perf_counter()
     store = run_study(profile, args.out, claims=claims, jobs=jobs, progress=args.progress)
     report = build_report(store.parent)
-    verdicts = json.loads((report.parent / "verdicts.json").read_text())
+    verdicts = json.loads((report.parent / "verdicts.json").read_text())["claims"]
     print(f"\n{'claim':<62} verdict")
     for number, v in verdicts.items():
         print(f"{number}. {v['title']:<59} {v['verdict']}")

@@ -1,35 +1,47 @@
 """The report: read the store, ask each claim for its verdict, write report.md (+ PNGs) and report.html.
 
-Nothing here trains: ``bnlab report DIR`` regenerates both files from ``DIR/study.sqlite``. The HTML
-embeds every figure as base64 PNG so the one file opens offline; the Markdown links the PNG files in
-``DIR/figures/``. ``DIR/verdicts.json`` holds the verdicts and key numbers for scripts.
+Nothing here trains: ``bnlab report DIR`` regenerates the files from ``DIR/study.sqlite``, opened read-only,
+into ``DIR`` or another directory (``out``). The HTML embeds every figure as a base64 palette PNG so the one
+file opens offline; the Markdown links the PNG files in ``figures/``. ``verdicts.json`` holds the verdicts,
+their parts and key numbers, and the study's metadata for scripts (:data:`SCHEMA_VERSION`).
+
+Text from the claims (rules, literature, captions, table cells) is plain text with two conventions: `code`
+in backticks and bare ``https://`` or ``arXiv:NNNN.NNNNN`` references. :func:`inline_html` and
+:func:`inline_markdown` turn them into code and links; :func:`md_cell` makes any text one Markdown table cell.
 """
 
 from __future__ import annotations
 
 import base64
-import io
+import datetime
 import json
 import math
+import re
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
 
 import jinja2
-import matplotlib.pyplot as plt
+from markupsafe import Markup, escape
 
+from bnlab.errors import UserError
 from bnlab.study import CLAIMS
 from bnlab.study.runner import STORE_NAME
 from bnlab.study.store import Store
+from bnlab.study.style import png_bytes
 from bnlab.study.templates import HTML, MARKDOWN
-from bnlab.study.verdict import CAVEATS, ClaimResult, Interval, Verdict
+from bnlab.study.verdict import NO_VERDICT, ClaimResult, Interval, Verdict
 
-__all__ = ["build_report", "analyze_claims"]
+__all__ = ["SCHEMA_VERSION", "build_report", "analyze_claims", "render", "md_cell", "inline_html",
+           "inline_markdown", "json_clean"]
+
+SCHEMA_VERSION = 2  # of verdicts.json: 2 = {"schema_version", "study": {...}, "claims": {"1": {...}, ...}}
 
 
 def analyze_claims(profile: dict, results: dict, claims) -> list[ClaimResult]:
     """Each claim's :class:`ClaimResult`; a claim whose analysis fails gets a placeholder naming the error
-    (its verdict is then "supported with caveats" at most, with the caveat saying why)."""
+    (its verdict is then "no verdict", with the caveat saying why)."""
     out = []
     for n in claims:
         module = CLAIMS[n]
@@ -40,7 +52,7 @@ def analyze_claims(profile: dict, results: dict, claims) -> list[ClaimResult]:
             result.error = None
         except Exception as error:  # noqa: BLE001 — the report must still be written
             nan = Interval(math.nan, math.nan, math.nan)
-            result = ClaimResult(n, module.TITLE, Verdict(CAVEATS, "n/a", nan, "The analysis failed; see below."),
+            result = ClaimResult(n, module.TITLE, Verdict(NO_VERDICT, "n/a", nan, "The analysis failed; see below."),
                                  module.LITERATURE, module.RULE, caveats=["No verdict could be computed from the runs."],
                                  finding=getattr(module, "FINDING", ""))
             result.error = f"{type(error).__name__}: {error} — {traceback.format_exc(limit=-1).strip()}"
@@ -48,74 +60,219 @@ def analyze_claims(profile: dict, results: dict, claims) -> list[ClaimResult]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- text helpers
+# a reference: a bare URL (up to whitespace, without trailing punctuation) or an arXiv identifier
+_REFERENCE = re.compile(r"(?P<url>https?://[^\s<>`\"]*[^\s<>`\".,;:!?)\]])|(?P<arxiv>arXiv:\s?(?P<id>\d{4}\.\d{4,5}))")
+_CODE = re.compile(r"`([^`]+)`")
+
+
+def _reference_url(match: re.Match) -> str:
+    return match["url"] or f"https://arxiv.org/abs/{match['id']}"
+
+
+def inline_html(text) -> Markup:
+    """Plain claim text as safe HTML: escaped, `code` → ``<code>``, URLs and arXiv ids → links."""
+    parts = []
+    for i, piece in enumerate(_CODE.split(str(text))):
+        if i % 2:
+            parts.append(Markup("<code>{}</code>").format(piece))
+            continue
+        last = 0
+        for match in _REFERENCE.finditer(piece):
+            parts.append(escape(piece[last:match.start()]))
+            parts.append(Markup('<a href="{}">{}</a>').format(_reference_url(match), match.group(0)))
+            last = match.end()
+        parts.append(escape(piece[last:]))
+    return Markup("").join(parts)
+
+
+def inline_markdown(text) -> str:
+    """Plain claim text as Markdown: `code` kept, URLs and arXiv ids → links."""
+    parts = []
+    for i, piece in enumerate(_CODE.split(str(text))):
+        if i % 2:
+            parts.append(f"`{piece}`")
+        else:
+            parts.append(_REFERENCE.sub(lambda m: f"[{m.group(0)}]({_reference_url(m)})", piece))
+    return "".join(parts)
+
+
+def md_cell(text) -> str:
+    """Any text as one Markdown table cell: ``|`` escaped, line breaks as ``<br>`` (GitHub and Python-Markdown
+    both render these)."""
+    return " <br>".join(str(text).replace("|", r"\|").splitlines()) or " "
+
+
+def _md_row(cells) -> str:
+    return "| " + " | ".join(md_cell(inline_markdown(c)) for c in cells) + " |"
+
+
+def _md_table(columns, rows) -> str:
+    """A whole Markdown table; every cell through :func:`md_cell`."""
+    lines = [_md_row(columns), "|" + "---|" * len(columns)]
+    lines += [_md_row(list(row) + [""] * (len(columns) - len(row))) for row in rows]
+    return "\n".join(lines)
+
+
+def json_clean(value):
+    """``value`` made strictly JSON-serialisable: NaN/±inf → ``None``, intervals and parts → dicts, tuples →
+    lists, NumPy scalars → Python numbers, anything else unknown → its ``str``."""
+    if isinstance(value, Interval):
+        value = value.to_dict()
+    if hasattr(value, "to_dict") and not isinstance(value, dict):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {str(k): json_clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [json_clean(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    if hasattr(value, "item") and callable(value.item):  # NumPy / torch scalars
+        try:
+            value = value.item()
+        except (TypeError, ValueError):
+            return str(value)
+        return json_clean(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return str(value)
+
+
 def _agrees(value) -> str:
     return {True: "yes", False: "no", None: "—"}[value]
 
 
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+def _css_class(verdict: str) -> str:
+    return "verdict-" + re.sub(r"[^a-z]+", "-", verdict.lower()).strip("-")
 
 
-def _json_default(value):
-    if isinstance(value, Interval):
-        return value.to_dict()
-    return str(value)
-
-
-def build_report(out: str | Path) -> Path:
-    """Write report.md, report.html, figures/*.png and verdicts.json in ``out``; return report.html."""
-    out = Path(out)
-    path = out / STORE_NAME
-    if not path.is_file():
-        raise ValueError(f"no study store in {out} (expected {path}); run `bnlab study --out {out}` first")
-    store = Store(path)
-    profile = store.get_meta("profile")
-    claims = store.get_meta("claims", sorted(CLAIMS))
-    if profile is None:
-        raise ValueError(f"{path} holds no profile; it was not written by `bnlab study`")
-    rows = store.results()
-    results = {k: r for k, r in rows.items()}
+# ---------------------------------------------------------------------------------------------- the study
+def _study_metadata(profile: dict, claims, rows: dict, seconds) -> dict:
+    """What was run, on what, when: shown in the appendix and saved in verdicts.json."""
     counts = {s: sum(r["status"] == s for r in rows.values()) for s in ("done", "diverged", "failed")}
-    run_counts = f"{len(rows)} runs: {counts['done']} done, {counts['diverged']} diverged, {counts['failed']} failed"
-    versions = "; ".join(sorted({", ".join(f"{k} {v}" for k, v in (r.get("versions") or {}).items())
-                                 for r in rows.values()})) or "n/a"
-    hardware = "; ".join(sorted({", ".join(f"{k}: {v}" for k, v in (r.get("hardware") or {}).items() if v)
-                                 for r in rows.values()})) or "n/a"
-    seconds = store.get_meta("last_run_seconds")
-    if seconds is not None:
-        run_counts += f"; the runs of the last `bnlab study` took {seconds:.0f} s"
-    run_info = (f"[{profile['dataset']}, ResNet-{profile['depth']} width {profile['width']} unless stated, "
-                f"seeds {profile['seeds']}; {versions}; {hardware}]")
+    versions = _distinct(r.get("versions") for r in rows.values())
+    hardware = _distinct({k: v for k, v in (r.get("hardware") or {}).items() if v} for r in rows.values())
+    finished = [r["finished"] for r in rows.values() if r.get("finished")]
+    when = (datetime.datetime.fromtimestamp(max(finished), datetime.timezone.utc).isoformat(timespec="seconds")
+            if finished else None)
+    seeds = profile.get("seeds")
+    return {"profile": profile.get("name"), "description": profile.get("description"), "dataset": profile.get("dataset"),
+            "seeds": list(range(seeds)) if isinstance(seeds, int) else seeds, "claims": list(claims),
+            "runs": {"total": len(rows), **counts}, "run_seconds": seconds, "last_run_finished": when,
+            "versions": versions, "hardware": hardware}
 
+
+def _distinct(dicts) -> list[dict]:
+    out = []
+    for d in dicts:
+        if d and d not in out:
+            out.append(d)
+    return out
+
+
+def _describe(dicts) -> str:
+    return "; ".join(", ".join(f"{k} {v}" for k, v in d.items()) for d in dicts) or "n/a"
+
+
+def _claim_view(c: ClaimResult, figures: list[dict]) -> dict:
+    verdict = c.verdict
+    return {"number": c.number, "title": c.title, "verdict": verdict.verdict, "css": _css_class(verdict.verdict),
+            "key_number": verdict.key_number, "explanation": verdict.explanation,
+            "parts": [p.text() for p in verdict.parts], "failed_runs": c.failed_runs, "rule": c.rule,
+            "literature": c.literature, "literature_short": c.finding or c.literature, "expected": c.expected,
+            "agrees": _agrees(c.agrees_with_literature), "caveats": c.caveats,
+            "tables": [{"title": t["title"], "columns": list(t["columns"]),
+                        "rows": [list(r) + [""] * (len(t["columns"]) - len(r)) for r in t["rows"]],
+                        "markdown": _md_table(t["columns"], t["rows"])} for t in c.tables],
+            "figures": figures, "error": c.error}
+
+
+def render(results: list[ClaimResult], study: dict, out: str | Path, profile: dict | None = None,
+           failures: list[dict] | None = None, store: str = "") -> Path:
+    """Write report.md, report.html, figures/*.png and verdicts.json for ``results`` in ``out``; return
+    report.html. ``study`` is the metadata of :func:`_study_metadata`; ``profile`` the full profile."""
+    out = Path(out)
     figures_dir = out / "figures"
-    figures_dir.mkdir(exist_ok=True)
-    analyzed = analyze_claims(profile, results, claims)
+    figures_dir.mkdir(parents=True, exist_ok=True)
     views = []
-    for c in analyzed:
+    for c in results:
         figures = []
         for f in c.figures:
-            data = _png(f["figure"])
+            data = png_bytes(f["figure"])
             (figures_dir / f"{f['name']}.png").write_bytes(data)
             figures.append({"title": f["title"], "caption": f.get("caption", ""), "path": f"figures/{f['name']}.png",
                             "base64": base64.b64encode(data).decode()})
-        views.append({"number": c.number, "title": c.title, "verdict": c.verdict, "rule": c.rule,
-                      "literature": c.literature, "literature_short": c.finding or c.literature,
-                      "agrees": _agrees(c.agrees_with_literature), "caveats": c.caveats, "tables": c.tables,
-                      "figures": figures, "error": getattr(c, "error", None)})
+        views.append(_claim_view(c, figures))
+    runs = study["runs"]
+    run_counts = (f"{runs['total']} runs: {runs['done']} done, {runs['diverged']} diverged, "
+                  f"{runs['failed']} failed")
+    if study.get("run_seconds") is not None:
+        run_counts += f"; the runs of the last `bnlab study` took {study['run_seconds']:.0f} s"
+    profile = profile or {}
+    run_info = (f"{profile.get('dataset', 'n/a')}, ResNet-{profile.get('depth', '?')} width "
+                f"{profile.get('width', '?')} unless a caption says otherwise, seeds {study['seeds']}")
+    context = {"profile": profile, "study": study, "claims": views, "run_counts": run_counts, "store": store,
+               "versions": _describe(study["versions"]), "hardware": _describe(study["hardware"]),
+               "run_info": run_info, "failures": failures or [],
+               "summary_markdown": _md_table(
+                   ["#", "claim", "verdict", "key number [95% CI]", "literature", "agrees"],
+                   [[v["number"], v["title"], f"**{v['verdict']}**", v["key_number"], v["literature_short"],
+                     v["agrees"]] for v in views]),
+               "profile_json": json.dumps(json_clean(profile), indent=2, ensure_ascii=False)}
+    html = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    html.filters["rich"] = inline_html
+    markdown = jinja2.Environment(autoescape=False, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    markdown.filters.update(md=inline_markdown)
+    (out / "report.md").write_text(markdown.from_string(MARKDOWN).render(**context), encoding="utf-8")
+    (out / "report.html").write_text(html.from_string(HTML).render(**context), encoding="utf-8")
+    verdicts = {"schema_version": SCHEMA_VERSION, "study": study, "claims": {
+        str(c.number): {"title": c.title, "verdict": c.verdict.verdict, "expected": c.expected,
+                        "agrees_with_literature": c.agrees_with_literature, "key_number": c.verdict.key_number,
+                        "key_interval": c.verdict.key_interval,
+                        "parts": [{**p.to_dict(), "text": p.text()} for p in c.verdict.parts],
+                        "failed_runs": c.failed_runs, "error": c.error, "numbers": c.numbers} for c in results}}
+    (out / "verdicts.json").write_text(json.dumps(json_clean(verdicts), indent=2, ensure_ascii=False,
+                                                  allow_nan=False) + "\n", encoding="utf-8")
+    return out / "report.html"
+
+
+def _writable(directory: Path) -> bool:
+    """Whether files can be created in ``directory`` (tried, not guessed from permission bits)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
+def build_report(directory: str | Path, out: str | Path | None = None) -> Path:
+    """Write report.md, report.html, figures/*.png and verdicts.json for the study in ``directory`` (read
+    only) into ``out`` (default: ``directory``); return report.html."""
+    directory = Path(directory)
+    path = directory / STORE_NAME
+    if not path.is_file():
+        raise UserError(f"no study store in {directory} (expected {path}); run `bnlab study --out {directory}` first")
+    out = directory if out is None else Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory; expected a directory for the report")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the report directory {out} ({error.strerror}); choose another with --out") \
+            from None
+    if not _writable(out):
+        hint = "write the report elsewhere with --out OTHER" if out == directory else "choose another --out"
+        raise UserError(f"{out} is not writable; {hint}")
+    store = Store(path, readonly=True)
+    profile = store.get_meta("profile")
+    claims = store.get_meta("claims", sorted(CLAIMS))
+    if profile is None:
+        raise UserError(f"{path} holds no profile; it was not written by `bnlab study`")
+    rows = store.results()
+    study = _study_metadata(profile, claims, rows, store.get_meta("last_run_seconds"))
     from bnlab.study.specs import spec_label
     failures = [{"label": spec_label(r["spec"]), "error": (r["error"] or "").strip().splitlines()[-1:][0]
                  if r["error"] else ""} for r in rows.values() if r["status"] == "failed"]
-    context = {"profile": profile, "claims": views, "run_counts": run_counts, "store": str(path),
-               "versions": versions, "hardware": hardware, "run_info": run_info, "failures": failures,
-               "profile_json": json.dumps(profile, indent=2)}
-    (out / "report.md").write_text(jinja2.Template(MARKDOWN).render(**context))
-    html = jinja2.Environment(autoescape=True).from_string(HTML).render(**context)
-    (out / "report.html").write_text(html)
-    verdicts = {c.number: {"title": c.title, "verdict": c.verdict.verdict, "key_number": c.verdict.key_number,
-                           "key_interval": c.verdict.key_interval.to_dict(), "agrees_with_literature":
-                           c.agrees_with_literature, "numbers": c.numbers} for c in analyzed}
-    (out / "verdicts.json").write_text(json.dumps(verdicts, indent=2, default=_json_default))
-    return out / "report.html"
+    return render(analyze_claims(profile, rows, claims), study, out, profile, failures, str(path))

@@ -65,13 +65,19 @@ class Store:
     """``Store(path)`` opens (creating if needed) the SQLite file at ``path``.
 
     Each method opens its own short connection, so a ``Store`` can be pickled to worker processes and
-    used from several processes at once.
+    used from several processes at once. ``readonly=True`` opens an existing file for reading only
+    (SQLite's ``mode=ro``): nothing is created or written, so a study on a read-only disk can be reported.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly
         if self.path.exists() and self.path.is_dir():
             raise UserError(f"store path {self.path} is a directory; expected a SQLite file path")
+        if readonly:
+            if not self.path.is_file():
+                raise UserError(f"no store at {self.path}; expected the study.sqlite of a `bnlab study` directory")
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
         try:
@@ -81,9 +87,12 @@ class Store:
             db.close()
 
     def _connect(self) -> "_Transaction":
-        db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        if self.readonly:
+            db = _connect_readonly(self.path)
+        else:
+            db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
         db.execute("PRAGMA busy_timeout=60000")
-        return _Transaction(db)
+        return _Transaction(db, "BEGIN" if self.readonly else "BEGIN IMMEDIATE")
 
     # ------------------------------------------------------------------ runs
     def put(self, key: str, spec: dict, status: str, result: Optional[dict] = None,
@@ -148,14 +157,29 @@ class Store:
         return json.loads(row[0]) if row else default
 
 
-class _Transaction:
-    """A connection used as ``with``: BEGIN IMMEDIATE on entry, COMMIT (or ROLLBACK) and close on exit."""
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection. In WAL mode SQLite needs a ``-shm`` file beside the database; where it cannot
+    create one (a read-only directory) the file is opened as immutable, as nothing can be writing it there."""
+    uri = path.resolve().as_uri()
+    db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=60.0, isolation_level=None)
+    try:
+        db.execute("SELECT 1 FROM meta LIMIT 1")
+        return db
+    except sqlite3.OperationalError:
+        db.close()
+        return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=60.0, isolation_level=None)
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+
+class _Transaction:
+    """A connection used as ``with``: BEGIN IMMEDIATE (a plain BEGIN when read-only) on entry, COMMIT (or
+    ROLLBACK) and close on exit."""
+
+    def __init__(self, db: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> None:
         self._db = db
+        self._begin = begin
 
     def __enter__(self) -> sqlite3.Connection:
-        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute(self._begin)
         return self._db
 
     def __exit__(self, exc_type, exc, tb) -> None:

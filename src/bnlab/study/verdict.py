@@ -1,31 +1,63 @@
-"""Verdicts: the three answers a claim can get, and the interval rules that produce them.
+"""Verdicts: how a claim's measured effects become one of five answers, by rules fixed before the data.
 
-Every claim module fixes its thresholds in code *before* any data is seen and states them in words
-(``RULE``) for the report. A rule looks at a measured effect's 95% confidence interval over seeds:
+A claim has one or more *parts* (claim 4: "BN allows higher learning rates" and "hence better models").
+Each part is a :class:`Rule` fixed in code before any run exists: the effect it measures (a paired,
+per-seed difference oriented so that *positive* is the direction the claim asserts), a **threshold** the
+effect must exceed to count as present, and an **equivalence margin** below which it counts as absent
+(the smallest effect that would matter). With the 95% Student-t interval of the paired effect:
 
-* the whole interval clears the threshold → the effect is there;
-* the whole interval falls short of it → it is not;
-* the interval straddles it → we cannot tell at this number of seeds (which becomes a caveat).
+* the whole interval above the threshold            → the part **holds**;
+* the whole interval below the margin               → the part is **refuted** (absent, or reversed when
+  the whole interval is below −margin);
+* anything else (it straddles threshold or margin)  → **undecided** at this number of seeds;
+* fewer than :data:`MIN_SEEDS` finished seeds       → **no data** (a failed or missing arm).
+
+The parts combine (:func:`combine`) into the claim's verdict:
+
+=====================  ==========================================================================
+``supported``          every part holds
+``partly supported``   at least one part holds and another is refuted
+``not supported``      a part is refuted and none holds
+``inconclusive``       nothing refuted, and some part undecided (the report says which part and
+                       roughly how many seeds would decide it, from the observed spread)
+``no verdict``         some part has no data: runs failed or too few seeds finished
+=====================  ==========================================================================
+
+Each claim module also declares what the literature found (``EXPECTED``, one of the verdicts);
+:func:`agrees` compares the two and is never loosened: "partly supported" agrees only with
+"partly supported", and "inconclusive" or "no verdict" agree with nothing (shown as "—").
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
-__all__ = ["SUPPORTED", "NOT_SUPPORTED", "CAVEATS", "VERDICTS", "Interval", "Verdict", "ClaimResult",
-           "clears", "combine"]
+import numpy as np
+from scipy import stats
+
+__all__ = ["SUPPORTED", "PARTLY", "NOT_SUPPORTED", "INCONCLUSIVE", "NO_VERDICT", "VERDICTS",
+           "HOLDS", "REFUTED", "UNDECIDED", "NO_DATA", "MIN_SEEDS", "CONFIDENCE",
+           "Interval", "Rule", "Effect", "Part", "Verdict", "ClaimResult",
+           "t_interval", "paired_effect", "combine", "agrees", "seeds_to_decide"]
 
 SUPPORTED = "supported"
+PARTLY = "partly supported"
 NOT_SUPPORTED = "not supported"
-CAVEATS = "supported with caveats"
-VERDICTS = (SUPPORTED, CAVEATS, NOT_SUPPORTED)
+INCONCLUSIVE = "inconclusive"
+NO_VERDICT = "no verdict"
+VERDICTS = (SUPPORTED, PARTLY, NOT_SUPPORTED, INCONCLUSIVE, NO_VERDICT)
+
+HOLDS, REFUTED, UNDECIDED, NO_DATA = "holds", "refuted", "undecided", "no data"
+
+MIN_SEEDS = 3       # fewer finished (paired) seeds than this: no verdict for the part
+CONFIDENCE = 0.95   # two-sided level of every interval in the study
 
 
 @dataclass
 class Interval:
-    """A mean with its 95% confidence interval, and what it measures (for the report)."""
+    """A mean with its confidence interval and unit (for the report)."""
 
     mean: float
     low: float
@@ -33,54 +65,221 @@ class Interval:
     unit: str = ""
 
     @classmethod
-    def of(cls, triple: tuple[float, float, float], unit: str = "") -> "Interval":
-        return cls(*triple, unit=unit)
+    def of(cls, triple: Sequence[float], unit: str = "") -> "Interval":
+        mean, low, high = triple
+        return cls(float(mean), float(low), float(high), unit=unit)
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in (self.mean, self.low, self.high))
 
     def text(self, digits: int = 2) -> str:
-        if not math.isfinite(self.mean):
+        if not self.finite:
             return "n/a"
         unit = f" {self.unit}" if self.unit else ""
         return f"{self.mean:.{digits}f}{unit} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean, "low": self.low, "high": self.high, "unit": self.unit}
+        """JSON-safe: non-finite numbers become ``None``."""
+        def clean(v):
+            return float(v) if math.isfinite(v) else None
+        return {"mean": clean(self.mean), "low": clean(self.low), "high": clean(self.high), "unit": self.unit}
 
 
-def clears(interval: Interval, threshold: float) -> Optional[bool]:
-    """``True`` if the whole interval is above ``threshold``, ``False`` if wholly at or below it,
-    ``None`` if it straddles (or is undefined)."""
-    if not all(math.isfinite(v) for v in (interval.low, interval.high)):
+def t_interval(values: Sequence[float], bounds: Optional[tuple[float, float]] = None,
+               confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of the finite ``values`` and its two-sided Student-t interval.
+
+    One value gives a zero-width interval, none gives NaNs (callers decide what too few seeds mean:
+    :func:`paired_effect` marks them as no data). ``bounds`` clips the interval to the quantity's range
+    (an accuracy in percent: ``(0, 100)``; a difference of two: ``(-100, 100)``): the t-interval
+    ignores that a bounded mean cannot leave its range, so the clipped part carries no information.
+    """
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if x.size == 0:
+        return (math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if x.size == 1:
+        low = high = mean
+    else:
+        half = float(stats.t.ppf(0.5 + confidence / 2, df=x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
+        low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return (mean, low, high)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One part of a claim, fixed before any data.
+
+    ``effect`` names the paired per-seed difference, oriented so that positive is what the claim asserts;
+    it must exceed ``threshold`` to hold and counts as absent below ``margin`` (0 ≤ margin ≤ threshold).
+    """
+
+    name: str            # "higher learning rates"
+    effect: str          # "log10(max stable lr BN) − log10(max stable lr none)"
+    threshold: float
+    margin: float
+    unit: str = ""
+    bounds: Optional[tuple[float, float]] = None  # the effect's possible range, if bounded
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.margin <= self.threshold):
+            raise ValueError(f"Rule {self.name!r}: need 0 <= margin <= threshold "
+                             f"(got margin {self.margin}, threshold {self.threshold})")
+
+    def text(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        return (f"{self.name}: holds when the 95% CI of {self.effect} lies above {self.threshold:g}{unit}; "
+                f"refuted (absent) when it lies below {self.margin:g}{unit}; otherwise undecided")
+
+    def decide(self, effect: "Effect") -> str:
+        """:data:`HOLDS`, :data:`REFUTED`, :data:`UNDECIDED` or :data:`NO_DATA` for ``effect``."""
+        if effect.n < MIN_SEEDS or not effect.interval.finite:
+            return NO_DATA
+        if effect.interval.low > self.threshold:
+            return HOLDS
+        if effect.interval.high < self.margin:
+            return REFUTED
+        return UNDECIDED
+
+
+@dataclass
+class Effect:
+    """A paired effect: per-seed differences, their mean and interval."""
+
+    values: list[float]
+    interval: Interval
+    seeds: list = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def sd(self) -> float:
+        return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
+
+
+def paired_effect(treated: Mapping, control: Mapping, unit: str = "",
+                  bounds: Optional[tuple[float, float]] = None) -> Effect:
+    """``treated[seed] − control[seed]`` over the seeds both have a finite value for (paired by seed:
+    the same data order and initialization seed in both arms), with its t-interval."""
+    seeds = [s for s in treated if s in control and _finite(treated[s]) and _finite(control[s])]
+    values = [float(treated[s]) - float(control[s]) for s in seeds]
+    return Effect(values, Interval.of(t_interval(values, bounds), unit), seeds)
+
+
+def _finite(v) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def seeds_to_decide(rule: Rule, effect: Effect, limit: int = 1000) -> Optional[int]:
+    """Roughly how many seeds would decide an undecided part, if its mean and spread stayed as observed:
+    the smallest n whose interval half-width leaves the mean clear of the threshold (mean above it) or of
+    the margin (mean below it). ``None`` when the mean sits between margin and threshold (more seeds would
+    pin it there, undecided) or the spread is unknown."""
+    mean, sd = effect.interval.mean, effect.sd
+    if not (math.isfinite(mean) and math.isfinite(sd)):
         return None
-    if interval.low > threshold:
-        return True
-    if interval.high <= threshold:
-        return False
+    if mean > rule.threshold:
+        gap = mean - rule.threshold
+    elif mean < rule.margin:
+        gap = rule.margin - mean
+    else:
+        return None
+    if sd == 0:
+        return max(MIN_SEEDS, effect.n)
+    for n in range(max(2, effect.n), limit + 1):
+        if float(stats.t.ppf(0.5 + CONFIDENCE / 2, df=n - 1)) * sd / math.sqrt(n) < gap:
+            return max(n, MIN_SEEDS)
     return None
 
 
-def combine(first: Optional[bool], second: Optional[bool]) -> str:
-    """The verdict of a claim with two parts, each ``True`` (holds), ``False`` (fails) or ``None``
-    (undecided): both hold → supported; neither holds (and none undecided) → not supported; anything
-    in between → supported with caveats; the first part failing → not supported."""
-    if first is True and second is True:
+@dataclass
+class Part:
+    """One decided part: the rule, the measured effect and the outcome."""
+
+    rule: Rule
+    effect: Effect
+    outcome: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.outcome:
+            self.outcome = self.rule.decide(self.effect)
+
+    @property
+    def reversed(self) -> bool:
+        """Refuted with the whole interval on the opposite side (below −margin)."""
+        return self.outcome == REFUTED and self.effect.interval.high < -self.rule.margin
+
+    def text(self, digits: int = 2) -> str:
+        """"higher learning rates holds: 0.83 decades [0.51, 1.15] (threshold 0.4, margin 0.15; 6 seeds)"."""
+        outcome = "is refuted (reversed)" if self.reversed else {
+            HOLDS: "holds", REFUTED: "is refuted (absent)", UNDECIDED: "is undecided",
+            NO_DATA: "has no verdict (too few finished seeds)"}[self.outcome]
+        text = (f"{self.rule.name} {outcome}: {self.rule.effect} = {self.effect.interval.text(digits)} "
+                f"(threshold {self.rule.threshold:g}, margin {self.rule.margin:g}; {self.effect.n} seeds)")
+        if self.outcome == UNDECIDED:
+            n = seeds_to_decide(self.rule, self.effect)
+            text += (f"; about {n} seeds would decide it at the observed spread" if n is not None else
+                     "; its mean lies between margin and threshold, so more seeds would not decide it")
+        return text
+
+    def to_dict(self) -> dict:
+        return {"name": self.rule.name, "effect": self.rule.effect, "threshold": self.rule.threshold,
+                "margin": self.rule.margin, "unit": self.rule.unit, "outcome": self.outcome,
+                "reversed": self.reversed, "interval": self.effect.interval.to_dict(), "n": self.effect.n,
+                "values": [float(v) for v in self.effect.values],
+                "seeds_to_decide": seeds_to_decide(self.rule, self.effect) if self.outcome == UNDECIDED else None}
+
+
+def combine(outcomes: Sequence[str]) -> str:
+    """The claim's verdict from its parts' outcomes (see the module docstring's table)."""
+    if not outcomes:
+        raise ValueError("combine: a claim needs at least one part")
+    if any(o == NO_DATA for o in outcomes):
+        return NO_VERDICT
+    held, refuted = outcomes.count(HOLDS), outcomes.count(REFUTED)
+    if held == len(outcomes):
         return SUPPORTED
-    if first is False or (first is None and second is False):
+    if refuted and held:
+        return PARTLY
+    if refuted:
         return NOT_SUPPORTED
-    return CAVEATS
+    return INCONCLUSIVE
+
+
+def agrees(verdict: str, expected: str) -> Optional[bool]:
+    """Whether our verdict agrees with the literature's (``None``: we reached no conclusion)."""
+    if expected not in VERDICTS[:3]:
+        raise ValueError(f"the literature's verdict must be one of {VERDICTS[:3]} (got {expected!r})")
+    if verdict in (INCONCLUSIVE, NO_VERDICT):
+        return None
+    return verdict == expected
 
 
 @dataclass
 class Verdict:
-    """A claim's answer: the verdict, its key number and a paragraph that explains it from the figures."""
+    """A claim's answer: the verdict, its parts, its key number and a paragraph explaining it."""
 
     verdict: str
     key_number: str
     key_interval: Interval
     explanation: str
+    parts: list[Part] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {VERDICTS} (got {self.verdict!r})")
+
+    @classmethod
+    def from_parts(cls, parts: Sequence[Part], key_number: str, explanation: str,
+                   key: int = 0) -> "Verdict":
+        """The verdict :func:`combine` gives ``parts``; the key interval is that of ``parts[key]``."""
+        parts = list(parts)
+        return cls(combine([p.outcome for p in parts]), key_number, parts[key].effect.interval, explanation, parts)
 
 
 @dataclass
@@ -92,10 +291,15 @@ class ClaimResult:
     verdict: Verdict
     literature: str
     rule: str
+    expected: str = SUPPORTED                           # the literature's verdict (declared in the claim module)
     caveats: list[str] = field(default_factory=list)
-    tables: list[dict] = field(default_factory=list)   # {"title", "columns", "rows"}
-    figures: list[dict] = field(default_factory=list)  # {"title", "name", "figure" (matplotlib), "caption"}
-    agrees_with_literature: Optional[bool] = None
+    tables: list[dict] = field(default_factory=list)    # {"title", "columns", "rows"}
+    figures: list[dict] = field(default_factory=list)   # {"title", "name", "figure" (matplotlib), "caption"}
     finding: str = ""                                   # the literature's finding in one line (summary table)
     numbers: dict = field(default_factory=dict)         # raw numbers, saved as JSON beside the report
     error: Optional[str] = None                         # why the analysis failed, if it did
+    failed_runs: int = 0                                # runs of this claim that failed (no verdict if > 0)
+
+    @property
+    def agrees_with_literature(self) -> Optional[bool]:
+        return agrees(self.verdict.verdict, self.expected)
