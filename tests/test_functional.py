@@ -334,3 +334,62 @@ def test_no_call_into_torch_batch_norm(monkeypatch):
         warnings.simplefilter("error")
         batch_norm(x, torch.zeros(3), torch.ones(3), training=True).sum().backward()
         batch_norm(x, torch.zeros(3), torch.ones(3), training=False).sum().backward()
+
+
+# --------------------------------------------------------------------------------------------------
+# the statistics core: moments, merge, normalize, the running-statistics update (float64 NumPy oracle)
+# --------------------------------------------------------------------------------------------------
+
+from bnlab import functional as BF  # noqa: E402
+
+
+def _np_moments(x: np.ndarray):
+    per_channel = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)          # (C, values)
+    mean = per_channel.mean(1)
+    return per_channel.shape[1], mean, ((per_channel - mean[:, None]) ** 2).sum(1)
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (4, 5, 6), (3, 4, 5, 2)])
+def test_moments_match_float64_numpy_with_a_large_mean(shape):
+    torch.manual_seed(0)
+    x = (torch.randn(shape, dtype=torch.float64) * 1e-2 + 1e4).float()   # float32, |μ|/σ = 1e6
+    count, mean, m2 = _np_moments(x.double().numpy())                     # the oracle sees the same values
+    got = BF.moments(x)
+    assert got.count == count and got.mean.dtype == torch.float32
+    np.testing.assert_allclose(got.mean.double().numpy(), mean, rtol=1e-7)
+    np.testing.assert_allclose(got.var.double().numpy(), m2 / count, rtol=1e-4)
+    empty = BF.moments(torch.empty(0, 3))
+    assert empty.count == 0 and empty.mean.shape == (3,)
+
+
+def test_merge_moments_equals_moments_of_the_union():
+    torch.manual_seed(1)
+    parts = [torch.randn(n, 4, 3, dtype=torch.float64) * (i + 1) + 3 * i for i, n in enumerate((2, 5, 1, 9))]
+    count, mean, m2 = _np_moments(torch.cat(parts).numpy())
+    merged = BF.merge_moments(*(BF.moments(p) for p in parts), BF.moments(torch.empty(0, 4, 3, dtype=torch.float64)))
+    assert merged.count == count
+    np.testing.assert_allclose(merged.mean.numpy(), mean, rtol=1e-12)
+    np.testing.assert_allclose(merged.m2.numpy(), m2, rtol=1e-12)
+
+
+def test_normalize_matches_torch_and_keeps_the_memory_format():
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 5, 6).contiguous(memory_format=torch.channels_last)
+    mean, var, w, b = torch.randn(3), torch.rand(3) + 0.5, torch.randn(3), torch.randn(3)
+    y = BF.normalize(x, mean, var, w, b, eps=1e-3)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, mean, var, w, b, False, 0.0, 1e-3))
+
+
+def test_update_running_stats_by_hand_and_skips_nonfinite_or_overflowing_updates():
+    rm, rv = torch.tensor([1.0, -2.0]), torch.tensor([4.0, 0.5])
+    mean, var = torch.tensor([3.0, 0.0]), torch.tensor([2.0, 1.0])
+    new_mean, new_var, finite = BF.update_running_stats(rm, rv, mean, var, 5, 0.25)
+    torch.testing.assert_close(new_mean, torch.tensor([0.75 * 1 + 0.25 * 3, 0.75 * -2 + 0]))
+    torch.testing.assert_close(new_var, torch.tensor([0.75 * 4 + 0.25 * 2 * 5 / 4, 0.75 * 0.5 + 0.25 * 5 / 4]))
+    assert bool(finite)
+    for bad_mean, bad_var, buffers in ((torch.tensor([float("nan"), 0.0]), var, (rm, rv)),
+                                       (mean, torch.tensor([1e6, 1.0]), (rm.half(), rv.half()))):  # fp16 overflow
+        same_mean, same_var, finite = BF.update_running_stats(*buffers, bad_mean, bad_var, 5, 0.25)
+        assert not bool(finite)
+        torch.testing.assert_close(same_mean, buffers[0]) and torch.testing.assert_close(same_var, buffers[1])

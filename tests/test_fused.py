@@ -3,17 +3,11 @@ the addition and the ReLU — outputs, every gradient, running statistics and th
 and evaluation, on the fused-kernel path (backend="triton", CPU tensors under Triton's interpreter) and on
 the plain-composition fallbacks."""
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from bnlab import fused  # noqa: E402
-from bnlab import nn as bnn  # noqa: E402
+from bnlab import fused
+from bnlab import nn as bnn
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,26 +1,22 @@
 """Triton kernels (bnlab.kernels) against the float64 NumPy oracle, torch.nn.BatchNorm* and gradcheck.
 
-Without a GPU the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set before
-Triton is imported). Every buffer a kernel writes is filled with NaN before the launch, so an element a
+Without a GPU the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, which
+tests/conftest.py sets before Triton is imported). Every buffer a kernel writes is filled with NaN before the launch, so an element a
 kernel forgot to write fails the comparison. Each kernel path (single-read, tiled with one program per
 channel block, tiled with the reduction split across programs) is forced in turn on odd and prime shapes.
 """
 
 import os
 
+import numpy as np
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="Triton is not installed: the kernels cannot run")
 
-from bnlab import functional as F  # noqa: E402
+from bnlab import functional as F  # noqa: E402   (after the skip: launch imports Triton)
 from bnlab import kernels, reference  # noqa: E402
 from bnlab import nn as bnn  # noqa: E402
 from bnlab.kernels import launch  # noqa: E402
@@ -48,6 +44,24 @@ def _layout(x, channels_last):
     if channels_last and x.dim() == 3:  # (N, C, L) with channels fastest: a transposed (N, L, C)
         return x.transpose(1, 2).contiguous().transpose(1, 2)
     return x.contiguous()
+
+
+def _inputs(shape, channels_last=False, affine="both", residual=False, scale=1.0, offset=0.0, seed=0):
+    """The one builder of float64 test inputs: ``(x, w, b, r, dy)`` with x (``scale·N(0,1) + offset``) in the
+    layout asked, γ and β per ``affine`` (``"both"``, ``"weight"``, ``"none"``), a residual of x's shape when
+    asked (else ``None``) and an upstream gradient; x, γ, β and r require gradients."""
+    torch.manual_seed(seed)
+    C = shape[1]
+
+    def leaf(*size):
+        return torch.randn(size, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+    x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE) * scale + offset,
+                channels_last).requires_grad_()
+    w = leaf(C) if affine != "none" else None
+    b = leaf(C) if affine == "both" else None
+    r = leaf(*shape) if residual else None
+    return x, w, b, r, torch.randn(shape, dtype=torch.float64, device=DEVICE)
 
 
 # plans that force each path ('auto', the launcher's own choice, is what the module tests below use)
@@ -122,13 +136,8 @@ def test_train_without_bias_or_affine(plan_kind, affine):
 
 
 def _check_train(shape, channels_last, affine):
-    torch.manual_seed(sum(shape))
-    C = shape[1]
-    x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE) * 2 + 3, channels_last).requires_grad_()
-    w = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True) if affine != "none" else None
-    b = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True) if affine == "both" else None
+    x, w, b, _, dy = _inputs(shape, channels_last, affine, scale=2, offset=3, seed=sum(shape))
     y, mean, var = kernels.batch_norm_train(x, w, b, 1e-5)
-    dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
     grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], dy)
 
     y_ref, cache = reference.forward(_np(x), None if w is None else _np(w), None if b is None else _np(b), 1e-5)
@@ -186,10 +195,7 @@ def test_large_mean_does_not_cancel_the_variance(plan_kind):
                                                      ("split", (3, 5, 2, 3), True)])
 def test_gradcheck(monkeypatch, kind, shape, channels_last):
     _force_plan(monkeypatch, kind)
-    torch.manual_seed(3)
-    x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE), channels_last).requires_grad_()
-    w = torch.randn(shape[1], dtype=torch.float64, device=DEVICE, requires_grad=True)
-    b = torch.randn(shape[1], dtype=torch.float64, device=DEVICE, requires_grad=True)
+    x, w, b, _, _ = _inputs(shape, channels_last, seed=3)
     assert torch.autograd.gradcheck(lambda *a: kernels.batch_norm_train(*a)[0], (x, w, b), eps=1e-6, atol=1e-6,
                                     fast_mode=True)
 
@@ -210,7 +216,7 @@ def test_double_backward_matches_torch(odd_strides):
         (gx,) = torch.autograd.grad((fn(x, w, b) ** 3).sum(), [x], create_graph=True)
         return torch.autograd.grad((gx * v).sum(), [x, w, b])
 
-    ours = hvp(lambda *a: kernels.batch_norm_relu(*a)[0])
+    ours = hvp(lambda *a: kernels.batch_norm_train_relu(*a)[0])
     theirs = hvp(lambda *a: torch.relu(torch.nn.functional.batch_norm(a[0], None, None, a[1], a[2], True)))
     for a, t in zip(ours, theirs):
         _assert_close(a, _np(t), torch.float64, "second derivative")
@@ -233,7 +239,7 @@ def test_reads_stay_inside_the_tensors(plan_kind, channels_last):
     r = padded(torch.randn(shape, dtype=torch.float64, device=DEVICE)).requires_grad_()
     dy = padded(torch.randn(shape, dtype=torch.float64, device=DEVICE))
     assert launch.layout_of(x) is not None  # the kernels see the views themselves, not copies
-    y, mean, var = kernels.batch_norm_add_relu(x, r)
+    y, mean, var = kernels.batch_norm_train_add_relu(x, r)
     dx, dr = torch.autograd.grad(y, [x, r], dy)
     bn_ref, cache = reference.forward(_np(x))
     dz = _np(dy) * ((bn_ref + _np(r)) > 0)
@@ -250,18 +256,12 @@ def test_reads_stay_inside_the_tensors(plan_kind, channels_last):
                                                   ((11, 7), False), ((2, 3, 2, 3, 5), True)])
 @pytest.mark.parametrize("residual", [False, True])
 def test_fused_relu_matches_composition(plan_kind, shape, channels_last, residual):
-    torch.manual_seed(5)
-    C = shape[1]
-    x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE), channels_last).requires_grad_()
-    w = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    b = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    r = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True) if residual else None
+    x, w, b, r, dy = _inputs(shape, channels_last, residual=residual, seed=5)
     inputs = [x, w, b] + ([r] if residual else [])
     if residual:
-        y, mean, var = kernels.batch_norm_add_relu(x, r, w, b)
+        y, mean, var = kernels.batch_norm_train_add_relu(x, r, w, b)
     else:
-        y, mean, var = kernels.batch_norm_relu(x, w, b)
-    dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+        y, mean, var = kernels.batch_norm_train_relu(x, w, b)
     grads = torch.autograd.grad(y, inputs, dy)
 
     bn_ref, cache = reference.forward(_np(x), _np(w), _np(b), 1e-5)
@@ -281,7 +281,7 @@ def test_fused_residual_with_another_layout_and_expanded_gradient():
     x = torch.randn(3, 5, 4, 7, dtype=torch.float64, device=DEVICE).contiguous(
         memory_format=torch.channels_last).requires_grad_()
     r = torch.randn(3, 5, 4, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    y, _, _ = kernels.batch_norm_add_relu(x, r)
+    y, _, _ = kernels.batch_norm_train_add_relu(x, r)
     dx, dr = torch.autograd.grad(y.sum(), [x, r])
     xt, rt = x.detach().clone().requires_grad_(), r.detach().clone().requires_grad_()
     yt = torch.relu(torch.nn.functional.batch_norm(xt, None, None, training=True) + rt)
@@ -296,7 +296,7 @@ def test_only_some_inputs_need_gradients():
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=DEVICE)
     w = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     r = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    y, _, _ = kernels.batch_norm_add_relu(x, r, w, None)
+    y, _, _ = kernels.batch_norm_train_add_relu(x, r, w, None)
     dy = torch.randn_like(y)
     dw, dr = torch.autograd.grad(y, [w, r], dy)
     bn_ref, cache = reference.forward(_np(x), _np(w), None, 1e-5)
@@ -308,7 +308,7 @@ def test_only_some_inputs_need_gradients():
 def test_only_the_residual_needs_a_gradient():
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=DEVICE)
     r = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    y, _, _ = kernels.batch_norm_add_relu(x, r)
+    y, _, _ = kernels.batch_norm_train_add_relu(x, r)
     dy = torch.randn_like(y)
     (dr,) = torch.autograd.grad(y, [r], dy)
     _assert_close(dr, _np(dy) * ((reference.forward(_np(x))[0] + _np(r)) > 0), torch.float64, "dresidual")
@@ -324,18 +324,13 @@ def test_random_shapes_match_torch(n, c, spatial, channels_last, kind, fused):
     launch.POISON = True
     try:
         shape = (n, c, *spatial)
-        torch.manual_seed(len(shape) + n * c)
-        x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE), channels_last).requires_grad_()
-        w = torch.randn(c, dtype=torch.float64, device=DEVICE, requires_grad=True)
-        b = torch.randn(c, dtype=torch.float64, device=DEVICE, requires_grad=True)
-        r = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        x, w, b, r, dy = _inputs(shape, channels_last, residual=True, seed=len(shape) + n * c)
         if fused == "add_relu":
-            y = kernels.batch_norm_add_relu(x, r, w, b)[0]
+            y = kernels.batch_norm_train_add_relu(x, r, w, b)[0]
         else:
             y = kernels.batch_norm_train(x, w, b, relu=fused == "relu")[0]
         yt = torch.nn.functional.batch_norm(x, None, None, w, b, training=True)
         yt = torch.relu(yt + r) if fused == "add_relu" else torch.relu(yt) if fused == "relu" else yt
-        dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
         inputs = [x, w, b] + ([r] if fused == "add_relu" else [])
         for a, t in zip([y, *torch.autograd.grad(y, inputs, dy)], [yt, *torch.autograd.grad(yt, inputs, dy)]):
             _assert_close(a, _np(t), torch.float64, f"{shape} {kind} {fused}")
@@ -352,17 +347,12 @@ def test_random_shapes_match_torch(n, c, spatial, channels_last, kind, fused):
                                                   ((11, 7), False), ((4, 3, 11), True)])
 @pytest.mark.parametrize("fused", ["none", "relu", "add_relu"])
 def test_eval_matches_reference(tiled_plan_kind, shape, channels_last, fused):
-    torch.manual_seed(8)
+    x, w, b, r, dy = _inputs(shape, channels_last, residual=fused == "add_relu", seed=8)
     C = shape[1]
-    x = _layout(torch.randn(shape, dtype=torch.float64, device=DEVICE), channels_last).requires_grad_()
-    w = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    b = torch.randn(C, dtype=torch.float64, device=DEVICE, requires_grad=True)
     rm = torch.randn(C, dtype=torch.float64, device=DEVICE)
     rv = torch.rand(C, dtype=torch.float64, device=DEVICE) + 0.5
-    r = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True) if fused == "add_relu" else None
     y = kernels.batch_norm_eval(x, rm, rv, w, b, 1e-5, residual=r, relu=fused != "none")
     inputs = [x, w, b] + ([r] if r is not None else [])
-    dy = torch.randn(shape, dtype=torch.float64, device=DEVICE)
     grads = torch.autograd.grad(y, inputs, dy)
 
     bn_ref, cache = reference.forward(_np(x), _np(w), _np(b), 1e-5, training=False,
@@ -543,9 +533,9 @@ def test_supports():
      ValueError, "weight must have shape (3,)"),
     (lambda: kernels.batch_norm_train(torch.ones(4, 3, dtype=torch.int64, device=DEVICE)), TypeError, "float16"),
     (lambda: kernels.batch_norm_train(torch.randn(4, device=DEVICE)), ValueError, "expected 2D to 5D"),
-    (lambda: kernels.batch_norm_add_relu(torch.randn(4, 3, device=DEVICE), torch.randn(4, 1, device=DEVICE)),
+    (lambda: kernels.batch_norm_train_add_relu(torch.randn(4, 3, device=DEVICE), torch.randn(4, 1, device=DEVICE)),
      ValueError, "residual must have x's shape"),
-    (lambda: kernels.batch_norm_add_relu(torch.randn(4, 3, device=DEVICE),
+    (lambda: kernels.batch_norm_train_add_relu(torch.randn(4, 3, device=DEVICE),
                                          torch.randn(4, 3, device=DEVICE, dtype=torch.float64)),
      TypeError, "residual must have x's dtype"),
     (lambda: kernels.batch_norm_train(torch.randn(4, 3, device=DEVICE), residual=torch.randn(4, 3, device=DEVICE)),

@@ -186,3 +186,18 @@ def test_airbench_gamma_frozen_and_whitening_whitens():
     import numpy as np
     cov = np.cov(flat, rowvar=False, bias=True)
     np.testing.assert_allclose(cov, np.eye(4), atol=1e-6)
+
+
+def test_norm_layer_is_accepted_wherever_norm_is():
+    from bnlab.errors import UserError
+    from bnlab.models.resnet import BasicBlock
+
+    def kinds(model):
+        return {type(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+    assert kinds(models.create("resnet8", norm_layer=nn.BatchNorm2d)) == {nn.BatchNorm2d}
+    assert kinds(models.create("resnet8", norm="torch_bn")) == {nn.BatchNorm2d}
+    assert kinds(BasicBlock(4, 4, norm_layer=nn.BatchNorm2d)) == {nn.BatchNorm2d}
+    assert kinds(models.cifar_resnet(8, norm_layer="torch_bn")) == {nn.BatchNorm2d}
+    with pytest.raises(UserError, match="both norm='groupnorm' and norm_layer"):
+        models.create("resnet8", norm="groupnorm", norm_layer=nn.BatchNorm2d)

@@ -1,7 +1,5 @@
-"""bnlab.variants: ghost batch norm, batch renormalization, frozen statistics — each against an independent
+"""bnlab.variants: ghost batch norm and batch renormalization — each against an independent
 computation with torch.nn.functional.batch_norm or plain tensor arithmetic."""
-
-import copy
 
 import pytest
 import torch
@@ -9,6 +7,7 @@ import torch.nn.functional as TF
 from torch import nn
 
 from bnlab import nn as bnn
+from bnlab import protocol
 from bnlab import variants as V
 
 
@@ -94,81 +93,6 @@ def test_ghost_state_dict_matches_torch_batch_norm_and_channels_last():
 
 
 # --------------------------------------------------------------------------------------------------
-# frozen statistics
-# --------------------------------------------------------------------------------------------------
-
-def _net(bn_cls):
-    torch.manual_seed(1)
-    bn1d = nn.BatchNorm1d if issubclass(bn_cls, nn.modules.batchnorm._BatchNorm) else bnn.BatchNorm1d
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), bn_cls(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5), bn1d(5))
-    net.train()
-    for _ in range(2):
-        net(torch.randn(8, 3, 6, 6))   # non-trivial running statistics
-    return net
-
-
-@pytest.mark.parametrize("bn_cls", [nn.BatchNorm2d, bnn.BatchNorm2d, V.GhostBatchNorm2d])
-def test_freeze_stats_uses_running_stats_survives_train_and_trains_affine(bn_cls):
-    net = _net(bn_cls)
-    reference = copy.deepcopy(net).eval()
-    V.freeze_stats(net)
-    net.train()                       # must not undo the freeze
-    x = torch.randn(6, 3, 6, 6)
-    buffers = {k: v.clone() for k, v in net.state_dict().items()}
-    y = net(x)
-    torch.testing.assert_close(y, reference(x))                       # running statistics used
-    for k, v in net.state_dict().items():
-        torch.testing.assert_close(v, buffers[k])                     # and not updated
-    assert net[1].training                                            # the mode itself is left alone
-    y.sum().backward()
-    assert net[1].weight.grad is not None and net[1].weight.grad.abs().sum() > 0
-
-    V.unfreeze_stats(net)
-    net.train()
-    net(x)
-    assert not torch.equal(net[1].running_mean, buffers["1.running_mean"])  # updates again
-
-
-@pytest.mark.parametrize("bn_cls", [nn.BatchNorm2d, bnn.BatchNorm2d])
-def test_switches_batch_stats_without_update_and_affine(bn_cls):
-    net = _net(bn_cls)
-    V.set_bn_switches(net, use_batch_stats=True, update_running_stats=False, train_affine=False)
-    net.eval()
-    x = torch.randn(6, 3, 6, 6)
-    before = net[1].running_mean.clone()
-    h = net[0](x)
-    torch.testing.assert_close(net[1](h), TF.batch_norm(h, None, None, net[1].weight, net[1].bias, True,
-                                                         eps=net[1].eps))
-    torch.testing.assert_close(net[1].running_mean, before)
-    assert not net[1].weight.requires_grad and not net[1].bias.requires_grad
-
-
-def test_freeze_refuses_layers_without_running_stats():
-    net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, track_running_stats=False))
-    with pytest.raises(ValueError, match="1 \\(BatchNorm1d\\(3\\)\\).*running statistics"):
-        V.freeze_stats(net)
-    with pytest.raises(ValueError, match="no batch-norm layer"):
-        V.freeze_stats(nn.Linear(2, 2))
-
-
-@pytest.mark.parametrize("bn_cls", [nn.BatchNorm2d, bnn.BatchNorm2d])
-def test_freeze_bn_makes_buffers_and_matches_eval(bn_cls):
-    net = _net(bn_cls)
-    reference = copy.deepcopy(net).eval()
-    keys = set(net.state_dict())
-    V.freeze_bn(net)
-    assert isinstance(net[1], V.FrozenBatchNorm2d) and isinstance(net[5], V.FrozenBatchNorm1d)
-    assert set(net.state_dict()) == keys                          # same checkpoint format
-    assert all("1." not in n for n, _ in net.named_parameters())  # γ/β are no longer parameters
-    net.train()
-    x = torch.randn(4, 3, 6, 6)
-    torch.testing.assert_close(net(x), reference(x))
-    V.unfreeze_bn(net)
-    assert isinstance(net[1], bnn.BatchNorm2d) and net[1].weight.requires_grad
-    torch.testing.assert_close(net.eval()(x), reference(x))
-
-
-# --------------------------------------------------------------------------------------------------
 # batch renormalization
 # --------------------------------------------------------------------------------------------------
 
@@ -239,100 +163,16 @@ def test_renorm_schedule_is_plain_bn_then_linear_ramp():
 
 
 # --------------------------------------------------------------------------------------------------
-# gradient accumulation and AMP safety
-# --------------------------------------------------------------------------------------------------
-
-from bnlab.accumulate import accumulate_bn_stats  # noqa: E402
-from bnlab.amp import BNStatsGuard  # noqa: E402
-
-
-@pytest.mark.parametrize("make", [lambda: nn.BatchNorm2d(3), lambda: bnn.BatchNorm2d(3),
-                                  lambda: V.GhostBatchNorm2d(3, virtual_batch_size=2),
-                                  lambda: bnn.BatchNorm2d(3, momentum=None)])
-def test_accumulated_running_stats_equal_full_batch(make):
-    torch.manual_seed(0)
-    layer, full = make().double(), make().double()
-    micro = [torch.randn(n, 3, 4, 4, dtype=torch.float64) * s + s for n, s in ((4, 1.0), (2, 3.0), (6, 0.5))]
-    for step in range(2):                     # two optimizer steps of three micro-batches each
-        with accumulate_bn_stats(layer):
-            outputs = [layer(x + step) for x in micro]
-        full(torch.cat(micro) + step)
-    torch.testing.assert_close(layer.running_mean, full.running_mean)
-    torch.testing.assert_close(layer.running_var, full.running_var)
-    assert int(layer.num_batches_tracked) == int(full.num_batches_tracked) == 2
-    # the forward is unchanged: each micro-batch normalized by its own statistics
-    x = micro[1] + 1
-    torch.testing.assert_close(outputs[1], TF.batch_norm(x, None, None, layer.weight, layer.bias, True, eps=layer.eps))
-
-
-def test_accumulation_leaves_non_updating_layers_and_discards_on_error():
-    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), bnn.BatchNorm1d(4))
-    V.freeze_stats(net[2])
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(KeyError):
-        with accumulate_bn_stats(net):
-            net(torch.randn(5, 3))
-            raise KeyError("boom")
-    for k, v in net.state_dict().items():
-        torch.testing.assert_close(v, before[k])
-    with accumulate_bn_stats(net):
-        net(torch.randn(5, 3))
-    assert not torch.equal(net[1].running_mean, before["1.running_mean"])
-    torch.testing.assert_close(net[2].running_mean, before["2.running_mean"])    # frozen stays frozen
-    with pytest.raises(ValueError, match="no batch-norm layer"):
-        accumulate_bn_stats(nn.Linear(2, 2))
-
-
-def _amp_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3), bnn.BatchNorm1d(3))
-
-
-def test_guard_rolls_back_statistics_of_a_step_the_scaler_skipped():
-    model = _amp_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    guard = BNStatsGuard(model, scaler)
-
-    def step(loss_scale):
-        with guard:
-            loss = model(torch.randn(8, 4)).square().mean() * loss_scale
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad()
-
-    step(1.0)                                      # a normal step: statistics move
-    after_good = {k: v.clone() for k, v in model.state_dict().items()}
-    assert int(model[1].num_batches_tracked) == 1
-    step(1e36)                                     # gradients overflow: the scaler skips the step
-    assert scaler.get_scale() < 2.0 ** 16 and guard.skipped_steps == 1
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, after_good[k])   # weights (scaler) and statistics (guard) unchanged
-    assert model[1].skipped_updates == 1 and model[4].skipped_updates == 1
-
-
-def test_guard_restores_non_finite_statistics_of_torch_layers():
-    model = _amp_model()
-    guard = BNStatsGuard(model)
-    with guard:
-        model(torch.randn(8, 4))
-    good = model[1].running_mean.clone()
-    with guard, pytest.warns(RuntimeWarning, match="BatchNorm1d\\(3\\).*not finite"):   # bnlab's own skip
-        model(torch.full((8, 4), float("inf")))    # torch.nn.BatchNorm1d would keep the NaN
-    torch.testing.assert_close(model[1].running_mean, good)
-    assert model[1].skipped_updates == 1
-
-
-# --------------------------------------------------------------------------------------------------
 # the fused BN+ReLU path must not bypass the variants' own training forward
 # --------------------------------------------------------------------------------------------------
 
-def test_variants_report_torch_backend_while_using_batch_stats():
-    layer = V.GhostBatchNorm2d(3, virtual_batch_size=2, backend="triton")
-    assert layer.backend == "torch"                 # training: the layer's own forward must run
-    layer.eval()
-    assert layer.backend == "triton"                # inference: plain BN, any backend will do
+@pytest.mark.parametrize("make", [lambda: V.GhostBatchNorm2d(3, virtual_batch_size=2, backend="triton"),
+                                  lambda: V.BatchRenorm2d(3, backend="triton")])
+def test_variants_declare_their_training_forward_is_their_own(make):
+    layer = make()
+    assert not protocol.capability(layer, "bn_plain_training")   # training: the layer's own forward must run
+    assert protocol.capability(layer, "bn_plain_inference")      # inference: plain BN, any backend will do
+    assert layer.backend == "triton"
     assert "backend" not in layer.state_dict() and "_backend" not in layer.state_dict()
 
 

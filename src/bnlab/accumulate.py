@@ -19,43 +19,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from bnlab.nn import _BatchNorm
-from bnlab.variants import _FrozenBatchNorm, is_batch_norm
+from bnlab import functional as F
+from bnlab import protocol
 
 __all__ = ["accumulate_bn_stats"]
-
-
-def _would_update(m: nn.Module) -> bool:
-    """Whether ``m`` updates its running statistics in a forward call right now."""
-    if isinstance(m, _BatchNorm):
-        return m._updates_running_stats()
-    use_batch = m.__dict__.get("use_batch_stats")   # bnlab.variants switches on torch layers
-    uses_batch = m.training if use_batch is None else use_batch
-    return (m.training and m.track_running_stats and m.running_mean is not None and uses_batch
-            and m.__dict__.get("update_running_stats", True))
-
-
-class _Sufficient:
-    """Count, mean and M2 per channel in float64, merged batch by batch."""
-
-    def __init__(self) -> None:
-        self.count, self.mean, self.m2 = 0, None, None
-
-    def add(self, x: Tensor) -> None:
-        if x.numel() == 0:
-            return
-        n = x.numel() // x.shape[1]
-        var, mean = torch.var_mean(x.detach().double(), dim=[0] + list(range(2, x.dim())), correction=0)
-        if self.count == 0:
-            self.count, self.mean, self.m2 = n, mean, var * n
-            return
-        total = self.count + n
-        delta = mean - self.mean
-        self.m2 = self.m2 + var * n + delta ** 2 * (self.count * n / total)
-        self.mean = self.mean + delta * (n / total)
-        self.count = total
 
 
 class accumulate_bn_stats:
@@ -83,40 +52,35 @@ class accumulate_bn_stats:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.layers = {name: m for name, m in model.named_modules()
-                       if is_batch_norm(m) and not isinstance(m, _FrozenBatchNorm)}
+                       if protocol.is_batch_norm(m) and getattr(type(m), "update_running_stats", True) is not False}
         if not self.layers:
             raise ValueError(f"accumulate_bn_stats: {type(model).__name__} contains no batch-norm layer")
-        self._stats: dict[str, _Sufficient] = {}
+        self._stats: dict[str, F.Moments] = {}
         self._hooks: list = []
         self._snapshots: dict[str, Optional[tuple]] = {}
 
     def __enter__(self) -> "accumulate_bn_stats":
         if self._hooks:
             raise RuntimeError("accumulate_bn_stats: this context is already active (it is not re-entrant)")
-        self._stats = {name: _Sufficient() for name in self.layers}
+        self._stats = {}
         for name, m in self.layers.items():
             self._hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: self._before(name, mod, args)))
             self._hooks.append(m.register_forward_hook(lambda mod, args, out, name=name: self._after(name, mod)))
         return self
 
     def _before(self, name: str, m: nn.Module, args) -> None:
-        if not _would_update(m):
+        if not protocol.updates_running_stats(m):
             self._snapshots[name] = None
             return
-        self._stats[name].add(args[0])
+        batch = F.moments(args[0].detach().double())
+        self._stats[name] = F.merge_moments(self._stats[name], batch) if name in self._stats else batch
         # the layer's own update of this call is undone in _after
-        self._snapshots[name] = (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(),
-                                 getattr(m, "skipped_updates", 0))
+        self._snapshots[name] = protocol.snapshot(m)
 
-    @torch.no_grad()
     def _after(self, name: str, m: nn.Module) -> None:
         snapshot = self._snapshots.pop(name, None)
         if snapshot is not None:
-            m.running_mean.copy_(snapshot[0])
-            m.running_var.copy_(snapshot[1])
-            m.num_batches_tracked.copy_(snapshot[2])
-            if hasattr(m, "skipped_updates"):
-                m.skipped_updates = snapshot[3]
+            protocol.restore(m, snapshot)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for h in self._hooks:
@@ -129,25 +93,25 @@ class accumulate_bn_stats:
     @torch.no_grad()
     def commit(self) -> None:
         """Apply the accumulated statistics (called on a normal exit)."""
-        from bnlab.distributed import merge_moments, sync_group
+        from bnlab.distributed import merge_moments, sync_group   # torch.distributed only when needed
         for name, m in self.layers.items():
             acc = self._stats.get(name)
-            if acc is None:
-                continue
             synced, group = sync_group(m)
             if synced:   # every process joins, even one whose shards were all empty
-                zeros = torch.zeros(m.num_features, dtype=torch.float64, device=m.running_mean.device)
-                local_mean, local_m2 = (acc.mean, acc.m2) if acc.count else (zeros, zeros)
-                acc.count, acc.mean, acc.m2 = merge_moments(acc.count, local_mean, local_m2, group)
-            if acc.count == 0:
-                continue
-            mean, m2, n = acc.mean, acc.m2, acc.count
-            var = m2 / (n - 1) if n > 1 else m2
-            if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
-                m.skipped_updates = getattr(m, "skipped_updates", 0) + 1
+                if acc is None:
+                    zeros = torch.zeros(m.num_features, dtype=torch.float64, device=m.running_mean.device)
+                    acc = F.Moments(0, zeros, zeros)
+                acc = F.Moments(*merge_moments(acc.count, acc.mean, acc.m2, group))
+            if acc is None or acc.count == 0:
                 continue
             m.num_batches_tracked.add_(1)
             momentum = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
-            m.running_mean.lerp_(mean.to(m.running_mean.dtype), momentum)
-            m.running_var.lerp_(var.to(m.running_var.dtype), momentum)
-            acc.count = 0
+            mean, var, finite = F.update_running_stats(m.running_mean, m.running_var, acc.mean, acc.var, acc.count,
+                                                       momentum)
+            if not bool(finite):
+                m.num_batches_tracked.sub_(1)
+                m.skipped_updates = getattr(m, "skipped_updates", 0) + 1
+                continue
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+        self._stats = {}

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from bnlab.variants import is_batch_norm
+from bnlab import protocol
 
 __all__ = ["BNStatsGuard"]
 
@@ -50,7 +50,7 @@ class BNStatsGuard:
 
     def __init__(self, model: nn.Module, scaler=None, rollback: bool = True) -> None:
         self.layers = {name: m for name, m in model.named_modules()
-                       if is_batch_norm(m) and m.running_mean is not None}
+                       if protocol.is_batch_norm(m) and m.running_mean is not None}
         if not self.layers:
             raise ValueError(f"BNStatsGuard: {type(model).__name__} has no batch-norm layer with running statistics")
         self.scaler, self.rollback = scaler, rollback
@@ -59,8 +59,7 @@ class BNStatsGuard:
         self._scale: Optional[float] = None
 
     def __enter__(self) -> "BNStatsGuard":
-        self._snapshot = {name: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-                          for name, m in self.layers.items()}
+        self._snapshot = {name: protocol.snapshot(m) for name, m in self.layers.items()}
         self._scale = self._current_scale()
         return self
 
@@ -74,13 +73,8 @@ class BNStatsGuard:
         now = self._current_scale()
         return self._scale is not None and now is not None and now < self._scale
 
-    @torch.no_grad()
     def _restore(self, name: str, m: nn.Module) -> None:
-        mean, var, count = self._snapshot[name]
-        m.running_mean.copy_(mean)
-        m.running_var.copy_(var)
-        m.num_batches_tracked.copy_(count)
-        m.skipped_updates = getattr(m, "skipped_updates", 0) + 1
+        protocol.restore(m, self._snapshot[name], skipped_updates=getattr(m, "skipped_updates", 0) + 1)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._snapshot is None:

@@ -31,8 +31,7 @@ from torch import Tensor, nn
 
 from bnlab import functional as F
 from bnlab import nn as bnn
-from bnlab import variants
-from bnlab.functional import _compute_dtype, _memory_format, _normalize, _per_channel, _reduce_dims
+from bnlab import protocol, variants
 
 __all__ = ["SyncBatchNorm", "SyncBatchRenorm", "convert_sync_batchnorm", "gather_batch_stats", "merge_moments",
            "sync_group"]
@@ -45,36 +44,29 @@ def _world(group) -> int:
 
 
 def merge_moments(count: int, mean: Tensor, sq_dev: Tensor, group=None) -> tuple[int, Tensor, Tensor]:
-    """Merge per-process ``(count, mean, sum of squared deviations)`` over ``group`` (Chan et al.'s pairwise
-    formula, float64): returns the global ``(count, mean, sum of squared deviations)`` on every process."""
+    """Merge per-process ``(count, mean, sum of squared deviations)`` over ``group`` (one ``all_gather``,
+    then :func:`bnlab.functional.merge_moments` in float64): the global ``(count, mean, sum of squared
+    deviations)`` on every process."""
     channels = mean.shape[0]
     packed = torch.cat([torch.tensor([float(count)], dtype=torch.float64, device=mean.device),
                         mean.double(), sq_dev.double()])                             # (2C + 1,)
     gathered = [torch.empty_like(packed) for _ in range(_world(group))]
     dist.all_gather(gathered, packed, group=group)
-    table = torch.stack(gathered)                                                    # (P, 2C + 1)
-    counts, means, sq_devs = table[:, :1], table[:, 1:channels + 1], table[:, channels + 1:]
-    n = counts.sum()
-    if n == 0:
+    total = F.merge_moments(*(F.Moments(int(p[0]), p[1:channels + 1], p[channels + 1:]) for p in gathered))
+    if total.count == 0:
         return 0, torch.zeros_like(packed[1:channels + 1]), torch.zeros_like(packed[1:channels + 1])
-    total_mean = (counts * means).sum(0) / n
-    total_sq_dev = sq_devs.sum(0) + (counts * (means - total_mean) ** 2).sum(0)
-    return int(n), total_mean, total_sq_dev
+    return total.count, total.mean, total.m2
 
 
 def gather_batch_stats(x: Tensor, group=None) -> tuple[Tensor, Tensor, int]:
     """Per-channel mean and biased variance of the union of ``x`` over all processes of ``group``, and the
     number of values per channel ``n``. Float64 merge (exact counts); every process gets the same answer."""
-    channels = x.shape[1]
-    cdt = _compute_dtype(x)
-    local_n = x.numel() // channels if x.numel() else 0
-    if local_n:
-        var, mean = torch.var_mean(x.detach().to(cdt), dim=_reduce_dims(x), correction=0)
-    else:
-        var = mean = torch.zeros(channels, dtype=cdt, device=x.device)
-    n, mean, sq_dev = merge_moments(local_n, mean, var.double() * local_n, group)
+    cdt = F.compute_dtype(x)
+    local = F.moments(x.detach())
+    n, mean, sq_dev = merge_moments(local.count, local.mean, local.m2, group)
     if n == 0:
-        return torch.zeros(channels, dtype=cdt, device=x.device), torch.ones(channels, dtype=cdt, device=x.device), 0
+        ones = torch.ones(x.shape[1], dtype=cdt, device=x.device)
+        return torch.zeros_like(ones), ones, 0
     return mean.to(cdt), (sq_dev / n).clamp_min(0).to(cdt), n
 
 
@@ -90,18 +82,19 @@ class _SyncNormalize(torch.autograd.Function):
     """y = (x − μ)·(γ/σ) + β with global μ, σ given; the backward all-reduces Σdy and Σdy·(x − μ)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, inv_std, count, group):
+    def forward(ctx, x, weight, bias, mean, var, eps, count, group):
+        inv_std = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, mean, inv_std)
         ctx.count, ctx.group = count, group
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        return _normalize(x, mean, inv_std, weight, bias)
+        return F.normalize(x, mean, var, weight, bias, eps)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, mean, inv_std = ctx.saved_tensors
         cdt = inv_std.dtype
-        dims = _reduce_dims(x)
+        dims = [0] + list(range(2, x.dim()))
         dy_c = dy.to(cdt)
         centred = x.to(cdt) - _per_channel(mean, x)
         local = torch.cat([dy_c.sum(dims), (dy_c * centred).sum(dims)])            # (2C,)  Σdy, Σdy·(x−μ)
@@ -122,59 +115,46 @@ class _SyncNormalize(torch.autograd.Function):
             dx = torch.addcmul(torch.addcmul(shift, centred, coef_x), dy_c, _per_channel(gamma_inv_std, x))
             dx = dx.to(x.dtype)
             if dx.dim() >= 4:
-                dx = dx.contiguous(memory_format=_memory_format(x))
-        return dx, dweight, dbias, None, None, None, None
+                dx = dx.contiguous(memory_format=F.memory_format(x))
+        return dx, dweight, dbias, None, None, None, None, None
 
 
-def _empty_output(x: Tensor, weight, bias) -> Tensor:
-    # keep γ/β in the graph so the backward still runs on a process with an empty shard
-    y = x.clone()
-    if weight is not None:
-        y = y * weight[0]
-    if bias is not None:
-        y = y + bias[0]
-    return y
+def _per_channel(v: Tensor, x: Tensor) -> Tensor:
+    return v.reshape([1, -1] + [1] * (x.dim() - 2))
 
 
-class _SyncMixin(variants._OwnTrainingForward):
+class _SyncMixin:
     """The forward shared by :class:`SyncBatchNorm` and :class:`SyncBatchRenorm`."""
 
     process_group = None
+    bn_plain_training = False   # statistics across processes: the fused kernels must not replace it
+    bn_plain_inference = True
+    bn_sync = "keep"            # already synchronized
 
     def _sync_active(self) -> bool:
-        return self._uses_batch_stats() and _world(self.process_group) > 1
-
-    def _corrections(self, mean: Tensor, var: Tensor) -> Optional[tuple[Tensor, Tensor]]:
-        return None   # batch renorm's (r, d)
+        return protocol.uses_batch_stats(self) and _world(self.process_group) > 1
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._sync_active():
             return super().forward(x)
         # the single-value check is on the global count below, not on this process's share
         F.check_input(x, self.num_features, False, self.layer_name, self._expected_dims)
-        momentum = self._momentum_for_step()
+        momentum = self.momentum_for_step()
         mean, var, count = gather_batch_stats(x, self.process_group)
         if count == 0:   # every shard empty: nothing to normalize, no backward collective either
-            return _empty_output(x, self.weight, self.bias)
+            return F.empty_output(x, self.weight, self.bias)
         if count == 1:
             raise ValueError(f"{self.layer_name}: expected more than 1 value per channel when training, got 1 "
                              f"across all processes (input shape here {tuple(x.shape)})")
-        inv_std = torch.rsqrt(var + self.eps)
-        weight, bias = self.weight, self.bias
-        corrections = self._corrections(mean, var)
-        if corrections is not None:   # y = γ(x̂·r + d) + β = (γr)·x̂ + (γd + β), r and d constants
-            r, d = corrections
-            weight_eff = r if weight is None else weight * r.to(weight.dtype)
-            bias_eff = (d if weight is None else weight * d.to(weight.dtype)) + (0 if bias is None else bias)
-            weight, bias = weight_eff, bias_eff
+        weight, bias = self.batch_affine(mean, var)   # batch renorm folds its r and d in
         # an empty shard goes through the same Function: its backward must join the all_reduce
-        y = _SyncNormalize.apply(x, weight, bias, mean, inv_std, count, self.process_group)
-        if self._updates_running_stats():
-            self._commit_running_stats(variants._merge_running(self, mean, var, count, momentum, y))
+        y = _SyncNormalize.apply(x, weight, bias, mean, var, self.eps, count, self.process_group)
+        if protocol.updates_running_stats(self):
+            self.update_from_batch(mean, var, count, momentum)
         return y
 
 
-class SyncBatchNorm(_SyncMixin, bnn._BatchNorm):
+class SyncBatchNorm(_SyncMixin, bnn.BatchNorm):
     r"""Batch norm whose training statistics are those of the union of all processes' batches.
 
     Same constructor as ``torch.nn.SyncBatchNorm``: ``(num_features, eps, momentum, affine,
@@ -197,7 +177,7 @@ class SyncBatchNorm(_SyncMixin, bnn._BatchNorm):
         self.process_group = process_group
 
 
-class SyncBatchRenorm(_SyncMixin, variants._BatchRenorm):
+class SyncBatchRenorm(_SyncMixin, variants.BatchRenorm):
     r"""Batch renormalization (:class:`bnlab.variants.BatchRenorm2d`) with μ_B and σ_B of the union of all
     processes' batches; r and d then follow from the global statistics and are constants for the gradient.
     Constructor as :class:`~bnlab.variants.BatchRenorm2d` plus ``process_group`` (keyword-only)."""
@@ -208,44 +188,23 @@ class SyncBatchRenorm(_SyncMixin, variants._BatchRenorm):
         super().__init__(num_features, *args, **kwargs)
         self.process_group = process_group
 
-    def _corrections(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-        rmax, dmax = self.current_limits()
-        running_std = torch.sqrt(self.running_var.to(var.dtype) + self.eps)
-        r = (torch.sqrt(var + self.eps) / running_std).clamp(1.0 / rmax, rmax)
-        d = ((mean - self.running_mean.to(mean.dtype)) / running_std).clamp(-dmax, dmax)
-        return r, d
-
 
 # --------------------------------------------------------------------------------------------------
 # conversion
 # --------------------------------------------------------------------------------------------------
 
-_PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, bnn.BatchNorm1d, bnn.BatchNorm2d, bnn.BatchNorm3d)
-_RENORM = (variants.BatchRenorm1d, variants.BatchRenorm2d, variants.BatchRenorm3d)
-_KEPT = (nn.SyncBatchNorm, SyncBatchNorm, SyncBatchRenorm, variants._FrozenBatchNorm, variants._GhostBatchNorm)
-
-
-def _convert_layer(name: str, layer: nn.Module, process_group) -> nn.Module:
-    ref = layer.weight if layer.weight is not None else layer.running_mean
+def _convert_layer(layer: nn.Module, policy: str, process_group) -> nn.Module:
+    ref = protocol.first_tensor(layer)
     factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
     common = dict(eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
-                  track_running_stats=layer.track_running_stats, bias=layer.bias is not None, **factory)
-    if type(layer) in _RENORM:
+                  track_running_stats=layer.track_running_stats, bias=layer.bias is not None,
+                  backend=getattr(layer, "backend", "auto"), **factory)
+    if policy == "renorm":
         new = SyncBatchRenorm(layer.num_features, process_group=process_group, rmax=layer.rmax, dmax=layer.dmax,
-                              warmup_steps=layer.warmup_steps, ramp_steps=layer.ramp_steps,
-                              backend=layer.__dict__.get("_backend", "auto"), **common)
+                              warmup_steps=layer.warmup_steps, ramp_steps=layer.ramp_steps, **common)
     else:
-        new = SyncBatchNorm(layer.num_features, process_group=process_group,
-                            backend=layer.__dict__.get("_backend", getattr(layer, "backend", "auto")), **common)
-    new.load_state_dict(layer.state_dict())
-    new.train(layer.training)
-    for pname, p in layer.named_parameters(recurse=False):
-        getattr(new, pname).requires_grad_(p.requires_grad)
-    # the switches of bnlab.variants (on torch layers they live in the instance dict)
-    for attr in ("use_batch_stats", "update_running_stats", "warn_nonfinite", "skipped_updates"):
-        if attr in layer.__dict__:
-            setattr(new, attr, layer.__dict__[attr])
-    return new
+        new = SyncBatchNorm(layer.num_features, process_group=process_group, **common)
+    return protocol.carry_over(layer, new)
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
@@ -263,17 +222,16 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     Call it before wrapping the model in ``DistributedDataParallel``. ``process_group`` defaults to the
     whole world.
     """
-    def convert(name: str, module: nn.Module) -> nn.Module:
-        if isinstance(module, _KEPT):
+    def convert(name: str, module: nn.Module) -> Optional[nn.Module]:
+        if not protocol.is_batch_norm(module):
+            return None
+        policy = protocol.capability(module, "bn_sync")
+        if policy == "keep":
             return module
-        if type(module) in _PLAIN or type(module) in _RENORM:
-            return _convert_layer(name, module, process_group)
-        if variants.is_batch_norm(module):
-            raise TypeError(f"convert_sync_batchnorm: layer {name or '<model>'} is a {type(module).__name__}, a "
-                            f"batch-norm subclass this function does not know how to synchronize without losing "
-                            f"its behaviour; synchronize it yourself or replace it by a known layer")
-        for child_name, child in list(module.named_children()):
-            setattr(module, child_name, convert(f"{name}.{child_name}" if name else child_name, child))
-        return module
+        if policy in ("plain", "renorm"):
+            return _convert_layer(module, policy, process_group)
+        raise TypeError(f"convert_sync_batchnorm: layer {name or '<model>'} is a {type(module).__name__}, a "
+                        f"batch-norm subclass this function does not know how to synchronize without losing "
+                        f"its behaviour; synchronize it yourself or replace it by a known layer")
 
-    return convert("", model)
+    return protocol.replace_layers(model, convert)

@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from bnlab.fold import _flat_tensors, find_conv_bn_pairs
-from bnlab.recalibrate import _inputs
-from bnlab.variants import _FrozenBatchNorm, is_batch_norm
+from bnlab import functional as F
+from bnlab import protocol
+from bnlab.fold import find_conv_bn_pairs, output_tensors
+from bnlab.recalibrate import model_inputs
 
 __all__ = ["diagnose", "DoctorReport", "Finding", "LayerHealth"]
 
@@ -133,19 +134,10 @@ class DoctorReport:
 # checks
 # --------------------------------------------------------------------------------------------------
 
-def _uses_batch_stats_at_inference(m: nn.Module) -> bool:
-    if isinstance(m, _FrozenBatchNorm):
-        return False
-    if m.running_mean is None:
-        return True
-    switch = getattr(m, "use_batch_stats", None)
-    return bool(switch) if switch is not None else m.training
-
-
 def _static_findings(name: str, m: nn.Module, health: LayerHealth, for_inference: bool,
                      dead_gamma: float) -> list[Finding]:
     found = []
-    if for_inference and _uses_batch_stats_at_inference(m):
+    if for_inference and protocol.uses_batch_stats(m):
         why = ("it has no running statistics (track_running_stats=False)" if m.running_mean is None else
                "use_batch_stats=True" if getattr(m, "use_batch_stats", None) else "the layer is in training mode")
         found.append(Finding("train_mode", name, "error",
@@ -245,13 +237,13 @@ def diagnose(model: nn.Module, batches: Union[Tensor, Iterable, None] = None, *,
         min_values: fewest values per channel for trustworthy batch statistics.
         dead_gamma: ``|γ|`` below which a channel counts as dead.
     """
-    layers = {name: m for name, m in model.named_modules() if is_batch_norm(m) or isinstance(m, _FrozenBatchNorm)}
+    layers = {name: m for name, m in model.named_modules() if protocol.is_batch_norm(m)}
     report = DoctorReport()
     if not layers:
         raise ValueError(f"doctor: {type(model).__name__} contains no batch-norm layer to check")
     for name, m in layers.items():
         health = LayerHealth(name, type(m).__name__, m.num_features,
-                             "batch stats" if _uses_batch_stats_at_inference(m) else "running stats",
+                             "batch stats" if protocol.uses_batch_stats(m) else "running stats",
                              getattr(m, "momentum", None))
         report.layers.append(health)
         report.findings += _static_findings(name, m, health, for_inference, dead_gamma)
@@ -272,7 +264,7 @@ def _data_checks(model, layers, batches, num_batches, report, gap_tol, mean_tol,
     for batch in batches:
         if len(inputs) >= num_batches:
             break
-        inputs.append(_inputs(batch))
+        inputs.append(model_inputs(batch))
     if not inputs:
         raise ValueError("doctor: the batches gave no input")
     report.batches = len(inputs)
@@ -283,17 +275,17 @@ def _data_checks(model, layers, batches, num_batches, report, gap_tol, mean_tol,
     def record(name):
         return lambda module, args: seen[name].append(args[0].detach())
     hooks = [probe_layers[name].register_forward_pre_hook(record(name)) for name in layers]
-    eval_out = [_flat_tensors(probe(*args)) for args in inputs]
+    eval_out = [output_tensors(probe(*args)) for args in inputs]
     for h in hooks:
         h.remove()
     # the same batches with every BN normalizing by batch statistics (as in training), the rest in eval mode
     for name in layers:
         layer = probe_layers[name]
-        if not isinstance(layer, _FrozenBatchNorm) and layer.running_mean is not None:
+        if getattr(type(layer), "use_batch_stats", None) is not False and layer.running_mean is not None:
             layer.train()
             if "use_batch_stats" in layer.__dict__ or hasattr(type(layer), "use_batch_stats"):
                 layer.use_batch_stats = None
-    train_out = [_flat_tensors(probe(*args)) for args in inputs]
+    train_out = [output_tensors(probe(*args)) for args in inputs]
     if all(eval_out) and all(train_out):
         report.model_gap = _relative_gap([t for ts in train_out for t in ts], [t for ts in eval_out for t in ts])
         if report.model_gap > gap_tol:
@@ -328,8 +320,8 @@ def _data_checks(model, layers, batches, num_batches, report, gap_tol, mean_tol,
         if m.running_mean is None or not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()):
             continue
         health.train_eval_gap = max(_layer_gap(x, m) for x in xs)
-        flat = torch.cat([x.double().transpose(0, 1).reshape(x.shape[1], -1) for x in xs], 1)   # (C, values)
-        mean, var = flat.mean(1), flat.var(1)
+        stats = F.merge_moments(*(F.moments(x.double()) for x in xs))
+        mean, var = stats.mean, stats.m2 / max(stats.count - 1, 1)                 # unbiased, as Tensor.var
         run_mean, run_var = m.running_mean.double(), m.running_var.double().clamp_min(0)
         health.mean_distance = float(((mean - run_mean).abs() / (run_var + m.eps).sqrt()).max())
         ratio = (var + m.eps) / (run_var + m.eps)

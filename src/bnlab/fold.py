@@ -19,16 +19,16 @@ Everything not folded is listed with the reason.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from bnlab.frozen import eval_is_plain_batch_norm
-from bnlab.variants import is_batch_norm, _FrozenBatchNorm
+from bnlab import protocol
 
-__all__ = ["fold_bn", "FoldReport", "find_conv_bn_pairs"]
+__all__ = ["fold_bn", "FoldReport", "find_conv_bn_pairs", "output_tensors"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -36,7 +36,7 @@ _FOLDABLE = _CONVS + _TRANSPOSED + (nn.Linear,)
 
 
 def _is_norm(m: nn.Module) -> bool:
-    return is_batch_norm(m) or isinstance(m, _FrozenBatchNorm)
+    return protocol.is_batch_norm(m)
 
 
 @dataclass
@@ -175,7 +175,7 @@ def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 def _why_not(layer: nn.Module, bn: nn.Module) -> Optional[str]:
-    if not eval_is_plain_batch_norm(bn):
+    if not protocol.capability(bn, "bn_plain_inference"):
         return (f"{type(bn).__name__} overrides forward (it may do more than batch norm, e.g. a fused ReLU); "
                 f"folding would drop that")
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
@@ -215,13 +215,14 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _flat_tensors(out) -> list[Tensor]:
+def output_tensors(out) -> list[Tensor]:
+    """The tensors of a model's output (a tensor, or tensors nested in tuples, lists and dicts), in order."""
     if isinstance(out, Tensor):
         return [out]
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat_tensors(o)]
+        return [t for o in out for t in output_tensors(o)]
     return []
 
 
@@ -231,7 +232,7 @@ def _eval_outputs(model: nn.Module, probe) -> list[Tensor]:
     was_training = model.training
     model.eval()
     try:
-        out = _flat_tensors(model(*args))
+        out = output_tensors(model(*args))
     finally:
         model.train(was_training)
     if not out:
@@ -251,7 +252,8 @@ def fold_bn(model: nn.Module, probe: Union[Tensor, Sequence[Tensor], None] = Non
 
     Works with :mod:`bnlab.nn`, :mod:`bnlab.variants` and ``torch.nn`` batch-norm layers, convolutions of
     any ``groups``, with or without bias. The result is for inference: it is returned in eval mode and
-    matches ``model.eval()``. A linear layer is folded as feeding batch norm on ``(N, C)`` features (its
+    matches ``model.eval()``, and folding a model whose batch norms use batch statistics (training mode)
+    warns, since its output as called differs. A linear layer is folded as feeding batch norm on ``(N, C)`` features (its
     output features are the channels); pass ``probe`` to have every fold verified.
 
     Args:
@@ -265,6 +267,14 @@ def fold_bn(model: nn.Module, probe: Union[Tensor, Sequence[Tensor], None] = Non
     Returns:
         ``(folded_model, report)``, see :class:`FoldReport`.
     """
+    in_training = [name for name, m in model.named_modules()   # (layers without running statistics: skipped)
+                   if protocol.is_batch_norm(m) and m.running_mean is not None and protocol.uses_batch_stats(m)]
+    if in_training:
+        shown = ", ".join(in_training[:4]) + (f" and {len(in_training) - 4} more" if len(in_training) > 4 else "")
+        warnings.warn(f"fold_bn: {len(in_training)} batch-norm layer(s) of the model normalize with batch "
+                      f"statistics as it is ({shown}: training mode or use_batch_stats=True); folding uses their "
+                      f"running statistics, so the folded model matches model.eval(), not the model as it was "
+                      f"called. Call model.eval() before fold_bn", UserWarning, stacklevel=2)
     reference = _eval_outputs(model, probe) if probe is not None else None
     folded_model = model if inplace else copy.deepcopy(model)
     pairs, skipped, method, trace_error = find_conv_bn_pairs(folded_model)

@@ -16,26 +16,24 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import functional as F
-from bnlab.nn import _BatchNorm
+from bnlab import nn as bnn
+from bnlab import protocol
+from bnlab.protocol import is_batch_norm
 
-__all__ = ["is_batch_norm", "eval_is_plain_batch_norm", "set_bn_switches", "freeze_stats", "unfreeze_stats", "freeze_bn", "unfreeze_bn",
-           "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
-
-
-def is_batch_norm(module: nn.Module) -> bool:
-    """True for :mod:`bnlab.nn` / :mod:`bnlab.variants` layers and ``torch.nn.BatchNorm*`` (incl. SyncBatchNorm)."""
-    return isinstance(module, (_BatchNorm, nn.modules.batchnorm._BatchNorm))
-
+__all__ = ["is_batch_norm", "eval_is_plain_batch_norm", "set_bn_switches", "freeze_stats", "unfreeze_stats",
+           "freeze_bn", "unfreeze_bn", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 
 def eval_is_plain_batch_norm(module: nn.Module) -> bool:
-    """Whether ``module``'s eval-mode forward is exactly batch norm with its running statistics: the known
-    layers of torch.nn and bnlab, not subclasses that override ``forward`` to do more (a fused ReLU, …)."""
-    from bnlab import distributed, variants    # they import this module
-    return type(module).forward in {
-        nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward, _BatchNorm.forward,
-        variants._GhostBatchNorm.forward, variants._BatchRenorm.forward, _FrozenBatchNorm.forward,
-        distributed._SyncMixin.forward}
+    """Whether ``module``'s eval-mode forward is exactly batch norm with its running statistics (its class
+    declares ``bn_plain_inference``, see :mod:`bnlab.protocol`): not a subclass that overrides ``forward``
+    to do more (a fused ReLU, …)."""
+    return bool(protocol.capability(module, "bn_plain_inference"))
+
+
+def _has_own_switches(module: nn.Module) -> bool:
+    """bnlab layers read the switches in their forward; torch.nn layers need the hooks below."""
+    return hasattr(type(module), "use_batch_stats")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -49,24 +47,18 @@ _KEEP = object()
 
 
 def _torch_bn_pre_hook(module: nn.Module, args):
-    use_batch = module.__dict__.get("use_batch_stats")
-    update = module.__dict__.get("update_running_stats", True)
     was_training = module.training
-    uses_batch = was_training if use_batch is None else bool(use_batch)
-    snapshot = None
-    if uses_batch and module.track_running_stats and not (update and was_training):
-        snapshot = [b.detach().clone() for b in (module.running_mean, module.running_var,
-                                                 module.num_batches_tracked)]
-    module.__dict__["_bnlab_call_state"] = (was_training, snapshot)
+    uses_batch = protocol.uses_batch_stats(module)
+    # torch's layer updates whenever it trains with batch statistics: undo it when the switch says no
+    undo = uses_batch and module.track_running_stats and not protocol.updates_running_stats(module)
+    module.__dict__["_bnlab_call_state"] = (was_training, protocol.snapshot(module) if undo else None)
     module.training = uses_batch
 
 
 def _torch_bn_post_hook(module: nn.Module, args, output):
     was_training, snapshot = module.__dict__.pop("_bnlab_call_state")
     if snapshot is not None:
-        with torch.no_grad():
-            for buf, saved in zip((module.running_mean, module.running_var, module.num_batches_tracked), snapshot):
-                buf.copy_(saved)
+        protocol.restore(module, snapshot)
     module.training = was_training
 
 
@@ -81,10 +73,6 @@ def _remove_torch_hooks(module: nn.Module) -> None:
         handle.remove()
     for attr in ("use_batch_stats", "update_running_stats"):
         module.__dict__.pop(attr, None)
-
-
-def _layer_label(name: str, module: nn.Module) -> str:
-    return f"{name or '<model>'} ({type(module).__name__}({getattr(module, 'num_features', '?')}))"
 
 
 def set_bn_switches(model: nn.Module, *, use_batch_stats=_KEEP, update_running_stats=_KEEP,
@@ -108,11 +96,10 @@ def set_bn_switches(model: nn.Module, *, use_batch_stats=_KEEP, update_running_s
             continue
         found = True
         if use_batch_stats is False and m.running_mean is None:
-            raise ValueError(f"set_bn_switches: layer {_layer_label(name, m)} has no running statistics "
+            raise ValueError(f"set_bn_switches: layer {protocol.layer_label(m, name or '<model>')} has no running statistics "
                              f"(track_running_stats=False), so it cannot normalize with them; "
                              f"use_batch_stats=False needs running statistics")
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (use_batch_stats is not _KEEP
-                                                               or update_running_stats is not _KEEP):
+        if not _has_own_switches(m) and (use_batch_stats is not _KEEP or update_running_stats is not _KEEP):
             _install_torch_hooks(m)
         if use_batch_stats is not _KEEP:
             m.use_batch_stats = use_batch_stats
@@ -137,7 +124,7 @@ def unfreeze_stats(model: nn.Module) -> nn.Module:
     """Back to batch norm's default: batch statistics (and updates) in training, running ones in eval."""
     set_bn_switches(model, use_batch_stats=None, update_running_stats=True)
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if is_batch_norm(m) and not _has_own_switches(m):
             _remove_torch_hooks(m)
     return model
 
@@ -150,6 +137,14 @@ class _FrozenBatchNorm(nn.Module):
     """Batch norm reduced to a fixed per-channel affine map; see :class:`FrozenBatchNorm2d`."""
 
     _expected_dims: tuple[int, ...] = ()
+    # the protocol (bnlab.protocol): a batch norm that never uses or updates batch statistics
+    is_batch_norm_layer = True
+    use_batch_stats = False
+    update_running_stats = False
+    track_running_stats = True
+    bn_plain_training = False
+    bn_plain_inference = True
+    bn_sync = "keep"
 
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
@@ -194,21 +189,13 @@ class FrozenBatchNorm3d(_FrozenBatchNorm):
 
 
 def _dims_of(m: nn.Module) -> int:
-    if isinstance(m, _BatchNorm) or isinstance(m, _FrozenBatchNorm):
-        return {(2, 3): 1, (4,): 2, (5,): 3}[m._expected_dims]
+    dims = getattr(type(m), "_expected_dims", None)
+    if dims in ((2, 3), (4,), (5,)):
+        return {(2, 3): 1, (4,): 2, (5,): 3}[dims]
     for d, cls in ((1, nn.BatchNorm1d), (2, nn.BatchNorm2d), (3, nn.BatchNorm3d)):
         if isinstance(m, cls):
             return d
     raise TypeError(f"cannot tell the input rank of {type(m).__name__}")
-
-
-def _replace_children(model: nn.Module, make, prefix: str = "") -> nn.Module:
-    replaced = make(prefix, model)
-    if replaced is not None:
-        return replaced
-    for name, child in list(model.named_children()):
-        setattr(model, name, _replace_children(child, make, f"{prefix}.{name}" if prefix else name))
-    return model
 
 
 def freeze_bn(model: nn.Module) -> nn.Module:
@@ -218,13 +205,13 @@ def freeze_bn(model: nn.Module) -> nn.Module:
     classes = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
 
     def make(name, m):
-        if not is_batch_norm(m):
+        if not is_batch_norm(m) or isinstance(m, _FrozenBatchNorm):
             return None
         if not eval_is_plain_batch_norm(m):
-            raise TypeError(f"freeze_bn: layer {_layer_label(name, m)} overrides forward, so a FrozenBatchNorm "
+            raise TypeError(f"freeze_bn: layer {protocol.layer_label(m, name or '<model>')} overrides forward, so a FrozenBatchNorm "
                             f"would drop what it adds; freeze it with freeze_stats() instead")
         if m.running_mean is None:
-            raise ValueError(f"freeze_bn: layer {_layer_label(name, m)} has no running statistics "
+            raise ValueError(f"freeze_bn: layer {protocol.layer_label(m, name or '<model>')} has no running statistics "
                              f"(track_running_stats=False); there is nothing to freeze it to")
         ref = m.running_mean
         frozen = classes[_dims_of(m)](m.num_features, m.eps, device=ref.device, dtype=ref.dtype)
@@ -238,12 +225,11 @@ def freeze_bn(model: nn.Module) -> nn.Module:
             frozen.num_batches_tracked.copy_(m.num_batches_tracked)
         return frozen
 
-    return _replace_children(model, make)
+    return protocol.replace_layers(model, make)
 
 
 def unfreeze_bn(model: nn.Module) -> nn.Module:
     """Undo :func:`freeze_bn`: each :class:`FrozenBatchNorm*` becomes a trainable :mod:`bnlab.nn` layer."""
-    from bnlab import nn as bnn
     classes = {1: bnn.BatchNorm1d, 2: bnn.BatchNorm2d, 3: bnn.BatchNorm3d}
 
     def make(name, m):
@@ -253,4 +239,4 @@ def unfreeze_bn(model: nn.Module) -> nn.Module:
         layer.load_state_dict(m.state_dict())
         return layer
 
-    return _replace_children(model, make)
+    return protocol.replace_layers(model, make)

@@ -18,10 +18,21 @@ Two public forms:
 * :func:`batch_norm_stats` is pure: it **returns** the new running statistics, so it composes with
   ``torch.func`` (``vmap``, ``grad``, ``functional_call``).
 
-Numerics: statistics are reduced in float32 (float64 stays float64) whatever the storage dtype, with
-Welford's one-pass algorithm (``torch.var_mean``) so a large mean does not cancel the variance; the
-variance is clipped at 0; ε sits inside the square root; the output keeps the input's dtype and memory
-format. Neither ``torch.batch_norm`` nor cuDNN is called.
+The statistics core, public and used by every layer and tool of bnlab (the variants, SyncBN,
+accumulation, recalibration, doctor):
+
+* :func:`moments` — per-channel ``Moments(count, mean, m2)`` (``m2`` = sum of squared deviations);
+* :func:`merge_moments` — Chan, Golub & LeVeque's merge of several ``Moments`` (sub-batches, processes,
+  micro-batches);
+* :func:`normalize` — ``(x − μ)/√(σ² + ε)·γ + β`` for given statistics, in x's dtype and memory format;
+* :func:`update_running_stats` — the momentum update with the unbiased variance, returning
+  ``(mean, var, finite)`` and leaving the statistics unchanged when the batch (or the update, e.g. a
+  float16 overflow) is not finite.
+
+Numerics: statistics are reduced in float32 (float64 stays float64) whatever the storage dtype, over
+shifted data ``x − shift`` (a per-channel value near the mean, see :func:`_shift`) so a large mean does not
+cancel the variance; the variance is clipped at 0; ε sits inside the square root; the output keeps the
+input's dtype and memory format. Neither ``torch.batch_norm`` nor cuDNN is called.
 """
 
 from __future__ import annotations
@@ -31,17 +42,15 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["batch_norm", "batch_norm_stats", "BatchNormOutput", "check_input", "backend_for"]
+from bnlab.dtypes import compute_dtype
+
+__all__ = ["batch_norm", "batch_norm_stats", "BatchNormOutput", "check_input", "backend_for", "Moments", "moments",
+           "merge_moments", "normalize", "update_running_stats", "compute_dtype", "memory_format", "empty_output"]
 
 
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """float64 stays float64; everything else (fp32, fp16, bf16) is reduced in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
 
 def _reduce_dims(x: Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
@@ -52,12 +61,15 @@ def _per_channel(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape([1, -1] + [1] * (x.dim() - 2))
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
+def memory_format(x: Tensor) -> torch.memory_format:
+    """``x``'s memory format: ``channels_last`` / ``channels_last_3d`` when x is stored so (and not also
+    contiguous), else ``contiguous_format``; outputs are made to match it."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
+
 
 
 def check_input(x: Tensor, num_features: Optional[int] = None, training: bool = False,
@@ -90,11 +102,12 @@ def check_input(x: Tensor, num_features: Optional[int] = None, training: bool = 
 
 def backend_for(x: Tensor, backend: str = "auto") -> str:
     """The implementation :func:`batch_norm` uses for ``x``: ``"triton"`` (fused GPU kernels) or
-    ``"torch"`` (this module's PyTorch implementation)."""
+    ``"torch"`` (this module's PyTorch implementation, also what ``"auto"`` means inside ``torch.compile``,
+    whose compiler fuses the traced math itself)."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"batch_norm: backend must be 'auto', 'triton' or 'torch' (got {backend!r})")
-    if backend == "torch" or (backend == "auto" and not x.is_cuda):
-        return "torch"
+    if backend == "torch" or (backend == "auto" and (not x.is_cuda or torch.compiler.is_compiling())):
+        return "torch"   # (under torch.compile, "auto" leaves fusion to the compiler: the math traces)
     try:
         from bnlab import kernels
         supported = kernels.supports(x)
@@ -141,7 +154,7 @@ def _shift(x: Tensor) -> Tensor:
     of the order of σ, so neither the mean of d nor ``E[d²] − E[d]²`` cancels when |μ| ≫ σ. The shift is a
     constant for differentiation: the statistics of x do not depend on it.
     """
-    first = x[:1].detach().to(_compute_dtype(x))
+    first = x[:1].detach().to(compute_dtype(x))
     return first.reshape(first.shape[1], -1).mean(1) if x.dim() > 2 else first[0]
 
 
@@ -228,22 +241,95 @@ def _backward(dy, d, weight, delta, inv_std, needs_grad, has_weight, has_bias):
     return dx, dweight, dbias
 
 
-def _normalize(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Optional[Tensor],
-               bias: Optional[Tensor]) -> Tensor:
-    """y = (x − μ)·γ/σ + β in inv_std's dtype, centred before scaling; output in x's dtype and layout.
-    Plain differentiable ops: the evaluation path here and the batch-norm variants use it."""
-    scale = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)
-    y = (x.to(inv_std.dtype) - _per_channel(mean.to(inv_std.dtype), x)) * _per_channel(scale, x)
+# --------------------------------------------------------------------------------------------------
+# the statistics core
+# --------------------------------------------------------------------------------------------------
+
+class Moments(NamedTuple):
+    """Per-channel sufficient statistics: ``count`` values per channel, their ``mean`` and ``m2``, the sum
+    of squared deviations from the mean (so the biased variance is ``m2 / count``)."""
+    count: int
+    mean: Tensor    # (C,)
+    m2: Tensor      # (C,)
+
+    @property
+    def var(self) -> Tensor:
+        """The biased variance ``m2 / count`` (zeros for no values)."""
+        return self.m2 / max(self.count, 1)
+
+
+def moments(x: Tensor) -> Moments:
+    """``Moments`` of ``x`` of shape ``(N, C, *)`` per channel (over every dimension but 1), reduced in
+    :func:`compute_dtype` over shifted data, so a mean far larger than the spread does not cancel the
+    variance. Differentiable; detach ``x`` first when only the numbers are wanted."""
+    channels, count = x.shape[1], x.numel() // max(x.shape[1], 1)
+    if count == 0:
+        zeros = torch.zeros(channels, dtype=compute_dtype(x), device=x.device)
+        return Moments(0, zeros, zeros.clone())
+    shift = _shift(x)
+    _, delta, var = _shifted_moments(x, shift)
+    return Moments(count, shift + delta, var * count)
+
+
+def merge_moments(*parts: Moments) -> Moments:
+    """The ``Moments`` of the union of several sets of values, from theirs (Chan, Golub & LeVeque 1979):
+    ``n = n_a + n_b``, ``μ = μ_a + δ·n_b/n``, ``M2 = M2_a + M2_b + δ²·n_a·n_b/n`` with ``δ = μ_b − μ_a``.
+    Parts with no values are skipped; the result is in the widest dtype of the parts."""
+    total = None
+    for part in parts:
+        if part.count == 0:
+            continue
+        if total is None:
+            total = part
+            continue
+        n = total.count + part.count
+        delta = part.mean - total.mean
+        total = Moments(n, total.mean + delta * (part.count / n),
+                        total.m2 + part.m2 + delta * delta * (total.count * part.count / n))
+    return total if total is not None else parts[0]
+
+
+def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor] = None,
+              bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """``(x − mean)/√(var + ε)·γ + β`` with the given ``(C,)`` statistics (constants or not: plain
+    differentiable ops), computed in :func:`compute_dtype` and centred before scaling; the output has x's
+    dtype and memory format."""
+    cdt = compute_dtype(x)
+    scale = torch.rsqrt(var.to(cdt) + eps)
+    if weight is not None:
+        scale = scale * weight.to(cdt)
+    y = (x.to(cdt) - _per_channel(mean.to(cdt), x)) * _per_channel(scale, x)
     if bias is not None:
-        y = y + _per_channel(bias.to(inv_std.dtype), x)
+        y = y + _per_channel(bias.to(cdt), x)
     y = y.to(x.dtype)
-    return y.contiguous(memory_format=_memory_format(x)) if y.dim() >= 4 else y
+    return y.contiguous(memory_format=memory_format(x)) if y.dim() >= 4 else y
 
 
-def _normalize_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                    eps: float) -> Tensor:
-    """Evaluation: the running statistics in place of the batch's."""
-    return _normalize(x, mean, torch.rsqrt(var.to(_compute_dtype(x)) + eps), weight, bias)
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int,
+                         momentum: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The new running statistics after a batch of ``count`` values per channel with ``mean`` and biased
+    ``var``: ``new = (1 − momentum)·old + momentum·batch`` with the variance taken unbiased
+    (``count/(count − 1)``), as PyTorch. Returns ``(mean, var, finite)``; when the batch statistics or the
+    updated values are not finite in the running statistics' dtype (NaN/Inf input, or a float16 buffer
+    that would overflow) the old values come back and ``finite`` is a ``False`` 0-dim tensor, decided on
+    the device with no host synchronisation."""
+    unbiased = var * (count / (count - 1)) if count > 1 else var
+    new_mean = torch.lerp(running_mean, mean.to(running_mean.dtype), momentum)
+    new_var = torch.lerp(running_var, unbiased.to(running_var.dtype), momentum)
+    finite = (torch.isfinite(mean).all() & torch.isfinite(var).all()
+              & torch.isfinite(new_mean).all() & torch.isfinite(new_var).all())
+    return torch.where(finite, new_mean, running_mean), torch.where(finite, new_var, running_var), finite
+
+
+def empty_output(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """The training output for an empty batch, as PyTorch's: ``x`` itself, with γ and β kept in the graph
+    (a backward through it still reaches them, with zero gradients)."""
+    y = x.clone()
+    if weight is not None:
+        y = y * weight[0]
+    if bias is not None:
+        y = y + bias[0]
+    return y
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,16 +365,11 @@ def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
             from bnlab.kernels import batch_norm_eval as _triton_eval
             y = _triton_eval(x, running_mean, running_var, weight, bias, eps)
         else:
-            y = _normalize_eval(x, running_mean, running_var, weight, bias, eps)
+            y = normalize(x, running_mean, running_var, weight, bias, eps)
         return BatchNormOutput(y, running_mean, running_var, None, None, None)
 
     if x.numel() == 0:  # as PyTorch: an empty batch leaves the statistics alone and keeps the graph
-        y = x.clone()
-        if weight is not None:
-            y = y * weight[0]
-        if bias is not None:
-            y = y + bias[0]
-        return BatchNormOutput(y, running_mean, running_var, None, None, None)
+        return BatchNormOutput(empty_output(x, weight, bias), running_mean, running_var, None, None, None)
 
     if backend_for(x, backend) == "triton":
         from bnlab.kernels import batch_norm_train as _triton_train
@@ -296,15 +377,12 @@ def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
     else:
         y, shift, delta, var = _BatchNormTrain.apply(x, weight, bias, eps)
         mean = shift + delta
-    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
-    new_mean, new_var = running_mean, running_var
-    if running_mean is not None and running_var is not None:
-        m = x.numel() // x.shape[1]
-        unbiased = var * (m / (m - 1)) if m > 1 else var
-        new_mean = torch.where(finite, torch.lerp(running_mean, mean.to(running_mean.dtype), momentum),
-                               running_mean)
-        new_var = torch.where(finite, torch.lerp(running_var, unbiased.to(running_var.dtype), momentum),
-                              running_var)
+    if running_mean is None or running_var is None:
+        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        new_mean, new_var = running_mean, running_var
+    else:
+        new_mean, new_var, finite = update_running_stats(running_mean, running_var, mean, var,
+                                                         x.numel() // x.shape[1], momentum)
     return BatchNormOutput(y, new_mean, new_var, mean, var, finite)
 
 

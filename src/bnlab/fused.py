@@ -26,6 +26,7 @@ from torch import Tensor
 
 from bnlab import functional as F
 from bnlab import nn as bnn
+from bnlab import protocol
 
 __all__ = ["batch_norm_relu", "batch_norm_add_relu", "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d"]
 
@@ -45,13 +46,15 @@ def batch_norm_add_relu(bn: torch.nn.Module, x: Tensor, residual: Tensor) -> Ten
 
 def _composition(bn: torch.nn.Module, x: Tensor, residual: Optional[Tensor]) -> Tensor:
     # the fused modules' own forward would come back here: call the plain layer's
-    y = bnn._BatchNorm.forward(bn, x) if isinstance(bn, _BatchNormReLU) else bn(x)
+    y = bnn.BatchNorm.forward(bn, x) if isinstance(bn, _BatchNormReLU) else bn(x)
     return torch.relu(y if residual is None else y + residual)
 
 
-def _uses_kernels(bn: bnn._BatchNorm, x: Tensor, residual: Optional[Tensor]) -> bool:
-    if type(bn).forward not in (bnn._BatchNorm.forward, _BatchNormReLU.forward):
-        return False  # a subclass with its own forward (a batch-norm variant): never bypass it
+def _uses_kernels(bn: bnn.BatchNorm, x: Tensor, residual: Optional[Tensor]) -> bool:
+    own_tail = type(bn).forward is _BatchNormReLU.forward
+    plain = protocol.capability(bn, "bn_plain_training" if protocol.uses_batch_stats(bn) else "bn_plain_inference")
+    if not (own_tail or plain):
+        return False  # a layer whose forward does more (ghost, renorm, sync, a subclass): never bypass it
     if x.numel() == 0:
         return False
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
@@ -61,30 +64,35 @@ def _uses_kernels(bn: bnn._BatchNorm, x: Tensor, residual: Optional[Tensor]) -> 
 
 
 def _fused_tail(bn: torch.nn.Module, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-    if not isinstance(bn, bnn._BatchNorm):  # torch.nn.BatchNorm*, or any other norm: compose
+    if not isinstance(bn, bnn.BatchNorm):  # torch.nn.BatchNorm*, or any other norm: compose
         return _composition(bn, x, residual)
-    bn._check_input(x)
+    bn._check_input_dim(x)
     if not _uses_kernels(bn, x, residual):
         return _composition(bn, x, residual)
     from bnlab import kernels
 
-    momentum = bn._momentum_for_step()
-    if not bn._uses_batch_stats():
+    momentum = bn.momentum_for_step()
+    if not protocol.uses_batch_stats(bn):
         return kernels.batch_norm_eval(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
                                        residual, relu=True)
     y, mean, var = kernels.batch_norm_train(x, bn.weight, bn.bias, bn.eps, residual, relu=True)
-    if bn._updates_running_stats():
-        # the update as bnlab.functional.batch_norm_stats defines it, in place and in one kernel; the
+    if protocol.updates_running_stats(bn):
+        # the update as bnlab.functional.update_running_stats defines it, in place and in one kernel; the
         # module's own commit step then only does its bookkeeping (its copies are onto themselves)
         finite = kernels.update_running_stats(mean, var, bn.running_mean, bn.running_var,
                                               x.numel() // x.shape[1], momentum)
-        bn._commit_running_stats(F.BatchNormOutput(y, bn.running_mean, bn.running_var, mean, var, finite))
+        bn.commit_running_stats(bn.running_mean, bn.running_var, finite)
     return y
 
 
 class _BatchNormReLU:
     """``forward(x, residual=None)`` = ``relu(bn(x) [+ residual])`` on top of a :mod:`bnlab.nn` batch norm:
     same constructor, parameters, buffers and ``state_dict`` as the plain layer."""
+
+    # its batch norm is plain (the fused kernels compute it), but its output is not batch norm's alone
+    bn_plain_training = True
+    bn_plain_inference = False
+    bn_sync = None
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         return _fused_tail(self, x, residual)

@@ -15,63 +15,54 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import functional as F
+from bnlab import protocol
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "fx_batch_norm"]
 
 
-class _BatchNorm(nn.Module):
-    """Shared state and forward of :class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d`.
+class BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """The base of every bnlab batch-norm layer: the state and forward of :class:`BatchNorm1d`,
+    :class:`BatchNorm2d` and :class:`BatchNorm3d`, which the variants extend.
 
-    Subclasses set ``_expected_dims``. A batch whose statistics are not finite never reaches the running
-    statistics (decided on the device). ``warn_nonfinite`` says whether the host also checks, warns and
-    counts it in ``skipped_updates``: ``None`` (default) on CPU tensors only, where the check is free;
-    ``True`` everywhere (one host synchronisation per layer and step on a GPU); ``False`` never.
+    A subclass of ``torch.nn.modules.batchnorm._BatchNorm`` with its own ``forward``, so code that finds
+    batch norms by type (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, weight-decay exclusion,
+    freezing, fusion) treats these layers as what they are. Subclasses set ``_expected_dims``.
+
+    A batch whose statistics are not finite never reaches the running statistics (decided on the device,
+    so the training forward traces with ``torch.compile(fullgraph=True)``). ``warn_nonfinite`` says whether
+    the host also checks, warns and counts it in ``skipped_updates`` (eager mode only): ``None`` (default)
+    on CPU tensors, where the check is free; ``True`` everywhere (one host synchronisation per layer and
+    step on a GPU); ``False`` never.
     """
 
-    _version = 2
     _expected_dims: tuple[int, ...] = ()
     warn_nonfinite: Optional[bool] = None
+    #: the layer's path in its model (``layer2.0.bn1``), set by :func:`bnlab.protocol.name_layers`
+    layer_path: str = ""
+    # -- switches that survive .train()/.eval() (see bnlab.frozen.set_bn_switches) --------------------
+    #: ``None`` follows the mode (batch statistics in training); ``True``/``False`` force it.
+    use_batch_stats: Optional[bool] = None
+    #: ``False`` keeps the running statistics fixed even in training.
+    update_running_stats: bool = True
+    # -- capabilities (see bnlab.protocol) ------------------------------------------------------------
+    bn_plain_training = True
+    bn_plain_inference = True
+    bn_sync = "plain"
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, bias: bool = True, backend: str = "auto") -> None:
-        super().__init__()
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int (got {num_features!r})")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"{type(self).__name__}({num_features}): momentum must be in [0, 1] or None "
                              f"(got {momentum}); PyTorch's convention is new = (1 - momentum)·old + "
                              f"momentum·batch, so Keras' 0.99 is 0.01 here")
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if affine and not bias:   # (torch's own `bias=` keyword is recent: not relied upon)
+            self.register_parameter("bias", None)
         self.backend = backend
         self.skipped_updates = 0  # batches kept out of the running statistics (non-finite statistics)
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    # -- the torch.nn.BatchNorm contract -----------------------------------------------------------
-    def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -89,66 +80,99 @@ class _BatchNorm(nn.Module):
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)  # saved before the buffer existed
+            state_dict[key] = torch.tensor(0, dtype=torch.long)  # saved before the buffer existed: count 0
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
     @property
     def layer_name(self) -> str:
-        """How errors and warnings name this layer, e.g. ``BatchNorm2d(64)``."""
-        return f"{type(self).__name__}({self.num_features})"
+        """How errors and warnings name this layer: ``layer2.0.bn1 (BatchNorm2d(64))``, or
+        ``BatchNorm2d(64)`` for a layer whose path was not recorded."""
+        return protocol.layer_label(self)
 
-    def _check_input(self, x: Tensor) -> None:
-        F.check_input(x, self.num_features, self._uses_batch_stats(), self.layer_name, self._expected_dims)
+    def _check_input_dim(self, x: Tensor) -> None:
+        F.check_input(x, self.num_features, protocol.uses_batch_stats(self), self.layer_name, self._expected_dims)
 
-    # -- switches that survive .train()/.eval() (see bnlab.variants.freeze_stats) ---------------------
-    #: ``None`` follows the mode (batch statistics in training); ``True``/``False`` force it.
-    use_batch_stats: Optional[bool] = None
-    #: ``False`` keeps the running statistics fixed even in training.
-    update_running_stats: bool = True
-
-    def _uses_batch_stats(self) -> bool:
-        if self.use_batch_stats is not None:
-            return self.use_batch_stats or self.running_mean is None
-        return self.training or self.running_mean is None
-
-    def _updates_running_stats(self) -> bool:
-        return (self.training and self.track_running_stats and self.update_running_stats
-                and self._uses_batch_stats())
-
-    def _momentum_for_step(self) -> float:
-        """PyTorch's rule: count the batch, then EMA factor ``momentum`` or ``1/num_batches_tracked``."""
-        if self._updates_running_stats():
+    def momentum_for_step(self) -> float:
+        """PyTorch's rule, for a forward about to run: count the batch when it updates the running
+        statistics, then the EMA factor ``momentum`` (or ``1/num_batches_tracked`` for ``momentum=None``)."""
+        if protocol.updates_running_stats(self):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 return 1.0 / float(self.num_batches_tracked)
         return 0.0 if self.momentum is None else self.momentum
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        momentum = self._momentum_for_step()
-        use_batch_stats, update = self._uses_batch_stats(), self._updates_running_stats()
+        if isinstance(x, torch.fx.Proxy):
+            return self._traced_forward(x)
+        self._check_input_dim(x)
+        momentum = self.momentum_for_step()
+        use_batch_stats, update = protocol.uses_batch_stats(self), protocol.updates_running_stats(self)
         stats = update or not use_batch_stats
         out = F.batch_norm_stats(x, self.running_mean if stats else None, self.running_var if stats else None,
                                  self.weight, self.bias, use_batch_stats, momentum, self.eps, self.backend)
         if update and out.finite is not None:
-            self._commit_running_stats(out)
+            self.commit_running_stats(out.running_mean, out.running_var, out.finite)
         return out.output
 
-    def _commit_running_stats(self, out: F.BatchNormOutput) -> None:
+    def _traced_forward(self, x) -> Tensor:
+        """What ``torch.fx.symbolic_trace`` records: one :func:`fx_batch_norm` call with this mode's
+        arguments; buffers and parameters become graph attributes."""
+        use_batch_stats, update = protocol.uses_batch_stats(self), protocol.updates_running_stats(self)
+        stats = update or not use_batch_stats
+        return fx_batch_norm(x, self.running_mean if stats else None, self.running_var if stats else None,
+                             self.num_batches_tracked if update else None, self.weight, self.bias,
+                             use_batch_stats, self.momentum, self.eps)
+
+    def batch_affine(self, mean: Tensor, var: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The γ and β applied after normalizing with a batch's ``mean`` and biased ``var``: the layer's
+        own for batch norm; batch renormalization folds its corrections in."""
+        return self.weight, self.bias
+
+    def update_from_batch(self, mean: Tensor, var: Tensor, count: int, momentum: float) -> None:
+        """Fold a batch's ``mean`` and biased ``var`` over ``count`` values per channel into the running
+        statistics (:func:`bnlab.functional.update_running_stats`), for layers with their own forward."""
+        self.commit_running_stats(*F.update_running_stats(self.running_mean, self.running_var, mean.detach(),
+                                                          var.detach(), count, momentum))
+
+    def commit_running_stats(self, mean: Tensor, var: Tensor, finite: Tensor) -> None:
+        """Store the new running statistics; in eager mode, warn about (and count) a non-finite batch."""
         with torch.no_grad():
-            self.running_mean.copy_(out.running_mean)
-            self.running_var.copy_(out.running_var)
-        check = self.warn_nonfinite if self.warn_nonfinite is not None else out.finite.device.type == "cpu"
-        if check and not bool(out.finite):
+            if mean is not self.running_mean:
+                self.running_mean.copy_(mean)
+                self.running_var.copy_(var)
+        if torch.compiler.is_compiling():
+            return   # the decision stays on the device; the host-side check would break the graph
+        check = self.warn_nonfinite if self.warn_nonfinite is not None else finite.device.type == "cpu"
+        if check and not bool(finite):
             self.skipped_updates += 1
             self.num_batches_tracked.sub_(1)
-            warnings.warn(f"{self.layer_name}: the batch statistics are not finite (NaN or Inf in the input); "
-                          f"the running statistics were not updated for this batch "
-                          f"({self.skipped_updates} skipped so far)", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"{self.layer_name}: the batch statistics are not finite (NaN or Inf in the input, or "
+                          f"an overflow of the {self.running_var.dtype} running statistics); the running "
+                          f"statistics were not updated for this batch ({self.skipped_updates} skipped so far)",
+                          RuntimeWarning, stacklevel=3)
 
 
-class BatchNorm1d(_BatchNorm):
+def fx_batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  num_batches_tracked: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                  training: bool, momentum: Optional[float], eps: float) -> Tensor:
+    """One bnlab batch-norm layer's forward as a single node of a ``torch.fx`` graph (the layers' forward
+    has Python control flow that symbolic tracing cannot follow): :func:`bnlab.functional.batch_norm`,
+    counting the batch in ``num_batches_tracked`` when one is given (the running statistics update)."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            momentum = 1.0 / float(num_batches_tracked)
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training,
+                        0.0 if momentum is None else momentum, eps)
+
+
+torch.fx.wrap("fx_batch_norm")
+
+_BatchNorm = BatchNorm   # the name before the base became public
+
+
+class BatchNorm1d(BatchNorm):
     r"""Batch normalization over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input.
 
     :math:`y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta`, statistics per
@@ -172,7 +196,7 @@ class BatchNorm1d(_BatchNorm):
     _expected_dims = (2, 3)
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(BatchNorm):
     r"""Batch normalization over a 4D ``(N, C, H, W)`` input; arguments as :class:`BatchNorm1d`.
 
     Shape:
@@ -182,7 +206,7 @@ class BatchNorm2d(_BatchNorm):
     _expected_dims = (4,)
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(BatchNorm):
     r"""Batch normalization over a 5D ``(N, C, D, H, W)`` input; arguments as :class:`BatchNorm1d`."""
 
     _expected_dims = (5,)
@@ -193,32 +217,23 @@ _BNLAB_TO_TORCH = {v: k for k, v in _TORCH_TO_BNLAB.items()}
 
 
 def _swap(layer: nn.Module, cls: type) -> nn.Module:
-    ref = layer.weight if layer.weight is not None else layer.running_mean
+    ref = protocol.first_tensor(layer)
     new = cls(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats,
               bias=layer.bias is not None,
               **({} if ref is None else {"device": ref.device, "dtype": ref.dtype}))
-    new.load_state_dict(layer.state_dict())
-    new.train(layer.training)
-    for name, p in layer.named_parameters(recurse=False):
-        getattr(new, name).requires_grad_(p.requires_grad)
-    return new
+    return protocol.carry_over(layer, new)
 
 
 def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:
     """Swap every batch-norm layer of ``model`` for the other implementation, in place, keeping state.
 
     ``to="bnlab"`` replaces ``torch.nn.BatchNorm1d/2d/3d`` by this module's classes; ``to="torch"`` the
-    reverse. Parameters, buffers, train/eval mode and ``requires_grad`` carry over. Returns ``model``
-    (a bare batch-norm layer passed as ``model`` is returned converted).
+    reverse. Parameters, buffers, train/eval mode and ``requires_grad`` carry over, and the new layers
+    know their path in ``model`` (:func:`bnlab.protocol.name_layers`). Returns ``model`` (a bare batch-norm
+    layer passed as ``model`` is returned converted).
     """
     if to not in ("bnlab", "torch"):
         raise ValueError(f"convert: to must be 'bnlab' or 'torch' (got {to!r})")
     table = _TORCH_TO_BNLAB if to == "bnlab" else _BNLAB_TO_TORCH
-    if type(model) in table:
-        return _swap(model, table[type(model)])
-    for name, child in list(model.named_children()):
-        if type(child) in table:
-            setattr(model, name, _swap(child, table[type(child)]))
-        else:
-            convert(child, to)
-    return model
+    model = protocol.replace_layers(model, lambda name, m: _swap(m, table[type(m)]) if type(m) in table else None)
+    return protocol.name_layers(model)

@@ -21,9 +21,10 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from bnlab.variants import _FrozenBatchNorm, is_batch_norm
+from bnlab import functional as F
+from bnlab import protocol
 
-__all__ = ["recalibrate_bn", "LayerShift"]
+__all__ = ["recalibrate_bn", "LayerShift", "model_inputs"]
 
 
 @dataclass
@@ -41,41 +42,31 @@ class LayerShift:
 
 
 class _Moments:
-    """Sufficient statistics of one layer's inputs, in float64."""
+    """Sufficient statistics of one layer's inputs, in float64: the sums of the batch means and unbiased
+    variances, and the moments of all values seen (:func:`bnlab.functional.merge_moments`)."""
 
     def __init__(self) -> None:
         self.batches = 0
-        self.mean_sum = self.var_sum = None            # Σ_k μ_k, Σ_k s_k²
-        self.count, self.mean, self.m2 = 0, None, None  # Chan's running merge over all values
+        self.mean_sum = self.var_sum = 0.0   # Σ_k μ_k, Σ_k s_k²
+        self.total: Optional[F.Moments] = None
 
     def add(self, x: Tensor) -> None:
-        dims = [0] + list(range(2, x.dim()))
-        n = x.numel() // x.shape[1]
-        if n < 2:
-            raise ValueError(f"recalibrate_bn: a batch gave {n} value per channel to a batch-norm layer; "
+        batch = F.moments(x.detach().double())
+        if batch.count < 2:
+            raise ValueError(f"recalibrate_bn: a batch gave {batch.count} value per channel to a batch-norm layer; "
                              f"use batches with more than one value per channel")
-        var, mean = torch.var_mean(x.detach().double(), dim=dims, correction=0)
-        unbiased = var * n / (n - 1)
-        if self.batches == 0:
-            self.mean_sum, self.var_sum = mean.clone(), unbiased.clone()
-            self.count, self.mean, self.m2 = n, mean.clone(), var * n
-        else:
-            self.mean_sum += mean
-            self.var_sum += unbiased
-            total = self.count + n
-            delta = mean - self.mean
-            self.m2 = self.m2 + var * n + delta ** 2 * (self.count * n / total)
-            self.mean = self.mean + delta * (n / total)
-            self.count = total
+        self.mean_sum = self.mean_sum + batch.mean
+        self.var_sum = self.var_sum + batch.m2 / (batch.count - 1)
+        self.total = batch if self.total is None else F.merge_moments(self.total, batch)
         self.batches += 1
 
     def result(self, mode: str) -> tuple[Tensor, Tensor]:
         if mode == "batch_average":
             return self.mean_sum / self.batches, self.var_sum / self.batches
-        return self.mean, self.m2 / (self.count - 1)
+        return self.total.mean, self.total.m2 / (self.total.count - 1)
 
 
-def _inputs(batch):
+def model_inputs(batch) -> tuple:
     """The model inputs of one loader item: ``x``, ``(x, y)`` → ``x``, a dict → its ``"x"``/``"input"``."""
     if isinstance(batch, Tensor):
         return (batch,)
@@ -116,15 +107,15 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: Optional[int
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"recalibrate_bn: num_batches must be >= 1 or None (got {num_batches})")
     layers = {name: m for name, m in model.named_modules()
-              if is_batch_norm(m) and not isinstance(m, _FrozenBatchNorm) and m.running_mean is not None}
+              if protocol.is_batch_norm(m) and getattr(type(m), "update_running_stats", True) is not False
+              and m.running_mean is not None}
     if not layers:
         raise ValueError(f"recalibrate_bn: {type(model).__name__} has no batch-norm layer with running statistics")
 
     modes = {m: m.training for m in model.modules()}
     saved = {m: {k: m.__dict__[k] for k in ("use_batch_stats", "update_running_stats") if k in m.__dict__}
              for m in layers.values()}
-    old = {name: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-           for name, m in layers.items()}
+    old = {name: protocol.snapshot(m) for name, m in layers.items()}
     moments = {name: _Moments() for name in layers}
     hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: moments[name].add(args[0]))
              for name, m in layers.items()]
@@ -133,17 +124,14 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: Optional[int
         model.eval()
         for m in layers.values():
             m.train()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and "_bnlab_switch_hooks" in m.__dict__:
-                m.use_batch_stats = None         # torch layers frozen with bnlab.variants switches
-            elif not isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.use_batch_stats = None
+            m.use_batch_stats = None   # batch statistics, whatever the switches of bnlab.frozen say
         for batch in loader:
             if num_batches is not None and seen >= num_batches:
                 break
             if forward is not None:
                 forward(model, batch)
             else:
-                inputs = _inputs(batch)
+                inputs = model_inputs(batch)
                 model(*(t.to(device) if device is not None else t for t in inputs))
             seen += 1
     finally:
@@ -159,8 +147,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: Optional[int
                     del m.__dict__[k]
     if seen == 0:
         for name, m in layers.items():   # nothing seen: put the statistics back as they were
-            m.running_mean.copy_(old[name][0]), m.running_var.copy_(old[name][1])
-            m.num_batches_tracked.copy_(old[name][2])
+            protocol.restore(m, old[name])
         raise ValueError("recalibrate_bn: the loader gave no batches")
 
     report = {}
@@ -169,7 +156,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: Optional[int
             raise RuntimeError(f"recalibrate_bn: layer {name} was not called during {seen} batches; "
                                f"it cannot be recalibrated (is it used in forward?)")
         mean, var = moments[name].result(mode)
-        old_mean, old_var, _ = old[name]
+        old_mean, old_var = old[name][:2]
         m.running_mean.copy_(mean.to(m.running_mean.dtype))
         m.running_var.copy_(var.to(m.running_var.dtype))
         m.num_batches_tracked.fill_(moments[name].batches)

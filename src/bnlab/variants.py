@@ -21,79 +21,43 @@ import torch
 from torch import Tensor
 
 from bnlab import functional as F
-from bnlab.frozen import (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm,  # noqa: F401
-                          freeze_bn, freeze_stats, is_batch_norm, set_bn_switches, unfreeze_bn, unfreeze_stats)
-from bnlab.functional import _compute_dtype, _memory_format, _per_channel, _reduce_dims
-from bnlab.nn import _BatchNorm
+from bnlab import protocol
+from bnlab.frozen import (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_bn,  # noqa: F401
+                          freeze_stats, set_bn_switches, unfreeze_bn, unfreeze_stats)
+from bnlab.nn import BatchNorm
+from bnlab.protocol import is_batch_norm  # noqa: F401  (re-exported)
 
 __all__ = [
-    "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "ghost_batch_norm",
-    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
+    "GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "ghost_batch_norm",
+    "BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
     "is_batch_norm", "set_bn_switches", "freeze_stats", "unfreeze_stats", "freeze_bn", "unfreeze_bn",
 ]
-
-
-def _shape_channel(v: Tensor, ndim: int, channel_dim: int = 1) -> Tensor:
-    shape = [1] * ndim
-    shape[channel_dim] = -1
-    return v.reshape(shape)
-
-
-def _merge_running(module: _BatchNorm, mean: Tensor, var: Tensor, count: int, momentum: float,
-                   output: Tensor) -> F.BatchNormOutput:
-    """The new running statistics from a batch's mean and biased variance over ``count`` values, as
-    :func:`bnlab.functional.batch_norm_stats` computes them (unbiased variance, non-finite batches skipped)."""
-    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
-    unbiased = var * (count / (count - 1)) if count > 1 else var
-    rm, rv = module.running_mean, module.running_var
-    new_mean = torch.where(finite, torch.lerp(rm, mean.to(rm.dtype), momentum), rm)
-    new_var = torch.where(finite, torch.lerp(rv, unbiased.to(rv.dtype), momentum), rv)
-    return F.BatchNormOutput(output, new_mean, new_var, mean, var, finite)
-
-
-class _OwnTrainingForward:
-    """For layers whose batch-statistics forward is their own (ghost, renorm, synchronized).
-
-    :mod:`bnlab.fused` runs the plain batch-norm kernels for any :mod:`bnlab.nn` layer whose ``backend``
-    resolves to Triton, without calling the layer's ``forward``. While these layers normalize with batch
-    statistics they therefore report ``backend == "torch"``, which makes the fused path call the layer
-    itself; with running statistics (plain batch norm) the configured backend is reported and used.
-    """
-
-    @property
-    def backend(self) -> str:
-        configured = self.__dict__.get("_backend", "auto")
-        return "torch" if self._uses_batch_stats() else configured
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        self.__dict__["_backend"] = value
 
 
 # --------------------------------------------------------------------------------------------------
 # ghost batch norm
 # --------------------------------------------------------------------------------------------------
 
-def _group_norm_stats(xg: Tensor, weight, bias, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Normalize ``xg`` of shape (G, V, C, *) per group and channel; returns y, means (G, C), vars (G, C)."""
-    cdt = _compute_dtype(xg)
-    dims = [1] + list(range(3, xg.dim()))
-    var, mean = torch.var_mean(xg.to(cdt), dim=dims, correction=0)          # (G, C)
-    var = var.clamp_min(0)
-    inv_std = torch.rsqrt(var + eps)
-    view = [xg.shape[0], 1, xg.shape[2]] + [1] * (xg.dim() - 3)               # (G, 1, C, 1, ...)
-    y = (xg.to(cdt) - mean.reshape(view)) * inv_std.reshape(view)
-    if weight is not None:
-        y = y * _shape_channel(weight.to(cdt), xg.dim(), 2)
-    if bias is not None:
-        y = y + _shape_channel(bias.to(cdt), xg.dim(), 2)
-    return y.to(xg.dtype), mean, var
+def _ghost_groups(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                  backend: str) -> tuple[Tensor, F.Moments]:
+    """Batch norm of ``x`` (G·V, C, *) per group of V consecutive samples, as one batch norm of the
+    (V, G·C, *) view (group g's channel c is channel g·C + c), so the statistics, the closed-form
+    backward and the fused kernels are :mod:`bnlab.functional`'s. Returns y and the whole slice's moments."""
+    n, channels, rest = x.shape[0], x.shape[1], x.shape[2:]
+    size = n // groups
+    xr = x.reshape(groups, size, channels, *rest).transpose(0, 1).reshape(size, groups * channels, *rest)
+    out = F.batch_norm_stats(xr, None, None, None if weight is None else weight.repeat(groups),
+                             None if bias is None else bias.repeat(groups), True, 0.0, eps, backend)
+    y = out.output.reshape(size, groups, channels, *rest).transpose(0, 1).reshape(x.shape)
+    count = size * (x[0].numel() // channels)
+    parts = zip(out.batch_mean.reshape(groups, channels), out.batch_var.reshape(groups, channels))
+    return y, F.merge_moments(*(F.Moments(count, m, v * count) for m, v in parts))
 
 
 def ghost_batch_norm(x: Tensor, virtual_batch_size: int, weight: Optional[Tensor] = None,
                      bias: Optional[Tensor] = None, eps: float = 1e-5,
-                     name: str = "ghost_batch_norm") -> tuple[Tensor, Tensor, Tensor]:
+                     name: str = "ghost_batch_norm", backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     r"""Training-mode batch norm with statistics per consecutive sub-batch of ``virtual_batch_size`` samples.
 
     The batch is viewed as ``(G, V, C, *)`` and normalized in one vectorized pass; a last, smaller
@@ -111,34 +75,27 @@ def ghost_batch_norm(x: Tensor, virtual_batch_size: int, weight: Optional[Tensor
     vbs = min(virtual_batch_size, n)
     full = (n // vbs) * vbs
     rest = n - full
-    if rest and rest * per_sample <= 1:
-        raise ValueError(
-            f"{name}: the last ghost batch has {rest} sample(s) = {rest * per_sample} value per channel "
-            f"(batch {n}, virtual_batch_size {virtual_batch_size}); a single value has no variance. "
-            f"Use a batch size that is a multiple of virtual_batch_size or DataLoader(drop_last=True)")
-    pieces, means, vars_, counts = [], [], [], []
-    for start, stop, groups in ((0, full, full // vbs), (full, n, 1)):
-        if stop == start:
-            continue
-        xg = x[start:stop].reshape(groups, (stop - start) // groups, *x.shape[1:])  # (G, V, C, *)
-        y, m, v = _group_norm_stats(xg, weight, bias, eps)
-        pieces.append(y.reshape(stop - start, *x.shape[1:]))
-        means.append(m)
-        vars_.append(v)
-        counts.append(torch.full((groups,), (stop - start) // groups * per_sample, dtype=m.dtype, device=m.device))
-    y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    for size, which in ((vbs, "each ghost batch"), (rest, "the last ghost batch")):
+        if size and size * per_sample <= 1:
+            raise ValueError(
+                f"{name}: {which} has {size} sample(s) = {size * per_sample} value per channel "
+                f"(batch {n}, virtual_batch_size {virtual_batch_size}); a single value has no variance. "
+                f"Use a batch size that is a multiple of a larger virtual_batch_size or DataLoader(drop_last=True)")
+    y, stats = _ghost_groups(x[:full], full // vbs, weight, bias, eps, backend)
+    if rest:
+        y_rest, stats_rest = _ghost_groups(x[full:], 1, weight, bias, eps, backend)
+        y, stats = torch.cat([y, y_rest]), F.merge_moments(stats, stats_rest)
     if y.dim() >= 4:
-        y = y.contiguous(memory_format=_memory_format(x))
-    # Chan et al.'s merge of the sub-batch moments: the whole batch's mean and biased variance.
-    mean_g, var_g, count_g = (torch.cat(t).detach() for t in (means, vars_, counts))  # (G, C), (G, C), (G,)
-    weights = (count_g / count_g.sum())[:, None]
-    mean = (weights * mean_g).sum(0)
-    var = (weights * (var_g + (mean_g - mean) ** 2)).sum(0)
-    return y, mean, var
+        y = y.contiguous(memory_format=F.memory_format(x))
+    return y, stats.mean.detach(), stats.var.detach()
 
 
-class _GhostBatchNorm(_OwnTrainingForward, _BatchNorm):
-    """Ghost batch norm; see :class:`GhostBatchNorm2d`."""
+class GhostBatchNorm(BatchNorm):
+    """Ghost batch norm, the base of :class:`GhostBatchNorm1d/2d/3d` (see :class:`GhostBatchNorm2d`)."""
+
+    bn_plain_training = False   # its own statistics: the fused kernels must not replace its forward
+    bn_plain_inference = True
+    bn_sync = "keep"            # ghost batches are sub-batches of each process's batch
 
     def __init__(self, num_features: int, virtual_batch_size: int = 32, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
@@ -154,14 +111,14 @@ class _GhostBatchNorm(_OwnTrainingForward, _BatchNorm):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._uses_batch_stats() or x.numel() == 0:
+        if not protocol.uses_batch_stats(self) or x.numel() == 0:
             return super().forward(x)   # inference: the population estimates, exactly as BatchNorm
-        self._check_input(x)
-        momentum = self._momentum_for_step()
+        self._check_input_dim(x)
+        momentum = self.momentum_for_step()
         y, mean, var = ghost_batch_norm(x, self.virtual_batch_size, self.weight, self.bias, self.eps,
-                                        self.layer_name)
-        if self._updates_running_stats():
-            self._commit_running_stats(_merge_running(self, mean, var, x.numel() // x.shape[1], momentum, y))
+                                        self.layer_name, self.backend)
+        if protocol.updates_running_stats(self):
+            self.update_from_batch(mean, var, x.numel() // x.shape[1], momentum)
         return y
 
 
@@ -173,7 +130,8 @@ _GHOST_DOC = r"""Ghost (virtual) batch normalization over a {dims} input.
     The running estimates are updated once per forward from the whole batch (its mean and unbiased
     variance, merged from the sub-batch moments), so they estimate the population statistics, and
     inference uses them exactly as :class:`bnlab.nn.BatchNorm{d}` does; ``virtual_batch_size`` has no
-    effect in eval mode. No Python loop runs over sub-batches.
+    effect in eval mode. The sub-batches are normalized as one batch norm of a reshaped view: no Python
+    loop runs over their values.
 
     Args:
         num_features: ``C``.
@@ -186,17 +144,17 @@ _GHOST_DOC = r"""Ghost (virtual) batch normalization over a {dims} input.
 """
 
 
-class GhostBatchNorm1d(_GhostBatchNorm):
+class GhostBatchNorm1d(GhostBatchNorm):
     __doc__ = _GHOST_DOC.format(dims="2D or 3D", d="1d", shape="``(N, C)`` or ``(N, C, L)``")
     _expected_dims = (2, 3)
 
 
-class GhostBatchNorm2d(_GhostBatchNorm):
+class GhostBatchNorm2d(GhostBatchNorm):
     __doc__ = _GHOST_DOC.format(dims="4D", d="2d", shape="``(N, C, H, W)``")
     _expected_dims = (4,)
 
 
-class GhostBatchNorm3d(_GhostBatchNorm):
+class GhostBatchNorm3d(GhostBatchNorm):
     __doc__ = _GHOST_DOC.format(dims="5D", d="3d", shape="``(N, C, D, H, W)``")
     _expected_dims = (5,)
 
@@ -205,8 +163,12 @@ class GhostBatchNorm3d(_GhostBatchNorm):
 # batch renormalization
 # --------------------------------------------------------------------------------------------------
 
-class _BatchRenorm(_OwnTrainingForward, _BatchNorm):
-    """Batch renormalization; see :class:`BatchRenorm2d`."""
+class BatchRenorm(BatchNorm):
+    """Batch renormalization, the base of :class:`BatchRenorm1d/2d/3d` (see :class:`BatchRenorm2d`)."""
+
+    bn_plain_training = False
+    bn_plain_inference = True
+    bn_sync = "renorm"
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.01,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
@@ -239,34 +201,30 @@ class _BatchRenorm(_OwnTrainingForward, _BatchNorm):
         t = 1.0 if self.ramp_steps == 0 else min(1.0, (step - self.warmup_steps) / self.ramp_steps)
         return 1.0 + t * (self.rmax - 1.0), t * self.dmax
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self._uses_batch_stats() or x.numel() == 0:
-            return super().forward(x)
-        self._check_input(x)
-        momentum = self._momentum_for_step()   # counts this step first, as num_batches_tracked does
+    def batch_affine(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """γ·r and γ·d + β: the renormalized output ``γ(x̂·r + d) + β`` as batch norm with this affine map,
+        r and d from the batch's ``mean`` and biased ``var`` (constants for the gradient)."""
         rmax, dmax = self.current_limits()
-        cdt = _compute_dtype(x)
-        dims = _reduce_dims(x)
-        var, mean = torch.var_mean(x.to(cdt), dim=dims, correction=0)
-        var = var.clamp_min(0)
-        std = torch.sqrt(var + self.eps)
-        running_std = torch.sqrt(self.running_var.to(cdt) + self.eps)
-        # r and d are treated as constants for the gradient (the paper's stop_gradient)
-        r = (std.detach() / running_std).clamp(1.0 / rmax, rmax)
-        d = ((mean.detach() - self.running_mean.to(cdt)) / running_std).clamp(-dmax, dmax)
-        scale = r / std
-        shift = d - mean * scale
-        if self.weight is not None:
-            scale, shift = scale * self.weight.to(cdt), shift * self.weight.to(cdt)
-        if self.bias is not None:
-            shift = shift + self.bias.to(cdt)
-        y = (x.to(cdt) * _per_channel(scale, x) + _per_channel(shift, x)).to(x.dtype)
-        if y.dim() >= 4:
-            y = y.contiguous(memory_format=_memory_format(x))
-        if self._updates_running_stats():
-            self._commit_running_stats(_merge_running(self, mean.detach(), var.detach(),
-                                                      x.numel() // x.shape[1], momentum, y))
-        return y
+        running_std = torch.sqrt(self.running_var.to(var.dtype) + self.eps)
+        r = (torch.sqrt(var.detach() + self.eps) / running_std).clamp(1.0 / rmax, rmax)
+        d = ((mean.detach() - self.running_mean.to(mean.dtype)) / running_std).clamp(-dmax, dmax)
+        if self.weight is None:
+            return r, d if self.bias is None else d + self.bias.to(d.dtype)
+        weight = self.weight * r.to(self.weight.dtype)
+        bias = self.weight * d.to(self.weight.dtype)
+        return weight, bias if self.bias is None else bias + self.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not protocol.uses_batch_stats(self) or x.numel() == 0:
+            return super().forward(x)
+        self._check_input_dim(x)
+        momentum = self.momentum_for_step()   # counts this step first, as num_batches_tracked does
+        stats = F.moments(x.detach())
+        weight, bias = self.batch_affine(stats.mean, stats.var)
+        out = F.batch_norm_stats(x, None, None, weight, bias, True, 0.0, self.eps, self.backend)
+        if protocol.updates_running_stats(self):
+            self.update_from_batch(out.batch_mean, out.batch_var, stats.count, momentum)
+        return out.output
 
 
 _RENORM_DOC = r"""Batch renormalization over a <dims> input (Ioffe 2017, https://arxiv.org/abs/1702.03275).
@@ -299,16 +257,16 @@ _RENORM_DOC = r"""Batch renormalization over a <dims> input (Ioffe 2017, https:/
 """
 
 
-class BatchRenorm1d(_BatchRenorm):
+class BatchRenorm1d(BatchRenorm):
     __doc__ = _RENORM_DOC.replace("<dims>", "2D or 3D").replace("<shape>", "``(N, C)`` or ``(N, C, L)``")
     _expected_dims = (2, 3)
 
 
-class BatchRenorm2d(_BatchRenorm):
+class BatchRenorm2d(BatchRenorm):
     __doc__ = _RENORM_DOC.replace("<dims>", "4D").replace("<shape>", "``(N, C, H, W)``")
     _expected_dims = (4,)
 
 
-class BatchRenorm3d(_BatchRenorm):
+class BatchRenorm3d(BatchRenorm):
     __doc__ = _RENORM_DOC.replace("<dims>", "5D").replace("<shape>", "``(N, C, D, H, W)``")
     _expected_dims = (5,)

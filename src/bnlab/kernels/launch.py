@@ -24,6 +24,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from bnlab.dtypes import compute_dtype
 from bnlab.kernels import bn_kernels as K
 
 #: fill every kernel output with NaN before the launch (tests: unwritten elements then fail)
@@ -31,8 +32,6 @@ POISON = os.environ.get("BNLAB_POISON_OUTPUTS", "") == "1"
 
 #: whether the kernels were compiled for the interpreter (they then run on CPU tensors)
 INTERPRETED = type(K._normalize_kernel).__name__ == "InterpretedFunction"
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # single-read path: at most this many values of a channel block in one program's registers (with 8
 # warps, 16 per thread: the backward then needs ≤ 175 registers and does not spill on sm_90)
@@ -58,11 +57,6 @@ def _cdiv(a: int, b: int) -> int:
 def _pow2(n: int) -> int:
     """The smallest power of 2 ≥ n (n ≥ 1)."""
     return 1 << (n - 1).bit_length()
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; float32, float16 and bfloat16 accumulate in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tl_acc(dtype: torch.dtype):
@@ -239,7 +233,7 @@ def forward_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     layout = layout_of(x)
     assert layout is not None, "launcher called with an unsupported layout"
     plan = plan or choose_plan(layout, x.device)
-    acc = acc_dtype(x.dtype)
+    acc = compute_dtype(x)
     y = _alloc_like(x)
     mean = _alloc((layout.C,), acc, x.device)
     var = _alloc((layout.C,), acc, x.device)
@@ -316,7 +310,7 @@ def backward(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor
     layout = layout_of(x)
     assert layout is not None, "launcher called with an unsupported layout"
     plan = plan or choose_plan(layout, x.device)
-    acc = acc_dtype(x.dtype)
+    acc = compute_dtype(x)
     device = x.device
     dx = _alloc_like(x) if need_dx else None
     dres = _alloc_like(x) if (relu and need_dres) else None

@@ -1,9 +1,9 @@
-"""Autograd wrappers over the launchers: training and evaluation batch norm, optionally fused with an
-addition and a ReLU.
+"""Autograd wrappers over the launchers, and the public kernel functions :mod:`bnlab.kernels` exposes:
+training and evaluation batch norm, optionally fused with an addition and a ReLU.
 
 The ReLU's mask is not stored: the backward reads it back from the output (``y > 0``), which autograd
 keeps alive anyway when the next layer needs it. Double backward (``create_graph=True``) recomputes the
-forward with :mod:`bnlab.functional`'s differentiable PyTorch ops.
+forward with PyTorch's differentiable batch norm.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from bnlab.dtypes import FLOAT_DTYPES
 from bnlab.kernels import launch
 
 
@@ -22,7 +23,7 @@ def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual
         raise TypeError(f"{name}: x must be a Tensor (got {type(x).__name__})")
     if x.dim() < 2 or x.dim() > 5:
         raise ValueError(f"{name}: expected 2D to 5D input (N, C, *) (got {x.dim()}D input)")
-    if x.dtype not in launch._DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: x must be float16, bfloat16, float32 or float64 (got {x.dtype})")
     if x.numel() == 0:
         raise ValueError(f"{name}: x is empty (shape {tuple(x.shape)})")
@@ -45,9 +46,8 @@ def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual
 
 
 def _torch_composition(x, weight, bias, running_mean, running_var, eps, training):
-    from bnlab import functional
-    return functional.batch_norm(x, running_mean, running_var, weight, bias, training=training, eps=eps,
-                                 backend="torch")
+    # ATen's batch norm: differentiable twice, and no import of bnlab.functional (which dispatches here)
+    return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training=training, eps=eps)
 
 
 def _double_backward(ctx, dy: Tensor, needs: tuple[bool, bool, bool], running_mean=None, running_var=None):
@@ -132,7 +132,21 @@ class _BatchNormEval(torch.autograd.Function):
 def batch_norm_train(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                      eps: float = 1e-5, residual: Optional[Tensor] = None,
                      relu: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """See :func:`bnlab.kernels.batch_norm_train`."""
+    """Training-mode batch norm with the fused kernels: ``y = [relu](bn(x) [+ residual])``.
+
+    Args:
+        x: ``(N, C, *)`` with 0 to 3 spatial dims, contiguous or channels-last (other strides are copied
+            first); float16, bfloat16, float32 (accumulated in float32) or float64.
+        weight, bias: ``(C,)`` γ and β, or ``None``.
+        eps: added to the variance inside the square root.
+        residual: a tensor of x's shape and dtype added after the affine step (only with ``relu=True``).
+        relu: apply a ReLU last; its mask is recovered from the output in the backward.
+
+    Returns:
+        ``(y, mean, biased_var)``: ``y`` with x's dtype and memory format, differentiable w.r.t. x, weight,
+        bias and residual; the batch mean and biased variance ``(C,)``, float32 (float64 for float64
+        input), not differentiable.
+    """
     _check(x, weight, bias, residual, "batch_norm_train")
     if residual is not None and not relu:
         raise ValueError("batch_norm_train: residual is only fused together with relu=True "
@@ -143,7 +157,9 @@ def batch_norm_train(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[
 def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
                     bias: Optional[Tensor] = None, eps: float = 1e-5, residual: Optional[Tensor] = None,
                     relu: bool = False) -> Tensor:
-    """See :func:`bnlab.kernels.batch_norm_eval`."""
+    """Evaluation-mode batch norm with fixed statistics, ``[relu](bn(x) [+ residual])``, in one
+    elementwise pass. Arguments as :func:`batch_norm_train`, plus the ``(C,)`` statistics to use;
+    differentiable w.r.t. x, weight, bias and residual (the statistics are constants)."""
     _check(x, weight, bias, residual, "batch_norm_eval")
     if residual is not None and not relu:
         raise ValueError("batch_norm_eval: residual is only fused together with relu=True "
@@ -154,3 +170,36 @@ def batch_norm_eval(x: Tensor, running_mean: Tensor, running_var: Tensor, weight
             raise ValueError(f"batch_norm_eval: {label} must be a ({C},) tensor "
                              f"(got {None if not isinstance(s, Tensor) else tuple(s.shape)})")
     return _BatchNormEval.apply(x, running_mean, running_var, weight, bias, residual, float(eps), bool(relu))
+
+
+def batch_norm_train_relu(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                          eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+    """``relu(bn(x))`` in training mode; returns ``(y, mean, biased_var)`` like :func:`batch_norm_train`."""
+    return batch_norm_train(x, weight, bias, eps, relu=True)
+
+
+def batch_norm_train_add_relu(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
+                              bias: Optional[Tensor] = None, eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+    """``relu(bn(x) + residual)`` in training mode, the residual block's tail; returns
+    ``(y, mean, biased_var)`` like :func:`batch_norm_train`."""
+    return batch_norm_train(x, weight, bias, eps, residual=residual, relu=True)
+
+
+def update_running_stats(mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor, count: int,
+                         momentum: float) -> Tensor:
+    """Update the running statistics in place from a batch's ``mean`` and biased ``var`` (``count`` values
+    per channel), as :func:`bnlab.functional.batch_norm_stats` does — EMA with the unbiased variance,
+    skipped when a batch statistic is not finite — in one kernel launch instead of ten-odd small ops.
+
+    Returns a 0-dim bool tensor: whether the update happened (no host synchronisation).
+    """
+    for label, t in (("mean", mean), ("var", var), ("running_mean", running_mean), ("running_var", running_var)):
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.shape != mean.shape or t.device != mean.device:
+            raise ValueError(f"update_running_stats: {label} must be a (C,) tensor on mean's device "
+                             f"(got {getattr(t, 'shape', type(t).__name__)})")
+    if not running_mean.is_contiguous() or not running_var.is_contiguous():
+        raise ValueError("update_running_stats: running_mean and running_var must be contiguous")
+    if count < 2:
+        raise ValueError(f"update_running_stats: count must be at least 2 (got {count})")
+    return launch.update_running_stats(mean.contiguous(), var.contiguous(), running_mean, running_var, count,
+                                       momentum)

@@ -16,6 +16,7 @@ import re
 from torch import nn
 
 from bnlab.models import norms
+from bnlab.protocol import name_layers
 from bnlab.models.airbench import AirbenchNet
 from bnlab.models.resnet import ResNet, cifar_resnet, imagenet_resnet
 
@@ -52,7 +53,8 @@ def create(name: str, norm="bn", in_channels: int = 3, num_classes: int = 10, wi
     Args:
         name: e.g. ``"resnet20"``, ``"preact_resnet56"``, ``"resnet18"``, ``"resnet1d"``, ``"airbench"``;
             or ``"resnet"`` / ``"preact_resnet"`` / ``"resnet1d"`` with ``depth=D`` for any depth 6n+2.
-        norm: a name from :func:`bnlab.models.norms.available`, a class or a ``functools.partial``.
+        norm: a name from :func:`bnlab.models.norms.available`, a class or a ``functools.partial``;
+            ``norm_layer=`` (torchvision's and timm's keyword) is accepted too.
         in_channels, num_classes: input channels and classes.
         width: width multiplier.
         plain: the plain twin (no shortcuts) of a residual network.
@@ -64,13 +66,14 @@ def create(name: str, norm="bn", in_channels: int = 3, num_classes: int = 10, wi
     if not isinstance(name, str):
         raise TypeError(f"model name must be a string, got {type(name).__name__}")
     key = name.lower().replace("-", "_")
+    norm = norms.choose_norm(norm, kw.pop("norm_layer", None), f"create({name!r})")
     common = dict(norm=norm, in_channels=in_channels, num_classes=num_classes, width=width)
     if key == "airbench":
         if plain:
             raise ValueError("airbench has no shortcuts, so it has no plain twin (plain=True)")
         for unused in ("zero_init_residual", "fused"):
             kw.pop(unused, None)
-        return AirbenchNet(**common, **kw)
+        return name_layers(AirbenchNet(**common, **kw))
     if key == "resnet1d":
         return cifar_resnet(kw.pop("depth", 20), plain=plain, dims=1, **common, **kw)
     match = re.fullmatch(r"(preact_)?resnet(\d+)?", key)

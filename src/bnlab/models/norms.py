@@ -41,11 +41,10 @@ from typing import Callable, Union
 from torch import nn
 
 import bnlab.nn
+from bnlab.errors import UserError
+from bnlab.protocol import is_batch_norm
 
-__all__ = ["NormFactory", "get_norm_layer", "available", "group_count", "is_batch_norm", "SCHEMES"]
-
-SCHEMES = ("norm", "skipinit", "fixup")
-_BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, bnlab.nn._BatchNorm)
+__all__ = ["NormFactory", "get_norm_layer", "choose_norm", "available", "group_count", "is_batch_norm"]
 
 
 def group_count(num_channels: int, max_groups: int = 32) -> int:
@@ -144,6 +143,11 @@ def get_norm_layer(norm: Union[str, type, functools.partial, NormFactory]) -> No
                     f"(got {type(norm).__name__}: {norm!r})")
 
 
-def is_batch_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is a batch-norm layer (``torch.nn`` or :mod:`bnlab.nn`)."""
-    return isinstance(module, _BATCH_NORMS)
+def choose_norm(norm, norm_layer, where: str):
+    """``norm_layer`` (torchvision's and timm's keyword) when given, else ``norm``: every model and block
+    accepts both. Giving both, with ``norm`` other than its default ``"bn"``, is an error."""
+    if norm_layer is None:
+        return norm
+    if not (isinstance(norm, str) and norm == "bn") and norm is not norm_layer:
+        raise UserError(f"{where}: got both norm={norm!r} and norm_layer={norm_layer!r}; give one of them")
+    return norm_layer

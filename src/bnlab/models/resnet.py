@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 import bnlab.nn
-from bnlab.models.norms import NormFactory, get_norm_layer
+from bnlab.models.norms import NormFactory, choose_norm, get_norm_layer
+from bnlab.protocol import name_layers
 
 __all__ = ["Scale", "Bias", "ZeroPadShortcut", "BasicBlock", "PreActBlock", "Bottleneck", "ResNet",
            "cifar_resnet", "imagenet_resnet"]
@@ -106,7 +107,7 @@ def _shortcut(in_channels: int, out_channels: int, stride: int, kind: str, norm:
 
 
 def _fused_allowed(fused: Optional[bool], last: nn.Module, where: str) -> Optional[bool]:
-    if fused and not isinstance(last, bnlab.nn._BatchNorm):
+    if fused and not isinstance(last, bnlab.nn.BatchNorm):
         raise ValueError(f"{where}: fused=True needs norm='bn' (bnlab batch norm at the end of each branch), "
                          f"got {type(last).__name__}; use fused=None or False")
     return fused
@@ -166,9 +167,9 @@ class BasicBlock(_Block):
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, norm="bn", dims: int = 2,
-                 shortcut: Optional[str] = "A", fused: Optional[bool] = None) -> None:
+                 shortcut: Optional[str] = "A", fused: Optional[bool] = None, *, norm_layer=None) -> None:
         super().__init__()
-        norm = get_norm_layer(norm)
+        norm = get_norm_layer(choose_norm(norm, norm_layer, type(self).__name__))
         bias = not norm.has_shift
         if norm.scheme == "fixup":
             layers = [Bias(), _conv(dims, in_channels, out_channels, 3, stride), Bias(), nn.ReLU(),
@@ -183,7 +184,7 @@ class BasicBlock(_Block):
         self.fused = _fused_allowed(fused, self.branch[-1], type(self).__name__)
 
     def _use_fused(self, x: Tensor) -> bool:
-        if self.fused is False or not isinstance(self.branch[-1], bnlab.nn._BatchNorm):
+        if self.fused is False or not isinstance(self.branch[-1], bnlab.nn.BatchNorm):
             return False
         return bool(self.fused) or x.is_cuda
 
@@ -206,9 +207,9 @@ class PreActBlock(_Block):
     BN+add+ReLU tail to fuse)."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, norm="bn", dims: int = 2,
-                 shortcut: Optional[str] = "A", fused: Optional[bool] = None) -> None:
+                 shortcut: Optional[str] = "A", fused: Optional[bool] = None, *, norm_layer=None) -> None:
         super().__init__()
-        norm = get_norm_layer(norm)
+        norm = get_norm_layer(choose_norm(norm, norm_layer, type(self).__name__))
         bias = not norm.has_shift
         if norm.scheme == "fixup":
             layers = [Bias(), nn.ReLU(), _conv(dims, in_channels, out_channels, 3, stride), Bias(),
@@ -234,9 +235,9 @@ class Bottleneck(_Block):
     branch_layers = 3
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, norm="bn", dims: int = 2,
-                 shortcut: Optional[str] = "B", fused: Optional[bool] = None) -> None:
+                 shortcut: Optional[str] = "B", fused: Optional[bool] = None, *, norm_layer=None) -> None:
         super().__init__()
-        norm = get_norm_layer(norm)
+        norm = get_norm_layer(choose_norm(norm, norm_layer, type(self).__name__))
         bias, outer = not norm.has_shift, out_channels * self.expansion
         if norm.scheme == "fixup":
             layers = [Bias(), _conv(dims, in_channels, out_channels, 1), Bias(), nn.ReLU(),
@@ -284,8 +285,9 @@ class ResNet(nn.Module):
     def __init__(self, block: type, stage_blocks: list[int], stage_widths: list[int], norm="bn",
                  in_channels: int = 3, num_classes: int = 10, dims: int = 2, plain: bool = False,
                  shortcut: str = "A", stem: str = "cifar", zero_init_residual: bool = False,
-                 fused: Optional[bool] = None) -> None:
+                 fused: Optional[bool] = None, *, norm_layer=None) -> None:
         super().__init__()
+        norm = choose_norm(norm, norm_layer, "ResNet")
         if dims not in (1, 2):
             raise ValueError(f"ResNet: dims must be 1 or 2, got {dims}")
         if not isinstance(in_channels, int) or in_channels < 1 or not isinstance(num_classes, int) or num_classes < 1:
@@ -322,6 +324,7 @@ class ResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
         self._init(norm, zero_init_residual)
+        name_layers(self)   # warnings name a layer by its path, e.g. blocks.3.branch.1
 
     def _init(self, norm: NormFactory, zero_init_residual: bool) -> None:
         for m in self.modules():
