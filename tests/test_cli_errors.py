@@ -69,6 +69,14 @@ def test_study_and_train_into_a_directory_nobody_can_create(capsys):
                    f"--out {unwritable}", "cannot write")
 
 
+def test_study_data_dir_is_authoritative(tmp_path, capsys):
+    """Item 6: `bnlab study` had no --data-dir; now a directory without the profile's dataset fails at once."""
+    missing = tmp_path / "nonexistent"
+    one_line_error(capsys, ["study", "--profile", "tiny", "--dataset", "fashion-mnist", "--data-dir", missing,
+                            "--out", tmp_path / "x"], f"--data-dir {missing}: no such directory")
+    assert not (tmp_path / "x" / "study.sqlite").exists()
+
+
 def test_study_cuda_without_cuda(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")

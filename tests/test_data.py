@@ -272,8 +272,35 @@ def test_an_explicit_data_dir_is_authoritative(tmp_path, monkeypatch, via_env):
     assert issubclass(data.DatasetNotFoundError, FileNotFoundError)  # still what it was for callers
 
 
+def test_cifar_never_downloads_into_an_explicit_data_dir(tmp_path, monkeypatch):
+    from bnlab import cifar
+    monkeypatch.setattr(cifar, "download_archive", lambda name: pytest.fail("downloaded"))
+    with pytest.raises(UserError, match=f"--data-dir {tmp_path / 'none'} \\(no such directory\\): cifar10: "
+                                        "cifar-10-python.tar.gz not found"):
+        data.load("cifar10", data_dir=tmp_path / "none")
+
+
 def test_unknown_dataset_and_subset_are_user_errors():
     with pytest.raises(UserError, match="unknown dataset 'imagenet'"):
         data.load("imagenet")
     with pytest.raises(UserError, match="subset must be between 1 and the training-set size 512"):
         data.load("synthetic", subset=10_000)
+
+
+def test_bnlab_data_is_also_the_cache_where_downloads_go(tmp_path, monkeypatch):
+    """$BNLAB_DATA is authoritative (no other copy is used) but, being the cache, gets a missing copy
+    downloaded into it; --data-dir never does."""
+    fetched = []
+
+    def offline(target):
+        fetched.append(target)
+        raise OSError("offline")
+
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "env"))
+    monkeypatch.setattr(data, "_download_fashion_mnist", offline)
+    with pytest.raises(data.DatasetNotFoundError, match="the download from .* failed"):
+        data.load("fashion-mnist")
+    assert fetched == [tmp_path / "env" / "fashion-mnist"]
+    with pytest.raises(data.DatasetNotFoundError, match="--data-dir"):
+        data.load("fashion-mnist", data_dir=tmp_path / "env")
+    assert len(fetched) == 1

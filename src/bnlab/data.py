@@ -13,11 +13,13 @@ the training set's per-channel mean and standard deviation, and whose labels are
 =================  ===========================  ==================================================
 
 Fashion-MNIST is read from IDX files (gzip or raw). A directory named explicitly, ``data_dir`` or else
-``$BNLAB_DATA``, is authoritative: the files must be there (in it, or in its ``fashion-mnist/`` or
-``FashionMNIST/raw/``), and a missing one is an error naming the directory and the file. Without one,
-they are looked for in the user cache (``$XDG_CACHE_HOME/bnlab``, default ``~/.cache/bnlab``) and in
-Debian's ``/usr/share/datasets/fashion-mnist/`` (package ``dataset-fashion-mnist``), and otherwise
-downloaded from the official address into the cache with its published MD5 checked. Every copy's decompressed
+``$BNLAB_DATA``, is authoritative: no other copy is used. The files must be in ``data_dir`` (in it, or
+in its ``fashion-mnist/`` or ``FashionMNIST/raw/``), and a missing one is an error naming the directory
+and the file; ``$BNLAB_DATA`` is also the cache, so there a missing copy is downloaded unless
+``download=False``. Without either, the files are looked for in the user cache
+(``$XDG_CACHE_HOME/bnlab``, default ``~/.cache/bnlab``) and in Debian's
+``/usr/share/datasets/fashion-mnist/`` (package ``dataset-fashion-mnist``), and otherwise downloaded
+from the official address into the cache with its published MD5 checked. Every copy's decompressed
 content is checked against SHA-256 sums, so a corrupt file is named rather than trained on.
 
 :class:`Loader` shuffles, batches and augments (random crop with zero padding, horizontal flip) with
@@ -248,8 +250,8 @@ def _download_fashion_mnist(target: Path) -> Path:
 def _load_fashion_mnist(data_dir: Optional[PathLike], download: bool) -> tuple[dict, str]:
     directory = locate("fashion-mnist", data_dir)
     explicit = explicit_data_dir(data_dir)
-    if directory is None and explicit is not None:
-        raise _missing_in_explicit_dir(*explicit)
+    if directory is None and explicit is not None and (explicit[1] == "--data-dir" or not download):
+        raise _missing_in_explicit_dir(*explicit)  # $BNLAB_DATA is also the cache: downloads go there
     if directory is None:
         if not download:
             raise DatasetNotFoundError(f"fashion-mnist: not found in {', '.join(map(str, _search_dirs(data_dir)))}; "

@@ -67,6 +67,14 @@ def _check_dataset_and_device(profile: dict) -> None:
     resolve_device(str(profile.get("device", "cpu")))
 
 
+def _check_data_dir(profile: dict, data_dir) -> None:
+    """Every dataset the study reads from files is in --data-dir (nothing is downloaded into it)."""
+    import bnlab.data
+    for name in {profile["dataset"], profile["regularize"].get("dataset") or profile["dataset"]}:
+        if name.lower().replace("_", "-") in ("fashion-mnist", "cifar10", "cifar100", "cifar-10", "cifar-100"):
+            bnlab.data.load(name, data_dir=data_dir, download=False)  # raises naming the directory and file
+
+
 def _profile(args) -> dict:
     import torch
 
@@ -100,8 +108,9 @@ def run(args) -> int:
         jobs = 1 if args.jobs is None else jobs  # one GPU: parallel processes would only contend for it
     check_jobs(jobs)
     check_out(args.out)
-    if args.data_dir:  # the workers read it from the environment, as every data.load does
-        os.environ["BNLAB_DATA"] = str(args.data_dir)
+    if args.data_dir:
+        _check_data_dir(profile, args.data_dir)
+        os.environ["BNLAB_DATA"] = str(args.data_dir)  # the workers' data.load reads it from the environment
     started = time.perf_counter()
     store = run_study(profile, args.out, claims=claims, jobs=jobs, progress=args.progress)
     report = build_report(store.parent)
