@@ -148,7 +148,7 @@ def test_a_second_study_on_the_same_out_is_refused_naming_the_first(tmp_path):
     assert not (out / ".study.lock.owner").exists()  # the first one cleaned up after itself
 
 
-def _train_command(out, epochs=3):
+def _train_command(out, epochs=2):
     return ["train", "--model", "resnet8", "--width", "0.25", "--dataset", "synthetic", "--epochs", epochs,
             "--batch-size", 32, "--lr", 0.05, "--device", "cpu", "--out", out, "--no-progress"]
 
@@ -163,7 +163,7 @@ def test_ctrl_c_in_train_saves_a_step_boundary_and_resumes_exactly(tmp_path):
 
     out = tmp_path / "interrupted"
     process = bnlab(*_train_command(out))
-    moment = RNG.uniform(0.0, 1.5)
+    moment = RNG.uniform(0.0, 1.0)
     try:
         deadline = time.time() + 120
         while process.poll() is None and not (out / "command.json").is_file() and time.time() < deadline:
@@ -190,7 +190,7 @@ def test_ctrl_c_in_train_saves_a_step_boundary_and_resumes_exactly(tmp_path):
     mine, theirs = torch.load(out / "model.pt"), torch.load(reference / "model.pt")
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), context
     history = json.loads((out / "history.json").read_text())
-    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
 
 
 @pytest.mark.slow

@@ -574,15 +574,16 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, callbacks: Optio
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train: config must be a TrainConfig, got {type(config).__name__}")
     callbacks = list(callbacks or [])
-    run = _Run(model, data, config)
-    if not run.resume() and hasattr(run.raw_model, "init_from_data"):
-        run.raw_model.init_from_data(run.data.train_x)  # a data-dependent initialisation (airbench's whitening)
-    if run.history.status in ("done", "diverged"):
-        return run.history  # a finished run resumed: nothing left to do
     on_step = [cb.on_step for cb in callbacks if hasattr(cb, "on_step")]
     on_epoch = [cb.on_epoch for cb in callbacks if hasattr(cb, "on_epoch")]
-    model.train()
-    with _StopRequest() as stop:
+    with _StopRequest() as stop:  # from here on, Ctrl-C is taken between steps (imports included)
+        run = _Run(model, data, config)
+        if not run.resume() and hasattr(run.raw_model, "init_from_data"):
+            run.raw_model.init_from_data(run.data.train_x)  # a data-dependent initialisation (airbench's whitening)
+        if run.history.status in ("done", "diverged"):
+            return run.history  # a finished run resumed: nothing left to do
+        model.train()
+        stop.check()
         for epoch in range(run.position["epoch"], config.epochs):
             result = run.train_epoch(epoch, stop, on_step, progress)
             for fn in on_epoch:

@@ -222,21 +222,12 @@ def _build(settings: dict, args):
     return config, dataset, model
 
 
-def run(args) -> int:
+def _train(model, dataset, config, settings: dict, out: Path, args, rank: int, world_size: int):
     import torch
 
     from bnlab.train import train
 
-    rank, world_size, dist_device = _init_distributed()
-    settings, out = _settings(args)
-    if dist_device:
-        settings["device"] = dist_device
-    config, dataset, model = _build(settings, args)
-    config.checkpoint, config.resume = str(out / "checkpoint.pt"), args.resume
     main_process = rank == 0
-    if main_process:
-        _check_out(out)
-        (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
     if world_size > 1:
         model = _sync_batchnorm(model).to(config.device)
         model = torch.nn.parallel.DistributedDataParallel(
@@ -250,8 +241,25 @@ def run(args) -> int:
               flush=True)
         _print_header()
     callbacks = [_TablePrinter()] if main_process and not args.json else []
+    return train(model, dataset, config, callbacks=callbacks, progress=args.progress if main_process else False)
+
+
+def run(args) -> int:
+    import torch
+
+    rank, world_size, dist_device = _init_distributed()
+    settings, out = _settings(args)
+    if dist_device:
+        settings["device"] = dist_device
+    config, dataset, model = _build(settings, args)
+    config.checkpoint, config.resume = str(out / "checkpoint.pt"), args.resume
+    main_process = rank == 0
+    if main_process:
+        _check_out(out)
     try:
-        history = train(model, dataset, config, callbacks=callbacks, progress=args.progress if main_process else False)
+        if main_process:
+            (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+        history = _train(model, dataset, config, settings, out, args, rank, world_size)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted; {out / 'checkpoint.pt'} holds the run up to the last finished "
                                 f"step: rerun the same command with --resume to continue") from None
