@@ -37,7 +37,7 @@ from bnlab.study.specs import spec_label, unique_specs
 from bnlab.study.store import STORE_NAME, Store, environment
 
 __all__ = ["STORE_NAME", "LOCK_NAME", "Interrupted", "collect_specs", "run_specs", "run_study", "estimated_cost",
-           "lock_directory", "check_jobs"]
+           "StudyLock", "check_jobs", "check_out"]
 
 LOCK_NAME = ".study.lock"  # beside it, .study.lock.owner names the process holding it
 
@@ -195,7 +195,7 @@ def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Opt
 
 
 # ------------------------------------------------------------------------------------------ the study
-class lock_directory:
+class StudyLock:
     """An exclusive lock on a study directory (``filelock``, released by the OS if the process dies).
 
     The holder writes its PID, host and start time beside the lock; a second study on the same
@@ -207,7 +207,7 @@ class lock_directory:
         self.lock = FileLock(str(self.directory / LOCK_NAME))
         self.owner = self.directory / (LOCK_NAME + ".owner")
 
-    def __enter__(self) -> "lock_directory":
+    def __enter__(self) -> "StudyLock":
         from filelock import Timeout
         try:
             self.lock.acquire(timeout=0)
@@ -253,7 +253,7 @@ def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progre
     numbers = parse_claims(claims)
     check_jobs(jobs)
     out = check_out(out)
-    with lock_directory(out):
+    with StudyLock(out):
         store = Store(out / STORE_NAME)
         store.set_meta("profile", profile)
         store.set_meta("claims", numbers)
