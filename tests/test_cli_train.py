@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bnlab import cli, data
+from bnlab.errors import UserError
 
 
 def test_train_prints_a_table_and_writes_json(tmp_path, capsys):
@@ -65,13 +66,14 @@ def test_datasets_says_where_each_was_found(capsys, tmp_path):
     assert set(rows) == {"fashion-mnist", "mnist1d", "digits", "synthetic", "cifar10", "cifar100"}
     found = data.locate("fashion-mnist", tmp_path)
     source = rows["fashion-mnist"]["source"]
-    assert source == str(found) if found else source.startswith("not found")
+    assert found is None  # an explicit --data-dir is the only place looked in, and tmp_path is empty
+    assert source == f"not in {tmp_path} (--data-dir, the only place looked in)"
 
 
 def test_distributed_without_bnlab_distributed_is_a_clear_error(monkeypatch):
     from bnlab.commands import train as train_command
     monkeypatch.setitem(sys.modules, "bnlab.distributed", None)   # as if the module did not exist
-    with pytest.raises(SystemExit, match="bnlab.distributed.convert_sync_batchnorm"):
+    with pytest.raises(UserError, match="bnlab.distributed.convert_sync_batchnorm"):
         train_command._sync_batchnorm(torch.nn.Linear(2, 2))
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bnlab import data
+from bnlab.errors import UserError
 
 FASHION = data.locate("fashion-mnist")
 needs_fashion = pytest.mark.skipif(FASHION is None, reason="no Fashion-MNIST copy on this machine "
@@ -67,7 +68,7 @@ def test_fashion_mnist_real_files():
 
 @needs_fashion
 def test_fashion_mnist_load_subset_and_normalization(tmp_path, monkeypatch):
-    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "empty"))
+    monkeypatch.delenv("BNLAB_DATA", raising=False)
     ds = data.load("fashion-mnist", subset=1000, seed=3)
     assert ds.train_x.shape == (1000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
     assert ds.train_y.bincount().tolist() == [100] * 10
@@ -95,10 +96,10 @@ def test_corrupt_copy_in_data_dir_is_named(tmp_path):
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
-    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "cache"))
+    monkeypatch.delenv("BNLAB_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     with pytest.raises(data.DatasetNotFoundError, match="not found in.*apt-get install dataset-fashion-mnist"):
-        data.load("fashion-mnist", data_dir=tmp_path, download=False)
+        data.load("fashion-mnist", download=False)
 
 
 def test_generated_datasets():
@@ -215,9 +216,12 @@ def test_search_order_data_dir_then_env_then_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "env"))
     assert data.locate("fashion-mnist") == second
     assert data.locate("fashion-mnist", data_dir=first) == first
-    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "nothing"))
+    monkeypatch.delenv("BNLAB_DATA")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert data.locate("fashion-mnist") == FASHION
+    # an explicit directory is authoritative: without the files there, nothing else is looked at
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "nothing"))
+    assert data.locate("fashion-mnist") is None
 
 
 def test_download_checks_the_published_md5(tmp_path, monkeypatch):
@@ -241,3 +245,62 @@ def test_download_checks_the_published_md5(tmp_path, monkeypatch):
         data._download_fashion_mnist(tmp_path)
     assert requested == [data.FASHION_MNIST_URL + "train-images-idx3-ubyte.gz"]
     assert list(tmp_path.iterdir()) == []     # nothing half-written is left behind
+
+
+@pytest.mark.parametrize("via_env", [False, True])
+def test_an_explicit_data_dir_is_authoritative(tmp_path, monkeypatch, via_env):
+    """A missing --data-dir (or $BNLAB_DATA) directory, or one lacking a file, is an error naming both;
+    bnlab never falls back to another copy (issue 10, item 6)."""
+    monkeypatch.delenv("BNLAB_DATA", raising=False)
+
+    def load(directory):
+        if via_env:
+            monkeypatch.setenv("BNLAB_DATA", str(directory))
+            return data.load("fashion-mnist", download=False)
+        return data.load("fashion-mnist", data_dir=directory, download=False)
+
+    named = "\\$BNLAB_DATA" if via_env else "--data-dir"
+    with pytest.raises(UserError, match=f"{named} {tmp_path / 'nonexistent'}: no such directory"):
+        load(tmp_path / "nonexistent")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    labels = np.zeros(4, np.uint8)
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+        write_idx(partial / stem, labels)
+    with pytest.raises(UserError, match=f"{named} {partial}: fashion-mnist file t10k-labels-idx1-ubyte.*missing"):
+        load(partial)
+    assert issubclass(data.DatasetNotFoundError, FileNotFoundError)  # still what it was for callers
+
+
+def test_cifar_never_downloads_into_an_explicit_data_dir(tmp_path, monkeypatch):
+    from bnlab import cifar
+    monkeypatch.setattr(cifar, "download_archive", lambda name: pytest.fail("downloaded"))
+    with pytest.raises(UserError, match=f"--data-dir {tmp_path / 'none'} \\(no such directory\\): cifar10: "
+                                        "cifar-10-python.tar.gz not found"):
+        data.load("cifar10", data_dir=tmp_path / "none")
+
+
+def test_unknown_dataset_and_subset_are_user_errors():
+    with pytest.raises(UserError, match="unknown dataset 'imagenet'"):
+        data.load("imagenet")
+    with pytest.raises(UserError, match="subset must be between 1 and the training-set size 512"):
+        data.load("synthetic", subset=10_000)
+
+
+def test_bnlab_data_is_also_the_cache_where_downloads_go(tmp_path, monkeypatch):
+    """$BNLAB_DATA is authoritative (no other copy is used) but, being the cache, gets a missing copy
+    downloaded into it; --data-dir never does."""
+    fetched = []
+
+    def offline(target):
+        fetched.append(target)
+        raise OSError("offline")
+
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "env"))
+    monkeypatch.setattr(data, "_download_fashion_mnist", offline)
+    with pytest.raises(data.DatasetNotFoundError, match="the download from .* failed"):
+        data.load("fashion-mnist")
+    assert fetched == [tmp_path / "env" / "fashion-mnist"]
+    with pytest.raises(data.DatasetNotFoundError, match="--data-dir"):
+        data.load("fashion-mnist", data_dir=tmp_path / "env")
+    assert len(fetched) == 1

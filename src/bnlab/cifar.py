@@ -102,10 +102,12 @@ def base_url(url: Optional[str] = None) -> str:
 
 
 def search_dirs(data_dir: Optional[PathLike] = None) -> list[Path]:
-    """The directories searched for an archive, in order."""
+    """The directories searched for an archive, in order: only ``data_dir`` (or else ``$BNLAB_DATA``)
+    when one is given, as for every dataset (:func:`bnlab.data.explicit_data_dir`)."""
     from bnlab import data
+    explicit = data.explicit_data_dir(data_dir)
     user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bnlab"
-    roots = ([Path(data_dir).expanduser()] if data_dir else []) + [data.cache_dir(), user_cache]
+    roots = [explicit[0]] if explicit else [user_cache]
     dirs: list[Path] = []
     for root in roots:
         dirs += [d for d in (root, root / "cifar") if d not in dirs]
@@ -267,8 +269,15 @@ def load_arrays(name: str, data_dir: Optional[PathLike] = None, download: bool =
     """
     from bnlab import data
     path = locate(name, data_dir)
+    explicit = data.explicit_data_dir(data_dir)
     if path is None:
         looked = ", ".join(map(str, search_dirs(data_dir)))
+        # an explicit directory is authoritative: no other copy; $BNLAB_DATA is also the cache (downloads go
+        # there), --data-dir never gets a download
+        if explicit is not None and explicit[1] == "--data-dir":
+            missing = "" if explicit[0].is_dir() else " (no such directory)"
+            raise data.DatasetNotFoundError(f"--data-dir {explicit[0]}{missing}: {name}: {_archive(name).filename} "
+                                            f"not found in {looked}; {_how_to_get(name)}")
         if not download:
             raise data.DatasetNotFoundError(f"{name}: {_archive(name).filename} not found in {looked}; "
                                             f"{_how_to_get(name)}")

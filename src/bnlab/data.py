@@ -12,9 +12,13 @@ the training set's per-channel mean and standard deviation, and whose labels are
 ``cifar100``       50k/10k, (3, 32, 32), 100     the same, fine labels (:mod:`bnlab.cifar` reads both)
 =================  ===========================  ==================================================
 
-Fashion-MNIST is read from IDX files (gzip or raw) found, in order, in ``data_dir``, ``$BNLAB_DATA``,
-the user cache (``$XDG_CACHE_HOME/bnlab``, default ``~/.cache/bnlab``) and Debian's
-``/usr/share/datasets/fashion-mnist/`` (package ``dataset-fashion-mnist``); otherwise it is downloaded
+Fashion-MNIST is read from IDX files (gzip or raw). A directory named explicitly, ``data_dir`` or else
+``$BNLAB_DATA``, is authoritative: no other copy is used. The files must be in ``data_dir`` (in it, or
+in its ``fashion-mnist/`` or ``FashionMNIST/raw/``), and a missing one is an error naming the directory
+and the file; ``$BNLAB_DATA`` is also the cache, so there a missing copy is downloaded unless
+``download=False``. Without either, the files are looked for in the user cache
+(``$XDG_CACHE_HOME/bnlab``, default ``~/.cache/bnlab``) and in Debian's
+``/usr/share/datasets/fashion-mnist/`` (package ``dataset-fashion-mnist``), and otherwise downloaded
 from the official address into the cache with its published MD5 checked. Every copy's decompressed
 content is checked against SHA-256 sums, so a corrupt file is named rather than trained on.
 
@@ -46,14 +50,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bnlab.errors import UserError
+
 __all__ = ["Dataset", "Loader", "load", "available", "locate", "read_idx", "cache_dir", "balanced_subset",
-           "DatasetNotFoundError"]
+           "DatasetNotFoundError", "explicit_data_dir"]
 
 PathLike = Union[str, os.PathLike]
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset is not on disk and could not be downloaded; the message says how to get it."""
+class DatasetNotFoundError(UserError, FileNotFoundError):
+    """A dataset is not on disk and could not be downloaded, or a directory named explicitly
+    (``data_dir``, ``$BNLAB_DATA``) lacks it; the message names the directory and file and says how to
+    get it."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,25 +122,25 @@ def read_idx(path: PathLike, expected_sha256: Optional[str] = None, dataset: str
     except (EOFError, gzip.BadGzipFile, OSError) as err:
         if isinstance(err, FileNotFoundError):
             raise DatasetNotFoundError(f"{path}: no such file; {_how_to_get(dataset)}") from err
-        raise ValueError(f"{path}: cannot decompress ({err}); the file is truncated or corrupt. Delete it and "
+        raise UserError(f"{path}: cannot decompress ({err}); the file is truncated or corrupt. Delete it and "
                          f"{_how_to_get(dataset)}") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (magic number {raw[:4].hex() or 'missing'}; expected 0000 then a "
+        raise UserError(f"{path}: not an IDX file (magic number {raw[:4].hex() or 'missing'}; expected 0000 then a "
                          f"type code 08/09/0b/0c/0d/0e and the number of dimensions). {_how_to_get(dataset)}")
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, expected {header}). {_how_to_get(dataset)}")
+        raise UserError(f"{path}: truncated IDX header ({len(raw)} bytes, expected {header}). {_how_to_get(dataset)}")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = header + math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
-        raise ValueError(f"{path}: {'truncated' if len(raw) < expected else 'trailing data'}: header says shape "
+        raise UserError(f"{path}: {'truncated' if len(raw) < expected else 'trailing data'}: header says shape "
                          f"{shape} ({expected} bytes), file holds {len(raw)} bytes. {_how_to_get(dataset)}")
     if expected_sha256 is not None:
         digest = hashlib.sha256(raw).hexdigest()
         if digest != expected_sha256:
-            raise ValueError(f"{path}: checksum mismatch (SHA-256 of the IDX content {digest[:16]}…, expected "
+            raise UserError(f"{path}: checksum mismatch (SHA-256 of the IDX content {digest[:16]}…, expected "
                              f"{expected_sha256[:16]}…); the file is corrupt. Delete it and {_how_to_get(dataset)}")
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
@@ -168,15 +176,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bnlab"
 
 
-def _search_dirs(data_dir: Optional[PathLike]) -> list[Path]:
-    roots = [Path(data_dir).expanduser()] if data_dir else []
+def explicit_data_dir(data_dir: Optional[PathLike] = None) -> Optional[tuple[Path, str]]:
+    """(directory, what named it) for ``data_dir`` or else ``$BNLAB_DATA``; ``None`` when neither is set."""
+    if data_dir:
+        return Path(data_dir).expanduser(), "--data-dir"
     if os.environ.get("BNLAB_DATA"):
-        roots.append(Path(os.environ["BNLAB_DATA"]).expanduser())
-    roots.append(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bnlab")
-    dirs = []
-    for root in roots:
-        dirs += [root / "fashion-mnist", root / "FashionMNIST" / "raw", root]
-    return dirs + [DEBIAN_FASHION_MNIST]
+        return Path(os.environ["BNLAB_DATA"]).expanduser(), "$BNLAB_DATA"
+    return None
+
+
+def _layouts(root: Path) -> list[Path]:
+    return [root / "fashion-mnist", root / "FashionMNIST" / "raw", root]
+
+
+def _search_dirs(data_dir: Optional[PathLike]) -> list[Path]:
+    explicit = explicit_data_dir(data_dir)
+    if explicit is not None:
+        return _layouts(explicit[0])
+    return _layouts(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bnlab") + [DEBIAN_FASHION_MNIST]
 
 
 def _find_file(directory: Path, stem: str) -> Optional[Path]:
@@ -188,13 +205,27 @@ def _find_file(directory: Path, stem: str) -> Optional[Path]:
 
 def locate(name: str = "fashion-mnist", data_dir: Optional[PathLike] = None) -> Optional[Path]:
     """The first directory holding all four Fashion-MNIST files, or ``None`` (``name`` must be
-    ``"fashion-mnist"``; the other datasets are generated)."""
+    ``"fashion-mnist"``; the other datasets are generated). With ``data_dir`` or ``$BNLAB_DATA`` only
+    that directory is searched."""
     if name != "fashion-mnist":
         raise ValueError(f"locate: only fashion-mnist is read from files (got {name!r})")
     for directory in _search_dirs(data_dir):
         if all(_find_file(directory, stem) for stem in _FASHION_FILES):
             return directory
     return None
+
+
+def _missing_in_explicit_dir(root: Path, named_by: str) -> DatasetNotFoundError:
+    """The error for an explicit directory without all four files: which directory, which file."""
+    if not root.is_dir():
+        return DatasetNotFoundError(f"{named_by} {root}: no such directory; {_how_to_get('fashion-mnist')}")
+    # the layout holding most of the files is the one the user meant
+    best = max(_layouts(root), key=lambda d: sum(_find_file(d, stem) is not None for stem in _FASHION_FILES))
+    missing = [stem for stem in _FASHION_FILES if _find_file(best, stem) is None]
+    return DatasetNotFoundError(
+        f"{named_by} {root}: fashion-mnist file {missing[0]}(.gz) is missing from {best}"
+        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        + f"; {_how_to_get('fashion-mnist')}")
 
 
 def _download_fashion_mnist(target: Path) -> Path:
@@ -208,7 +239,7 @@ def _download_fashion_mnist(target: Path) -> Path:
             payload = response.read()
         digest = hashlib.md5(payload).hexdigest()
         if digest != md5:
-            raise ValueError(f"{url}: checksum mismatch (MD5 {digest}, expected {md5}); not saved. "
+            raise UserError(f"{url}: checksum mismatch (MD5 {digest}, expected {md5}); not saved. "
                              f"{_how_to_get('fashion-mnist')}")
         with tempfile.NamedTemporaryFile(dir=target, delete=False) as tmp:  # atomic: never half a file
             tmp.write(payload)
@@ -218,6 +249,9 @@ def _download_fashion_mnist(target: Path) -> Path:
 
 def _load_fashion_mnist(data_dir: Optional[PathLike], download: bool) -> tuple[dict, str]:
     directory = locate("fashion-mnist", data_dir)
+    explicit = explicit_data_dir(data_dir)
+    if directory is None and explicit is not None and (explicit[1] == "--data-dir" or not download):
+        raise _missing_in_explicit_dir(*explicit)  # $BNLAB_DATA is also the cache: downloads go there
     if directory is None:
         if not download:
             raise DatasetNotFoundError(f"fashion-mnist: not found in {', '.join(map(str, _search_dirs(data_dir)))}; "
@@ -305,7 +339,7 @@ def available() -> dict[str, str]:
 def balanced_subset(y: Tensor, size: int, num_classes: int, seed: int = 0) -> Tensor:
     """Indices of a seeded subset of ``size`` examples with classes as equal as possible (sorted)."""
     if not 0 < size <= len(y):
-        raise ValueError(f"subset must be between 1 and the training-set size {len(y)}, got {size}")
+        raise UserError(f"subset must be between 1 and the training-set size {len(y)}, got {size}")
     g = torch.Generator().manual_seed(seed)
     y = y.cpu()
     per_class = [size // num_classes + (c < size % num_classes) for c in range(num_classes)]
@@ -313,7 +347,7 @@ def balanced_subset(y: Tensor, size: int, num_classes: int, seed: int = 0) -> Te
     for c, k in enumerate(per_class):
         members = torch.nonzero(y == c).flatten()
         if len(members) < k:
-            raise ValueError(f"subset={size}: class {c} has only {len(members)} training examples, need {k}")
+            raise UserError(f"subset={size}: class {c} has only {len(members)} training examples, need {k}")
         chosen.append(members[torch.randperm(len(members), generator=g)[:k]])
     return torch.cat(chosen).sort().values
 
@@ -333,7 +367,7 @@ def load(name: str, data_dir: Optional[PathLike] = None, subset: Optional[int] =
     key = name.lower().replace("_", "-")
     key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}.get(key, key)
     if key not in _SPECS:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(_SPECS)}")
+        raise UserError(f"unknown dataset {name!r}: expected one of {', '.join(_SPECS)}")
     make, num_classes, augment, _ = _SPECS[key]
     crop_padding = 2  # pixels of zero padding around the random crop
     if make is not None:

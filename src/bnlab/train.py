@@ -27,8 +27,10 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -41,9 +43,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnlab.data import Dataset, Loader
+from bnlab.errors import UserError
 
-__all__ = ["TrainConfig", "History", "train", "evaluate", "set_seed", "lr_factor", "param_groups",
-           "resolve_device"]
+__all__ = ["TrainConfig", "History", "EpochResult", "train", "evaluate", "set_seed", "lr_factor", "param_groups",
+           "resolve_device", "load_checkpoint", "read_torch_file"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,7 +75,7 @@ class TrainConfig:
     max_steps: Optional[int] = None  # stop after this many optimizer steps (the schedule still spans `epochs`)
     divergence_loss: float = 1e3     # a training loss above this (or non-finite) ends the run as diverged
     log_steps: bool = False          # record loss/acc/lr of every step in History.steps
-    eval_every: int = 1              # evaluate on the test set every this many epochs (and after the last)
+    eval_every: Optional[int] = 1    # evaluate on the test set every this many epochs; 0 or None: after the last only
     checkpoint: Optional[str] = None  # path of the checkpoint file, written atomically after each epoch
     resume: bool = False             # continue from `checkpoint` if it exists
     amp: bool = False                # bf16 autocast (CUDA only)
@@ -83,23 +86,42 @@ class TrainConfig:
     crop_padding: int = 2            # padding of the random crop, pixels
 
     def __post_init__(self) -> None:
+        def number(value, low, high=math.inf, low_open=False, high_open=False) -> bool:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return False
+            return (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+
+        def whole(value, low) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
         checks = [
-            (isinstance(self.epochs, int) and self.epochs >= 1, "epochs must be an int >= 1"),
-            (isinstance(self.batch_size, int) and self.batch_size >= 2, "batch_size must be an int >= 2"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.optimizer in ("sgd", "adamw"), "optimizer must be 'sgd' or 'adamw'"),
+            (whole(self.epochs, 1), "epochs must be an int >= 1", self.epochs),
+            (whole(self.batch_size, 2), "batch_size must be an int >= 2", self.batch_size),
+            (number(self.lr, 0, low_open=True), "lr must be a finite number > 0", self.lr),
+            (self.optimizer in ("sgd", "adamw"), "optimizer must be 'sgd' or 'adamw'", self.optimizer),
+            (number(self.momentum, 0, 1, high_open=True), "momentum must be in [0, 1)", self.momentum),
             (self.schedule in ("onecycle", "cosine", "constant"),
-             "schedule must be 'onecycle', 'cosine' or 'constant'"),
-            (0.0 <= self.warmup_fraction < 1.0, "warmup_fraction must be in [0, 1)"),
-            (0.0 <= self.label_smoothing < 1.0, "label_smoothing must be in [0, 1)"),
-            (self.max_steps is None or self.max_steps >= 1, "max_steps must be None or >= 1"),
-            (self.eval_every >= 1, "eval_every must be >= 1"),
-            (self.weight_decay >= 0 and self.norm_weight_decay >= 0, "weight decays must be >= 0"),
-            (not self.resume or self.checkpoint, "resume=True needs a checkpoint path"),
+             "schedule must be 'onecycle', 'cosine' or 'constant'", self.schedule),
+            (number(self.warmup_fraction, 0, 1, high_open=True), "warmup_fraction must be in [0, 1)",
+             self.warmup_fraction),
+            (number(self.label_smoothing, 0, 1, high_open=True), "label_smoothing must be in [0, 1)",
+             self.label_smoothing),
+            (self.max_steps is None or whole(self.max_steps, 1), "max_steps must be None or an int >= 1",
+             self.max_steps),
+            (self.eval_every is None or whole(self.eval_every, 0),
+             "eval_every must be an int >= 1, or 0 / None for the end only", self.eval_every),
+            (number(self.weight_decay, 0), "weight_decay must be a finite number >= 0", self.weight_decay),
+            (number(self.norm_weight_decay, 0), "norm_weight_decay must be a finite number >= 0",
+             self.norm_weight_decay),
+            (number(self.divergence_loss, 0, low_open=True), "divergence_loss must be a finite number > 0",
+             self.divergence_loss),
+            (whole(self.crop_padding, 0), "crop_padding must be an int >= 0", self.crop_padding),
+            (isinstance(self.seed, int), "seed must be an int", self.seed),
+            (not self.resume or self.checkpoint, "resume=True needs a checkpoint path", self.checkpoint),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig: {message} (got {self.to_dict()})")
+        problems = [f"{message} (got {value!r})" for ok, message, value in checks if not ok]
+        if problems:
+            raise UserError(f"TrainConfig: {'; '.join(problems)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,12 +180,22 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device) -> torch.device:
+    """``"auto"`` (CUDA if available, else CPU) or a device string; raises :class:`UserError` for a
+    device that does not exist here."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"TrainConfig.device={device!r}, but CUDA is not available; use 'cpu' or 'auto'")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device {device!r} is not a device: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r}: CUDA is not available here; use cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise UserError(f"device {device!r} is not supported: expected auto, cpu, cuda or cuda:N")
     return dev
 
 
@@ -246,7 +278,12 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except BaseException:  # a second Ctrl-C while saving: leave the previous checkpoint, no debris
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
     os.replace(tmp.name, path)
 
 
@@ -260,8 +297,262 @@ def _progress(enabled: Optional[bool], total: int, desc: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# the loop
+# the loop: set up → resume → one epoch at a time → finish
 # --------------------------------------------------------------------------------------------------
+
+class _StopRequest:
+    """Ctrl-C during training, taken at a step boundary.
+
+    While active (main thread, default SIGINT handling), the first SIGINT only sets :attr:`requested`;
+    the loop finishes the step in flight, checkpoints, and raises ``KeyboardInterrupt`` itself, so a
+    checkpoint always holds the state between two steps. A second SIGINT raises at once (the step in
+    flight is then discarded, not saved). Elsewhere (a worker thread, SIGINT ignored) it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C stops at once
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+@dataclass
+class EpochResult:
+    """What one epoch (or the part of it up to ``max_steps``, divergence or the run's end) produced."""
+
+    record: dict                    # the epoch's row of History.epochs
+    complete: bool                  # every batch of the epoch was trained
+    diverged: Optional[str] = None  # why the run diverged, if it did
+    max_steps_reached: bool = False
+
+
+class _Run:
+    """The state of one training run: what a checkpoint holds, and what the loop needs to continue it.
+
+    ``position`` is where the run stands between two steps: the epoch, the next batch within it, the
+    optimizer steps and training seconds so far, and the running sums of the current epoch
+    (loss·n, correct, n) while it is unfinished.
+    """
+
+    def __init__(self, model: nn.Module, data: Dataset, config: TrainConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if distributed else 0
+        world_size = torch.distributed.get_world_size() if distributed else 1
+        set_seed(config.seed)
+        self.data = data if data.train_x.device == self.device else data.to(self.device)
+        model.to(self.device)
+        if config.channels_last and self.data.train_x.dim() == 4:  # NHWC exists for images only
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.raw_model = model.module if hasattr(model, "module") else model
+        self.forward = torch.compile(model, mode=config.compile_mode) if config.compile else model
+        augment = self.data.augment if config.augment is None else config.augment
+        self.loader = Loader(self.data.train_x, self.data.train_y, config.batch_size, shuffle=True,
+                             drop_last=config.drop_last, augment=augment, seed=config.seed,
+                             crop_padding=config.crop_padding, rank=self.rank, world_size=world_size)
+        self.steps_per_epoch = len(self.loader)
+        self.optimizer = _make_optimizer(self.raw_model, config)
+        self.history = History(config=config.to_dict(), meta={
+            "model": type(self.raw_model).__name__,
+            "parameters": sum(p.numel() for p in self.raw_model.parameters()),
+            "dataset": self.data.name, "train_size": len(self.data.train_x), "device": str(self.device),
+            "torch": str(torch.__version__), "world_size": world_size})
+        self.position = {"epoch": 0, "batch": 0, "step": 0, "seconds": 0.0, "sums": None}
+        self.path = Path(config.checkpoint) if config.checkpoint else None
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * self.steps_per_epoch
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> None:
+        """Write the checkpoint (rank 0 only), in plain types: it loads with ``weights_only=True``."""
+        if self.path is None or self.rank != 0:
+            return
+        position = dict(self.position)
+        if position["sums"] is not None:
+            position["sums"] = [float(position["sums"][0]), int(position["sums"][1]), int(position["sums"][2])]
+        _save_checkpoint(self.path, {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                     "history": self.history.to_dict(), "state": position,
+                                     "config": self.config.to_dict(), "rng_cpu": torch.get_rng_state()})
+
+    def resume(self) -> bool:
+        """Continue from the checkpoint if ``config.resume`` and it exists; returns whether it did.
+
+        The saved config must match, except ``epochs`` and ``max_steps`` (more epochs extend a run,
+        also a finished one) and where the checkpoint lives."""
+        if not (self.config.resume and self.path is not None and self.path.is_file()):
+            return False
+        saved = load_checkpoint(self.path)
+        now = self.config.to_dict()
+        diff = {k: (saved["config"].get(k), v) for k, v in now.items()
+                if saved["config"].get(k) != v and k not in _RESUMABLE_CHANGES}
+        if diff:
+            raise UserError(f"resume: {self.path} was written with a different config; (saved, now): {diff}")
+        self.raw_model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.history = History.from_dict(saved["history"])
+        self.history.config = now
+        self.position = dict(saved["state"])
+        sums = self.position["sums"]
+        if sums is not None:
+            self.position["sums"] = [torch.tensor(float(sums[0]), dtype=torch.float64, device=self.device),
+                                     torch.tensor(int(sums[1]), dtype=torch.int64, device=self.device), int(sums[2])]
+        torch.set_rng_state(saved["rng_cpu"])
+        if self.history.status == "done" and self._more_to_do():
+            self.history.status, self.history.reason, self.history.final = "running", "", {}
+        return True
+
+    def _more_to_do(self) -> bool:
+        """A finished run given more epochs (or a larger ``max_steps``) than it ran."""
+        steps_left = self.config.max_steps is None or self.position["step"] < self.config.max_steps
+        return self.position["epoch"] < self.config.epochs and steps_left
+
+    # ---------------------------------------------------------------- one epoch
+    def train_epoch(self, epoch: int, stop: _StopRequest, on_step: list, progress: Optional[bool]) -> EpochResult:
+        config, position, device = self.config, self.position, self.device
+        self.loader.epoch = epoch
+        sums = position["sums"] or [torch.zeros((), dtype=torch.float64, device=device),
+                                    torch.zeros((), dtype=torch.int64, device=device), 0]
+        position["sums"] = sums
+        skip = position["batch"]
+        # a host synchronisation per step costs GPU time; on CPU it is free, so check every step there
+        check_every = 1 if (device.type == "cpu" or on_step or config.log_steps) else 50
+        bar = _progress(progress, self.steps_per_epoch - skip, f"epoch {epoch + 1}/{config.epochs}")
+        timer = _Timer(device)
+        diverged, seconds_before, at_boundary = None, position["seconds"], True
+        try:
+            for batch_index, (x, y) in enumerate(self.loader):
+                if batch_index < skip:
+                    continue  # resumed mid-epoch: the loader replays the epoch's randomness up to here
+                at_boundary = False  # from here until the step is booked, the state is half a step
+                lr = config.lr * lr_factor(position["step"], self.total_steps, config.schedule, config.warmup_fraction)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                x = _prepare(x, config.channels_last)
+                with _autocast(device, config.amp):
+                    logits = self.forward(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                detached = loss.detach()
+                sums[0] += detached.double() * len(y)
+                sums[1] += (logits.detach().argmax(1) == y).sum()
+                sums[2] += len(y)
+                position.update(step=position["step"] + 1, batch=batch_index + 1)
+                at_boundary = True
+                if bar is not None:
+                    bar.update(1)
+                if position["step"] % check_every == 0 or on_step or config.log_steps:
+                    value = float(detached)
+                    if config.log_steps:
+                        self.history.steps.append({"step": position["step"], "loss": value, "lr": lr,
+                                                   "acc": float((logits.detach().argmax(1) == y).float().mean())})
+                    for fn in on_step:
+                        fn(position["step"], self.raw_model, value, (x, y))
+                    if not math.isfinite(value) or value > config.divergence_loss:
+                        diverged = f"training loss {value:.4g} at step {position['step']} " + (
+                            "is not finite" if not math.isfinite(value) else f"> divergence_loss {config.divergence_loss:g}")
+                if diverged or (config.max_steps is not None and position["step"] >= config.max_steps):
+                    break
+                stop.check()
+        except KeyboardInterrupt:
+            position["seconds"] = seconds_before + timer.seconds()
+            self.history.status, self.history.reason = "stopped", f"interrupted in epoch {epoch + 1}"
+            if at_boundary:
+                self.save()  # between two steps; an interrupted step is discarded, never saved half done
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        epoch_time = timer.seconds()
+        position["seconds"] = seconds_before + epoch_time
+        count = max(1, sums[2])
+        train_loss, train_acc = float(sums[0]) / count, float(sums[1]) / count
+        if diverged is None and not (math.isfinite(train_loss) and train_loss <= config.divergence_loss):
+            diverged = f"mean training loss {train_loss:.4g} in epoch {epoch + 1} is not finite or > {config.divergence_loss:g}"
+        complete = position["batch"] >= self.steps_per_epoch
+        max_steps_reached = config.max_steps is not None and position["step"] >= config.max_steps
+        record = {"epoch": epoch + 1, "step": position["step"], "train_loss": train_loss, "train_acc": train_acc,
+                  "test_loss": None, "test_acc": None, "lr": self.optimizer.param_groups[0]["lr"],
+                  "time": position["seconds"], "epoch_time": epoch_time}
+        last = epoch + 1 == config.epochs or max_steps_reached or diverged is not None
+        if diverged is None and ((config.eval_every and (epoch + 1) % config.eval_every == 0) or last):
+            record["test_loss"], record["test_acc"] = self.evaluate()
+        if complete or last:
+            self.history.epochs.append(record)
+        position.update(epoch=epoch + 1 if complete else epoch, batch=0 if complete else position["batch"],
+                        sums=None if complete else sums)
+        return EpochResult(record, complete, diverged, max_steps_reached)
+
+    def evaluate(self) -> tuple[float, float]:
+        c = self.config
+        return evaluate(self.raw_model, self.data.test_x, self.data.test_y, tta=c.tta, amp=c.amp,
+                        channels_last=c.channels_last)
+
+    # ---------------------------------------------------------------- the end
+    def finish(self, status: str, reason: str) -> History:
+        history = self.history
+        history.status, history.reason = status, reason
+        test_loss, test_acc = self.evaluate()
+        last = history.epochs[-1] if history.epochs else {}
+        tested = [e["test_acc"] for e in history.epochs if e.get("test_acc") is not None] + [test_acc]
+        history.final = {"test_acc": test_acc, "test_loss": test_loss, "train_acc": last.get("train_acc"),
+                         "train_loss": last.get("train_loss"), "best_test_acc": max(tested),
+                         "steps": self.position["step"], "seconds": self.position["seconds"]}
+        self.save()
+        return history
+
+
+# config fields a resumed run may change: more epochs or steps extend it; the checkpoint may have moved
+_RESUMABLE_CHANGES = ("resume", "checkpoint", "epochs", "max_steps")
+
+
+def read_torch_file(path, what: str = "checkpoint"):
+    """``torch.load(path, weights_only=True)`` on the CPU; raises :class:`UserError` naming the file
+    when it is missing or is not a file PyTorch saved with plain types."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"{what} {path}: no such file") from None
+    except Exception as error:  # noqa: BLE001 — torch raises many types for a file that is not its own
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{what} {path}: not a PyTorch file saved with plain types ({type(error).__name__}: "
+                        f"{first_line}); expected a file from torch.save, such as the checkpoint.pt or "
+                        f"model.pt that `bnlab train` writes") from None
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint written by :func:`train` (plain types: loads with ``weights_only=True``).
+
+    Raises :class:`bnlab.errors.UserError` naming the file when it is missing or not such a checkpoint."""
+    saved = read_torch_file(path)
+    missing = {"model", "optimizer", "history", "state", "config", "rng_cpu"} - set(saved if isinstance(saved, dict) else {})
+    if missing:
+        raise UserError(f"checkpoint {path}: not a training checkpoint (missing {', '.join(sorted(missing))}); "
+                        f"resuming needs the checkpoint.pt that `bnlab train` writes")
+    return saved
+
 
 def train(model: nn.Module, data: Dataset, config: TrainConfig, callbacks: Optional[Sequence[Any]] = None,
           progress: Optional[bool] = None) -> History:
@@ -275,163 +566,35 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, callbacks: Optio
             1-based) and ``on_epoch(epoch, model, record)`` methods.
         progress: a tqdm bar over each epoch's batches; ``None`` shows it only when stderr is a terminal.
 
+    Ctrl-C (in the main thread) ends the step in flight, writes the checkpoint and raises
+    ``KeyboardInterrupt``; resuming from that checkpoint gives the same run as one never interrupted.
     Under ``torchrun`` (an initialised process group) each rank trains on its shard of every epoch's
     permutation; pass a ``DistributedDataParallel`` model. Only rank 0 writes the checkpoint.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train: config must be a TrainConfig, got {type(config).__name__}")
     callbacks = list(callbacks or [])
-    device = resolve_device(config.device)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
-    world_size = torch.distributed.get_world_size() if distributed else 1
-    set_seed(config.seed)
-
-    if data.train_x.device != device:
-        data = data.to(device)
-    model.to(device)
-    if config.channels_last and data.train_x.dim() == 4:  # NHWC exists for images only
-        model.to(memory_format=torch.channels_last)
-    raw_model = model.module if hasattr(model, "module") else model
-    forward = torch.compile(model, mode=config.compile_mode) if config.compile else model
-
-    augment = data.augment if config.augment is None else config.augment
-    loader = Loader(data.train_x, data.train_y, config.batch_size, shuffle=True, drop_last=config.drop_last,
-                    augment=augment, seed=config.seed, crop_padding=config.crop_padding, rank=rank,
-                    world_size=world_size)
-    steps_per_epoch = len(loader)
-    total_steps = config.epochs * steps_per_epoch
-    optimizer = _make_optimizer(raw_model, config)
-    history = History(config=config.to_dict(), meta={
-        "model": type(raw_model).__name__, "parameters": sum(p.numel() for p in raw_model.parameters()),
-        "dataset": data.name, "train_size": len(data.train_x), "device": str(device),
-        "torch": torch.__version__, "world_size": world_size})
-
-    state = {"epoch": 0, "batch": 0, "step": 0, "seconds": 0.0, "sums": None}
-    ckpt_path = Path(config.checkpoint) if config.checkpoint else None
-    if config.resume and ckpt_path is not None and ckpt_path.is_file():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if saved["config"] != config.to_dict():
-            diff = {k: (saved["config"].get(k), v) for k, v in config.to_dict().items()
-                    if saved["config"].get(k) != v and k not in ("resume", "checkpoint", "epochs", "max_steps")}
-            if diff:
-                raise ValueError(f"resume: {ckpt_path} was written with a different config; (saved, now): {diff}")
-        raw_model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        history = History.from_dict(saved["history"])
-        history.config = config.to_dict()
-        state = saved["state"]
-        if state["sums"] is not None:
-            state["sums"] = [state["sums"][0].to(device), state["sums"][1].to(device), state["sums"][2]]
-        torch.set_rng_state(saved["rng_cpu"])
-
-    def checkpoint() -> None:
-        if ckpt_path is not None and rank == 0:
-            _save_checkpoint(ckpt_path, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "history": history.to_dict(), "state": state,
-                                         "config": config.to_dict(), "rng_cpu": torch.get_rng_state()})
-
-    def finish(status: str, reason: str = "") -> History:
-        history.status, history.reason = status, reason
-        test_loss, test_acc = evaluate(raw_model, data.test_x, data.test_y, tta=config.tta, amp=config.amp,
-                                       channels_last=config.channels_last)
-        last = history.epochs[-1] if history.epochs else {}
-        tested = [e["test_acc"] for e in history.epochs if e.get("test_acc") is not None] + [test_acc]
-        history.final = {"test_acc": test_acc, "test_loss": test_loss, "train_acc": last.get("train_acc"),
-                         "train_loss": last.get("train_loss"), "best_test_acc": max(tested),
-                         "steps": state["step"], "seconds": state["seconds"]}
-        checkpoint()
-        return history
-
-    if history.status in ("done", "diverged"):
-        return history  # a finished run resumed: nothing left to do
     on_step = [cb.on_step for cb in callbacks if hasattr(cb, "on_step")]
     on_epoch = [cb.on_epoch for cb in callbacks if hasattr(cb, "on_epoch")]
-    # a host synchronisation per step costs GPU time; on CPU it is free, so check every step there
-    check_every = 1 if (device.type == "cpu" or on_step or config.log_steps) else 50
-    model.train()
-
-    for epoch in range(state["epoch"], config.epochs):
-        loader.epoch = epoch
-        sums = state["sums"] or [torch.zeros((), dtype=torch.float64, device=device),
-                                 torch.zeros((), dtype=torch.int64, device=device), 0]
-        skip = state["batch"]
-        bar = _progress(progress, steps_per_epoch - skip, f"epoch {epoch + 1}/{config.epochs}")
-        timer = _Timer(device)
-        diverged = None
-        try:
-            for batch_index, (x, y) in enumerate(loader):
-                if batch_index < skip:
-                    continue  # resumed mid-epoch: the loader replays the epoch's randomness up to here
-                lr = config.lr * lr_factor(state["step"], total_steps, config.schedule, config.warmup_fraction)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x = _prepare(x, config.channels_last)
-                with _autocast(device, config.amp):
-                    logits = forward(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                state["step"] += 1
-                state["batch"] = batch_index + 1
-                detached = loss.detach()
-                sums[0] += detached.double() * len(y)
-                sums[1] += (logits.detach().argmax(1) == y).sum()
-                sums[2] += len(y)
-                if bar is not None:
-                    bar.update(1)
-                if state["step"] % check_every == 0 or on_step or config.log_steps:
-                    value = float(detached)
-                    if config.log_steps:
-                        history.steps.append({"step": state["step"], "loss": value, "lr": lr,
-                                              "acc": float((logits.detach().argmax(1) == y).float().mean())})
-                    for fn in on_step:
-                        fn(state["step"], raw_model, value, (x, y))
-                    if not math.isfinite(value) or value > config.divergence_loss:
-                        diverged = f"training loss {value:.4g} at step {state['step']} " + (
-                            "is not finite" if not math.isfinite(value) else f"> divergence_loss {config.divergence_loss:g}")
-                if diverged is None and config.max_steps is not None and state["step"] >= config.max_steps:
-                    break
-                if diverged:
-                    break
-        except KeyboardInterrupt:
-            state["seconds"] += timer.seconds()
-            state["sums"] = sums
-            history.status, history.reason = "stopped", f"interrupted in epoch {epoch + 1}"
-            checkpoint()
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        epoch_time = timer.seconds()
-        state["seconds"] += epoch_time
-        count = max(1, sums[2])
-        train_loss, train_acc = float(sums[0]) / count, float(sums[1]) / count
-        if diverged is None and not (math.isfinite(train_loss) and train_loss <= config.divergence_loss):
-            diverged = f"mean training loss {train_loss:.4g} in epoch {epoch + 1} is not finite or > {config.divergence_loss:g}"
-        epoch_done = state["batch"] >= steps_per_epoch
-        stop_steps = config.max_steps is not None and state["step"] >= config.max_steps
-        last = epoch + 1 == config.epochs or stop_steps or diverged is not None
-        record = {"epoch": epoch + 1, "step": state["step"], "train_loss": train_loss, "train_acc": train_acc,
-                  "test_loss": None, "test_acc": None, "lr": optimizer.param_groups[0]["lr"],
-                  "time": state["seconds"], "epoch_time": epoch_time}
-        if diverged is None and ((epoch + 1) % config.eval_every == 0 or last):
-            record["test_loss"], record["test_acc"] = evaluate(
-                raw_model, data.test_x, data.test_y, tta=config.tta, amp=config.amp,
-                channels_last=config.channels_last)
-        if epoch_done or last:
-            history.epochs.append(record)
-        state.update(epoch=epoch + 1 if epoch_done else epoch, batch=0 if epoch_done else state["batch"],
-                     sums=None if epoch_done else sums)
-        for fn in on_epoch:
-            fn(epoch + 1, raw_model, record)
-        if diverged is not None:
-            return finish("diverged", diverged)
-        if stop_steps:
-            return finish("done", f"max_steps={config.max_steps} reached")
-        checkpoint()
-    return finish("done", f"{config.epochs} epochs")
+    with _StopRequest() as stop:  # from here on, Ctrl-C is taken between steps (imports included)
+        run = _Run(model, data, config)
+        if not run.resume() and hasattr(run.raw_model, "init_from_data"):
+            run.raw_model.init_from_data(run.data.train_x)  # a data-dependent initialisation (airbench's whitening)
+        if run.history.status in ("done", "diverged"):
+            return run.history  # a finished run resumed: nothing left to do
+        model.train()
+        stop.check()
+        for epoch in range(run.position["epoch"], config.epochs):
+            result = run.train_epoch(epoch, stop, on_step, progress)
+            for fn in on_epoch:
+                fn(epoch + 1, run.raw_model, result.record)
+            if result.diverged is not None:
+                return run.finish("diverged", result.diverged)
+            if result.max_steps_reached:
+                return run.finish("done", f"max_steps={config.max_steps} reached")
+            run.save()
+            stop.check()
+        return run.finish("done", f"{config.epochs} epochs")
 
 
 class _Timer:

@@ -17,16 +17,21 @@ your own runs with 95% confidence intervals over seeds by rules fixed in code be
   5  BN complements residual connections
 
 Every run (spec, history, metrics, status, versions, hardware) goes into OUT/study.sqlite. Finished
-runs are reused when the command is rerun; interrupted or failed ones are redone. The report is
+runs are reused when the command is rerun; interrupted or failed ones are redone. Ctrl-C stops the
+workers within seconds (runs in flight are abandoned, never half-stored) and exits with status 130;
+rerun the same command to resume. OUT is locked while a study runs in it. The report is
 OUT/report.html (self-contained) and OUT/report.md with OUT/figures/*.png; OUT/verdicts.json holds
 the verdicts for scripts.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
+
+from bnlab.errors import UserError
 
 NAME = "study"
 HELP = "measure BN's claimed effects (ICS, speed, regularization, learning rate, residuals) and report"
@@ -38,46 +43,77 @@ def add_arguments(parser) -> None:
     parser.add_argument("--claims", default="all", help="comma-separated claim numbers, e.g. 1,4 (default: all)")
     parser.add_argument("--dataset", default=None,
                         help="override the profile's dataset: mnist1d, fashion-mnist, digits, synthetic")
+    parser.add_argument("--data-dir", help="directory holding the dataset files (authoritative, as $BNLAB_DATA)")
     parser.add_argument("--out", default="study-out", help="output directory (store, report, figures)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="runs in parallel processes (default: the number of CPU cores, at most 4)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: the profile's, cpu)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: CUDA if available, else the profile's), cpu, cuda or cuda:N")
     parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds (at least 3 "
                                                                 "for meaningful intervals)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar on stderr (default: when stderr is a terminal)")
     parser.add_argument("--show-profile", action="store_true", help="print the profile as JSON and exit")
 
 
 def _check_dataset_and_device(profile: dict) -> None:
     import bnlab.data
-    import torch
+    from bnlab.train import resolve_device
 
     known = bnlab.data.available()
     for name in {profile["dataset"], profile["regularize"].get("dataset") or profile["dataset"]}:
         if name.lower().replace("_", "-") not in known:
-            raise ValueError(f"--dataset {name!r} is unknown: expected one of {', '.join(known)}")
-    device = str(profile.get("device", "cpu"))
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise ValueError(f"--device must be cpu or cuda[:N] (got {device!r})")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+            raise UserError(f"--dataset {name!r} is unknown: expected one of {', '.join(known)}")
+    resolve_device(str(profile.get("device", "cpu")))
+
+
+def _check_data_dir(profile: dict, data_dir) -> None:
+    """Every dataset the study reads from files is in --data-dir (nothing is downloaded into it)."""
+    import bnlab.data
+    for name in {profile["dataset"], profile["regularize"].get("dataset") or profile["dataset"]}:
+        if name.lower().replace("_", "-") in ("fashion-mnist", "cifar10", "cifar100", "cifar-10", "cifar-100"):
+            bnlab.data.load(name, data_dir=data_dir, download=False)  # raises naming the directory and file
+
+
+def _profile(args) -> dict:
+    import torch
+
+    from bnlab.study import get_profile, with_overrides
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else None  # None: the profile's device
+    try:
+        return with_overrides(get_profile(args.profile), dataset=args.dataset, device=device, seeds=args.seeds)
+    except ValueError as error:  # a profile or an override the user gave
+        raise UserError(str(error)) from None
 
 
 def run(args) -> int:
-    from bnlab.study import get_profile, parse_claims, with_overrides
-    from bnlab.study.runner import run_study
+    from bnlab.study import parse_claims
+    from bnlab.study.report import build_report
+    from bnlab.study.runner import check_jobs, check_out, run_study
 
-    profile = with_overrides(get_profile(args.profile), dataset=args.dataset, device=args.device, seeds=args.seeds)
+    profile = _profile(args)
     if args.show_profile:
         print(json.dumps(profile, indent=2))
         return 0
-    claims = parse_claims(args.claims)
+    try:
+        claims = parse_claims(args.claims)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     _check_dataset_and_device(profile)
     jobs = args.jobs if args.jobs is not None else max(1, min(4, os.cpu_count() or 1))
     if str(profile.get("device", "cpu")).startswith("cuda"):
         jobs = 1 if args.jobs is None else jobs  # one GPU: parallel processes would only contend for it
+    check_jobs(jobs)
+    check_out(args.out)
+    if args.data_dir:
+        _check_data_dir(profile, args.data_dir)
+        os.environ["BNLAB_DATA"] = str(args.data_dir)  # the workers' data.load reads it from the environment
     started = time.perf_counter()
-    report = run_study(profile, args.out, claims=claims, jobs=jobs, progress=not args.no_progress)
+    store = run_study(profile, args.out, claims=claims, jobs=jobs, progress=args.progress)
+    report = build_report(store.parent)
     verdicts = json.loads((report.parent / "verdicts.json").read_text())["claims"]
     print(f"\n{'claim':<62} verdict")
     for number, v in verdicts.items():

@@ -7,11 +7,15 @@ Examples:
   bnlab train --model resnet20 --plain --norm torch_bn --schedule cosine --optimizer adamw --lr 2e-3
   bnlab train --model resnet1d --dataset mnist1d --epochs 20 --batch-size 64
   bnlab train --model resnet20 --out runs/r20 --resume            # continue an interrupted run exactly
+  bnlab train --out runs/r20 --resume --epochs 20                  # extend a finished run to 20 epochs
   torchrun --nproc-per-node 2 -m bnlab.cli train --model resnet20  # data parallel, synchronized BN
 
-Writes into --out (default runs/MODEL-NORM-DATASET-sSEED): history.json (config, per-epoch metrics,
-status), final.json (final metrics), model.pt (the trained state dict) and checkpoint.pt (written
-atomically after every epoch and on Ctrl-C; --resume continues from it). A diverging run (non-finite loss
+Writes into --out (default runs/MODEL-NORM-DATASET-sSEED): command.json (the run's settings),
+history.json (config, per-epoch metrics, status), final.json (final metrics), model.pt (the trained
+state dict) and checkpoint.pt (written atomically after every epoch and on Ctrl-C, always between two
+steps; --resume continues from it with the saved settings, except flags given explicitly: a different
+--lr is an error, a larger --epochs extends the run). Every argument and --out are checked before
+training starts. Ctrl-C finishes the step in flight, saves and exits with status 130. A diverging run (non-finite loss
 or a loss above --divergence-loss) is a result: it ends with status "diverged" and exit status 0.
 
 Under torchrun (WORLD_SIZE > 1) the process group is initialised (gloo on CPU, NCCL on CUDA), batch-norm
@@ -21,11 +25,12 @@ DistributedDataParallel and every rank trains on its shard of each epoch; --batc
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
+import tempfile
 from pathlib import Path
+
+from bnlab.errors import UserError
 
 NAME = "train"
 HELP = "train a model (ResNet, airbench) on a dataset and save its history"
@@ -35,49 +40,115 @@ _COLUMNS = [("epoch", 5, "d"), ("step", 7, "d"), ("train_loss", 10, ".4f"), ("tr
             ("test_loss", 9, ".4f"), ("test_acc", 8, ".4f"), ("lr", 9, ".4g"), ("time", 8, ".1f")]
 
 
+# Defaults of the model and data flags; the optimization and run flags default to TrainConfig's fields.
+_MODEL_DEFAULTS = {"model": "resnet20", "norm": "bn", "depth": None, "width": 1.0, "plain": False,
+                   "zero_init_residual": False, "fused": None, "dataset": "fashion-mnist", "subset": None}
+# flags that are not settings of the run (never saved, never compared on --resume)
+_NOT_SAVED = ("data_dir", "out", "resume", "progress", "json")
+# settings a resumed run may change: more epochs or steps extend it
+_EXTENDABLE = ("epochs", "max_steps")
+SETTINGS_FILE = "command.json"
+
+
+def _defaults() -> dict:
+    from bnlab.train import TrainConfig
+    config = TrainConfig().to_dict()
+    return {**_MODEL_DEFAULTS, **{k: v for k, v in config.items() if k not in ("checkpoint", "resume")}}
+
+
 def add_arguments(parser) -> None:
+    import argparse
+
+    default = _defaults()
+
+    def arg(group, *flags, help="", **kw):
+        """A flag whose absence leaves no attribute (default SUPPRESS): --resume can tell which were given."""
+        dest = kw.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        shown = default.get(dest, None)
+        if kw.get("action") in ("store_true", "store_false") or shown is None:
+            text = help
+        else:
+            text = f"{help} (default {shown})" if help else f"(default {shown})"
+        group.add_argument(*flags, default=argparse.SUPPRESS, help=text, **kw)
+
     m = parser.add_argument_group("model")
-    m.add_argument("--model", default="resnet20", help="a name from `bnlab models` (default resnet20)")
-    m.add_argument("--norm", default="bn", help="bn, torch_bn, none, groupnorm, layernorm, skipinit, fixup (default bn)")
-    m.add_argument("--depth", type=int, help="depth 6n+2 for --model resnet / preact_resnet / resnet1d")
-    m.add_argument("--width", type=float, default=1.0, help="width multiplier (default 1)")
-    m.add_argument("--plain", action="store_true", help="the plain twin: no identity shortcuts")
-    m.add_argument("--zero-init-residual", action="store_true", help="zero the last BN γ of every branch")
-    m.add_argument("--no-fused", action="store_true", help="never use the fused BN+add+ReLU path")
+    arg(m, "--model", help="a name from `bnlab models`")
+    arg(m, "--norm", help="bn, torch_bn, none, groupnorm, layernorm, skipinit, fixup")
+    arg(m, "--depth", type=int, help="depth 6n+2 for --model resnet / preact_resnet / resnet1d")
+    arg(m, "--width", type=float, help="width multiplier")
+    arg(m, "--plain", action="store_true", help="the plain twin: no identity shortcuts")
+    arg(m, "--zero-init-residual", action="store_true", help="zero the last BN γ of every branch")
+    arg(m, "--no-fused", dest="fused", action="store_false", help="never use the fused BN+add+ReLU path")
     d = parser.add_argument_group("data")
-    d.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist1d, digits, synthetic")
-    d.add_argument("--data-dir", help="directory searched first for dataset files")
-    d.add_argument("--subset", type=int, help="train on a seeded class-balanced subset of this many examples")
-    d.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="random crop + flip (--no-augment to disable; default: where it makes sense)")
-    d.add_argument("--keep-last", action="store_true", help="keep the last incomplete batch (default: drop it)")
+    arg(d, "--dataset", help="fashion-mnist, mnist1d, digits, synthetic")
+    d.add_argument("--data-dir", help="directory holding the dataset files (authoritative: nothing else is searched)")
+    arg(d, "--subset", type=int, help="train on a seeded class-balanced subset of this many examples")
+    arg(d, "--augment", action=argparse.BooleanOptionalAction,
+        help="random crop + flip (--no-augment to disable; default: where it makes sense)")
+    arg(d, "--keep-last", dest="drop_last", action="store_false",
+        help="keep the last incomplete batch (default: drop it)")
     o = parser.add_argument_group("optimization")
-    o.add_argument("--epochs", type=int, default=10)
-    o.add_argument("--batch-size", type=int, default=128, help="examples per step (per rank)")
-    o.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    o.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum / AdamW β1")
-    o.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov")
-    o.add_argument("--weight-decay", type=float, default=5e-4)
-    o.add_argument("--norm-weight-decay", type=float, default=0.0, help="weight decay of norm parameters and biases")
-    o.add_argument("--schedule", choices=["onecycle", "cosine", "constant"], default="onecycle")
-    o.add_argument("--warmup", type=float, default=0.2, help="fraction of steps in linear warm-up (default 0.2)")
-    o.add_argument("--label-smoothing", type=float, default=0.0)
-    o.add_argument("--max-steps", type=int, help="stop after this many steps")
-    o.add_argument("--divergence-loss", type=float, default=1e3, help="a loss above this ends the run as diverged")
+    arg(o, "--epochs", type=int, help="epochs; with --resume, more than the saved run's extend it")
+    arg(o, "--batch-size", type=int, help="examples per step (per rank)")
+    arg(o, "--lr", type=float, help="peak learning rate")
+    arg(o, "--optimizer", choices=["sgd", "adamw"])
+    arg(o, "--momentum", type=float, help="SGD momentum / AdamW β1")
+    arg(o, "--no-nesterov", dest="nesterov", action="store_false", help="plain momentum instead of Nesterov")
+    arg(o, "--weight-decay", type=float)
+    arg(o, "--norm-weight-decay", type=float, help="weight decay of norm parameters and biases")
+    arg(o, "--schedule", choices=["onecycle", "cosine", "constant"])
+    arg(o, "--warmup", dest="warmup_fraction", type=float, help="fraction of steps in linear warm-up")
+    arg(o, "--label-smoothing", type=float)
+    arg(o, "--max-steps", type=int, help="stop after this many steps")
+    arg(o, "--divergence-loss", type=float, help="a loss above this ends the run as diverged")
     r = parser.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    r.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    r.add_argument("--channels-last", action="store_true")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model")
-    r.add_argument("--tta", action="store_true", help="evaluate with horizontal-flip test-time augmentation")
-    r.add_argument("--eval-every", type=int, default=1, help="evaluate every this many epochs")
-    r.add_argument("--log-steps", action="store_true", help="record every step's loss in the history")
+    arg(r, "--seed", type=int)
+    arg(r, "--device", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    arg(r, "--amp", action="store_true", help="bf16 autocast (CUDA)")
+    arg(r, "--channels-last", action="store_true")
+    arg(r, "--compile", action="store_true", help="torch.compile the model")
+    arg(r, "--tta", action="store_true", help="evaluate with horizontal-flip test-time augmentation")
+    arg(r, "--eval-every", type=int, help="evaluate every this many epochs; 0: after the last epoch only")
+    arg(r, "--log-steps", action="store_true", help="record every step's loss in the history")
     r.add_argument("--out", help="output directory (default runs/MODEL-NORM-DATASET-sSEED)")
-    r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar (default: on a terminal)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run saved in OUT: its settings apply, except the flags given")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm bar (default: when stderr is a terminal)")
     r.add_argument("--json", action="store_true", help="print the final metrics as JSON instead of a summary")
+
+
+def _settings(args) -> tuple[dict, Path]:
+    """The run's settings and output directory: defaults, then (with --resume) the saved run's, then the
+    flags given. A given flag that contradicts the saved run (other than extending it) is an error."""
+    given = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", *_NOT_SAVED)}
+    settings = {**_defaults(), **given}
+    out = Path(args.out or f"runs/{settings['model']}-{settings['norm']}-{settings['dataset']}-s{settings['seed']}")
+    saved_file = out / SETTINGS_FILE
+    if args.resume and saved_file.is_file():
+        try:
+            saved = json.loads(saved_file.read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(f"--resume: cannot read {saved_file} ({error}); delete {out} to start afresh") from None
+        conflicts = [f"--{k.replace('_', '-')} {given[k]!r} (saved: {saved[k]!r})" for k in given
+                     if k in saved and saved[k] != given[k] and k not in _EXTENDABLE]
+        if conflicts:
+            raise UserError(f"--resume: {', '.join(conflicts)} contradicts the run saved in {out}; drop the "
+                            f"flag to continue it as saved, or train into another --out")
+        settings = {**_defaults(), **saved, **given}
+    return settings, out
+
+
+def _check_out(out: Path) -> None:
+    """The output directory exists (or can be made) and takes files; before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise UserError(f"--out {out}: cannot write there ({error.strerror or error})") from None
 
 
 def _print_header() -> None:
@@ -116,66 +187,88 @@ def _sync_batchnorm(model):
     try:
         from bnlab.distributed import convert_sync_batchnorm
     except ImportError as error:
-        raise SystemExit(f"bnlab train: WORLD_SIZE > 1 needs bnlab.distributed.convert_sync_batchnorm, which is "
-                         f"not available in this installation ({error})") from None
+        raise UserError(f"WORLD_SIZE > 1 needs bnlab.distributed.convert_sync_batchnorm, which is "
+                        f"not available in this installation ({error})") from None
     return convert_sync_batchnorm(model)
 
 
-def run(args) -> int:
+def _build(settings: dict, args):
+    """(config, dataset, model), every argument checked before any training starts."""
+    from bnlab import data, models
+    from bnlab.train import TrainConfig, resolve_device, set_seed
+
+    config_fields = {k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__}
+    config = TrainConfig(**config_fields)  # checks every number
+    resolve_device(config.device)
+    dataset = data.load(settings["dataset"], data_dir=args.data_dir, subset=settings["subset"], seed=config.seed)
+    per_epoch = len(dataset.train_x) // int(os.environ.get("WORLD_SIZE", "1"))
+    if config.batch_size > per_epoch and config.drop_last:
+        raise UserError(f"--batch-size {config.batch_size} is larger than the {per_epoch} training examples "
+                        f"of {dataset.name}{' per rank' if per_epoch < len(dataset.train_x) else ''}; "
+                        f"use at most {per_epoch}")
+    set_seed(config.seed)
+    kw = {"depth": settings["depth"]} if settings["depth"] else {}
+    try:
+        model = models.create(settings["model"], norm=settings["norm"], in_channels=dataset.in_channels,
+                              num_classes=dataset.num_classes, width=settings["width"], plain=settings["plain"],
+                              zero_init_residual=settings["zero_init_residual"], fused=settings["fused"], **kw)
+    except (ValueError, TypeError) as error:
+        raise UserError(str(error)) from None
+    data_dims, model_dims = dataset.train_x.dim() - 2, getattr(model, "dims", 2)
+    if model_dims != data_dims:
+        raise UserError(f"--model {settings['model']} takes {'sequences (N, C, L)' if model_dims == 1 else 'images'}, "
+                        f"but --dataset {settings['dataset']} holds {tuple(dataset.train_x.shape[1:])} examples; "
+                        f"use {'resnet1d' if data_dims == 1 else 'an image model such as resnet20'}")
+    return config, dataset, model
+
+
+def _train(model, dataset, config, settings: dict, out: Path, args, rank: int, world_size: int):
     import torch
 
-    from bnlab import data, models
-    from bnlab.train import TrainConfig, set_seed, train
+    from bnlab.train import train
 
-    rank, world_size, dist_device = _init_distributed()
-    out = Path(args.out or f"runs/{args.model}-{args.norm}-{args.dataset}-s{args.seed}")
-    try:
-        config = TrainConfig(
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-            momentum=args.momentum, nesterov=not args.no_nesterov, weight_decay=args.weight_decay,
-            norm_weight_decay=args.norm_weight_decay, schedule=args.schedule, warmup_fraction=args.warmup,
-            label_smoothing=args.label_smoothing, seed=args.seed, device=dist_device or args.device,
-            augment=args.augment, drop_last=not args.keep_last, max_steps=args.max_steps,
-            divergence_loss=args.divergence_loss, log_steps=args.log_steps, eval_every=args.eval_every,
-            checkpoint=str(out / "checkpoint.pt"), resume=args.resume, amp=args.amp,
-            channels_last=args.channels_last, compile=args.compile, tta=args.tta)
-        dataset = data.load(args.dataset, data_dir=args.data_dir, subset=args.subset, seed=args.seed)
-        set_seed(args.seed)
-        kw = {"depth": args.depth} if args.depth else {}
-        model = models.create(args.model, norm=args.norm, in_channels=dataset.in_channels,
-                              num_classes=dataset.num_classes, width=args.width, plain=args.plain,
-                              zero_init_residual=args.zero_init_residual,
-                              fused=False if args.no_fused else None, **kw)
-        data_dims, model_dims = dataset.train_x.dim() - 2, getattr(model, "dims", 2)
-        if model_dims != data_dims:
-            raise ValueError(f"--model {args.model} takes {'sequences (N, C, L)' if model_dims == 1 else 'images'}, "
-                             f"but --dataset {args.dataset} holds {tuple(dataset.train_x.shape[1:])} examples; "
-                             f"use {'resnet1d' if data_dims == 1 else 'an image model such as resnet20'}")
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"bnlab train: {error}", file=sys.stderr)
-        return 2
-    if hasattr(model, "init_whitening") and not args.resume:  # airbench: fit the stem to the data
-        model.init_whitening(dataset.train_x[:5000])
+    main_process = rank == 0
     if world_size > 1:
         model = _sync_batchnorm(model).to(config.device)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.device(config.device).index] if config.device.startswith("cuda") else None)
 
-    main_process = rank == 0
     if main_process and not args.json:
         params = sum(p.numel() for p in model.parameters())
-        print(f"# {args.model} (norm={args.norm}, {params / 1e6:.3f}M parameters) on {dataset.name} "
+        print(f"# {settings['model']} (norm={settings['norm']}, {params / 1e6:.3f}M parameters) on {dataset.name} "
               f"({len(dataset.train_x)} train / {len(dataset.test_x)} test, from {dataset.source}); "
-              f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, seed {args.seed}; out {out}", flush=True)
+              f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr}, seed {config.seed}; out {out}",
+              flush=True)
         _print_header()
     callbacks = [_TablePrinter()] if main_process and not args.json else []
-    history = train(model, dataset, config, callbacks=callbacks, progress=args.progress if main_process else False)
+    return train(model, dataset, config, callbacks=callbacks, progress=args.progress if main_process else False)
+
+
+def run(args) -> int:
+    import torch
+
+    rank, world_size, dist_device = _init_distributed()
+    settings, out = _settings(args)
+    if dist_device:
+        settings["device"] = dist_device
+    config, dataset, model = _build(settings, args)
+    config.checkpoint, config.resume = str(out / "checkpoint.pt"), args.resume
+    main_process = rank == 0
     if main_process:
-        history.meta.update(model_name=args.model, norm=args.norm, width=args.width, plain=args.plain)
-        out.mkdir(parents=True, exist_ok=True)
+        _check_out(out)
+    try:
+        if main_process:
+            (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+        history = _train(model, dataset, config, settings, out, args, rank, world_size)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted; {out / 'checkpoint.pt'} holds the run up to the last finished "
+                                f"step: rerun the same command with --resume to continue") from None
+    if main_process:
+        history.meta.update(model_name=settings["model"], norm=settings["norm"], width=settings["width"],
+                            plain=settings["plain"])
         history.save_json(out / "history.json")
         final = {"status": history.status, "reason": history.reason, **history.final,
-                 "model": args.model, "norm": args.norm, "dataset": dataset.name, "seed": args.seed}
+                 "model": settings["model"], "norm": settings["norm"], "dataset": dataset.name, "seed": config.seed}
         (out / "final.json").write_text(json.dumps(final, indent=1))
         raw = model.module if hasattr(model, "module") else model
         torch.save(raw.state_dict(), out / "model.pt")

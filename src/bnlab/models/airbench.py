@@ -2,7 +2,7 @@
 
 After Keller Jordan's airbench (https://github.com/KellerJordan/cifar10-airbench, "94% on CIFAR-10 in
 3.29 seconds", https://arxiv.org/abs/2404.00498): a 2×2 convolution initialised to whiten the input
-patches (:meth:`AirbenchNet.init_whitening`), three groups ``conv3×3 → max-pool 2 → norm → GELU →
+patches (:meth:`AirbenchNet.init_whitening`, run by ``bnlab.train.train`` through ``init_from_data``), three groups ``conv3×3 → max-pool 2 → norm → GELU →
 conv3×3 → norm → GELU`` of widths 96/192/384 (× ``width``), a final max-pool, a bias-free linear layer and a
 fixed 1/9 output scale. Batch norm uses momentum 0.4 (airbench's 0.6 in the other convention) and a
 frozen γ = 1 (``freeze_gamma``). Convolutions start as partial identities (Dirac init) so the early
@@ -87,6 +87,11 @@ class AirbenchNet(nn.Module):
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)
         filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, c, k, k)
         self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
+
+    def init_from_data(self, train_x: Tensor) -> None:
+        """The data-dependent initialisation :func:`bnlab.train.train` runs at the start of a fresh run:
+        whiten the stem on the first 5000 training images."""
+        self.init_whitening(train_x[:5000])
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:

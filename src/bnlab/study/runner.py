@@ -2,27 +2,48 @@
 
 Finished runs (done or diverged) are read back from the store and never rerun; failed and interrupted
 ones are (an interrupted run left no row, see :mod:`bnlab.study.store`). With ``jobs > 1`` runs go to a
-pool of spawned worker processes, each writing its own row in its own transaction, so the parent never
-holds results the store has not got.
+pool of spawned worker processes, at most ``jobs`` at a time, each writing its own row in one
+transaction when its run ends, so the parent never holds results the store has not got.
+
+Stopping: Ctrl-C (SIGINT) or SIGTERM in the parent cancels the queue, terminates the workers (their
+runs in flight are abandoned and leave no row) and raises :class:`Interrupted`, which says how many
+runs are in the store. Workers ignore SIGINT (the parent decides) and die with the parent even when it
+is killed outright: a parent-death signal on Linux, and a thread watching the parent elsewhere.
+:func:`run_study` locks the output directory, so two studies never run the same specs twice.
+
+The runner does not build the report (:mod:`bnlab.study.report` reads the store; ``bnlab study`` calls
+it after :func:`run_study`), so the two modules do not import each other.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as futures
+import ctypes
 import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from tqdm.auto import tqdm
 
+from bnlab.errors import UserError
 from bnlab.study import CLAIMS, parse_claims
 from bnlab.study.specs import spec_label, unique_specs
-from bnlab.study.store import Store, environment
+from bnlab.study.store import STORE_NAME, Store, environment
 
-__all__ = ["STORE_NAME", "collect_specs", "run_specs", "run_study", "estimated_cost"]
+__all__ = ["STORE_NAME", "LOCK_NAME", "Interrupted", "collect_specs", "run_specs", "run_study", "estimated_cost",
+           "StudyLock", "check_jobs", "check_out"]
 
-STORE_NAME = "study.sqlite"
+LOCK_NAME = ".study.lock"  # beside it, .study.lock.owner names the process holding it
+
+
+class Interrupted(KeyboardInterrupt):
+    """The study stopped on Ctrl-C or SIGTERM; the message says what the store holds."""
 
 
 def collect_specs(profile: dict, claims: Sequence[int]) -> dict[str, dict]:
@@ -51,57 +72,198 @@ def _work(store_path: str, key: str, spec: dict) -> tuple[str, str, Optional[str
     return key, status, error
 
 
-def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: bool = True) -> dict[str, str]:
-    """Run every spec the store does not already hold as finished; returns key → status of those run."""
-    if not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"--jobs must be a positive integer (got {jobs!r})")
+# ------------------------------------------------------------------------------------------ workers
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: ignore SIGINT (the parent stops the pool) and exit when the parent dies.
+
+    On Linux the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG); a daemon thread
+    polling the parent id covers other systems and the race where the parent died before the prctl."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="bnlab-parent-watchdog", daemon=True).start()
+
+
+def _terminate(pool: futures.ProcessPoolExecutor) -> None:
+    """Stop every worker now (their runs in flight are abandoned: a run writes its row only at its end)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public API before Python 3.14
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def check_jobs(jobs) -> int:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise UserError(f"--jobs must be a positive integer (got {jobs!r})")
+    return jobs
+
+
+class _StopOnSignal:
+    """SIGTERM in the parent raises KeyboardInterrupt like Ctrl-C, so both stop the study the same way."""
+
+    def __enter__(self):
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Optional[bool] = True) -> dict[str, str]:
+    """Run every spec the store does not already hold as finished; returns key → status of those run.
+
+    ``progress``: a bar on stderr (``None``: only when stderr is a terminal). Raises :class:`Interrupted`
+    on Ctrl-C / SIGTERM after stopping every worker."""
+    check_jobs(jobs)
+    if progress is None:
+        progress = sys.stderr.isatty()
     done = store.finished_keys()
     pending = sorted(((k, s) for k, s in specs.items() if k not in done), key=lambda ks: -estimated_cost(ks[1]))
     bar = tqdm(total=len(specs), initial=len(specs) - len(pending), desc="runs", unit="run",
                disable=not progress, dynamic_ncols=True)
     statuses: dict[str, str] = {}
+    pool = None
     try:
-        if jobs == 1:
-            for key, spec in pending:
-                bar.set_postfix_str(spec_label(spec)[:40])
-                statuses[key] = _work(str(store.path), key, spec)[1]
-                bar.update()
-        else:
-            context = multiprocessing.get_context("spawn")  # fork after torch's thread pools can deadlock
-            with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-                jobs_ = [pool.submit(_work, str(store.path), key, spec) for key, spec in pending]
-                for job in futures.as_completed(jobs_):
-                    key, status, _ = job.result()
-                    statuses[key] = status
+        with _StopOnSignal():
+            if jobs == 1:
+                for key, spec in pending:
+                    bar.set_postfix_str(spec_label(spec)[:40])
+                    statuses[key] = _work(str(store.path), key, spec)[1]
                     bar.update()
+            else:
+                context = multiprocessing.get_context("spawn")  # fork after torch's thread pools can deadlock
+                pool = futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
+                                                   initializer=_die_with_parent, initargs=(os.getpid(),))
+                queue, running = iter(pending), set()
+                while True:
+                    # at most `jobs` runs submitted at a time, so stopping leaves no queue behind in the pool
+                    for key, spec in queue:
+                        running.add(pool.submit(_work, str(store.path), key, spec))
+                        if len(running) >= jobs:
+                            break
+                    if not running:
+                        break
+                    finished, running = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+                    for job in finished:
+                        key, status, _ = job.result()
+                        statuses[key] = status
+                        bar.update()
+                pool.shutdown()
+    except KeyboardInterrupt:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the cleanup
+        try:
+            if pool is not None:
+                _terminate(pool)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        bar.close()
+        finished = len(store.finished_keys() & set(specs))
+        raise Interrupted(f"interrupted: {finished} of {len(specs)} runs finished; "
+                          f"rerun the same command to resume") from None
+    except BaseException:
+        if pool is not None:
+            _terminate(pool)
+        raise
     finally:
         bar.close()
     return statuses
 
 
-def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progress: bool = True,
-              report: bool = True) -> Path:
-    """Run (or resume) the study for ``profile`` into directory ``out`` and write the report there.
+# ------------------------------------------------------------------------------------------ the study
+class StudyLock:
+    """An exclusive lock on a study directory (``filelock``, released by the OS if the process dies).
 
-    Returns the path of ``report.html`` (or of the store when ``report=False``).
-    """
+    The holder writes its PID, host and start time beside the lock; a second study on the same
+    directory gets a :class:`UserError` naming that process instead of running every spec again."""
+
+    def __init__(self, directory: Path) -> None:
+        from filelock import FileLock
+        self.directory = Path(directory)
+        self.lock = FileLock(str(self.directory / LOCK_NAME))
+        self.owner = self.directory / (LOCK_NAME + ".owner")
+
+    def __enter__(self) -> "StudyLock":
+        from filelock import Timeout
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            try:
+                holder = self.owner.read_text().strip()
+            except OSError:
+                holder = "another process"
+            raise UserError(f"--out {self.directory} is in use by another `bnlab study` ({holder}); wait for it "
+                            f"to finish or stop it, or use another --out") from None
+        self.owner.write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.owner.unlink(missing_ok=True)
+        finally:
+            self.lock.release()
+
+
+def check_out(out) -> Path:
+    """``--out`` is a directory (or can become one) that takes files; raises :class:`UserError` if not."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+        raise UserError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--out {out}: cannot write there ({error.strerror or error})") from None
+    return out
+
+
+def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progress: Optional[bool] = True) -> Path:
+    """Run (or resume) the study for ``profile`` into directory ``out``; returns the store's path.
+
+    Every argument is checked before anything is created; the directory is locked while the study runs.
+    Build the report from the store with :func:`bnlab.study.report.build_report` (``bnlab study`` does).
+    """
     numbers = parse_claims(claims)
-    store = Store(out / STORE_NAME)
-    store.set_meta("profile", profile)
-    store.set_meta("claims", numbers)
-    specs = collect_specs(profile, numbers)
-    started = time.perf_counter()
-    statuses = run_specs(specs, store, jobs=jobs, progress=progress)
-    store.set_meta("last_run_seconds", time.perf_counter() - started)
+    check_jobs(jobs)
+    out = check_out(out)
+    with StudyLock(out):
+        store = Store(out / STORE_NAME)
+        store.set_meta("profile", profile)
+        store.set_meta("claims", numbers)
+        specs = collect_specs(profile, numbers)
+        started = time.perf_counter()
+        statuses = run_specs(specs, store, jobs=jobs, progress=progress)
+        store.set_meta("last_run_seconds", time.perf_counter() - started)
     failed = [k for k, s in statuses.items() if s == "failed"]
-    if failed and progress:
+    if failed:
         first = store.get(failed[0])
         print(f"{len(failed)} run(s) failed; they are recorded in {store.path} and retried on the next "
-              f"invocation. First error ({spec_label(first['spec'])}):\n{first['error']}")
-    if not report:
-        return store.path
-    from bnlab.study.report import build_report
-    return build_report(out)
+              f"invocation. First error ({spec_label(first['spec'])}):\n{first['error']}", file=sys.stderr)
+    return store.path

@@ -132,7 +132,7 @@ def _run_train(spec: dict) -> tuple[str, dict]:
                          weight_decay=spec.get("weight_decay", 0.0), norm_weight_decay=0.0,
                          schedule=spec.get("schedule", "onecycle"), seed=spec["seed"],
                          device=spec.get("device", "cpu"), augment=False, max_steps=max_steps,
-                         eval_every=10 ** 6, log_steps=False)
+                         eval_every=0, log_steps=False)
     freeze_after = spec.get("freeze_after") if spec.get("norm") == "frozen_bn" else None
     probe = Probe(data, spec.get("eval_every", 10), freeze_after=freeze_after,
                   test_eval_size=spec.get("test_eval_size"), train_eval_size=spec.get("train_eval_size", 0))

@@ -16,7 +16,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-__all__ = ["Store", "FINISHED", "STATUSES", "environment"]
+from bnlab.errors import UserError
+
+__all__ = ["Store", "STORE_NAME", "FINISHED", "STATUSES", "environment"]
+
+STORE_NAME = "study.sqlite"  # the store's file name in a study directory
 
 STATUSES = ("done", "diverged", "failed")
 FINISHED = ("done", "diverged")  # reused on resume; "failed" runs are retried
@@ -69,10 +73,10 @@ class Store:
         self.path = Path(path)
         self.readonly = readonly
         if self.path.exists() and self.path.is_dir():
-            raise ValueError(f"store path {self.path} is a directory; expected a SQLite file path")
+            raise UserError(f"store path {self.path} is a directory; expected a SQLite file path")
         if readonly:
             if not self.path.is_file():
-                raise ValueError(f"no store at {self.path}; expected the study.sqlite of a `bnlab study` directory")
+                raise UserError(f"no store at {self.path}; expected the study.sqlite of a `bnlab study` directory")
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)

@@ -1,0 +1,222 @@
+"""One error path for the whole CLI (issue 10, items 5, 6, 8, 9, 10, 13, 14): a user error is one line on
+stderr and exit status 2, before any work is done; a closed stdout ends quietly; only bugs show a
+traceback. In-process through ``bnlab.cli.main`` where possible, as a subprocess where the interpreter's
+own exit matters."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnlab import cli
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+
+
+def one_line_error(capsys, argv, *fragments, command=None):
+    """Run ``bnlab argv``; assert exit 2 and a single stderr line ``bnlab CMD: error: ...`` holding each
+    fragment."""
+    status = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1, err
+    prog = "bnlab" if command == "" else f"bnlab {command or argv[0]}"
+    assert lines[0].startswith(f"{prog}: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ study
+def test_study_rejects_bad_arguments_in_one_line_and_creates_nothing(tmp_path, capsys):
+    """Moved from test_study_pipeline (was: a ValueError traceback per mistake); --jobs 0 used to leave an
+    empty study.sqlite."""
+    out = tmp_path / "x"
+    one_line_error(capsys, ["study", "--profile", "tiny", "--claims", "9", "--out", out], "--claims")
+    one_line_error(capsys, ["study", "--profile", "enormous", "--out", out], "--profile")
+    one_line_error(capsys, ["study", "--profile", "tiny", "--dataset", "imagenet", "--out", out], "--dataset")
+    one_line_error(capsys, ["study", "--profile", "tiny", "--device", "tpu", "--out", out], "device 'tpu'")
+    one_line_error(capsys, ["study", "--profile", "tiny", "--claims", "5", "--jobs", "0", "--out", out], "--jobs")
+    one_line_error(capsys, ["study", "--profile", "tiny", "--jobs", "two", "--out", out], "--jobs")
+    assert not out.exists()
+    target = tmp_path / "file"
+    target.write_text("")
+    one_line_error(capsys, ["study", "--profile", "tiny", "--out", target], f"--out {target}", "not a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_study_into_a_read_only_directory(tmp_path, capsys):
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        one_line_error(capsys, ["study", "--profile", "tiny", "--out", locked], f"--out {locked}", "cannot write")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_study_and_train_into_a_directory_nobody_can_create(capsys):
+    unwritable = Path("/proc/self/bnlab-out")  # even root cannot make a directory in /proc
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc")
+    one_line_error(capsys, ["study", "--profile", "tiny", "--out", unwritable], f"--out {unwritable}", "cannot write")
+    one_line_error(capsys, ["train", "--model", "resnet8", "--dataset", "synthetic", "--out", unwritable],
+                   f"--out {unwritable}", "cannot write")
+
+
+def test_study_data_dir_is_authoritative(tmp_path, capsys):
+    """Item 6: `bnlab study` had no --data-dir; now a directory without the profile's dataset fails at once."""
+    missing = tmp_path / "nonexistent"
+    one_line_error(capsys, ["study", "--profile", "tiny", "--dataset", "fashion-mnist", "--data-dir", missing,
+                            "--out", tmp_path / "x"], f"--data-dir {missing}: no such directory")
+    assert not (tmp_path / "x" / "study.sqlite").exists()
+
+
+def test_study_cuda_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    one_line_error(capsys, ["study", "--profile", "tiny", "--device", "cuda", "--out", tmp_path / "x"],
+                   "CUDA is not available")
+
+
+def test_usage_errors_are_one_line_too(capsys):
+    one_line_error(capsys, ["train", "--lr", "abc"], "argument --lr: invalid float value: 'abc'")
+    one_line_error(capsys, ["nosuch"], "invalid choice: 'nosuch'", command="")
+
+
+# ------------------------------------------------------------------------------------------ train
+@pytest.mark.parametrize("flags,fragment", [
+    (["--lr", "inf"], "lr must be a finite number > 0 (got inf)"),
+    (["--lr", "0"], "lr must be a finite number > 0"),
+    (["--momentum", "-1"], "momentum must be in [0, 1) (got -1.0)"),
+    (["--epochs", "0"], "epochs must be an int >= 1"),
+    (["--eval-every", "-1"], "eval_every must be"),
+    (["--batch-size", "1000"], "--batch-size 1000 is larger than the 512 training examples of synthetic"),
+    (["--subset", "100000"], "subset must be between 1 and the training-set size 512"),
+    (["--device", "nosuch"], "device 'nosuch' is not a device"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+])
+def test_train_checks_every_argument_before_training(tmp_path, capsys, flags, fragment):
+    out = tmp_path / "run"
+    one_line_error(capsys, ["train", "--model", "resnet8", "--dataset", "synthetic", "--epochs", "1",
+                            "--out", out, *flags], fragment)
+    assert not (out / "checkpoint.pt").exists() and not (out / "history.json").exists()
+
+
+def test_train_cuda_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    one_line_error(capsys, ["train", "--model", "resnet8", "--dataset", "synthetic", "--device", "cuda",
+                            "--out", tmp_path / "r"], "CUDA is not available")
+
+
+def test_train_out_that_is_a_file_fails_before_training(tmp_path, capsys):
+    """Item 5: before, a whole epoch was trained, then a traceback."""
+    target = tmp_path / "file"
+    target.write_text("")
+    one_line_error(capsys, ["train", "--model", "resnet8", "--dataset", "synthetic", "--out", target],
+                   f"--out {target} exists and is not a directory")
+    assert capsys.readouterr().out == ""  # not even the header: nothing started
+
+
+def test_train_data_dir_is_authoritative(tmp_path, capsys):
+    """Item 6: before, a missing --data-dir was silently ignored."""
+    one_line_error(capsys, ["train", "--dataset", "fashion-mnist", "--data-dir", tmp_path / "nonexistent",
+                            "--out", tmp_path / "r"], f"--data-dir {tmp_path / 'nonexistent'}: no such directory")
+
+
+def _train(out, *extra):
+    return ["train", "--model", "resnet8", "--width", "0.25", "--dataset", "synthetic", "--batch-size", "64",
+            "--lr", "0.05", "--device", "cpu", "--out", str(out), "--no-progress", "--json", *extra]
+
+
+def test_resume_takes_the_saved_settings_and_extends_with_more_epochs(tmp_path, capsys):
+    """Item 10: before, `--resume` with the README's short command refused (defaults differ from the saved
+    run) and `--resume --epochs 5` on a finished 3-epoch run did nothing."""
+    out = tmp_path / "r"
+    assert cli.main(_train(out, "--epochs", "1", "--seed", "3")) == 0
+    first = json.loads(capsys.readouterr().out)
+    # the short form: every setting comes from the saved run (the model flags too)
+    assert cli.main(["train", "--out", str(out), "--resume", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == first["steps"] == 512 // 64
+    assert cli.main(["train", "--out", str(out), "--resume", "--json", "--epochs", "3"]) == 0
+    extended = json.loads(capsys.readouterr().out)
+    assert extended["status"] == "done" and extended["steps"] == 3 * (512 // 64)
+    history = json.loads((out / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3] and history["config"]["seed"] == 3
+    # a flag that contradicts the saved run is one line naming it
+    one_line_error(capsys, ["train", "--out", out, "--resume", "--lr", "0.5"], "--lr 0.5", "(saved: 0.05)")
+
+
+def test_doctor_reads_both_files_train_writes(tmp_path, capsys):
+    """Item 9: before, checkpoint.pt failed with UnpicklingError (a TorchVersion in it)."""
+    out = tmp_path / "r"
+    assert cli.main(_train(out, "--epochs", "1")) == 0
+    capsys.readouterr()
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["state"]["step"] == 512 // 64
+    reports = {}
+    for name in ("model.pt", "checkpoint.pt", None):
+        status = cli.main(["doctor", "resnet8", "--arg", "width=0.25", "--dataset", "synthetic", "--batches", "1",
+                           "--batch-size", "16", "--eval", "--json"] + (["--checkpoint", str(out / name)] if name else []))
+        reports[name] = json.loads(capsys.readouterr().out)
+        assert status == 0 and reports[name]["layers"], name
+    # both files hold the trained weights: the same report, and not the untrained model's
+    assert reports["model.pt"] == reports["checkpoint.pt"] != reports[None]
+    assert any(f["check"] == "initial_statistics" for f in reports[None]["findings"])
+    assert not any(f["check"] == "initial_statistics" for f in reports["model.pt"]["findings"])
+
+
+def test_doctor_bad_input_is_one_line(tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    one_line_error(capsys, ["doctor", "resnet8", "--shape", "4,3,8,8", "--checkpoint", garbage],
+                   f"{garbage}: not a PyTorch file")
+    one_line_error(capsys, ["doctor", "resnet8", "--shape", "4,3,8,8", "--checkpoint", tmp_path / "none.pt"],
+                   "no such file")
+    one_line_error(capsys, ["doctor", "resnet8", "--shape", "4,x,8"], "--shape expects", "'4,x,8'")
+    one_line_error(capsys, ["doctor", "resnet8", "--data", "imagenet"], "unknown dataset 'imagenet'")
+    one_line_error(capsys, ["doctor", "resnet8", "--dataset", "fashion-mnist", "--data-dir", tmp_path / "no"],
+                   f"--data-dir {tmp_path / 'no'}: no such directory")
+
+
+# ------------------------------------------------------------------------------------------ process level
+@pytest.mark.parametrize("argv", [["datasets"], ["models", "--json"]])
+def test_a_closed_stdout_ends_quietly(argv):
+    """Item 13: `bnlab datasets | head -2` ended in a BrokenPipeError traceback."""
+    command = f"{sys.executable} -m bnlab.cli {' '.join(argv)} | head -c 20"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert result.stderr == "" and len(result.stdout) == 20
+
+
+def test_a_bug_keeps_its_traceback_and_says_how_to_report_it(tmp_path):
+    result = subprocess.run([sys.executable, "-c", "import sys; import bnlab.commands.models as m; "
+                             "m.run = lambda args: 1 / 0; sys.argv = ['bnlab', 'models']; "
+                             "from bnlab.cli import console_main; console_main()"],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("bnlab: this is a bug in bnlab")
+
+
+def test_progress_and_device_flags_agree_across_commands():
+    """Item 14: --data (doctor) vs --dataset, --device auto in train but cpu in study, --progress only
+    in train."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    for name in ("train", "study"):
+        flags = {s: a for a in sub[name]._actions for s in a.option_strings}
+        assert {"--progress", "--no-progress", "--device", "--dataset", "--data-dir"} <= set(flags), name
+        assert flags["--progress"].default is None, name  # auto: a bar only on a terminal
+    study = cli.build_parser().parse_args(["study"])
+    assert study.device == "auto"
+    doctor = {s for a in sub["doctor"]._actions for s in a.option_strings}
+    assert {"--dataset", "--data", "--data-dir"} <= doctor
+    assert "--data-dir" in {s for a in sub["datasets"]._actions for s in a.option_strings}
