@@ -42,6 +42,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from bnlab.datadirs import DatasetNotFoundError, cache_dir, explicit_data_dir
 from bnlab.errors import UserError
 
 __all__ = ["Archive", "ARCHIVES", "DEFAULT_URL", "CROP_PADDING", "base_url", "search_dirs", "locate",
@@ -84,10 +85,9 @@ def _archive(name: str) -> Archive:
 
 
 def _how_to_get(name: str) -> str:
-    from bnlab import data
     archive = _archive(name)
     return (f"download {DEFAULT_URL}{archive.filename} (MD5 {archive.md5}) and put it in "
-            f"{data.cache_dir() / 'cifar'}, or point --data-dir / $BNLAB_DATA at the directory holding it")
+            f"{cache_dir() / 'cifar'}, or point --data-dir / $BNLAB_DATA at the directory holding it")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,9 +103,8 @@ def base_url(url: Optional[str] = None) -> str:
 
 def search_dirs(data_dir: Optional[PathLike] = None) -> list[Path]:
     """The directories searched for an archive, in order: only ``data_dir`` (or else ``$BNLAB_DATA``)
-    when one is given, as for every dataset (:func:`bnlab.data.explicit_data_dir`)."""
-    from bnlab import data
-    explicit = data.explicit_data_dir(data_dir)
+    when one is given, as for every dataset (:func:`bnlab.datadirs.explicit_data_dir`)."""
+    explicit = explicit_data_dir(data_dir)
     user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bnlab"
     roots = [explicit[0]] if explicit else [user_cache]
     dirs: list[Path] = []
@@ -141,9 +140,8 @@ def download_archive(name: str, target: Optional[PathLike] = None, url: Optional
     """
     from filelock import FileLock
 
-    from bnlab import data
     archive = _archive(name)
-    target = Path(target) if target is not None else data.cache_dir() / "cifar"
+    target = Path(target) if target is not None else cache_dir() / "cifar"
     target.mkdir(parents=True, exist_ok=True)
     dest = target / archive.filename
     source = base_url(url) + archive.filename
@@ -264,27 +262,26 @@ def load_arrays(name: str, data_dir: Optional[PathLike] = None, download: bool =
                 ) -> tuple[dict[str, np.ndarray], str]:
     """Find (or download) ``name``'s archive and read it: ``(arrays, path of the archive)``.
 
-    ``arrays`` as :func:`read_archive` returns them. Raises :class:`bnlab.data.DatasetNotFoundError` with
+    ``arrays`` as :func:`read_archive` returns them. Raises :class:`bnlab.DatasetNotFoundError` with
     where it looked and how to get the archive when there is no copy and none can be downloaded.
     """
-    from bnlab import data
     path = locate(name, data_dir)
-    explicit = data.explicit_data_dir(data_dir)
+    explicit = explicit_data_dir(data_dir)
     if path is None:
         looked = ", ".join(map(str, search_dirs(data_dir)))
         # an explicit directory is authoritative: no other copy; $BNLAB_DATA is also the cache (downloads go
         # there), --data-dir never gets a download
         if explicit is not None and explicit[1] == "--data-dir":
             missing = "" if explicit[0].is_dir() else " (no such directory)"
-            raise data.DatasetNotFoundError(f"--data-dir {explicit[0]}{missing}: {name}: {_archive(name).filename} "
+            raise DatasetNotFoundError(f"--data-dir {explicit[0]}{missing}: {name}: {_archive(name).filename} "
                                             f"not found in {looked}; {_how_to_get(name)}")
         if not download:
-            raise data.DatasetNotFoundError(f"{name}: {_archive(name).filename} not found in {looked}; "
+            raise DatasetNotFoundError(f"{name}: {_archive(name).filename} not found in {looked}; "
                                             f"{_how_to_get(name)}")
         try:
             path = download_archive(name)
         except OSError as err:  # unreachable server, HTTP errors (URLError is an OSError)
-            raise data.DatasetNotFoundError(f"{name}: {_archive(name).filename} not found in {looked} and the "
+            raise DatasetNotFoundError(f"{name}: {_archive(name).filename} not found in {looked} and the "
                                             f"download from {base_url()} failed ({err}); {_how_to_get(name)}") from err
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)

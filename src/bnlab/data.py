@@ -50,18 +50,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bnlab.datadirs import DatasetNotFoundError, cache_dir, explicit_data_dir
 from bnlab.errors import UserError
 
 __all__ = ["Dataset", "Loader", "load", "available", "locate", "read_idx", "cache_dir", "balanced_subset",
            "DatasetNotFoundError", "explicit_data_dir"]
 
 PathLike = Union[str, os.PathLike]
-
-
-class DatasetNotFoundError(UserError, FileNotFoundError):
-    """A dataset is not on disk and could not be downloaded, or a directory named explicitly
-    (``data_dir``, ``$BNLAB_DATA``) lacks it; the message names the directory and file and says how to
-    get it."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,22 +162,6 @@ _FASHION_FILES = {
 
 
 _FASHION_CACHE: dict = {}
-
-
-def cache_dir() -> Path:
-    """``$BNLAB_DATA``, else ``$XDG_CACHE_HOME/bnlab``, else ``~/.cache/bnlab``."""
-    if os.environ.get("BNLAB_DATA"):
-        return Path(os.environ["BNLAB_DATA"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bnlab"
-
-
-def explicit_data_dir(data_dir: Optional[PathLike] = None) -> Optional[tuple[Path, str]]:
-    """(directory, what named it) for ``data_dir`` or else ``$BNLAB_DATA``; ``None`` when neither is set."""
-    if data_dir:
-        return Path(data_dir).expanduser(), "--data-dir"
-    if os.environ.get("BNLAB_DATA"):
-        return Path(os.environ["BNLAB_DATA"]).expanduser(), "$BNLAB_DATA"
-    return None
 
 
 def _layouts(root: Path) -> list[Path]:
