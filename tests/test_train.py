@@ -253,3 +253,22 @@ def test_airbench_is_whitened_by_the_engine_at_the_start_of_a_fresh_run(syntheti
     expected.init_whitening(x[:5000])
     # after one SGD step the stem moved a little from the whitening; before the fix it stayed at its random init
     assert torch.allclose(seen[0], expected.whiten.weight, atol=0.05)
+
+
+@pytest.mark.parametrize("dataset_padding, config_padding, expected", [(4, None, 4), (2, None, 2), (4, 1, 1)])
+def test_crop_padding_follows_the_dataset_unless_given(monkeypatch, synthetic, dataset_padding, config_padding,
+                                                        expected):
+    import dataclasses
+
+    import bnlab.train
+    seen = []
+
+    class RecordingLoader(data.Loader):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs["crop_padding"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(bnlab.train, "Loader", RecordingLoader)
+    ds = dataclasses.replace(synthetic, crop_padding=dataset_padding)
+    train(small_model(), ds, quick_config(crop_padding=config_padding, max_steps=1, augment=True), progress=False)
+    assert seen == [expected]

@@ -83,7 +83,7 @@ class TrainConfig:
     compile: bool = False            # torch.compile the model
     compile_mode: Optional[str] = None  # torch.compile mode: "reduce-overhead" captures CUDA graphs
     tta: bool = False                # evaluate with horizontal-flip test-time augmentation
-    crop_padding: int = 2            # padding of the random crop, pixels
+    crop_padding: Optional[int] = None  # padding of the random crop, pixels; None: the dataset's (CIFAR 4, else 2)
 
     def __post_init__(self) -> None:
         def number(value, low, high=math.inf, low_open=False, high_open=False) -> bool:
@@ -115,7 +115,8 @@ class TrainConfig:
              self.norm_weight_decay),
             (number(self.divergence_loss, 0, low_open=True), "divergence_loss must be a finite number > 0",
              self.divergence_loss),
-            (whole(self.crop_padding, 0), "crop_padding must be an int >= 0", self.crop_padding),
+            (self.crop_padding is None or whole(self.crop_padding, 0), "crop_padding must be None or an int >= 0",
+             self.crop_padding),
             (isinstance(self.seed, int), "seed must be an int", self.seed),
             (not self.resume or self.checkpoint, "resume=True needs a checkpoint path", self.checkpoint),
         ]
@@ -367,7 +368,8 @@ class _Run:
         augment = self.data.augment if config.augment is None else config.augment
         self.loader = Loader(self.data.train_x, self.data.train_y, config.batch_size, shuffle=True,
                              drop_last=config.drop_last, augment=augment, seed=config.seed,
-                             crop_padding=config.crop_padding, rank=self.rank, world_size=world_size)
+                             crop_padding=(self.data.crop_padding if config.crop_padding is None else config.crop_padding),
+                             rank=self.rank, world_size=world_size)
         self.steps_per_epoch = len(self.loader)
         self.optimizer = _make_optimizer(self.raw_model, config)
         self.history = History(config=config.to_dict(), meta={
