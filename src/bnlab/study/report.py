@@ -18,18 +18,19 @@ from pathlib import Path
 import jinja2
 import matplotlib.pyplot as plt
 
-from bnlab.study import CLAIMS
+from bnlab.study.claims import CLAIMS
 from bnlab.study.runner import STORE_NAME
 from bnlab.study.store import Store
 from bnlab.study.templates import HTML, MARKDOWN
-from bnlab.study.verdict import CAVEATS, ClaimResult, Interval, Verdict
+from bnlab.study.common import mark_failures
+from bnlab.study.verdict import NO_VERDICT, SUPPORTED, ClaimResult, Interval, Verdict
 
 __all__ = ["build_report", "analyze_claims"]
 
 
 def analyze_claims(profile: dict, results: dict, claims) -> list[ClaimResult]:
-    """Each claim's :class:`ClaimResult`; a claim whose analysis fails gets a placeholder naming the error
-    (its verdict is then "supported with caveats" at most, with the caveat saying why)."""
+    """Each claim's :class:`ClaimResult`; a claim whose analysis fails gets a placeholder with verdict
+    "no verdict" naming the error. A claim with failed runs gets "no verdict" either way."""
     out = []
     for n in claims:
         module = CLAIMS[n]
@@ -40,11 +41,12 @@ def analyze_claims(profile: dict, results: dict, claims) -> list[ClaimResult]:
             result.error = None
         except Exception as error:  # noqa: BLE001 — the report must still be written
             nan = Interval(math.nan, math.nan, math.nan)
-            result = ClaimResult(n, module.TITLE, Verdict(CAVEATS, "n/a", nan, "The analysis failed; see below."),
-                                 module.LITERATURE, module.RULE, caveats=["No verdict could be computed from the runs."],
+            result = ClaimResult(n, module.TITLE, Verdict(NO_VERDICT, "n/a", nan, "The analysis failed; see below."),
+                                 module.LITERATURE, module.RULE, expected=getattr(module, "EXPECTED", SUPPORTED),
+                                 caveats=["No verdict could be computed from the runs."],
                                  finding=getattr(module, "FINDING", ""))
             result.error = f"{type(error).__name__}: {error} — {traceback.format_exc(limit=-1).strip()}"
-        out.append(result)
+        out.append(mark_failures(module, profile, results, result))
     return out
 
 
@@ -116,6 +118,7 @@ def build_report(out: str | Path) -> Path:
     (out / "report.html").write_text(html)
     verdicts = {c.number: {"title": c.title, "verdict": c.verdict.verdict, "key_number": c.verdict.key_number,
                            "key_interval": c.verdict.key_interval.to_dict(), "agrees_with_literature":
-                           c.agrees_with_literature, "numbers": c.numbers} for c in analyzed}
+                           c.agrees_with_literature, "failed_runs": c.failed_runs, "numbers": c.numbers}
+                for c in analyzed}
     (out / "verdicts.json").write_text(json.dumps(verdicts, indent=2, default=_json_default))
     return out / "report.html"
