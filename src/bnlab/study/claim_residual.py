@@ -69,7 +69,7 @@ class Config(BaseModel):
 
 PRESETS = {
     "tiny": {"signal_depths": [8, 14], "train_depths": [8, 14], "signal_batch": 64, "lrs": [0.01, 0.1, 1.0]},
-    "quick": {"signal_depths": [8, 20, 56, 110], "train_depths": [8, 20], "signal_batch": 128,
+    "quick": {"signal_depths": [8, 20, 56, 110], "train_depths": [8, 14], "signal_batch": 128,
               "lrs": [0.03, 0.1, 0.3]},
     "standard": {"signal_depths": [8, 20, 56, 110, 218], "train_depths": [8, 20, 44], "signal_batch": 256,
                  "lrs": [0.01, 0.03, 0.1, 0.3, 1.0]},

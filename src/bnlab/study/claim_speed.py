@@ -52,8 +52,8 @@ class Config(BaseModel):
 
 PRESETS = {
     "tiny": {"epochs": 1, "target_fraction": 0.9},
-    "quick": {"epochs": 4, "target_fraction": 0.97},
-    "standard": {"epochs": 8, "target_fraction": 0.97},
+    "quick": {"epochs": 8, "target_fraction": 0.97},
+    "standard": {"epochs": 10, "target_fraction": 0.97},
     "full": {"epochs": 30, "target_fraction": 0.97},
 }
 
