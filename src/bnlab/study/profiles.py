@@ -106,7 +106,7 @@ def validate(profile: dict, source: str = "profile") -> dict:
         model = Profile.model_validate(profile)
     except ValidationError as error:
         problems = "; ".join(f"{_path(e['loc'])}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] not in
-                                                                  ("missing", "extra_forbidden") else "")
+                                                                  ("missing", "extra_forbidden", "value_error") else "")
                              for e in error.errors())
         raise UserError(f"{source}: {error.error_count()} problem(s): {problems}. Start from one printed by "
                         f"`bnlab study --profile quick --show-profile`") from None
