@@ -18,7 +18,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from bnlab.study import style
-from bnlab.study.common import (DIFF_BOUNDS, analyze as _analyze, arm_label, by_seed, choose_lr, final_pct, fmt,
+from bnlab.study.common import (DIFF_BOUNDS, analyze as _analyze, arm_label, choose_lr, final_pct, fmt,
                                 fmt_ci, lookup, mean_ci, train_spec)
 from bnlab.study.verdict import SUPPORTED, ClaimResult, Part, Rule, Verdict, paired_effect
 

@@ -12,7 +12,7 @@ import concurrent.futures as futures
 import multiprocessing
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from tqdm.auto import tqdm
 
