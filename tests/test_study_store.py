@@ -103,3 +103,12 @@ def test_parallel_processes_write_one_store_safely(tmp_path):
         w.join(60)
     assert [w.exitcode for w in workers] == [0, 0, 0]
     assert Store(path).count() == 45
+
+
+def test_claim_modules_import_without_the_registry():
+    """No import cycle: a claim module never needs bnlab.study's package init or registry for its names."""
+    import subprocess
+    import sys
+    code = ("import sys, bnlab.study.claim_speed, bnlab.study.claim_residual, bnlab.study.claim_regularize; "
+            "assert 'bnlab.study.claims' not in sys.modules and 'bnlab.study.profiles' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
