@@ -70,7 +70,7 @@ class Config(BaseModel):
 PRESETS = {
     "tiny": {"subset": 64, "batch_size": 32, "ghost_sizes": [4, 16], "max_steps": 8, "lrs": [0.05],
              "weight_decay": 5e-3, "fit_threshold": 1.0},
-    "quick": {"subset": 256, "batch_size": 64, "ghost_sizes": [4, 16], "max_steps": 300, "lrs": [0.1, 0.3],
+    "quick": {"subset": 128, "batch_size": 32, "ghost_sizes": [4, 8], "max_steps": 400, "lrs": [0.05, 0.2],
               "weight_decay": 2e-3, "fit_threshold": 99.0, "eval_every": 50},
     "standard": {"subset": 1000, "batch_size": 128, "ghost_sizes": [8, 32], "max_steps": 600,
                  "lrs": [0.03, 0.1, 0.3], "weight_decay": 2e-3, "fit_threshold": 99.0, "eval_every": 50},
