@@ -190,6 +190,22 @@ def test_claim2_supported_and_recovery_fractions():
     assert len(speed_runs) == 4 * len(SEEDS) and {s["lr"] for s in speed_runs} == {0.1}
 
 
+def test_claim2_steps_down_when_an_arm_diverges_at_a_constant_rate():
+    base = _speed_fake(lambda a, s: {"bn": 2}.get(a, 8), lambda a: {"bn": 0.5}.get(a, 1.0))
+
+    def fake(spec):
+        if spec.get("schedule") == "constant" and spec["norm"] == "fixup" and spec["lr"] == 0.1 and spec["seed"] == 3:
+            return _row("diverged", val=None, losses=(2.4, 90.0))
+        return base(spec)
+    profile = _profile(lr=LR4, speed={"target_fraction": 0.97})
+    results = _simulate(profile, [2], fake)
+    assert claim_speed._rates(profile, results, "fixup") == [0.1, 0.01]
+    assert claim_speed._rates(profile, results, "bn") == [0.1]
+    result = claim_speed.analyze(profile, results)
+    assert result.tables[0]["rows"][3][:2] == ["Fixup", "0.01"]
+    assert result.verdict.verdict == SUPPORTED
+
+
 def test_claim2_equivalence_is_not_supported():
     result, _, _ = _claim2(lambda a, s: 8)
     assert result.verdict.verdict == NOT_SUPPORTED
