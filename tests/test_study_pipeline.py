@@ -25,7 +25,9 @@ from bnlab.study.verdict import VERDICTS
 def tiny_study(tmp_path_factory):
     """One uninterrupted tiny study, shared by every test (and every pytest-xdist worker) that reads it."""
     from filelock import FileLock
-    root = tmp_path_factory.getbasetemp().parent  # the same directory for all xdist workers
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's directory, the same for all xdist workers (never an older session's)
     out = root / "tiny-study"
     with FileLock(str(root / "tiny-study.lock")):
         if not (out / "verdicts.json").is_file():
@@ -45,10 +47,11 @@ def _comparable(result):
 
 
 def test_tiny_study_writes_every_claim_and_verdict(tiny_study):
-    specs = collect_specs(get_profile("tiny"), sorted(CLAIMS))
     store = Store(tiny_study / STORE_NAME)
     rows = store.results()
+    specs = collect_specs(get_profile("tiny"), sorted(CLAIMS), rows)  # every round's runs, given the results
     assert set(rows) == set(specs)
+    assert len(specs) > len(collect_specs(get_profile("tiny"), sorted(CLAIMS)))  # later rounds added runs
     assert all(r["status"] in ("done", "diverged") for r in rows.values()), [r["error"] for r in rows.values()]
     assert all(r["versions"]["torch"] and r["hardware"]["cpus"] for r in rows.values())
     md = (tiny_study / "report.md").read_text()
@@ -58,6 +61,7 @@ def test_tiny_study_writes_every_claim_and_verdict(tiny_study):
     for number, module in CLAIMS.items():
         verdict = verdicts[str(number)]["verdict"]
         assert verdict in VERDICTS
+        assert verdicts[str(number)]["failed_runs"] == 0
         for text in (md, html):
             assert module.TITLE in text
             assert f"Claim {number}" in text
@@ -79,6 +83,7 @@ def test_report_command_rebuilds_without_training(tiny_study, tmp_path, capsys):
     assert (copy / "report.html").is_file()
     assert Store(copy / STORE_NAME).count() == count
     assert (copy / "verdicts.json").read_text() == (tiny_study / "verdicts.json").read_text()
+    json.loads((copy / "verdicts.json").read_text(), parse_constant=pytest.fail)  # no NaN
     with pytest.raises(UserError, match="no study store"):
         report_command.run(build_parser().parse_args(["report", str(tmp_path)]))
 
@@ -97,7 +102,7 @@ def test_resume_after_a_killed_process_finishes_with_the_same_results(tiny_study
     command = [sys.executable, "-m", "bnlab.cli", "study", "--profile", "tiny", "--out", str(out), "--no-progress"]
     process = subprocess.Popen(command + ["--jobs", "1"], start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    total = len(collect_specs(get_profile("tiny"), sorted(CLAIMS)))
+    total = Store(tiny_study / STORE_NAME).count()  # every round of the uninterrupted study
     deadline = time.time() + 180
     try:
         while True:

@@ -1,226 +1,341 @@
-"""Verdict rules on synthetic results: each rule must be able to give each of the three verdicts."""
+"""Each claim's verdict on synthetic results: every outcome a rule can give, reached through the claim's own
+measure → decide → render, with the numbers derived by hand from the synthetic data."""
 
 import math
 
 import matplotlib.pyplot as plt
 import pytest
 
-from bnlab.study import claim_lr, claim_speed
-from bnlab.study.specs import spec_key
-from bnlab.study.verdict import CAVEATS, NOT_SUPPORTED, SUPPORTED, Interval, Verdict, clears, combine
+from bnlab.study import claim_lr, claim_regularize, claim_residual, claim_speed, get_profile
+from bnlab.study.claims import collect_specs
+from bnlab.study.verdict import (HOLDS, INCONCLUSIVE, NO_VERDICT, NOT_SUPPORTED, PARTLY, REFUTED, SUPPORTED,
+                                 UNDECIDED)
+
 
 @pytest.fixture(autouse=True)
 def _close_figures():
     yield
-    plt.close("all")  # analyze() draws the report's figures; nothing here shows them
+    plt.close("all")  # render() draws the report's figures; nothing here shows them
 
 
-PROFILE = {"name": "synthetic", "dataset": "synthetic", "seeds": [0, 1, 2], "width": 0.25, "depth": 8,
-           "eval_every": 1, "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.01, 0.1, 1.0],
-                                   "batch_sizes": [32], "max_steps": 10}}
+SEEDS = [0, 1, 2, 3, 4, 5]
 
 
-def test_clears_and_combine():
-    assert clears(Interval(2.0, 1.5, 2.5), 1.0) is True
-    assert clears(Interval(0.5, 0.2, 0.9), 1.0) is False
-    assert clears(Interval(1.0, 0.5, 1.5), 1.0) is None
-    assert clears(Interval(math.nan, math.nan, math.nan), 0.0) is None
-    assert combine(True, True) == SUPPORTED
-    assert combine(True, False) == CAVEATS
-    assert combine(True, None) == CAVEATS
-    assert combine(None, True) == CAVEATS
-    assert combine(False, True) == NOT_SUPPORTED
-    assert combine(None, False) == NOT_SUPPORTED
-    with pytest.raises(ValueError, match="verdict"):
-        Verdict("maybe", "", Interval(0, 0, 0), "")
+def _profile(**sections):
+    profile = get_profile("tiny")
+    profile["seeds"] = list(SEEDS)
+    for name, values in sections.items():
+        profile[name].update(values)
+    return profile
 
 
-def _row(status, losses, accs, steps=None):
-    steps = steps or list(range(1, len(accs) + 1))
-    return {"status": status, "result": {"losses": losses, "initial_loss": losses[0] if losses else None,
-                                         "chance": 0.1, "curve": {"step": steps, "test_acc": accs,
-                                                                  "seconds": [0.1 * s for s in steps]}}}
+def _row(status="done", val=0.5, test=None, train=None, losses=(2.4, 1.6, 0.8, 0.4), curve=None, chance=0.1,
+         steps=None, **extra):
+    result = {"losses": list(losses), "initial_loss": losses[0], "chance": chance, "steps": steps or len(losses),
+              "final": {"val_acc": val, "test_acc": val if test is None else test, "train_acc": train},
+              "curve": curve or {"step": [len(losses)], "val_acc": [val], "seconds": [0.0]}, **extra}
+    return {"status": status, "result": result}
 
 
-def _sweep(stable_up_to: dict, accuracy: dict, curve_speed: dict = None) -> dict:
-    """Synthetic claim-4 results: each arm is stable up to its lr, with final accuracy accuracy[arm] (plus
-    a little seed jitter) at its best (lowest unstable-free) rate; curve_speed[arm] = steps to its plateau."""
+def _simulate(profile, claims, fake):
+    """Run the collect → run rounds of the runner with ``fake(spec) -> row`` instead of training."""
     results = {}
-    cfg = PROFILE["lr"]
-    for arm in cfg["arms"]:
-        for lr in cfg["lrs"]:
-            for seed in PROFILE["seeds"]:
-                spec = claim_lr.sweep_spec(PROFILE, arm, lr, cfg["batch_sizes"][0], seed)
-                if lr > stable_up_to[arm]:
-                    row = _row("diverged", [2.3, 50.0, float("nan")], [0.1])
-                else:
-                    final = accuracy[arm] + 0.01 * seed - (0.05 if lr < stable_up_to[arm] else 0.0)
-                    speed = (curve_speed or {}).get(arm, 5)
-                    accs = [min(final, final * step / speed) for step in range(1, 11)]
-                    losses = [2.3 - 0.1 * step / speed * 10 for step in range(10)]
-                    row = _row("done", losses, accs)
-                results[spec_key(spec)] = row
-    return results
+    while True:
+        specs = collect_specs(profile, claims, results)
+        new = {k: s for k, s in specs.items() if k not in results}
+        if not new:
+            return results
+        for key, spec in new.items():
+            results[key] = fake(spec)
 
 
-def test_claim_lr_supported_when_bn_is_stable_higher_and_better():
-    results = _sweep({"bn": 1.0, "none": 0.01, "skipinit": 0.1, "fixup": 0.1},
-                     {"bn": 0.9, "none": 0.5, "skipinit": 0.7, "fixup": 0.7})
-    result = claim_lr.analyze(PROFILE, results)
+# ---------------------------------------------------------------------------------------------- claim 4
+
+LR4 = {"lrs": [0.01, 0.1, 1.0], "batch_sizes": [32], "max_extensions": 2}
+
+
+def _sweep_fake(limit, accuracy):
+    """An arm is stable up to ``limit(arm, seed)`` (diverged above) and its validation = test accuracy is
+    ``accuracy(arm, seed)`` at its largest stable rate, 5 points less below it."""
+    def fake(spec):
+        arm, seed, lr = spec["norm"], spec["seed"], spec["lr"]
+        if lr > limit(arm, seed) * 1.001:
+            return _row("diverged", val=None, losses=(2.4, 80.0))
+        acc = accuracy(arm, seed) - (0.0 if lr >= limit(arm, seed) * 0.999 else 0.05)
+        return _row(val=acc, test=acc)
+    return fake
+
+
+def _claim4(limit, accuracy, **cfg):
+    profile = _profile(lr={**LR4, **cfg})
+    results = _simulate(profile, [4], _sweep_fake(limit, accuracy))
+    return claim_lr.analyze(profile, results), profile, results
+
+
+def test_claim4_supported_with_the_decades_and_points_of_the_data():
+    result, _, _ = _claim4(lambda a, s: {"bn": 1.0, "none": 0.01}.get(a, 0.1),
+                           lambda a, s: {"bn": 0.9, "none": 0.5}.get(a, 0.7) + 0.01 * s)
+    assert result.verdict.verdict == SUPPORTED and result.agrees_with_literature is True
+    assert result.numbers["log10_lr_ratio"]["mean"] == pytest.approx(2.0)   # log10(1.0 / 0.01)
+    assert result.numbers["accuracy_gain"]["mean"] == pytest.approx(40.0)   # 90% − 50%, paired by seed
+
+
+def test_claim4_equivalence_is_not_supported():
+    result, _, _ = _claim4(lambda a, s: 0.1, lambda a, s: 0.7 + 0.01 * s)
+    assert [p["outcome"] for p in result.numbers["parts"]] == [REFUTED, REFUTED]
+    assert result.verdict.verdict == NOT_SUPPORTED and result.agrees_with_literature is False
+
+
+def test_claim4_partly_when_higher_rates_do_not_give_better_models():
+    result, _, _ = _claim4(lambda a, s: {"bn": 1.0, "none": 0.01}.get(a, 0.1), lambda a, s: 0.7 + 0.01 * s)
+    assert result.verdict.verdict == PARTLY
+
+
+def test_claim4_straddle_is_inconclusive_and_says_how_many_seeds():
+    bn_limits = {0: 1.0, 1: 0.01, 2: 1.0, 3: 0.01, 4: 1.0, 5: 0.1}  # decades 2, 0, 2, 0, 2, 1: mean 7/6
+    result, _, _ = _claim4(lambda a, s: bn_limits[s] if a == "bn" else 0.01,
+                           lambda a, s: {"bn": 0.9}.get(a, 0.5) + 0.01 * s)
+    higher = result.numbers["parts"][0]
+    assert higher["outcome"] == UNDECIDED and higher["interval"]["mean"] == pytest.approx(7 / 6)
+    assert result.verdict.verdict == INCONCLUSIVE
+    assert "seeds would decide it" in result.verdict.explanation
+
+
+def test_claim4_extends_its_grid_until_the_limit_is_interior():
+    result, profile, results = _claim4(lambda a, s: {"bn": 10.0}.get(a, 0.01),
+                                       lambda a, s: {"bn": 0.9}.get(a, 0.5) + 0.01 * s)
+    lrs, final = claim_lr.grid(profile, results, 32, "bn")
+    assert lrs == [0.01, 0.1, 1.0, 10.0, 100.0] and final  # 10 stable → 100 tried, diverged: interior
+    assert result.numbers["log10_lr_ratio"]["mean"] == pytest.approx(3.0)
+    assert result.numbers["censoring"] == []
+    assert claim_lr.grid(profile, results, 32, "none")[0] == [0.01, 0.1, 1.0]
+
+
+def test_claim4_censored_limit_leaves_the_part_undecided():
+    # both arms stable at every rate, even after the extensions: neither limit is known
+    result, _, _ = _claim4(lambda a, s: 1e9, lambda a, s: {"bn": 0.9}.get(a, 0.5) + 0.01 * s, max_extensions=1)
+    assert result.numbers["parts"][0]["outcome"] == UNDECIDED
+    assert "bn:above" in result.numbers["censoring"] and "none:above" in result.numbers["censoring"]
+    assert result.verdict.verdict == INCONCLUSIVE
+
+
+def test_claim4_a_chance_level_run_is_not_stable():
+    # none "trains" at every rate (its loss falls below half) but sits at chance above 0.01
+    def fake(spec):
+        if spec["norm"] == "none" and spec["lr"] > 0.011:
+            return _row(val=0.105, test=0.105)
+        return _row(val=0.8 + 0.01 * spec["seed"], test=0.8)
+    profile = _profile(lr=LR4)
+    results = _simulate(profile, [4], fake)
+    assert claim_lr.sweep_table(profile, results, 32, "none")["max_stable_lr"] == [0.01] * len(SEEDS)
+    assert claim_lr.analyze(profile, results).numbers["log10_lr_ratio"]["mean"] == pytest.approx(4.0)
+    # BN is stable everywhere: its grid is extended twice (to 10, 100), so it is 100 vs none's 0.01
+
+
+def test_claim4_fewer_than_three_seeds_is_no_verdict():
+    profile = _profile(lr=LR4)
+    profile["seeds"] = [0, 1]
+    fake = _sweep_fake(lambda a, s: {"bn": 1.0}.get(a, 0.01), lambda a, s: {"bn": 0.9}.get(a, 0.5) + 0.01 * s)
+    result = claim_lr.analyze(profile, _simulate(profile, [4], fake))
+    assert result.verdict.verdict == NO_VERDICT and result.failed_runs == 0
+
+
+def test_claim4_failed_runs_give_no_verdict_and_are_counted():
+    good = _sweep_fake(lambda a, s: {"bn": 1.0}.get(a, 0.01), lambda a, s: {"bn": 0.9}.get(a, 0.5) + 0.01 * s)
+
+    def fake(spec):
+        if spec["norm"] == "fixup" and spec["lr"] == 1.0:
+            return {"status": "failed", "result": {}}
+        return good(spec)
+    profile = _profile(lr=LR4)
+    result = claim_lr.analyze(profile, _simulate(profile, [4], fake))
+    assert result.verdict.verdict == NO_VERDICT and result.failed_runs == len(SEEDS)
+    assert result.agrees_with_literature is None
+
+
+# ---------------------------------------------------------------------------------------------- claim 2
+
+def _speed_fake(speed, loss_level):
+    """Sweep runs: validation accuracy peaks at lr 0.1 for every arm. Speed runs (constant schedule): the
+    validation curve climbs linearly to 0.8 at step ``speed(arm, seed)``; the training loss sits at
+    ``loss_level(arm)``."""
+    def fake(spec):
+        if spec.get("schedule") != "constant":
+            acc = 0.8 if spec["lr"] == 0.1 else 0.6
+            return _row(val=acc, test=acc)
+        k = speed(spec["norm"], spec["seed"])
+        steps = list(range(1, 41))
+        curve = {"step": steps, "val_acc": [0.8 * min(1.0, s / k) for s in steps], "seconds": [0.0] * 40}
+        level = loss_level(spec["norm"])
+        return _row(val=0.8, losses=[2.4] + [level] * 39, curve=curve, steps=40)
+    return fake
+
+
+def _claim2(speed, loss_level=lambda a: 1.0):
+    profile = _profile(lr=LR4, speed={"target_fraction": 0.97})
+    results = _simulate(profile, [2], _speed_fake(speed, loss_level))
+    return claim_speed.analyze(profile, results), profile, results
+
+
+def test_claim2_supported_and_recovery_fractions():
+    # target = 0.97 × 0.8: reached at step ceil(0.97 k) = k for k in {2, 4, 8}
+    result, profile, results = _claim2(lambda a, s: {"bn": 2, "none": 8, "skipinit": 4}.get(a, 8),
+                                       lambda a: {"bn": 0.5}.get(a, 1.0))
     assert result.verdict.verdict == SUPPORTED
-    assert result.verdict.key_interval.mean == pytest.approx(2.0)  # 1.0 / 0.01: two decades
+    assert result.numbers["log10_speedup"]["mean"] == pytest.approx(math.log10(4))
+    assert result.numbers["recovery"]["skipinit"]["mean"] == pytest.approx(0.5)  # log(8/4) / log(8/2)
+    assert result.numbers["recovery"]["fixup"]["mean"] == pytest.approx(0.0)
+    # the longer runs are at each arm's validated rate (0.1), with a constant schedule
+    speed_runs = [s for s in collect_specs(profile, [2], results).values() if s.get("schedule") == "constant"]
+    assert len(speed_runs) == 4 * len(SEEDS) and {s["lr"] for s in speed_runs} == {0.1}
 
 
-def test_claim_lr_caveats_when_higher_rates_do_not_give_better_models():
-    results = _sweep({"bn": 1.0, "none": 0.01, "skipinit": 0.1, "fixup": 0.1},
-                     {"bn": 0.6, "none": 0.6, "skipinit": 0.6, "fixup": 0.6})
-    result = claim_lr.analyze(PROFILE, results)
-    assert result.verdict.verdict == CAVEATS
-    assert result.numbers["half_a"] is True and result.numbers["half_b"] is False
+def test_claim2_steps_down_when_an_arm_diverges_at_a_constant_rate():
+    base = _speed_fake(lambda a, s: {"bn": 2}.get(a, 8), lambda a: {"bn": 0.5}.get(a, 1.0))
+
+    def fake(spec):
+        if spec.get("schedule") == "constant" and spec["norm"] == "fixup" and spec["lr"] == 0.1 and spec["seed"] == 3:
+            return _row("diverged", val=None, losses=(2.4, 90.0))
+        return base(spec)
+    profile = _profile(lr=LR4, speed={"target_fraction": 0.97})
+    results = _simulate(profile, [2], fake)
+    assert claim_speed._rates(profile, results, "fixup") == [0.1, 0.01]
+    assert claim_speed._rates(profile, results, "bn") == [0.1]
+    result = claim_speed.analyze(profile, results)
+    assert result.tables[0]["rows"][3][:2] == ["Fixup", "0.01"]
+    assert result.verdict.verdict == SUPPORTED
 
 
-def test_claim_lr_not_supported_when_bn_allows_no_higher_rate():
-    results = _sweep({"bn": 0.1, "none": 0.1, "skipinit": 0.1, "fixup": 0.1},
-                     {"bn": 0.9, "none": 0.5, "skipinit": 0.5, "fixup": 0.5})
-    assert claim_lr.analyze(PROFILE, results).verdict.verdict == NOT_SUPPORTED
+def test_claim2_equivalence_is_not_supported():
+    result, _, _ = _claim2(lambda a, s: 8)
+    assert result.verdict.verdict == NOT_SUPPORTED
 
 
-def test_claim_speed_verdicts_follow_the_speedup():
-    stable = {"bn": 1.0, "none": 1.0, "skipinit": 1.0, "fixup": 1.0}
-    accuracy = {"bn": 0.8, "none": 0.8, "skipinit": 0.8, "fixup": 0.8}
-    fast = claim_speed.analyze(PROFILE, _sweep(stable, accuracy, {"bn": 2, "none": 8}))
-    assert fast.verdict.verdict == SUPPORTED
-    assert fast.verdict.key_interval.mean == pytest.approx(4.0, rel=0.3)
-    same = claim_speed.analyze(PROFILE, _sweep(stable, accuracy, {"bn": 8, "none": 8}))
-    assert same.verdict.verdict == NOT_SUPPORTED
-    # fewer steps to the target, but the loss curve is no lower overall → caveats
-    mixed = _sweep(stable, accuracy, {"bn": 2, "none": 8})
-    for key, row in mixed.items():
-        row["result"]["losses"] = [2.0] * 10
-    assert claim_speed.analyze(PROFILE, mixed).verdict.verdict == CAVEATS
+def test_claim2_partly_when_faster_but_the_loss_is_no_lower():
+    result, _, _ = _claim2(lambda a, s: {"bn": 2}.get(a, 8))
+    assert [p["outcome"] for p in result.numbers["parts"]] == [HOLDS, REFUTED]
+    assert result.verdict.verdict == PARTLY
 
 
-REG_PROFILE = {"name": "synthetic", "dataset": "synthetic", "seeds": [0, 1, 2], "width": 0.25, "depth": 8,
-               "eval_every": 1, "regularize": {"dataset": None, "subset": 100, "batch_size": 32,
-                                               "ghost_sizes": [8, 32], "max_steps": 4, "lr": 0.1,
-                                               "weight_decay": 5e-4, "freeze_after": 2}}
+def test_claim2_straddle_is_inconclusive():
+    bn = {0: 2, 1: 8, 2: 3, 3: 8, 4: 2, 5: 9}
+    result, _, _ = _claim2(lambda a, s: bn[s] if a == "bn" else 8, lambda a: {"bn": 0.5}.get(a, 1.0))
+    assert result.numbers["parts"][0]["outcome"] == UNDECIDED
+    assert result.verdict.verdict == INCONCLUSIVE
 
 
-def _regularize_results(gaps: dict, slow: tuple = ()) -> dict:
-    """Every arm follows the same training curve except the ``slow`` ones (which only get half-way);
-    test accuracy sits ``gaps[arm]`` below training accuracy."""
-    from bnlab.study import claim_regularize
-    results = {}
-    for key, norm, wd in claim_regularize.arms(REG_PROFILE):
-        for seed in REG_PROFILE["seeds"]:
-            train_loss = [2.0, 1.5, 1.0, 0.5] if key not in slow else [2.0, 1.8, 1.6, 1.5]
-            train_acc = [0.3, 0.5, 0.7, 0.9] if key not in slow else [0.3, 0.35, 0.4, 0.5]
-            test_acc = [a - gaps.get(key, 0.1) - 0.001 * seed for a in train_acc]
-            curve = {"step": [1, 2, 3, 4], "train_loss": train_loss, "train_acc": train_acc,
-                     "test_acc": test_acc, "test_loss": [v + 0.1 for v in train_loss], "seconds": [0, 0, 0, 0]}
-            spec = claim_regularize._spec(REG_PROFILE, norm, wd, seed)
-            results[spec_key(spec)] = {"status": "done", "result": {"curve": curve, "losses": train_loss}}
-    return results
+# ---------------------------------------------------------------------------------------------- claim 3
+
+def _reg_fake(gap, train=lambda a, s: 1.0, status=lambda a, s: "done"):
+    """Every arm fits (training accuracy ``train``); its test = validation accuracy is ``gap`` points lower
+    (plus a per-seed jitter of 0.1 point), at every learning rate."""
+    def fake(spec):
+        arm = "none+wd" if spec["norm"] == "none" and spec["weight_decay"] > 0 else spec["norm"]
+        tr = train(arm, spec["seed"])
+        test = tr - gap(arm, spec["seed"]) / 100 - 0.001 * spec["seed"]
+        return _row(status(arm, spec["seed"]), val=test, test=test, train=tr,
+                    weight_norm={"initial": 10.0, "final": 8.0 if arm == "none+wd" else 12.0})
+    return fake
 
 
-def test_claim_regularize_verdicts():
-    from bnlab.study import claim_regularize
-    supported = claim_regularize.analyze(REG_PROFILE, _regularize_results(
-        {"none": 0.2, "ghost:32": 0.1, "ghost:8": 0.05}))
-    assert supported.verdict.verdict == SUPPORTED
-    assert supported.verdict.key_interval.mean == pytest.approx(10.0)  # points
-    caveats = claim_regularize.analyze(REG_PROFILE, _regularize_results(
-        {"none": 0.2, "ghost:32": 0.1, "ghost:8": 0.15}))
-    assert caveats.verdict.verdict == CAVEATS
-    none = claim_regularize.analyze(REG_PROFILE, _regularize_results({"none": 0.1, "ghost:32": 0.1}))
-    assert none.verdict.verdict == NOT_SUPPORTED
+def _claim3(gap, **kw):
+    profile = _profile(regularize={"fit_threshold": 99.0})
+    return claim_regularize.analyze(profile, _simulate(profile, [3], _reg_fake(gap, **kw)))
 
 
-def test_claim_regularize_compares_at_the_loss_both_arms_reach():
-    from bnlab.study import claim_regularize
-    # "none" fits slowly (lowest loss 1.5): BN must be judged where it, too, had loss ≤ 1.5 — its second
-    # evaluation (accuracy 0.5, gap 0.1) — not at its end
-    result = claim_regularize.analyze(REG_PROFILE, _regularize_results(
-        {"none": 0.2, "ghost:32": 0.1, "ghost:8": 0.05}, slow=("none",)))
+def test_claim3_supported_with_the_gap_reduction_of_the_data():
+    gaps = {"none": 20, "bn": 10, "ghost:4": 5, "ghost:16": 8, "groupnorm": 12, "none+wd": 15}
+    result = _claim3(lambda a, s: gaps[a])
+    assert result.verdict.verdict == SUPPORTED
     assert result.numbers["gap_reduction"]["mean"] == pytest.approx(10.0)
+    assert result.numbers["noise_effect"]["mean"] == pytest.approx(5.0)
+    assert result.numbers["groupnorm_reduction"]["mean"] == pytest.approx(8.0)
     table = {row[0]: row for row in result.tables[0]["rows"]}
-    assert table["no norm (He init)"][1].startswith("1.500")
+    assert table["no norm + weight decay"][5].startswith("-20.0")  # 10 → 8: the weights shrank by 20%
 
 
-ICS_PROFILE = {"name": "synthetic", "dataset": "synthetic", "seeds": [0, 1, 2], "width": 0.25, "depth": 8,
-               "ics": {"arms": {"bn": 0.1, "none": 0.05, "noisy_bn": 0.1}, "steps": 4, "batch_size": 8,
-                       "measure_every": 1, "step_sizes": [0.1], "noise_shift": 1.0, "noise_scale": 1.5}}
+def test_claim3_equivalence_is_not_supported_and_disagrees_with_the_literature():
+    result = _claim3(lambda a, s: 10)
+    assert result.verdict.verdict == NOT_SUPPORTED and result.agrees_with_literature is False
 
 
-def _ics_results(cosine: dict, accuracy: dict) -> dict:
-    from bnlab.study import claim_ics
-    results = {}
-    for arm, lr in ICS_PROFILE["ics"]["arms"].items():
-        for seed in ICS_PROFILE["seeds"]:
-            ema = [2.3, 2.0, 1.5, 1.0]
-            run = {"ics": {"step": [0, 1, 2, 3], "ema_loss": ema, "cosine": [[cosine[arm] + 0.001 * seed] * 2] * 4,
-                           "distance": [[0.1, 0.1]] * 4},
-                   "smooth": {"step": [0, 1, 2, 3], "ema_loss": ema, "loss_range": [0.1] * 4,
-                              "grad_change": [0.1] * 4, "beta": [1.0] * 4},
-                   "dist": {"mean": [0.0, 0.1, 0.0], "std": [1.0, 1.1, 1.0], "p15": [0] * 3, "p50": [0] * 3,
-                            "p85": [0] * 3},
-                   "final": {"test_acc": accuracy[arm] + 0.001 * seed}, "layers": ["a", "b"]}
-            results[spec_key(claim_ics._spec(ICS_PROFILE, arm, lr, seed))] = {"status": "done", "result": run}
-    return results
+def test_claim3_partly_when_bn_helps_but_batch_noise_does_not():
+    result = _claim3(lambda a, s: {"none": 20}.get(a, 10))
+    assert result.verdict.verdict == PARTLY
 
 
-def test_claim_ics_verdicts():
-    from bnlab.study import claim_ics
-    supported = claim_ics.analyze(ICS_PROFILE, _ics_results({"bn": 0.9, "none": 0.5, "noisy_bn": 0.9},
-                                                           {"bn": 0.9, "none": 0.6, "noisy_bn": 0.5}))
-    assert supported.verdict.verdict == SUPPORTED
-    assert supported.verdict.key_interval.mean == pytest.approx(0.4)
-    caveats = claim_ics.analyze(ICS_PROFILE, _ics_results({"bn": 0.9, "none": 0.5, "noisy_bn": 0.9},
-                                                         {"bn": 0.9, "none": 0.6, "noisy_bn": 0.9}))
-    assert caveats.verdict.verdict == CAVEATS  # BN lowers gradient ICS, but injected shift costs nothing
-    literature = claim_ics.analyze(ICS_PROFILE, _ics_results({"bn": 0.5, "none": 0.9, "noisy_bn": 0.5},
-                                                            {"bn": 0.9, "none": 0.6, "noisy_bn": 0.89}))
-    assert literature.verdict.verdict == NOT_SUPPORTED
-    assert literature.agrees_with_literature is True
+def test_claim3_straddle_is_inconclusive():
+    jitter = {0: 0, 1: 4, 2: -2, 3: 3, 4: -1, 5: 2}
+    result = _claim3(lambda a, s: {"none": 11 + jitter[s], "ghost:4": 5}.get(a, 10))
+    assert result.numbers["parts"][0]["outcome"] == UNDECIDED and result.verdict.verdict == INCONCLUSIVE
 
 
-RES_PROFILE = {"name": "synthetic", "dataset": "synthetic", "seeds": [0, 1, 2], "width": 0.25, "depth": 8,
-               "eval_every": 1, "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.1],
-                                       "batch_sizes": [32], "max_steps": 4},
-               "residual": {"signal_depths": [8, 14], "train_depths": [8, 14], "signal_batch": 16, "lrs": [0.1]}}
+def test_claim3_excludes_and_counts_diverged_and_unfitted_runs():
+    gaps = {"none": 20, "bn": 10, "ghost:4": 5}
+    result = _claim3(lambda a, s: gaps.get(a, 10), train=lambda a, s: 0.9 if a == "none" and s < 2 else 1.0,
+                     status=lambda a, s: "diverged" if a == "bn" and s == 5 else "done")
+    assert result.numbers["excluded"]["none"] == {"diverged": 0, "unfit": 2}
+    assert result.numbers["excluded"]["bn"] == {"diverged": 1, "unfit": 0}
+    assert result.numbers["parts"][0]["n"] == 3  # seeds 2, 3, 4: both runs fitted and finished
+    # with three seeds unfitted, the part has too few pairs: no verdict
+    result = _claim3(lambda a, s: gaps.get(a, 10), train=lambda a, s: 0.9 if a == "none" and s < 4 else 1.0)
+    assert result.verdict.verdict == NO_VERDICT
 
 
-def _residual_results(accuracy: dict, bn_exponent: float) -> dict:
-    """accuracy[(norm, plain)] at every depth; BN's branch/skip ratio ∝ ℓ^bn_exponent, the others' flat."""
-    from bnlab.study import claim_residual
-    cfg = RES_PROFILE["residual"]
-    results = {}
-    for norm, plain in claim_residual.ARMS:
-        for seed in RES_PROFILE["seeds"]:
-            for depth in cfg["signal_depths"]:
-                n_blocks = (depth - 2) // 2
-                exponent = bn_exponent if norm == "bn" and not plain else 0.0
-                blocks = [{"stream_sq_mean": 0.01, "stream_var": 1.0, "branch_var": 1.0,
-                           "ratio": None if plain else (i + 1) ** exponent} for i in range(n_blocks)]
-                spec = claim_residual._signal_spec(RES_PROFILE, depth, norm, plain, seed)
-                results[spec_key(spec)] = {"status": "done", "result": {"blocks": blocks, "grad_norms": [1.0, 1.0]}}
-            for depth in cfg["train_depths"]:
-                for lr in cfg["lrs"]:
-                    acc = accuracy[(norm, plain)] + 0.001 * seed
-                    spec = claim_residual._train_spec(RES_PROFILE, depth, norm, plain, lr, seed)
-                    results[spec_key(spec)] = _row("done", [2.3, 1.0], [acc])
-    return results
+# ---------------------------------------------------------------------------------------------- claim 5
+
+def _res_fake(acc, exponent):
+    """Train runs: test = validation accuracy ``acc[(norm, plain)]`` at lr 0.1 (5 points less elsewhere),
+    at every depth; signal runs: Var(branch)/Var(skip) at block ℓ is ℓ^exponent(norm)."""
+    def fake(spec):
+        if spec["kind"] == "signal":
+            blocks = [{"ratio": (i + 1) ** exponent(spec["norm"]), "stream_var": 1.0, "stream_sq_mean": 0.1}
+                      for i in range((spec["depth"] - 2) // 2)]
+            return {"status": "done", "result": {"blocks": blocks, "grad_norms": [1.0, 1.0, 1.0]}}
+        a = acc[(spec["norm"], bool(spec.get("plain")))] + 0.002 * spec["seed"] - (0 if spec["lr"] == 0.1 else 0.05)
+        return _row(val=a, test=a)
+    return fake
 
 
-def test_claim_residual_verdicts():
-    from bnlab.study import claim_residual
-    base = {("bn", False): 0.9, ("bn", True): 0.6, ("none", False): 0.5, ("none", True): 0.2,
-            ("skipinit", False): 0.85, ("fixup", False): 0.85}
-    supported = claim_residual.analyze(RES_PROFILE, _residual_results(base, -1.0))
-    assert supported.verdict.verdict == SUPPORTED
-    assert supported.verdict.key_interval.mean == pytest.approx(30.0)  # 90% − 60% (BN-plain)
-    assert supported.numbers["bn_ratio_exponent"]["mean"] == pytest.approx(-1.0)
-    flat = claim_residual.analyze(RES_PROFILE, _residual_results(base, 0.0))
-    assert flat.verdict.verdict == CAVEATS  # it trains better, but not through identity-biased blocks
-    no_gain = claim_residual.analyze(RES_PROFILE, _residual_results({**base, ("bn", True): 0.9}, -1.0))
-    assert no_gain.verdict.verdict == NOT_SUPPORTED
+def _claim5(acc, exponent):
+    profile = _profile(residual={"lrs": [0.01, 0.1, 1.0]})
+    return claim_residual.analyze(profile, _simulate(profile, [5], _res_fake(acc, exponent)))
+
+
+COMPLEMENT = {("bn", False): 0.9, ("none", False): 0.6, ("bn", True): 0.6, ("none", True): 0.55}
+ADDITIVE = {("bn", False): 0.9, ("none", False): 0.7, ("bn", True): 0.7, ("none", True): 0.5}
+
+
+def test_claim5_supported_by_the_interaction_and_the_exponents():
+    result = _claim5(COMPLEMENT, lambda n: -1.0 if n == "bn" else 0.0)
+    assert result.verdict.verdict == SUPPORTED
+    assert result.numbers["interaction"]["mean"] == pytest.approx(25.0)   # (90 − 60) − (60 − 55)
+    assert result.numbers["exponent_gap"]["mean"] == pytest.approx(1.0)   # 0 − (−1)
+
+
+def test_claim5_main_effects_without_interaction_are_not_supported():
+    result = _claim5(ADDITIVE, lambda n: 0.0)
+    assert result.numbers["interaction"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert result.verdict.verdict == NOT_SUPPORTED
+
+
+def test_claim5_partly_when_the_mechanism_is_absent():
+    result = _claim5(COMPLEMENT, lambda n: 0.0)
+    assert result.verdict.verdict == PARTLY
+
+
+def test_claim5_straddle_is_inconclusive():
+    def exponent_by_seed(n):
+        return -0.4 if n == "bn" else 0.0  # gap 0.4: between margin 0.2 and threshold 0.5, zero spread
+    result = _claim5(COMPLEMENT, exponent_by_seed)
+    assert result.numbers["parts"][1]["outcome"] == UNDECIDED and result.verdict.verdict == INCONCLUSIVE
+
+
+def test_every_claim_number_is_json_safe():
+    import json
+    profile = _profile(lr=LR4)
+    profile["seeds"] = [0]  # one seed: NaN intervals everywhere
+    fake = _sweep_fake(lambda a, s: 0.1, lambda a, s: 0.5)
+    result = claim_lr.analyze(profile, _simulate(profile, [4], fake))
+    assert result.verdict.verdict == NO_VERDICT
+    json.dumps(result.numbers, allow_nan=False)

@@ -54,7 +54,7 @@ from bnlab.datadirs import DatasetNotFoundError, cache_dir, explicit_data_dir
 from bnlab.errors import UserError
 
 __all__ = ["Dataset", "Loader", "load", "available", "locate", "read_idx", "cache_dir", "balanced_subset",
-           "DatasetNotFoundError", "explicit_data_dir"]
+           "DatasetNotFoundError", "explicit_data_dir", "split_validation"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -475,3 +475,23 @@ class Loader:
                 x = random_flip(x, g)
             yield x, self.y[idx]
 
+
+
+def split_validation(ds: Dataset, size: int, seed: int = 0) -> Dataset:
+    """``ds`` with a stratified validation split of ``size`` examples carved from its *training* data.
+
+    The result's ``train_x/train_y`` are the remaining training examples and its ``val_x/val_y`` the
+    held-out ones (class-balanced, seeded); ``test_x/test_y`` are untouched, so choices made on the
+    validation split never see the test set.
+    """
+    if not 0 < size < len(ds.train_y):
+        raise ValueError(f"validation size must be between 1 and {len(ds.train_y) - 1} "
+                         f"(the {ds.name} training set has {len(ds.train_y)} examples), got {size}")
+    held = balanced_subset(ds.train_y, size, ds.num_classes, seed)
+    keep = torch.ones(len(ds.train_y), dtype=torch.bool)
+    keep[held] = False
+    keep = keep.to(ds.train_y.device)
+    held = held.to(ds.train_y.device)
+    out = replace(ds, train_x=ds.train_x[keep], train_y=ds.train_y[keep])
+    out.val_x, out.val_y = ds.train_x[held], ds.train_y[held]
+    return out

@@ -8,8 +8,9 @@ Examples:
   bnlab study --profile quick --show-profile > my.json && bnlab study --profile my.json
   bnlab report study-out                    # rebuild report.html / report.md without training
 
-Five claims, one verdict each (supported / supported with caveats / not supported), computed from
-your own runs with 95% confidence intervals over seeds by rules fixed in code before the data:
+Five claims, one verdict each (supported / partly supported / not supported / inconclusive / no
+verdict), computed from your own runs with paired 95% intervals over seeds by rules fixed in code
+before the data (fewer than 3 seeds, or failed runs: no verdict, and failed runs exit non-zero):
   1  BN reduces internal covariate shift, and that is why it helps
   2  BN accelerates training
   3  BN regularizes
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 from bnlab.errors import UserError
@@ -49,8 +51,8 @@ def add_arguments(parser) -> None:
                         help="runs in parallel processes (default: the number of CPU cores, at most 4)")
     parser.add_argument("--device", default="auto",
                         help="auto (default: CUDA if available, else the profile's), cpu, cuda or cuda:N")
-    parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds (at least 3 "
-                                                                "for meaningful intervals)")
+    parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds (below 3 every "
+                                                                "claim gets 'no verdict')")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: when stderr is a terminal)")
     parser.add_argument("--show-profile", action="store_true", help="print the profile as JSON and exit")
@@ -119,4 +121,8 @@ def run(args) -> int:
     for number, v in verdicts.items():
         print(f"{number}. {v['title']:<59} {v['verdict']}")
     print(f"\nreport: {report}  (and {report.with_suffix('.md')})  in {time.perf_counter() - started:.0f} s")
-    return 0
+    failed = {n: v for n, v in verdicts.items() if v.get("failed_runs")}
+    for number, v in failed.items():
+        print(f"claim {number} ({v['title']}): no verdict because {v['failed_runs']} of its runs failed; "
+              f"rerun the same command to retry them", file=sys.stderr)
+    return 1 if failed else 0

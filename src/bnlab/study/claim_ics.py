@@ -14,10 +14,15 @@ import math
 
 import numpy as np
 
-from bnlab.study.common import ARM_COLORS, arm_label, figure, fmt_ci, lookup
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
+
+from bnlab.study import style
+from bnlab.study.common import arm_label, by_seed, fmt_ci, lookup
 from bnlab.study.metrics import first_index_at_or_below, log_mean_ci, mean_ci, step_changes
 from bnlab.study.specs import make_spec
-from bnlab.study.verdict import ClaimResult, Interval, Verdict, clears, combine
+from bnlab.study.verdict import NOT_SUPPORTED, ClaimResult, Interval, Part, Rule, Verdict, paired_effect
 
 NUMBER = 1
 SLUG = "ics"
@@ -25,15 +30,41 @@ TITLE = "BN reduces internal covariate shift, and that is why it helps"
 LITERATURE = ("Santurkar et al. 2018 (https://arxiv.org/abs/1805.11604): noisy BN trains about as well as BN "
               "despite far larger distributional shift; BN does not reliably reduce gradient ICS (it can "
               "increase it); BN's real effect is a smoother loss landscape. Expected verdict: not supported.")
-ICS_MARGIN = 0.0      # BN must raise cos(G, G′) above the unnormalized arm's (less gradient ICS)
-NOISE_HURTS = 2.0     # noisy BN must lose > 2 points of test accuracy for shift to matter
 FINDING = ("Santurkar et al. 2018: noisy BN trains as well; BN does not reduce gradient ICS; smoothness is "
            "the real effect (not supported)")
-RULE = (f"Part 1 (BN reduces ICS): at matched training losses, the 95% CI of cos(G, G′) for BN minus that "
-        f"without normalization (averaged over measured layers and loss levels, paired by seed) lies above "
-        f"{ICS_MARGIN}. Part 2 (that is why it helps): the CI of (test accuracy BN − noisy BN) lies above "
-        f"{NOISE_HURTS} points, i.e. injected shift hurts. Both → supported; part 1 fails → not supported; "
-        f"otherwise supported with caveats.")
+EXPECTED = NOT_SUPPORTED
+RULES = [
+    Rule("BN reduces gradient ICS", "cos(G, G′) with BN − without, at matched training loss", threshold=0.05,
+         margin=0.02),
+    Rule("that is why it helps", "test accuracy BN − noisy BN", threshold=2.0, margin=1.0, unit="points",
+         bounds=(-100.0, 100.0)),
+]
+RULE = " ".join(f"Part {i + 1}, {r.text()}." for i, r in enumerate(RULES))
+
+
+class Config(BaseModel):
+    """The ``ics`` section."""
+
+    model_config = ConfigDict(extra="forbid")
+    arms: dict[str, PositiveFloat] = Field(min_length=2)
+    steps: PositiveInt
+    batch_size: PositiveInt
+    measure_every: PositiveInt
+    step_sizes: list[PositiveFloat] = Field(min_length=1)
+    noise_shift: NonNegativeFloat = 1.0
+    noise_scale: float = Field(1.5, ge=1.0)
+
+
+_ARMS = {"bn": 0.3, "none": 0.1, "noisy_bn": 0.3}
+PRESETS = {
+    "tiny": {"arms": {"bn": 0.1, "none": 0.05, "noisy_bn": 0.1}, "steps": 6, "batch_size": 32, "measure_every": 2,
+             "step_sizes": [0.1, 0.4]},
+    "quick": {"arms": _ARMS, "steps": 150, "batch_size": 64, "measure_every": 20, "step_sizes": [0.1, 0.2, 0.4]},
+    "standard": {"arms": _ARMS, "steps": 400, "batch_size": 128, "measure_every": 20,
+                 "step_sizes": [0.05, 0.1, 0.2, 0.4]},
+    "full": {"arms": _ARMS, "steps": 2000, "batch_size": 128, "measure_every": 50,
+             "step_sizes": [0.05, 0.1, 0.2, 0.4]},
+}
 
 
 def _spec(profile, norm, lr, seed) -> dict:
@@ -47,8 +78,11 @@ def _spec(profile, norm, lr, seed) -> dict:
     return make_spec("ics", **fields)
 
 
-def specs(profile: dict) -> list[dict]:
+def measure(profile: dict, results: Optional[dict] = None) -> list[dict]:
     return [_spec(profile, norm, lr, s) for norm, lr in profile["ics"]["arms"].items() for s in profile["seeds"]]
+
+
+specs = measure
 
 
 def _loss_levels(runs: list[dict]) -> list[float]:
@@ -92,12 +126,12 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
     beta = {a: per_seed(a, lambda r: _at_levels(r, "smooth", "beta", levels)) for a in arms}
     acc = {a: [100 * r["final"]["test_acc"] if r else math.nan for r in runs[a]] for a in arms}
 
-    ics_gain = Interval.of(mean_ci([b - n for b, n in zip(cosine["bn"], cosine["none"])]), "")
-    noise_cost = Interval.of(mean_ci([b - n for b, n in zip(acc["bn"], acc["noisy_bn"])]), "points")
+    parts = [Part(RULES[0], paired_effect(by_seed(seeds, cosine["bn"]), by_seed(seeds, cosine["none"]))),
+             Part(RULES[1], paired_effect(by_seed(seeds, acc["bn"]), by_seed(seeds, acc["noisy_bn"]), "points",
+                                          RULES[1].bounds))]
+    ics_gain, noise_cost = parts[0].effect.interval, parts[1].effect.interval
     smoother = Interval.of(log_mean_ci([n / b if b else math.nan
                                         for n, b in zip(loss_range["none"], loss_range["bn"])]), "×")
-    part1, part2 = clears(ics_gain, ICS_MARGIN), clears(noise_cost, NOISE_HURTS)
-    verdict = combine(part1, part2)
 
     table_rows = [[arm_label(a), f"{cfg['arms'][a]:g}", fmt_ci(mean_ci(acc[a]), 1), fmt_ci(mean_ci(shift[a]), 4),
                    fmt_ci(mean_ci(shift_std[a]), 4), fmt_ci(mean_ci(cosine[a]), 3), fmt_ci(mean_ci(distance[a]), 4),
@@ -118,9 +152,8 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
         f"smoothness to be the real difference.")
     return ClaimResult(
         number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING,
-        verdict=Verdict(verdict, f"Δcos(G, G′) BN − none: {ics_gain.text(3)}; noisy-BN cost {noise_cost.text(1)}",
-                        ics_gain, explanation),
-        agrees_with_literature=verdict == "not supported",
+        verdict=Verdict.from_parts(parts, f"Δcos(G, G′) BN − none: {ics_gain.text(3)}; noisy-BN cost "
+                                          f"{noise_cost.text(1)}", explanation), expected=EXPECTED,
         caveats=[f"{cfg['steps']} SGD steps of a width-{profile['width']} ResNet-{profile['depth']} on "
                  f"{profile['dataset']}; Santurkar et al. used VGG and deep linear nets on CIFAR-10.",
                  f"Gradient ICS is measured at {len(runs['bn'][0]['layers']) if runs['bn'] and runs['bn'][0] else 3} "
@@ -128,7 +161,8 @@ def analyze(profile: dict, results: dict) -> ClaimResult:
                  "The noise strength (shift, scale) is one choice; much stronger noise would eventually hurt."],
         tables=[table], figures=[_percentile_figure(runs), _ics_figure(runs)],
         numbers={"cos_gain": ics_gain.to_dict(), "noise_cost": noise_cost.to_dict(),
-                 "smoothness_ratio": smoother.to_dict(), "levels": levels})
+                 "smoothness_ratio": smoother.to_dict(), "levels": levels,
+                 "parts": [p.to_dict() for p in parts]})
 
 
 def _mean_change(values: list[float]) -> float:
@@ -138,13 +172,13 @@ def _mean_change(values: list[float]) -> float:
 
 def _percentile_figure(runs) -> dict:
     arms = list(runs)
-    fig, axes = figure(width=4.0, ncols=len(arms))
+    fig, axes = style.figure(ncols=len(arms))
     for ax, a in zip(axes, arms):
         rs = [r for r in runs[a] if r]
         if rs:
             n = min(len(r["dist"]["p50"]) for r in rs)
             for key, ls in (("p15", ":"), ("p50", "-"), ("p85", ":")):
-                ax.plot(np.mean([r["dist"][key][:n] for r in rs], axis=0), ls=ls, color=ARM_COLORS.get(a),
+                ax.plot(np.mean([r["dist"][key][:n] for r in rs], axis=0), ls=ls, color=style.arm_color(a),
                         label=f"{key[1:]}th percentile")
         ax.set_title(arm_label(a), fontsize=9)
         ax.set_xlabel("step")
@@ -157,11 +191,11 @@ def _percentile_figure(runs) -> dict:
 
 
 def _ics_figure(runs) -> dict:
-    fig, (ax_cos, ax_dist, ax_range) = figure(width=4.0, ncols=3)
+    fig, (ax_cos, ax_dist, ax_range) = style.figure(ncols=3)
     for a, rs in runs.items():
         for j, r in enumerate(r for r in rs if r):
             label = arm_label(a) if j == 0 else None
-            kw = dict(color=ARM_COLORS.get(a), marker="o", ms=2, lw=0.8, alpha=0.8, label=label)
+            kw = dict(color=style.arm_color(a), marker="o", ms=2, lw=0.8, alpha=0.8, label=label)
             ax_cos.plot(r["ics"]["ema_loss"], [np.mean(c) for c in r["ics"]["cosine"]], **kw)
             ax_dist.plot(r["ics"]["ema_loss"], [np.mean(d) for d in r["ics"]["distance"]], **kw)
             ax_range.plot(r["smooth"]["ema_loss"], r["smooth"]["loss_range"], **kw)

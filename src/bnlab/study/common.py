@@ -1,26 +1,26 @@
-"""Pieces the claim modules share: building specs from a profile, reading rows back, plotting."""
+"""Pieces the claim modules share: building specs from a profile, reading rows back, choosing on
+validation, and the step every claim's ``analyze`` ends with (no verdict from failed runs)."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only, no display: works on servers and in tests
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from bnlab.study.metrics import is_stable, mean_ci
+from bnlab.study.specs import make_spec, spec_key
+from bnlab.study.verdict import NO_VERDICT, ClaimResult, Interval
 
-from bnlab.study.metrics import mean_ci  # noqa: E402
-from bnlab.study.specs import make_spec, spec_key  # noqa: E402
+__all__ = ["base_fields", "train_spec", "lookup", "count_failed", "final_loss", "final_pct", "stable",
+           "choose_lr", "by_seed", "analyze", "ARM_LABELS", "arm_label", "fmt", "fmt_ci",
+           "ACC_BOUNDS", "DIFF_BOUNDS"]
 
-__all__ = ["base_fields", "train_spec", "lookup", "final_loss", "final_acc", "chance", "figure",
-           "plot_mean_band", "ARM_LABELS", "arm_label", "fmt", "fmt_ci", "ARM_COLORS"]
+ACC_BOUNDS = (0.0, 100.0)       # an accuracy in percent
+DIFF_BOUNDS = (-100.0, 100.0)   # a difference of two accuracies
 
 ARM_LABELS = {"bn": "BN", "none": "no norm (He init)", "skipinit": "SkipInit", "fixup": "Fixup",
-              "noisy_bn": "noisy BN", "frozen_bn": "BN, frozen stats"}
-ARM_COLORS = {"bn": "tab:blue", "none": "tab:red", "skipinit": "tab:green", "fixup": "tab:purple",
-              "noisy_bn": "tab:orange", "frozen_bn": "tab:gray"}
+              "noisy_bn": "noisy BN", "groupnorm": "GroupNorm", "none+wd": "no norm + weight decay"}
 
 
 def arm_label(norm: str, plain: bool = False) -> str:
@@ -29,9 +29,10 @@ def arm_label(norm: str, plain: bool = False) -> str:
 
 
 def base_fields(profile: dict, dataset: Optional[str] = None) -> dict:
-    """Settings every run of a profile shares."""
+    """Settings every training run of a profile shares (the validation split included)."""
     return {"dataset": dataset or profile["dataset"], "device": profile.get("device", "cpu"),
-            "width": profile["width"], "depth": profile["depth"], "eval_every": profile["eval_every"]}
+            "width": profile["width"], "depth": profile["depth"], "eval_every": profile["eval_every"],
+            "val_size": profile["val_size"], "val_eval_size": profile["val_eval_size"]}
 
 
 def train_spec(profile: dict, **fields) -> dict:
@@ -43,8 +44,14 @@ def train_spec(profile: dict, **fields) -> dict:
 
 def lookup(results: dict, spec: dict) -> Optional[dict]:
     """The stored row for ``spec`` (``None`` if it was not run or failed)."""
-    row = results.get(spec_key(spec))
+    row = (results or {}).get(spec_key(spec))
     return row if row is not None and row["status"] in ("done", "diverged") else None
+
+
+def count_failed(results: dict, specs: Iterable[dict]) -> int:
+    """How many of ``specs`` are stored as failed."""
+    rows = [(results or {}).get(spec_key(s)) for s in specs]
+    return sum(1 for r in rows if r is not None and r["status"] == "failed")
 
 
 def final_loss(result: dict) -> float:
@@ -56,34 +63,56 @@ def final_loss(result: dict) -> float:
     return float(np.mean(tail))
 
 
-def chance(result: dict) -> float:
-    return result.get("chance", 0.1)
-
-
-def final_acc(row: Optional[dict]) -> float:
-    """Final test accuracy (%); a diverged run counts as chance level."""
+def final_pct(row: Optional[dict], name: str = "val_acc") -> float:
+    """The final model's ``name`` (``val_acc``, ``test_acc``, ``train_acc``) in percent; a diverged run
+    counts as chance level; no row (not run, failed) is NaN."""
     if row is None:
         return math.nan
     result = row["result"] or {}
-    accs = result.get("curve", {}).get("test_acc", [])
-    if row["status"] == "diverged" or not accs or accs[-1] is None:
-        return 100.0 * chance(result)
-    return 100.0 * accs[-1]
+    value = (result.get("final") or {}).get(name)
+    if row["status"] == "diverged" or value is None:
+        return 100.0 * result.get("chance", 0.1)
+    return 100.0 * value
 
 
-def figure(width: float = 5.5, height: float = 3.6, ncols: int = 1):
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
-    return fig, list(axes[0])
+def stable(row: Optional[dict]) -> bool:
+    """:func:`bnlab.study.metrics.is_stable` for a stored row."""
+    if row is None:
+        return False
+    result = row["result"] or {}
+    return is_stable(row["status"], result.get("initial_loss"), final_loss(result),
+                     (result.get("final") or {}).get("val_acc"), result.get("chance", 0.1))
 
 
-def plot_mean_band(ax, x: Iterable[float], per_seed: list[list[float]], label: str, color=None,
-                   marker: str = "o") -> None:
-    """Mean over seeds with a 95% CI band (per_seed[i] aligned with x)."""
-    x = list(x)
-    stats = [mean_ci([s[i] for s in per_seed if i < len(s)]) for i in range(len(x))]
-    mean = [m for m, _, _ in stats]
-    ax.plot(x, mean, marker=marker, label=label, color=color, ms=3)
-    ax.fill_between(x, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], alpha=0.2, color=color)
+def choose_lr(per_lr: dict) -> Optional[float]:
+    """The learning rate whose per-seed validation values have the highest mean (``None`` if no rate has
+    any). Every choice in the study goes through here, on validation numbers only."""
+    means = {lr: float(np.nanmean(v)) for lr, v in per_lr.items() if any(math.isfinite(x) for x in v)}
+    return max(means, key=lambda lr: (means[lr], -lr)) if means else None
+
+
+def by_seed(seeds: Sequence, values: Sequence[float]) -> dict:
+    return dict(zip(seeds, values))
+
+
+def analyze(module, profile: dict, results: dict) -> ClaimResult:
+    """``module.render(profile, results, *module.decide(profile, results))``, then :func:`mark_failures`."""
+    parts, facts = module.decide(profile, results)
+    return mark_failures(module, profile, results, module.render(profile, results, parts, facts))
+
+
+def mark_failures(module, profile: dict, results: dict, result: ClaimResult) -> ClaimResult:
+    """If any of the claim's runs failed, its verdict is ``no verdict`` and the failures are counted (the
+    CLI then exits non-zero naming the claim). Idempotent."""
+    failed = count_failed(results, module.measure(profile, results))
+    result.numbers = json_safe(result.numbers)
+    if failed and not result.failed_runs:
+        result.failed_runs = failed
+        result.verdict.verdict = NO_VERDICT
+        result.verdict.explanation = (f"{failed} of this claim's runs failed, so it gets no verdict (rerun "
+                                      f"`bnlab study` with the same --out to retry them). "
+                                      + result.verdict.explanation)
+    return result
 
 
 def fmt(value: float, digits: int = 2) -> str:
@@ -91,7 +120,23 @@ def fmt(value: float, digits: int = 2) -> str:
 
 
 def fmt_ci(triple, digits: int = 2, unit: str = "") -> str:
+    if isinstance(triple, Interval):
+        triple = (triple.mean, triple.low, triple.high)
     mean, low, high = triple
     if not math.isfinite(mean):
         return "n/a"
     return f"{mean:.{digits}f}{unit} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def json_safe(value):
+    """``value`` with every non-finite float replaced by ``None`` (verdicts.json never holds NaN)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+__all__ += ["json_safe", "mean_ci", "mark_failures"]

@@ -13,32 +13,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bnlab.study.verdict import t_interval
+
 __all__ = ["mean_ci", "log_mean_ci", "percentiles", "step_changes", "gradient_ics", "channel_stats",
            "variance_ratio", "loss_curve_area", "steps_to_target", "first_index_at_or_below",
            "max_stable_lr", "is_stable", "smoothness"]
 
-# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: 1.96). A table, so the
-# confidence intervals need nothing beyond NumPy.
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-         2.052, 2.048, 2.045, 2.042]
 
+def mean_ci(values: Sequence[float], bounds: Optional[tuple[float, float]] = None) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over seeds and its 95% Student-t interval (:func:`verdict.t_interval`,
+    from ``scipy.stats``), clipped to ``bounds`` for a bounded quantity (an accuracy: ``(0, 100)``).
 
-def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the mean over seeds and its 95% Student-t confidence interval.
-
-    Non-finite values are dropped; one value gives a zero-width interval (nothing to estimate spread
-    from); none gives NaNs.
+    Non-finite values are dropped; one value gives a zero-width interval; none gives NaNs.
     """
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if x.size == 0:
-        return (math.nan, math.nan, math.nan)
-    mean = float(x.mean())
-    if x.size == 1:
-        return (mean, mean, mean)
-    t = _T975[x.size - 2] if x.size - 1 <= len(_T975) else 1.96
-    half = t * float(x.std(ddof=1)) / math.sqrt(x.size)
-    return (mean, mean - half, mean + half)
+    return t_interval(values, bounds)
 
 
 def log_mean_ci(ratios: Sequence[float]) -> tuple[float, float, float]:
@@ -129,10 +117,19 @@ def first_index_at_or_below(values: Sequence[float], level: float) -> Optional[i
     return None
 
 
-def is_stable(status: str, initial_loss: float, final_loss: float) -> bool:
-    """A run is stable when it did not diverge and ended below the loss it started at."""
-    return (status == "done" and math.isfinite(final_loss) and math.isfinite(initial_loss)
-            and final_loss < initial_loss)
+LOSS_DROP = 0.5        # a stable run ends at ≤ half its initial training loss …
+ABOVE_CHANCE = 0.10    # … with validation accuracy ≥ chance + 10 points
+
+
+def is_stable(status: str, initial_loss: Optional[float], final_loss: Optional[float],
+              val_acc: Optional[float], chance: float) -> bool:
+    """The study's stability rule (claims 2, 4, 5): the run did not diverge, its final training loss is at
+    most :data:`LOSS_DROP` × its initial loss, and its validation accuracy (a fraction) is at least
+    ``chance`` + :data:`ABOVE_CHANCE`. A run stuck at chance level is not stable, however its loss moved."""
+    values = (initial_loss, final_loss, val_acc)
+    if status != "done" or any(v is None or not math.isfinite(v) for v in values):
+        return False
+    return final_loss <= LOSS_DROP * initial_loss and val_acc >= chance + ABOVE_CHANCE
 
 
 def max_stable_lr(lrs: Sequence[float], stable: Sequence[bool]) -> Optional[float]:

@@ -1,19 +1,21 @@
-"""Study profiles: how big each claim's experiment is, as data.
+"""Study profiles: how big each claim's experiment is, as validated data.
 
-A profile is a plain dict (one per size below, or a JSON file passed as ``--profile path.json``); the
-claim modules read their own section and never branch on the profile's name. Sizes:
+A profile is a plain JSON-able dict (one per size below, or a JSON file passed as ``--profile
+path.json``). Its shape is the pydantic model :data:`Profile`: the shared fields of :class:`Shared` and
+one section per claim, whose schema (``Config``) and per-size defaults (``PRESETS``) live in the claim
+module that reads it (``ics``, ``lr``, ``speed``, ``regularize``, ``residual``). Unknown keys are
+rejected, and every problem of a file is reported at once with its JSON path. The claim modules read
+their own section and never branch on the profile's name. Sizes:
 
-* ``tiny``     — seconds; drives the whole pipeline in the tests (2 seeds; its verdicts mean nothing);
-* ``quick``    — the default: ≤ 5 minutes on 2 CPU cores (about 2 on an idle machine); MNIST-1D (4k
-  sequences of length 40), narrow 1-D ResNet-8s, 3 seeds, every verdict;
-* ``standard`` — ≤ 1 hour on CPU: three epochs per run, eight learning rates, depths to 44, and
-  Fashion-MNIST for the small-data claim;
-* ``full``     — one GPU: Fashion-MNIST, CIFAR-depth ResNets up to 110, 5 seeds.
+* ``tiny``     — seconds; drives the whole pipeline in the tests (2 seeds: every verdict is "no verdict");
+* ``quick``    — the default: ≤ 5 minutes on 2 idle CPU cores; MNIST-1D, narrow 1-D ResNet-8s, 6 seeds;
+* ``standard`` — ≤ 1 hour on CPU: longer runs, wider grids, depths to 44, 10 seeds;
+* ``full``     — one GPU: Fashion-MNIST, ResNet-20, CIFAR depths up to 110, 10 seeds.
 
-Units: ``steps`` are optimizer steps; ``lr`` is the SGD learning rate (Nesterov momentum 0.9 and a
-one-cycle schedule for ``train`` runs; plain SGD for claim 1's loop, whose per-arm rates were tuned
-once on seed 0 over {0.03, 0.1, 0.3, 1}); ``width`` multiplies the base widths 16/32/64;
-``eval_every`` is in steps. Claim 5's training runs reuse claim 4's budget and first batch size.
+Units: ``steps`` are optimizer steps; ``lr`` is the SGD learning rate (Nesterov momentum 0.9; a
+one-cycle schedule for claim 4's sweep); ``width`` multiplies the base widths 16/32/64; ``eval_every`` is
+in steps; ``val_size`` examples are held out of the training set (stratified, seed 0) for every choice,
+and curves are evaluated on its first ``val_eval_size``.
 """
 
 from __future__ import annotations
@@ -21,91 +23,118 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
-__all__ = ["PROFILES", "get_profile", "with_overrides"]
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, create_model, \
+    field_validator
 
-PROFILES: dict[str, dict] = {
-    "tiny": {
-        "description": "seconds: exercises every code path on a synthetic dataset (not a measurement)",
-        "dataset": "synthetic", "seeds": [0, 1], "width": 0.25, "depth": 8, "eval_every": 2,
-        "ics": {"arms": {"bn": 0.1, "none": 0.05, "noisy_bn": 0.1}, "steps": 6, "batch_size": 32,
-                "measure_every": 2, "step_sizes": [0.1, 0.4], "noise_shift": 1.0, "noise_scale": 1.5},
-        "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.01, 1.0], "batch_sizes": [32],
-               "max_steps": 6},
-        "regularize": {"dataset": None, "subset": 128, "batch_size": 32, "ghost_sizes": [8, 32],
-                       "max_steps": 8, "lr": 0.05, "weight_decay": 5e-4, "freeze_after": 4},
-        "residual": {"signal_depths": [8, 14], "train_depths": [8], "signal_batch": 64, "lrs": [0.01]},
-    },
-    "quick": {
-        "description": "≤ 5 minutes on 2 CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 3 seeds, two epochs per run",
-        "dataset": "mnist1d", "seeds": [0, 1, 2], "width": 0.5, "depth": 8, "eval_every": 6,
-        "ics": {"arms": {"bn": 0.3, "none": 0.1, "noisy_bn": 0.3}, "steps": 150, "batch_size": 64,
-                "measure_every": 20, "step_sizes": [0.1, 0.2, 0.4], "noise_shift": 1.0, "noise_scale": 1.5},
-        "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.003, 0.03, 0.3, 3.0],
-               "batch_sizes": [64, 256], "epochs": 2},
-        "regularize": {"dataset": None, "subset": 1000, "batch_size": 128, "ghost_sizes": [8, 32, 128],
-                       "max_steps": 120, "lr": 0.1, "weight_decay": 5e-4, "freeze_after": 40, "eval_every": 12},
-        "residual": {"signal_depths": [8, 20, 56, 110], "train_depths": [8, 20], "signal_batch": 128,
-                     "lrs": [0.03, 0.3]},
-    },
-    "standard": {
-        "description": "≤ 1 hour on CPU: MNIST-1D, 3 epochs per run, 8 learning rates, depths to 44, "
-                       "Fashion-MNIST for claim 3",
-        "dataset": "mnist1d", "seeds": [0, 1, 2], "width": 0.5, "depth": 8, "eval_every": 10,
-        "ics": {"arms": {"bn": 0.3, "none": 0.1, "noisy_bn": 0.3}, "steps": 400, "batch_size": 128,
-                "measure_every": 20, "step_sizes": [0.05, 0.1, 0.2, 0.4], "noise_shift": 1.0,
-                "noise_scale": 1.5},
-        "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
-               "batch_sizes": [64, 256], "epochs": 3},
-        "regularize": {"dataset": "fashion-mnist", "subset": 1000, "batch_size": 128,
-                       "ghost_sizes": [8, 32, 128], "max_steps": 150, "lr": 0.1, "weight_decay": 5e-4,
-                       "freeze_after": 50, "test_eval_size": 1000, "eval_every": 25},
-        "residual": {"signal_depths": [8, 20, 56, 110, 218], "train_depths": [8, 20, 44], "signal_batch": 256,
-                     "lrs": [0.03, 0.3]},
-    },
-    "full": {
-        "description": "one GPU: Fashion-MNIST, ResNet-20, 5 seeds, CIFAR depths up to 110",
-        "dataset": "fashion-mnist", "seeds": [0, 1, 2, 3, 4], "width": 1.0, "depth": 20, "eval_every": 100,
-        "ics": {"arms": {"bn": 0.3, "none": 0.1, "noisy_bn": 0.3}, "steps": 2000, "batch_size": 128,
-                "measure_every": 50, "step_sizes": [0.05, 0.1, 0.2, 0.4], "noise_shift": 1.0,
-                "noise_scale": 1.5},
-        "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
-               "batch_sizes": [128, 512], "epochs": 15},
-        "regularize": {"dataset": "fashion-mnist", "subset": 2000, "batch_size": 128,
-                       "ghost_sizes": [8, 32, 128], "max_steps": 3000, "lr": 0.1, "weight_decay": 5e-4,
-                       "freeze_after": 200},
-        "residual": {"signal_depths": [20, 56, 110, 218, 434], "train_depths": [20, 56, 110],
-                     "signal_batch": 256, "lrs": [0.03, 0.3]},
-    },
+from bnlab.errors import UserError
+from bnlab.study.claims import SECTIONS
+
+__all__ = ["PROFILES", "Profile", "Shared", "get_profile", "validate", "with_overrides"]
+
+SIZES = ("tiny", "quick", "standard", "full")
+
+
+class Shared(BaseModel):
+    """The fields every claim reads."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "custom"
+    description: str = ""
+    dataset: str
+    seeds: list[int] = Field(min_length=1)
+    width: PositiveFloat
+    depth: PositiveInt
+    device: str = "cpu"
+    val_size: PositiveInt
+    val_eval_size: PositiveInt
+    eval_every: PositiveInt
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds):
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds repeat (got {seeds})")
+        return seeds
+
+    @field_validator("depth")
+    @classmethod
+    def _resnet_depth(cls, depth):
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"must be 6n+2 with n >= 1 (8, 14, 20, 32, ...), got {depth}")
+        return depth
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device):
+        if not (device == "cpu" or device.startswith("cuda")):
+            raise ValueError(f"must be cpu or cuda[:N] (got {device!r})")
+        return device
+
+
+Profile = create_model("Profile", __base__=Shared, **{slug: (m.Config, ...) for slug, m in SECTIONS.items()})
+
+_SHARED = {
+    "tiny": {"description": "seconds: exercises every code path on a synthetic dataset (not a measurement)",
+             "dataset": "synthetic", "seeds": [0, 1], "width": 0.25, "depth": 8, "val_size": 64,
+             "val_eval_size": 64, "eval_every": 2},
+    "quick": {"description": "≤ 5 minutes on 2 idle CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 6 seeds",
+              "dataset": "mnist1d", "seeds": [0, 1, 2, 3, 4, 5], "width": 0.5, "depth": 8, "val_size": 500,
+              "val_eval_size": 500, "eval_every": 8},
+    "standard": {"description": "≤ 1 hour on CPU: MNIST-1D, longer runs, wider grids, depths to 44, 10 seeds",
+                 "dataset": "mnist1d", "seeds": list(range(10)), "width": 0.5, "depth": 8, "val_size": 500,
+                 "val_eval_size": 500, "eval_every": 10},
+    "full": {"description": "one GPU: Fashion-MNIST, ResNet-20, 10 seeds, CIFAR depths up to 110",
+             "dataset": "fashion-mnist", "seeds": list(range(10)), "width": 1.0, "depth": 20, "val_size": 5000,
+             "val_eval_size": 2000, "eval_every": 100},
 }
+
+PROFILES: dict[str, dict] = {size: {"name": size, **_SHARED[size], **{slug: copy.deepcopy(m.PRESETS[size])
+                                                                      for slug, m in SECTIONS.items()}}
+                             for size in SIZES}
+
+
+def _path(loc) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def validate(profile: dict, source: str = "profile") -> dict:
+    """``profile`` checked against :data:`Profile` and returned as a plain dict with every default filled
+    in; raises :class:`UserError` listing every problem with its JSON path (``lr.lrs.0``)."""
+    try:
+        model = Profile.model_validate(profile)
+    except ValidationError as error:
+        problems = "; ".join(f"{_path(e['loc'])}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] not in
+                                                                  ("missing", "extra_forbidden", "value_error") else "")
+                             for e in error.errors())
+        raise UserError(f"{source}: {error.error_count()} problem(s): {problems}. Start from one printed by "
+                        f"`bnlab study --profile quick --show-profile`") from None
+    return json.loads(model.model_dump_json())
 
 
 def get_profile(name_or_path: Union[str, Path]) -> dict:
-    """A deep copy of profile ``name`` (see :data:`PROFILES`), or the JSON file at that path."""
+    """Profile ``name`` (see :data:`PROFILES`), or the JSON file at that path, validated."""
     text = str(name_or_path)
     if text in PROFILES:
-        profile = copy.deepcopy(PROFILES[text])
-        profile["name"] = text
-        return profile
+        return validate(copy.deepcopy(PROFILES[text]), f"profile {text}")
     path = Path(text)
     if path.suffix == ".json" and path.is_file():
         try:
             profile = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"--profile {path}: not valid JSON ({error})") from None
-        missing = [k for k in ("dataset", "seeds", "ics", "lr", "regularize", "residual") if k not in profile]
-        if missing:
-            raise ValueError(f"--profile {path}: missing sections {', '.join(missing)}; "
-                             f"start from one printed by `bnlab study --profile quick --show-profile`")
+            raise UserError(f"--profile {path}: not valid JSON ({error})") from None
+        if not isinstance(profile, dict):
+            raise UserError(f"--profile {path}: expected a JSON object with the profile's sections")
         profile.setdefault("name", path.stem)
-        return profile
-    raise ValueError(f"--profile must be one of {', '.join(PROFILES)} or a .json file (got {text!r})")
+        return validate(profile, f"--profile {path}")
+    raise UserError(f"--profile must be one of {', '.join(PROFILES)} or a .json file (got {text!r})")
 
 
-def with_overrides(profile: dict, dataset: str | None = None, device: str | None = None,
-                   seeds: int | None = None) -> dict:
-    """The profile with ``--dataset``/``--device``/``--seeds`` applied (a new dict)."""
+def with_overrides(profile: dict, dataset: Optional[str] = None, device: Optional[str] = None,
+                   seeds: Optional[int] = None) -> dict:
+    """The profile with ``--dataset``/``--device``/``--seeds`` applied (a new, validated dict). Fewer than
+    3 seeds are allowed but every claim then gets "no verdict" (no interval from 1–2 seeds is trusted)."""
     profile = copy.deepcopy(profile)
     if dataset:
         profile["dataset"] = dataset
@@ -114,6 +143,8 @@ def with_overrides(profile: dict, dataset: str | None = None, device: str | None
         profile["device"] = device
     if seeds is not None:
         if seeds < 1:
-            raise ValueError(f"--seeds must be at least 1 (got {seeds})")
+            raise UserError(f"--seeds must be at least 1 (got {seeds})")
         profile["seeds"] = list(range(seeds))
-    return profile
+    given = [f"--{k} {v}" for k, v in (("dataset", dataset), ("device", device), ("seeds", seeds)) if v is not None]
+    return validate(profile, f"profile {profile.get('name', '')} with {' '.join(given)}" if given else
+                    f"profile {profile.get('name', '')}")

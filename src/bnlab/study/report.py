@@ -26,12 +26,13 @@ import jinja2
 from markupsafe import Markup, escape
 
 from bnlab.errors import UserError
-from bnlab.study import CLAIMS
+from bnlab.study.claims import CLAIMS
+from bnlab.study.common import mark_failures
 from bnlab.study.runner import STORE_NAME
 from bnlab.study.store import Store
 from bnlab.study.style import png_bytes
 from bnlab.study.templates import HTML, MARKDOWN
-from bnlab.study.verdict import NO_VERDICT, ClaimResult, Interval, Verdict
+from bnlab.study.verdict import NO_VERDICT, SUPPORTED, ClaimResult, Interval, Verdict
 
 __all__ = ["SCHEMA_VERSION", "build_report", "analyze_claims", "render", "md_cell", "inline_html",
            "inline_markdown", "json_clean"]
@@ -40,8 +41,8 @@ SCHEMA_VERSION = 2  # of verdicts.json: 2 = {"schema_version", "study": {...}, "
 
 
 def analyze_claims(profile: dict, results: dict, claims) -> list[ClaimResult]:
-    """Each claim's :class:`ClaimResult`; a claim whose analysis fails gets a placeholder naming the error
-    (its verdict is then "no verdict", with the caveat saying why)."""
+    """Each claim's :class:`ClaimResult`; a claim whose analysis fails gets a placeholder with verdict
+    "no verdict" naming the error. A claim with failed runs gets "no verdict" either way."""
     out = []
     for n in claims:
         module = CLAIMS[n]
@@ -53,10 +54,11 @@ def analyze_claims(profile: dict, results: dict, claims) -> list[ClaimResult]:
         except Exception as error:  # noqa: BLE001 — the report must still be written
             nan = Interval(math.nan, math.nan, math.nan)
             result = ClaimResult(n, module.TITLE, Verdict(NO_VERDICT, "n/a", nan, "The analysis failed; see below."),
-                                 module.LITERATURE, module.RULE, caveats=["No verdict could be computed from the runs."],
+                                 module.LITERATURE, module.RULE, expected=getattr(module, "EXPECTED", SUPPORTED),
+                                 caveats=["No verdict could be computed from the runs."],
                                  finding=getattr(module, "FINDING", ""))
             result.error = f"{type(error).__name__}: {error} — {traceback.format_exc(limit=-1).strip()}"
-        out.append(result)
+        out.append(mark_failures(module, profile, results, result))
     return out
 
 

@@ -27,13 +27,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from tqdm.auto import tqdm
 
 from bnlab.errors import UserError
-from bnlab.study import CLAIMS, parse_claims
-from bnlab.study.specs import spec_label, unique_specs
+from bnlab.study.claims import collect_specs, parse_claims
+from bnlab.study.specs import spec_label
 from bnlab.study.store import STORE_NAME, Store, environment
 
 __all__ = ["STORE_NAME", "LOCK_NAME", "Interrupted", "collect_specs", "run_specs", "run_study", "estimated_cost",
@@ -44,11 +44,6 @@ LOCK_NAME = ".study.lock"  # beside it, .study.lock.owner names the process hold
 
 class Interrupted(KeyboardInterrupt):
     """The study stopped on Ctrl-C or SIGTERM; the message says what the store holds."""
-
-
-def collect_specs(profile: dict, claims: Sequence[int]) -> dict[str, dict]:
-    """Key → spec for every run the chosen claims declare; shared runs appear once."""
-    return unique_specs(spec for n in claims for spec in CLAIMS[n].specs(profile))
 
 
 def estimated_cost(spec: dict) -> float:
@@ -257,9 +252,16 @@ def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progre
         store = Store(out / STORE_NAME)
         store.set_meta("profile", profile)
         store.set_meta("claims", numbers)
-        specs = collect_specs(profile, numbers)
         started = time.perf_counter()
-        statuses = run_specs(specs, store, jobs=jobs, progress=progress)
+        statuses: dict[str, str] = {}
+        specs: dict[str, dict] = {}
+        while True:  # rounds: a claim may ask for more runs once it sees results (see bnlab.study.claims)
+            new = collect_specs(profile, numbers, store.results())
+            if set(new) <= set(specs):
+                break
+            fresh = {k: v for k, v in new.items() if k not in specs}  # each spec is tried once per invocation
+            specs = new
+            statuses.update(run_specs(fresh, store, jobs=jobs, progress=progress))
         store.set_meta("last_run_seconds", time.perf_counter() - started)
     failed = [k for k, s in statuses.items() if s == "failed"]
     if failed:

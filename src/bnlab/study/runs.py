@@ -3,7 +3,8 @@
 Three kinds of run (see :mod:`bnlab.study.specs`):
 
 * ``train`` — :func:`bnlab.train.train` with a :class:`Probe` callback that records the loss every step
-  and test/train accuracy every ``eval_every`` steps (the curves claims 2–5 need);
+  and, every ``eval_every`` steps, the accuracy/loss on a fixed validation subset and on a training
+  subset (the curves claims 2–5 choose on); the test set is evaluated once, on the final model;
 * ``ics`` — claim 1's own SGD loop, which also measures distribution shift, gradient ICS and smoothness
   (:mod:`bnlab.study.ics_loop`);
 * ``signal`` — one forward/backward at initialization recording per-block statistics
@@ -15,6 +16,7 @@ Everything is built from the same public pieces a user would call: :func:`bnlab.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -28,15 +30,29 @@ __all__ = ["execute", "load_data", "build_model", "Probe", "model_dims"]
 
 
 @functools.lru_cache(maxsize=8)
-def _load(name: str, subset: Optional[int], device: str):
+def _load(name: str, val_size: int, subset: Optional[int], device: str):
     import bnlab.data
-    return bnlab.data.load(name, subset=subset, seed=0, device=device)
+    data = bnlab.data.load(name, seed=0, device=device)
+    if val_size:
+        data = bnlab.data.split_validation(data, val_size, seed=0)
+    else:
+        data.val_x, data.val_y = data.train_x[:0], data.train_y[:0]
+    if subset is not None:
+        index = bnlab.data.balanced_subset(data.train_y, int(subset), data.num_classes, seed=0)
+        index = index.to(data.train_y.device)
+        val_x, val_y = data.val_x, data.val_y
+        data = dataclasses.replace(data, train_x=data.train_x[index], train_y=data.train_y[index])
+        data.val_x, data.val_y = val_x, val_y
+    return data
 
 
 def load_data(spec: dict):
-    """The spec's dataset (cached per process; the split and subset use seed 0 so every run sees the
-    same examples and only the run's own seed varies)."""
-    return _load(spec["dataset"], spec.get("subset"), spec.get("device", "cpu"))
+    """The spec's dataset, cached per process: ``train_x/train_y`` are the training examples minus a
+    stratified validation split of ``spec["val_size"]`` (``val_x/val_y``, carved with seed 0), then the
+    optional class-balanced ``subset`` of what remains; ``test_x/test_y`` are the untouched test set,
+    which no choice may use (it is only reported). Every run sees the same examples; only its seed varies.
+    """
+    return _load(spec["dataset"], int(spec.get("val_size") or 0), spec.get("subset"), spec.get("device", "cpu"))
 
 
 def model_dims(data) -> int:
@@ -46,13 +62,13 @@ def model_dims(data) -> int:
 
 def _norm(spec: dict, dims: int):
     """The ``norm`` argument for :func:`bnlab.models.create`: ``ghost:K`` becomes a GhostBatchNorm
-    partial; ``noisy_bn`` and ``frozen_bn`` are ordinary BN (their difference is applied while training)."""
+    partial; ``noisy_bn`` is ordinary BN (claim 1's loop adds its noise while training)."""
     norm = spec.get("norm", "bn")
     if norm.startswith("ghost:"):
         from bnlab.variants import GhostBatchNorm1d, GhostBatchNorm2d
         cls = GhostBatchNorm1d if dims == 1 else GhostBatchNorm2d
         return functools.partial(cls, virtual_batch_size=int(norm.split(":", 1)[1]))
-    if norm in ("noisy_bn", "frozen_bn"):
+    if norm == "noisy_bn":
         return "bn"
     return norm
 
@@ -70,46 +86,55 @@ def build_model(spec: dict, data) -> nn.Module:
 
 class Probe:
     """A :func:`bnlab.train.train` callback: the loss at every step, and every ``eval_every`` steps the
-    test accuracy/loss and the accuracy/loss on the first ``train_eval_size`` training examples, with the
-    training wall time spent so far (evaluation time excluded). Optionally freezes BN statistics after
-    ``freeze_after`` steps (the "frozen" arm of claim 3)."""
+    accuracy/loss on the first ``val_eval_size`` validation examples (a fixed subset) and on the first
+    ``train_eval_size`` training examples, with the training wall time spent so far (evaluation time
+    excluded). It never sees the test set."""
 
-    def __init__(self, data, eval_every: int, train_eval_size: int = 0,
-                 freeze_after: Optional[int] = None, test_eval_size: Optional[int] = None) -> None:
-        self.data, self.eval_every, self.freeze_after = data, max(1, int(eval_every)), freeze_after
-        self.test_x, self.test_y = data.test_x[:test_eval_size], data.test_y[:test_eval_size]
+    def __init__(self, data, eval_every: int, train_eval_size: int = 0, val_eval_size: Optional[int] = None) -> None:
+        self.eval_every = max(1, int(eval_every))
+        self.val_x, self.val_y = data.val_x[:val_eval_size], data.val_y[:val_eval_size]
         self.train_x, self.train_y = data.train_x[:train_eval_size], data.train_y[:train_eval_size]
         self.losses: list[float] = []
-        self.curve: dict[str, list] = {"step": [], "seconds": [], "test_acc": [], "test_loss": [],
+        self.curve: dict[str, list] = {"step": [], "seconds": [], "val_acc": [], "val_loss": [],
                                        "train_acc": [], "train_loss": []}
         self._start = time.perf_counter()
         self._eval_seconds = 0.0
 
     def on_step(self, step, model, loss, batch) -> None:
         self.losses.append(float(loss))
-        count = len(self.losses)
-        if self.freeze_after is not None and count == self.freeze_after:
-            from bnlab.variants import freeze_stats
-            freeze_stats(model)
-        if count % self.eval_every == 0:
-            self.evaluate(model, count)
+        if len(self.losses) % self.eval_every == 0:
+            self.evaluate(model, len(self.losses))
 
     def evaluate(self, model, step: int) -> None:
-        from bnlab.train import evaluate
         started = time.perf_counter()
-        was_training = model.training
-        model.eval()
-        test_loss, test_acc = evaluate(model, self.test_x, self.test_y)
-        train_loss, train_acc = (evaluate(model, self.train_x, self.train_y) if len(self.train_x)
-                                 else (math.nan, math.nan))
-        model.train(was_training)
+        val_loss, val_acc = _evaluate(model, self.val_x, self.val_y)
+        train_loss, train_acc = _evaluate(model, self.train_x, self.train_y)
         c = self.curve
         c["step"].append(step)
         c["seconds"].append(started - self._start - self._eval_seconds)
-        for name, value in (("test_acc", test_acc), ("test_loss", test_loss),
+        for name, value in (("val_acc", val_acc), ("val_loss", val_loss),
                             ("train_acc", train_acc), ("train_loss", train_loss)):
             c[name].append(_finite_or_none(value))
         self._eval_seconds += time.perf_counter() - started
+
+
+def _evaluate(model, x, y) -> tuple[float, float]:
+    """(loss, accuracy) in eval mode, or NaNs for no examples; leaves the model's mode as it was."""
+    from bnlab.train import evaluate
+    if not len(x):
+        return math.nan, math.nan
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate(model, x, y)
+    finally:
+        model.train(was_training)
+
+
+def weight_norm(model: nn.Module) -> float:
+    """‖W‖₂ over every convolution and linear weight (what weight decay shrinks)."""
+    from bnlab.study.signal import weight_layers
+    return float(torch.sqrt(sum(m.weight.detach().double().pow(2).sum() for _, m in weight_layers(model))))
 
 
 def _finite_or_none(value) -> Optional[float]:
@@ -130,19 +155,29 @@ def _run_train(spec: dict) -> tuple[str, dict]:
     config = TrainConfig(epochs=epochs, batch_size=spec["batch_size"], lr=spec["lr"], optimizer="sgd",
                          momentum=spec.get("momentum", 0.9), nesterov=True,
                          weight_decay=spec.get("weight_decay", 0.0), norm_weight_decay=0.0,
-                         schedule=spec.get("schedule", "onecycle"), seed=spec["seed"],
+                         schedule=spec.get("schedule", "onecycle"),
+                         warmup_fraction=spec.get("warmup_fraction", 0.2), seed=spec["seed"],
                          device=spec.get("device", "cpu"), augment=False, max_steps=max_steps,
-                         eval_every=0, log_steps=False)
-    freeze_after = spec.get("freeze_after") if spec.get("norm") == "frozen_bn" else None
-    probe = Probe(data, spec.get("eval_every", 10), freeze_after=freeze_after,
-                  test_eval_size=spec.get("test_eval_size"), train_eval_size=spec.get("train_eval_size", 0))
-    history = train(model, data, config, callbacks=[probe], progress=False)
+                         eval_every=0, log_steps=False)  # end only; the probe evaluates during training
+    probe = Probe(data, spec.get("eval_every", 10), train_eval_size=spec.get("train_eval_size", 0),
+                  val_eval_size=spec.get("val_eval_size"))
+    initial_norm = weight_norm(model)
+    # train() evaluates its "test" split after the last epoch: hand it the validation subset, so the
+    # test set is touched exactly once, below, on the final model
+    seen = dataclasses.replace(data, test_x=probe.val_x, test_y=probe.val_y)
+    history = train(model, seen, config, callbacks=[probe], progress=False)
     if not probe.curve["step"] or probe.curve["step"][-1] != len(probe.losses):
         probe.evaluate(model, len(probe.losses))  # always end with an evaluation of the final model
     losses = [_finite_or_none(v) for v in probe.losses]
+    val_loss, val_acc = _evaluate(model, data.val_x, data.val_y)
+    test_loss, test_acc = _evaluate(model, data.test_x[:spec.get("test_eval_size")],
+                                    data.test_y[:spec.get("test_eval_size")])
+    final = {"val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc, "test_loss": test_loss,
+             "train_acc": probe.curve["train_acc"][-1], "train_loss": probe.curve["train_loss"][-1]}
     result = {"losses": losses, "curve": probe.curve, "initial_loss": losses[0] if losses else None,
-              "final": history.final, "reason": history.reason, "steps": len(losses), "epochs": history.epochs,
-              "chance": 1.0 / data.num_classes}
+              "final": {k: _finite_or_none(v) if v is not None else None for k, v in final.items()},
+              "weight_norm": {"initial": initial_norm, "final": _finite_or_none(weight_norm(model))},
+              "reason": history.reason, "steps": len(losses), "chance": 1.0 / data.num_classes}
     return history.status, result
 
 

@@ -1,0 +1,98 @@
+"""Runs: the validation split never touches the test set, the stability rule, and failed runs → no
+verdict with a non-zero exit naming the claim."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import bnlab.data
+from bnlab.cli import main
+from bnlab.study import get_profile, runs
+from bnlab.study.common import train_spec
+from bnlab.study.metrics import is_stable
+
+
+def test_split_validation_is_stratified_disjoint_and_leaves_the_test_set_alone():
+    data = bnlab.data.load("synthetic")
+    split = bnlab.data.split_validation(data, 64, seed=0)
+    assert len(split.train_y) + len(split.val_y) == len(data.train_y)
+    assert torch.bincount(split.val_y, minlength=data.num_classes).tolist() == [16] * 4  # 4 classes
+    rows = {tuple(r) for r in data.train_x.flatten(1).tolist()}
+    train = {tuple(r) for r in split.train_x.flatten(1).tolist()}
+    val = {tuple(r) for r in split.val_x.flatten(1).tolist()}
+    assert not train & val and train | val == rows
+    assert torch.equal(split.test_x, data.test_x) and torch.equal(split.test_y, data.test_y)
+    again = bnlab.data.split_validation(data, 64, seed=0)
+    assert torch.equal(again.val_x, split.val_x)
+    with pytest.raises(ValueError, match="validation size"):
+        bnlab.data.split_validation(data, len(data.train_y), seed=0)
+
+
+def _spec(**kw):
+    profile = get_profile("tiny")
+    return train_spec(profile, norm="bn", lr=0.1, batch_size=32, seed=0, max_steps=8, **kw)
+
+
+def test_nothing_chosen_depends_on_the_test_set():
+    """Poison the test set with NaN: the curves and validation numbers every choice reads are unchanged;
+    only the reported test accuracy (once, at the end) sees the poison."""
+    spec = _spec()
+    runs._load.cache_clear()
+    status, clean, _ = runs.execute(spec)
+    data = runs.load_data(spec)
+    data.test_x.fill_(math.nan)  # the cached dataset every later run of this process reads
+    try:
+        status_p, poisoned, _ = runs.execute(spec)
+    finally:
+        runs._load.cache_clear()
+    assert status == status_p == "done"
+    assert poisoned["curve"]["val_acc"] == clean["curve"]["val_acc"]
+    assert poisoned["losses"] == clean["losses"]
+    assert poisoned["final"]["val_acc"] == clean["final"]["val_acc"] is not None
+    assert clean["final"]["test_acc"] is not None and poisoned["final"]["test_loss"] is None
+    assert "test_acc" not in poisoned["curve"]
+
+
+def test_the_validation_split_is_carved_from_training_data():
+    spec = _spec()
+    data = runs.load_data(spec)
+    full = bnlab.data.load("synthetic")
+    assert len(data.val_y) == spec["val_size"] and len(data.train_y) == len(full.train_y) - spec["val_size"]
+    assert torch.equal(data.test_x, full.test_x)
+
+
+def test_stability_rule_on_a_chance_level_run():
+    chance = 0.1
+    assert is_stable("done", 2.3, 1.0, 0.6, chance)
+    assert not is_stable("done", 2.3, 1.0, 0.105, chance)   # loss halved, but accuracy at chance
+    assert not is_stable("done", 2.3, 1.2, 0.6, chance)     # loss fell, but not to half
+    assert not is_stable("diverged", 2.3, 1.0, 0.6, chance)
+    assert not is_stable("done", 2.3, math.nan, 0.6, chance)
+    assert not is_stable("done", 2.3, 1.0, None, chance)
+    assert is_stable("done", 2.3, 1.15, 0.2, chance)        # both limits inclusive
+
+
+def test_failed_runs_give_no_verdict_and_a_non_zero_exit_naming_the_claim(tmp_path, monkeypatch, capsys):
+    real = runs._run_train
+
+    def broken(spec):
+        if spec["norm"] == "groupnorm":
+            raise RuntimeError("a broken run")
+        return real(spec)
+    monkeypatch.setattr(runs, "_run_train", broken)
+    out = tmp_path / "study"
+    code = main(["study", "--profile", "tiny", "--claims", "3", "--jobs", "1", "--no-progress", "--out", str(out)])
+    assert code != 0
+    assert "claim 3" in capsys.readouterr().err
+    verdicts = json.loads((out / "verdicts.json").read_text(), parse_constant=pytest.fail)
+    assert verdicts["3"]["verdict"] == "no verdict" and verdicts["3"]["failed_runs"] == 2  # 2 seeds
+
+
+def test_few_seeds_yield_no_verdict_not_a_firm_one(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(["study", "--profile", "tiny", "--claims", "3", "--seeds", "1", "--jobs", "1", "--no-progress",
+                 "--out", str(out)]) == 0
+    verdicts = json.loads((out / "verdicts.json").read_text(), parse_constant=pytest.fail)
+    assert verdicts["3"]["verdict"] == "no verdict"
