@@ -40,7 +40,7 @@ def test_study_rejects_bad_arguments_in_one_line_and_creates_nothing(tmp_path, c
     one_line_error(capsys, ["study", "--profile", "tiny", "--claims", "9", "--out", out], "--claims")
     one_line_error(capsys, ["study", "--profile", "enormous", "--out", out], "--profile")
     one_line_error(capsys, ["study", "--profile", "tiny", "--dataset", "imagenet", "--out", out], "--dataset")
-    one_line_error(capsys, ["study", "--profile", "tiny", "--device", "tpu", "--out", out], "device 'tpu'")
+    one_line_error(capsys, ["study", "--profile", "tiny", "--device", "tpu", "--out", out], "(got 'tpu')")
     one_line_error(capsys, ["study", "--profile", "tiny", "--claims", "5", "--jobs", "0", "--out", out], "--jobs")
     one_line_error(capsys, ["study", "--profile", "tiny", "--jobs", "two", "--out", out], "--jobs")
     assert not out.exists()

@@ -86,7 +86,7 @@ def test_failed_runs_give_no_verdict_and_a_non_zero_exit_naming_the_claim(tmp_pa
     code = main(["study", "--profile", "tiny", "--claims", "3", "--jobs", "1", "--no-progress", "--out", str(out)])
     assert code != 0
     assert "claim 3" in capsys.readouterr().err
-    verdicts = json.loads((out / "verdicts.json").read_text(), parse_constant=pytest.fail)
+    verdicts = json.loads((out / "verdicts.json").read_text(), parse_constant=pytest.fail)["claims"]
     assert verdicts["3"]["verdict"] == "no verdict" and verdicts["3"]["failed_runs"] == 2  # 2 seeds
 
 
@@ -94,5 +94,5 @@ def test_few_seeds_yield_no_verdict_not_a_firm_one(tmp_path, capsys):
     out = tmp_path / "study"
     assert main(["study", "--profile", "tiny", "--claims", "3", "--seeds", "1", "--jobs", "1", "--no-progress",
                  "--out", str(out)]) == 0
-    verdicts = json.loads((out / "verdicts.json").read_text(), parse_constant=pytest.fail)
+    verdicts = json.loads((out / "verdicts.json").read_text(), parse_constant=pytest.fail)["claims"]
     assert verdicts["3"]["verdict"] == "no verdict"
