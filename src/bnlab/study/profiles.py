@@ -23,14 +23,14 @@ import json
 from pathlib import Path
 from typing import Union
 
+from bnlab.study import claim_ics
+
 __all__ = ["PROFILES", "get_profile", "with_overrides"]
 
 PROFILES: dict[str, dict] = {
     "tiny": {
         "description": "seconds: exercises every code path on a synthetic dataset (not a measurement)",
-        "dataset": "synthetic", "seeds": [0, 1], "width": 0.25, "depth": 8, "eval_every": 2,
-        "ics": {"arms": {"bn": 0.1, "none": 0.05, "noisy_bn": 0.1}, "steps": 6, "batch_size": 32,
-                "measure_every": 2, "step_sizes": [0.1, 0.4], "noise_shift": 1.0, "noise_scale": 1.5},
+        "dataset": "synthetic", "seeds": [0, 1], "width": 0.25, "depth": 8, "eval_every": 2, "val_size": 128,
         "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.01, 1.0], "batch_sizes": [32],
                "max_steps": 6},
         "regularize": {"dataset": None, "subset": 128, "batch_size": 32, "ghost_sizes": [8, 32],
@@ -40,8 +40,6 @@ PROFILES: dict[str, dict] = {
     "quick": {
         "description": "≤ 5 minutes on 2 CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 3 seeds, two epochs per run",
         "dataset": "mnist1d", "seeds": [0, 1, 2], "width": 0.5, "depth": 8, "eval_every": 6,
-        "ics": {"arms": {"bn": 0.3, "none": 0.1, "noisy_bn": 0.3}, "steps": 150, "batch_size": 64,
-                "measure_every": 20, "step_sizes": [0.1, 0.2, 0.4], "noise_shift": 1.0, "noise_scale": 1.5},
         "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.003, 0.03, 0.3, 3.0],
                "batch_sizes": [64, 256], "epochs": 2},
         "regularize": {"dataset": None, "subset": 1000, "batch_size": 128, "ghost_sizes": [8, 32, 128],
@@ -53,9 +51,6 @@ PROFILES: dict[str, dict] = {
         "description": "≤ 1 hour on CPU: MNIST-1D, 3 epochs per run, 8 learning rates, depths to 44, "
                        "Fashion-MNIST for claim 3",
         "dataset": "mnist1d", "seeds": [0, 1, 2], "width": 0.5, "depth": 8, "eval_every": 10,
-        "ics": {"arms": {"bn": 0.3, "none": 0.1, "noisy_bn": 0.3}, "steps": 400, "batch_size": 128,
-                "measure_every": 20, "step_sizes": [0.05, 0.1, 0.2, 0.4], "noise_shift": 1.0,
-                "noise_scale": 1.5},
         "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
                "batch_sizes": [64, 256], "epochs": 3},
         "regularize": {"dataset": "fashion-mnist", "subset": 1000, "batch_size": 128,
@@ -67,9 +62,6 @@ PROFILES: dict[str, dict] = {
     "full": {
         "description": "one GPU: Fashion-MNIST, ResNet-20, 5 seeds, CIFAR depths up to 110",
         "dataset": "fashion-mnist", "seeds": [0, 1, 2, 3, 4], "width": 1.0, "depth": 20, "eval_every": 100,
-        "ics": {"arms": {"bn": 0.3, "none": 0.1, "noisy_bn": 0.3}, "steps": 2000, "batch_size": 128,
-                "measure_every": 50, "step_sizes": [0.05, 0.1, 0.2, 0.4], "noise_shift": 1.0,
-                "noise_scale": 1.5},
         "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
                "batch_sizes": [128, 512], "epochs": 15},
         "regularize": {"dataset": "fashion-mnist", "subset": 2000, "batch_size": 128,
@@ -79,6 +71,10 @@ PROFILES: dict[str, dict] = {
                      "signal_batch": 256, "lrs": [0.03, 0.3]},
     },
 }
+
+
+for _name, _profile in PROFILES.items():  # each claim module owns its section's defaults
+    _profile["ics"] = copy.deepcopy(claim_ics.PRESETS[_name])
 
 
 def get_profile(name_or_path: Union[str, Path]) -> dict:

@@ -33,9 +33,25 @@ def _load(name: str, subset: Optional[int], device: str):
     return bnlab.data.load(name, subset=subset, seed=0, device=device)
 
 
+@functools.lru_cache(maxsize=8)
+def _split(name: str, subset: Optional[int], device: str, val_size: int):
+    import copy
+    from bnlab.data import balanced_subset
+    ds = copy.copy(_load(name, subset, device))
+    val = balanced_subset(ds.train_y, val_size, ds.num_classes, seed=0).to(ds.train_y.device)
+    keep = torch.ones(len(ds.train_y), dtype=torch.bool, device=ds.train_y.device)
+    keep[val] = False
+    ds.val_x, ds.val_y = ds.train_x[val], ds.train_y[val]
+    ds.train_x, ds.train_y = ds.train_x[keep], ds.train_y[keep]
+    return ds
+
+
 def load_data(spec: dict):
     """The spec's dataset (cached per process; the split and subset use seed 0 so every run sees the
-    same examples and only the run's own seed varies)."""
+    same examples and only the run's own seed varies). With ``val_size``, a stratified validation split
+    (``val_x``/``val_y``) is carved from the training data and removed from ``train_x``/``train_y``."""
+    if spec.get("val_size"):
+        return _split(spec["dataset"], spec.get("subset"), spec.get("device", "cpu"), int(spec["val_size"]))
     return _load(spec["dataset"], spec.get("subset"), spec.get("device", "cpu"))
 
 
