@@ -147,43 +147,6 @@ def test_claim_regularize_compares_at_the_loss_both_arms_reach():
     assert table["no norm (He init)"][1].startswith("1.500")
 
 
-ICS_PROFILE = {"name": "synthetic", "dataset": "synthetic", "seeds": [0, 1, 2], "width": 0.25, "depth": 8,
-               "ics": {"arms": {"bn": 0.1, "none": 0.05, "noisy_bn": 0.1}, "steps": 4, "batch_size": 8,
-                       "measure_every": 1, "step_sizes": [0.1], "noise_shift": 1.0, "noise_scale": 1.5}}
-
-
-def _ics_results(cosine: dict, accuracy: dict) -> dict:
-    from bnlab.study import claim_ics
-    results = {}
-    for arm, lr in ICS_PROFILE["ics"]["arms"].items():
-        for seed in ICS_PROFILE["seeds"]:
-            ema = [2.3, 2.0, 1.5, 1.0]
-            run = {"ics": {"step": [0, 1, 2, 3], "ema_loss": ema, "cosine": [[cosine[arm] + 0.001 * seed] * 2] * 4,
-                           "distance": [[0.1, 0.1]] * 4},
-                   "smooth": {"step": [0, 1, 2, 3], "ema_loss": ema, "loss_range": [0.1] * 4,
-                              "grad_change": [0.1] * 4, "beta": [1.0] * 4},
-                   "dist": {"mean": [0.0, 0.1, 0.0], "std": [1.0, 1.1, 1.0], "p15": [0] * 3, "p50": [0] * 3,
-                            "p85": [0] * 3},
-                   "final": {"test_acc": accuracy[arm] + 0.001 * seed}, "layers": ["a", "b"]}
-            results[spec_key(claim_ics._spec(ICS_PROFILE, arm, lr, seed))] = {"status": "done", "result": run}
-    return results
-
-
-def test_claim_ics_verdicts():
-    from bnlab.study import claim_ics
-    supported = claim_ics.analyze(ICS_PROFILE, _ics_results({"bn": 0.9, "none": 0.5, "noisy_bn": 0.9},
-                                                           {"bn": 0.9, "none": 0.6, "noisy_bn": 0.5}))
-    assert supported.verdict.verdict == SUPPORTED
-    assert supported.verdict.key_interval.mean == pytest.approx(0.4)
-    caveats = claim_ics.analyze(ICS_PROFILE, _ics_results({"bn": 0.9, "none": 0.5, "noisy_bn": 0.9},
-                                                         {"bn": 0.9, "none": 0.6, "noisy_bn": 0.9}))
-    assert caveats.verdict.verdict == CAVEATS  # BN lowers gradient ICS, but injected shift costs nothing
-    literature = claim_ics.analyze(ICS_PROFILE, _ics_results({"bn": 0.5, "none": 0.9, "noisy_bn": 0.5},
-                                                            {"bn": 0.9, "none": 0.6, "noisy_bn": 0.89}))
-    assert literature.verdict.verdict == NOT_SUPPORTED
-    assert literature.agrees_with_literature is True
-
-
 RES_PROFILE = {"name": "synthetic", "dataset": "synthetic", "seeds": [0, 1, 2], "width": 0.25, "depth": 8,
                "eval_every": 1, "lr": {"arms": ["bn", "none", "skipinit", "fixup"], "lrs": [0.1],
                                        "batch_sizes": [32], "max_steps": 4},
