@@ -149,7 +149,7 @@ PRESETS = {
              "ics_lr": 0.1, "steps": 6, "batch_size": 32, "measure_every": 2, "record_every": 1, "eval_every": 3,
              "val_eval_size": 64, "recal_batches": 2, "step_sizes": [0.1, 0.4]},
     "quick": {**_COMMON, "arms": _ARMS, "lrs": {"bn": [0.1, 0.3], "none": [0.03, 0.1], "noisy_bn": [0.1, 0.3]},
-              "ics_lr": 0.1, "steps": 500, "batch_size": 64},
+              "ics_lr": 0.1, "steps": 400, "batch_size": 64, "measure_every": 25},
     "standard": {**_COMMON, "arms": _ARMS, "lrs": {"bn": [0.1, 0.3, 1.0], "none": [0.03, 0.1, 0.3],
                                                    "noisy_bn": [0.1, 0.3, 1.0]},
                  "ics_lr": 0.1, "steps": 1200, "batch_size": 64, "measure_every": 40},
@@ -417,9 +417,9 @@ def _plateau_gain(runs: dict, steps: int) -> Interval:
     return Interval.of(t_interval(gains), "points")
 
 
-def _mean_band(series: list[list[float]]):
+def _mean_band(series: list[list[float]], bounds=None):
     n = min(len(s) for s in series)
-    stats = [t_interval([s[i] for s in series]) for i in range(n)]
+    stats = [t_interval([s[i] for s in series], bounds) for i in range(n)]
     return [m for m, _, _ in stats], [lo for _, lo, _ in stats], [hi for _, _, hi in stats]
 
 
@@ -440,10 +440,10 @@ def _accuracy_figure(profile, results, ordered, chosen, test_acc, chosen_runs) -
     for a in ordered:
         curves = [r["curve"] for st, r in chosen_runs[a].values() if st == "done" and r["curve"]["step"]]
         if curves:
-            mean, low, high = _mean_band([[100 * v for v in c["val_acc"]] for c in curves])
+            mean, low, high = _mean_band([[100 * v for v in c["val_acc"]] for c in curves], (0, 100))
             steps = curves[0]["step"][:len(mean)]
             color = arm_color(a, noisy.index(a), len(noisy)) if a in noisy else arm_color(a)
-            band(ax_curve, steps, mean, low, [min(100.0, h) for h in high], color, arm_label(a))
+            band(ax_curve, steps, mean, low, high, color, arm_label(a))
     ax_curve.set_xlabel("step")
     ax_curve.set_ylabel("validation accuracy % (clean statistics)")
     ax_curve.set_title("Validation accuracy during training")
@@ -469,12 +469,12 @@ def _distribution_figure(ordered, chosen_runs) -> dict:
                         color=color, linestyle=style, label=name)
         ax.set_title(arm_label(a))
         ax.set_xlabel("step")
-    axes[0].set_ylabel("input of the middle block's second conv")
+    axes[0].set_ylabel("middle block's first BN output (no norm: conv output)")
     legend_outside(fig, axes)
     return {"name": "claim1_percentiles", "title": "Distribution of the activations noisy BN perturbs",
-            "figure": fig, "caption": "15th, 50th and 85th percentiles (line styles) of the input to the middle "
-                                      "residual block's second convolution during training, mean over seeds, each "
-                                      "arm at its validated learning rate."}
+            "figure": fig, "caption": "15th, 50th and 85th percentiles (line styles) of the middle residual block's "
+                                      "first BN output, noise included (no norm: its first convolution's output), "
+                                      "during training; mean over seeds, each arm at its validated learning rate."}
 
 
 def _ics_figure(ics_runs: dict, lr: float) -> dict:
@@ -488,7 +488,7 @@ def _ics_figure(ics_runs: dict, lr: float) -> dict:
             if not runs:
                 continue
             series = [[float(np.mean(v)) for v in r[section][key]] for r in runs]
-            mean, low, high = _mean_band(series)
+            mean, low, high = _mean_band(series, (-1, 1) if key == "cosine" else (0, math.inf))
             band(ax, runs[0][section]["step"][:len(mean)], mean, low, high, arm_color(a), arm_label(a))
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)

@@ -4,9 +4,9 @@ Santurkar et al. 2018 (https://arxiv.org/abs/1805.11604) asked whether BN helps 
 internal covariate shift (ICS). One run of :func:`run_ics` trains a ResNet with plain SGD (no momentum,
 so "the step" is exactly −lr·G, as in their definition) and records:
 
-(a) distributional shift — the 15/50/85th percentiles, mean and std of the input of the convolution that
-    follows the middle block's first BN (the activations the noisy arm perturbs), every ``record_every``
-    steps;
+(a) distributional shift — the 15/50/85th percentiles, mean and std of the middle block's first BN output
+    (the activations the noisy arm perturbs; the first convolution's output without BN), every
+    ``record_every`` steps;
 (b) gradient ICS (their Def. 2.1) at early/middle/late layers — G, a layer's gradient on the batch, and
     G′, its gradient on the *same* batch after every earlier layer took its SGD step: ‖G − G′‖, cos(G, G′);
 (c) smoothness along the gradient — the loss and gradient at θ − η·g for several step sizes η;
@@ -184,15 +184,14 @@ def _measured_layers(model: nn.Module, fractions) -> list[str]:
 
 
 def _distribution_layer(model: nn.Module) -> tuple[str, nn.Module]:
-    """The middle block's second convolution: its input is ReLU(first BN's output), what noisy BN perturbs
-    (without BN, the same position)."""
+    """The middle block's first ReLU: its input is the first BN's output (plus noise in the noisy arm), or
+    the first convolution's output without BN — the activations noisy BN perturbs."""
     blocks = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "branch", None), nn.Sequential)]
     if not blocks:
         raise ValueError(f"claim 1: {type(model).__name__} has no residual blocks")
     name, block = blocks[len(blocks) // 2]
-    convs = [(i, m) for i, m in enumerate(block.branch) if isinstance(m, (nn.Conv1d, nn.Conv2d))]
-    index, conv = convs[min(1, len(convs) - 1)]
-    return f"{name}.branch.{index}", conv
+    index = next(i for i, m in enumerate(block.branch) if isinstance(m, nn.ReLU))
+    return f"{name}.branch.{index}", block.branch[index]
 
 
 def run_ics(spec: dict, data, build_model) -> tuple[str, dict]:
