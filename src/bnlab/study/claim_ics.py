@@ -349,6 +349,8 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
     shift = {a: _ci([float(np.mean(step_changes(r["dist"]["p50"]))) if len(r["dist"]["p50"]) > 1 else math.nan
                      for _, r in chosen_runs[a].values()], 4) for a in ordered}
     plateau = _plateau_gain(chosen_runs["bn"], cfg["steps"])
+    at_edge = [arm_label(a) for a in ordered if chosen[a] is not None and len(_grid(cfg, a)) > 1
+               and chosen[a] in (min(_grid(cfg, a)), max(_grid(cfg, a)))]
 
     # the verdict and its prose
     verdict = Verdict.from_parts(parts, key_number=(f"Δcos(G, G′) BN − none {parts[0].effect.interval.text(3)}; "
@@ -373,8 +375,10 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
         f"({', '.join(f'{v:.3f}' for v in levels)}, levels every BN and no-norm run reaches), Δcos BN − none is "
         f"{matched_effect.interval.text(3)} (secondary view).",
         f"Smoothness: along the gradient the loss varies {smoother.text()} times as much without BN as with it.",
-        (f"Convergence: BN's validation accuracy changed by {plateau.text(1)} points over the last third of its "
+        (f"Convergence: BN's validation accuracy changed by {plateau.text(1)} over the last third of its "
          f"{cfg['steps']} steps." if plateau.finite else ""),
+        (f"Learning rates at the edge of their grid (a wider grid might do better): {', '.join(at_edge)}."
+         if at_edge else ""),
     ]).strip()
 
     tables = [
@@ -403,7 +407,7 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
                  "test_acc": {a: {str(s): v for s, v in test_acc[a].items()} for a in ordered},
                  "loss_levels": levels, "matched_cos_gain": matched_effect.interval.to_dict(),
                  "smoothness_ratio": smoother.to_dict(), "bn_plateau_gain": plateau.to_dict(),
-                 "failed_runs": failed})
+                 "lr_at_grid_edge": at_edge, "failed_runs": failed})
 
 
 def _plateau_gain(runs: dict, steps: int) -> Interval:
