@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from bnlab.study import metrics
-from bnlab.study.ics_loop import NoisyBatchNorm, gradients_after_earlier_steps
 from bnlab.study.signal import run_signal
 
 
@@ -53,37 +52,6 @@ def test_gradient_ics_distance_and_cosine():
     assert cosine == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="same shape"):
         metrics.gradient_ics(torch.zeros(2), torch.zeros(3))
-
-
-def test_gradient_ics_on_a_two_layer_linear_net_matches_the_hand_derivation():
-    # f(x) = w2·(w1·x), L = ½(f(x) − y)². Layer 2's G′ is its gradient after layer 1 stepped:
-    # w1' = w1 − lr·∂L/∂w1 = w1 − lr·(w2 w1 x − y)·w2 x;  G′ = (w2 w1' x − y)·w1' x.
-    w1, w2, x, y, lr = 0.5, 2.0, 3.0, 1.0, 0.1
-    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)).double()
-    with torch.no_grad():
-        model[0].weight.fill_(w1)
-        model[1].weight.fill_(w2)
-    xb, yb = torch.tensor([[x]], dtype=torch.float64), torch.tensor([[y]], dtype=torch.float64)
-    loss = 0.5 * ((model(xb) - yb) ** 2).sum()
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    residual = w2 * w1 * x - y
-    assert grads["1.weight"].item() == pytest.approx(residual * w1 * x)
-    w1_after = w1 - lr * residual * w2 * x
-    expected = (w2 * w1_after * x - y) * w1_after * x
-
-    def mse(model_, params, buffers, xb_, yb_):  # the same loss through functional_call
-        from torch.func import functional_call
-        return 0.5 * ((functional_call(model_, params, (xb_,)) - yb_) ** 2).sum()
-
-    g_after = gradients_after_earlier_steps(model, xb, yb, grads, lr, "1.weight", loss_fn=mse)
-    assert g_after.item() == pytest.approx(expected)
-    distance, cosine = metrics.gradient_ics(grads["1.weight"], g_after)
-    assert distance == pytest.approx(abs(residual * w1 * x - expected))
-    assert cosine == pytest.approx(math.copysign(1.0, residual * w1 * x * expected))
-    # the first layer has no earlier layer: G′ = G
-    g_first = gradients_after_earlier_steps(model, xb, yb, grads, lr, "0.weight", loss_fn=mse)
-    assert g_first.item() == pytest.approx(grads["0.weight"].item())
 
 
 def test_channel_stats_by_hand():
@@ -162,23 +130,3 @@ def test_signal_propagation_of_an_identity_network_is_flat():
         assert block["branch_var"] == 0.0
         assert block["ratio"] == 0.0
     assert len(result["grad_norms"]) == 4 + 1  # four branch convs and the classifier
-
-
-def test_noisy_batch_norm_perturbs_training_outputs_only_and_changes_each_step():
-    from bnlab.nn import BatchNorm1d
-    model = nn.Sequential(BatchNorm1d(4))
-    x = torch.randn(16, 4, 6)
-    clean = model(x)
-    noise = NoisyBatchNorm(model, shift=1.0, scale=2.0, seed=0)
-    first = model(x)
-    scale, shift = noise.noise[id(model[0])]
-    torch.testing.assert_close(first, clean * scale.reshape(1, 4, 1) + shift.reshape(1, 4, 1))
-    assert not torch.allclose(first, clean)
-    noise.resample()
-    assert not torch.allclose(model(x), first)
-    model.eval()
-    eval_out = model(x)
-    noise.remove()
-    torch.testing.assert_close(eval_out, model(x))
-    with pytest.raises(ValueError, match="scale"):
-        NoisyBatchNorm(model, shift=1.0, scale=0.5)

@@ -1,22 +1,26 @@
-"""Claim 1's training loop: plain SGD that also measures internal covariate shift, three ways.
+"""Claim 1's training loop: plain SGD that also measures internal covariate shift.
 
 Santurkar et al. 2018 (https://arxiv.org/abs/1805.11604) asked whether BN helps *because* it reduces
-internal covariate shift (ICS). This loop measures, on the same run:
+internal covariate shift (ICS). One run of :func:`run_ics` trains a ResNet with plain SGD (no momentum,
+so "the step" is exactly −lr·G, as in their definition) and records:
 
-(a) distributional shift — the 15/50/85th percentiles, mean and std of a middle layer's inputs at
-    every step (their step-to-step change is the "shift");
-(b) gradient ICS — for layer i, G is its gradient on the batch and G′ its gradient on the *same* batch
-    after every earlier layer took its SGD step; ‖G − G′‖ and cos(G, G′) (their Def. 2.1);
-(c) smoothness along the gradient — the loss and gradient at θ − η·g for several step sizes η.
+(a) distributional shift — the 15/50/85th percentiles, mean and std of the middle block's first BN output
+    (the activations the noisy arm perturbs; the first convolution's output without BN), every
+    ``record_every`` steps;
+(b) gradient ICS (their Def. 2.1) at early/middle/late layers — G, a layer's gradient on the batch, and
+    G′, its gradient on the *same* batch after every earlier layer took its SGD step: ‖G − G′‖, cos(G, G′);
+(c) smoothness along the gradient — the loss and gradient at θ − η·g for several step sizes η;
+(d) validation accuracy every ``eval_every`` steps and, at the end, validation and test accuracy.
 
-Plain SGD (no momentum) is used so that "the step" is exactly −lr·G, as in the definition. The noisy-BN
-arm (:class:`NoisyBatchNorm`) perturbs every BN output with a per-channel scale and shift whose
-distribution is redrawn every step.
+Every BN arm is evaluated with statistics re-estimated on clean training batches
+(:func:`bnlab.recalibrate.recalibrate_bn` with the noise hooks off): running averages gathered while the
+noise was on describe a network nobody evaluates.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -26,48 +30,114 @@ from bnlab.models.norms import is_batch_norm
 from bnlab.study.metrics import gradient_ics, percentiles, smoothness
 from bnlab.study.signal import weight_layers
 
-__all__ = ["NoisyBatchNorm", "run_ics", "gradients_after_earlier_steps"]
+__all__ = ["NoisyBatchNorm", "noisy_layers", "run_ics", "gradients_after_earlier_steps", "clean_statistics"]
+
+
+def noisy_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Where claim 1 injects noise: the first BN of every residual branch, in forward order.
+
+    Its output goes through a ReLU and a convolution into the branch's next BN, which renormalizes it —
+    the residual-net analogue of Santurkar et al.'s VGG, where a BN follows every noisy layer. The stem's
+    BN and each branch's last BN are left clean: they feed the un-normalized residual stream, where
+    injected noise would accumulate up to the classifier with nothing renormalizing it.
+    """
+    found = []
+    for name, module in model.named_modules():
+        branch = getattr(module, "branch", None)
+        if not isinstance(branch, nn.Sequential):
+            continue
+        norms = [(i, m) for i, m in enumerate(branch) if is_batch_norm(m)]
+        if len(norms) >= 2:  # a later BN in the same branch renormalizes the first one's output
+            found.append((f"{name}.branch.{norms[0][0]}", norms[0][1]))
+    if not found:
+        raise ValueError(f"noisy BN: {type(model).__name__} has no residual branch with two batch-norm layers; "
+                         f"noise is injected only where a following BN renormalizes it (use norm='bn')")
+    return found
 
 
 class NoisyBatchNorm:
-    """Adds non-stationary noise after every BN layer of ``model`` (in training mode only).
+    """Santurkar et al.'s "noisy BN": non-stationary, per-activation noise after chosen BN layers.
 
-    Each step (:meth:`resample`), per BN layer, the noise *distribution* is redrawn — a centre
-    μ_t ~ U(−shift, shift) and a spread s_t ~ U(1, scale) — and then per channel c a shift
-    b_c ~ N(μ_t, 1)·shift and a scale a_c ~ U(1/s_t, s_t); the layer's output y becomes a_c·y + b_c.
-    The layer inputs downstream thus move every step, by design.
+    At every step (:meth:`resample`) and for every layer, the noise *distribution* is redrawn with
+    ``d = strength``: an additive mean μ ~ U(−d, d) and spread σ ~ U(0, d), and a multiplicative log-mean
+    ν ~ U(−d/2, d/2) and log-spread τ ~ U(0, d/2). Each forward in training mode then perturbs every
+    activation of every sample independently: ``y ← y · exp(ν + τ·ε₁) + (μ + σ·ε₂)`` with ε₁, ε₂ ~ N(0, 1)
+    i.i.d. per value. In eval mode, or while :attr:`enabled` is ``False``, outputs are untouched.
+
+    Args:
+        model: the network; noise goes after :func:`noisy_layers` (or ``layers``).
+        strength: d above (> 0).
+        seed: seeds the noise's own generator (the model's initialization and data order are untouched).
+        layers: modules to perturb instead of :func:`noisy_layers`.
     """
 
-    def __init__(self, model: nn.Module, shift: float = 1.0, scale: float = 1.5, seed: int = 0) -> None:
-        if shift < 0 or scale < 1:
-            raise ValueError(f"NoisyBatchNorm: need shift >= 0 and scale >= 1 (got {shift}, {scale})")
-        self.shift, self.scale = shift, scale
-        self.generator = torch.Generator().manual_seed(10_000 + seed)
-        self.layers = [m for m in model.modules() if is_batch_norm(m)]
-        self.noise: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, model: nn.Module, strength: float = 1.0, seed: int = 0,
+                 layers: Optional[list[nn.Module]] = None) -> None:
+        if not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength > 0):
+            raise ValueError(f"NoisyBatchNorm: strength must be a positive number (got {strength!r})")
+        self.strength, self.seed = float(strength), seed
+        self.layers = list(layers) if layers is not None else [m for _, m in noisy_layers(model)]
+        self.enabled = True
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.params: dict[int, tuple[float, float, float, float]] = {}
         self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
         self.resample()
 
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(10_000 + self.seed)
+        return self._generators[device]
+
     def resample(self) -> None:
-        g = self.generator
+        """Draw this step's noise distribution for every layer: (μ, σ, ν, τ)."""
+        d, g = self.strength, self._generator(torch.device("cpu"))
         for m in self.layers:
-            c = m.num_features
-            centre = (torch.rand((), generator=g) * 2 - 1) * self.shift
-            spread = 1 + torch.rand((), generator=g) * (self.scale - 1)
-            shift = (centre + torch.randn(c, generator=g)) * self.shift
-            log_scale = (torch.rand(c, generator=g) * 2 - 1) * torch.log(spread)
-            self.noise[id(m)] = (log_scale.exp(), shift)
+            u = torch.rand(4, generator=g, dtype=torch.float64).tolist()
+            self.params[id(m)] = ((2 * u[0] - 1) * d, u[1] * d, (u[2] - 0.5) * d, u[3] * d / 2)
 
     def _hook(self, module, inputs, output):
-        if not module.training:
+        if not (module.training and self.enabled):
             return None
-        scale, shift = self.noise[id(module)]
-        shape = [1, -1] + [1] * (output.dim() - 2)
-        return output * scale.to(output).reshape(shape) + shift.to(output).reshape(shape)
+        mu, sigma, nu, tau = self.params[id(module)]
+        g = self._generator(output.device)
+        eps_scale = torch.randn(output.shape, generator=g, device=output.device, dtype=output.dtype)
+        eps_shift = torch.randn(output.shape, generator=g, device=output.device, dtype=output.dtype)
+        return output * torch.exp(nu + tau * eps_scale) + (mu + sigma * eps_shift)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self.handles = []
+
+
+def clean_statistics(model: nn.Module, noise: Optional[NoisyBatchNorm], data, batch_size: int,
+                     num_batches: int, seed: int) -> None:
+    """Re-estimate every BN layer's running statistics on clean training batches (noise off), in place."""
+    from bnlab.data import Loader
+    from bnlab.recalibrate import recalibrate_bn
+    if not any(is_batch_norm(m) for m in model.modules()):
+        return
+    enabled = noise.enabled if noise is not None else None
+    if noise is not None:
+        noise.enabled = False
+    try:
+        loader = Loader(data.train_x, data.train_y, batch_size, shuffle=True, drop_last=True, seed=seed + 7_919)
+        recalibrate_bn(model, loader, num_batches=num_batches)
+    finally:
+        if noise is not None:
+            noise.enabled = enabled
+
+
+def _evaluate_clean(model, noise, data, x, y, batch_size, num_batches, seed) -> tuple[float, float]:
+    """(loss, accuracy) on (x, y) with clean statistics, leaving the training run's statistics as they were."""
+    from bnlab.train import evaluate
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    clean_statistics(model, noise, data, batch_size, num_batches, seed)
+    loss, acc = evaluate(model, x, y)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
+    return loss, acc
 
 
 def _loss_fn(model, params, buffers, x, y):
@@ -92,52 +162,86 @@ def gradients_after_earlier_steps(model: nn.Module, x, y, grads: dict, lr: float
 
 def _smoothness(model, x, y, grads: dict, step_sizes) -> dict:
     base = {n: p.detach() for n, p in model.named_parameters()}
-    g_flat = torch.cat([grads[n].flatten() for n in base if n in grads])
+    names = [n for n in base if n in grads]
+    g_flat = torch.cat([grads[n].flatten() for n in names])
     losses, changes = [], []
     for eta in step_sizes:
         moved = {n: (p - eta * grads[n] if n in grads else p).requires_grad_(True) for n, p in base.items()}
         loss = _loss_fn(model, moved, dict(model.named_buffers()), x, y)
-        new = torch.autograd.grad(loss, [moved[n] for n in base if n in grads], allow_unused=True)
+        new = torch.autograd.grad(loss, [moved[n] for n in names], allow_unused=True)
         new_flat = torch.cat([(g if g is not None else torch.zeros_like(moved[n])).flatten()
-                              for g, n in zip(new, [n for n in base if n in grads])])
+                              for g, n in zip(new, names)])
         losses.append(float(loss.detach()))
         changes.append(float((new_flat - g_flat).norm()))
     return smoothness(losses, changes, step_sizes, float(g_flat.norm()))
 
 
+def _measured_layers(model: nn.Module, fractions) -> list[str]:
+    """Weights of the convolutions at ``fractions`` of the depth (early/middle/late), stem excluded
+    (the first layer has no earlier layer, so its G′ = G)."""
+    convs = [name for name, m in weight_layers(model) if not isinstance(m, nn.Linear)][1:]
+    return list(dict.fromkeys(convs[min(len(convs) - 1, int(f * len(convs)))] + ".weight" for f in fractions))
+
+
+def _distribution_layer(model: nn.Module) -> tuple[str, nn.Module]:
+    """The middle block's first ReLU: its input is the first BN's output (plus noise in the noisy arm), or
+    the first convolution's output without BN — the activations noisy BN perturbs."""
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "branch", None), nn.Sequential)]
+    if not blocks:
+        raise ValueError(f"claim 1: {type(model).__name__} has no residual blocks")
+    name, block = blocks[len(blocks) // 2]
+    index = next(i for i, m in enumerate(block.branch) if isinstance(m, nn.ReLU))
+    return f"{name}.branch.{index}", block.branch[index]
+
+
 def run_ics(spec: dict, data, build_model) -> tuple[str, dict]:
+    """One claim-1 run (see the module docstring); returns ``(status, result)``."""
     from bnlab.data import Loader
     from bnlab.train import evaluate
     seed, lr, total_steps = spec["seed"], spec["lr"], spec["steps"]
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # same seed, same initialization in every arm
     model = build_model(spec, data)
     model.train()
-    noise = (NoisyBatchNorm(model, spec.get("noise_shift", 1.0), spec.get("noise_scale", 1.5), seed)
-             if spec.get("norm") == "noisy_bn" else None)
-    convs = [name for name, m in weight_layers(model) if not isinstance(m, nn.Linear)]
-    fractions = spec.get("ics_layers", [0.25, 0.5, 0.75])
-    measured = [convs[min(len(convs) - 1, int(f * len(convs)))] + ".weight" for f in fractions]
-    middle = dict(model.named_modules())[convs[len(convs) // 2]]
-    dist = {"p15": [], "p50": [], "p85": [], "mean": [], "std": []}
+    noise = NoisyBatchNorm(model, spec["noise"], seed) if spec.get("noise") else None
+    has_bn = any(is_batch_norm(m) for m in model.modules())
+    measured = _measured_layers(model, spec.get("ics_layers", [0.25, 0.5, 0.75]))
+    measure_every = spec.get("measure_every", 0)
+    record_every = spec.get("record_every", 10)
+    batch_size, recal_batches = spec["batch_size"], spec.get("recal_batches", 20)
+    val_x, val_y = data.val_x[:spec.get("val_eval_size")], data.val_y[:spec.get("val_eval_size")]
+    dist_name, dist_module = _distribution_layer(model)
+    dist = {"step": [], "p15": [], "p50": [], "p85": [], "mean": [], "std": []}
+    state = {"step": 0, "record": True}
 
     def record_inputs(module, inputs):
-        if module.training and record_inputs.active:
+        if module.training and state["record"] and state["step"] % record_every == 0:
             h = inputs[0].detach()
+            dist["step"].append(state["step"])
             for key, value in zip(("p15", "p50", "p85"), percentiles(h, (15, 50, 85))):
                 dist[key].append(value)
             dist["mean"].append(float(h.mean()))
             dist["std"].append(float(h.std()))
-    record_inputs.active = True
-    hook = middle.register_forward_pre_hook(record_inputs)
+    hook = dist_module.register_forward_pre_hook(record_inputs)
+
+    def validate(step):
+        if has_bn:
+            loss, acc = _evaluate_clean(model, noise, data, val_x, val_y, batch_size, recal_batches, seed)
+        else:
+            loss, acc = evaluate(model, val_x, val_y)
+        curve["step"].append(step)
+        curve["val_loss"].append(loss if math.isfinite(loss) else None)
+        curve["val_acc"].append(acc)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    loader = Loader(data.train_x, data.train_y, spec["batch_size"], shuffle=True, drop_last=True, seed=seed)
-    losses, ema, ema_losses = [], None, []
+    loader = Loader(data.train_x, data.train_y, batch_size, shuffle=True, drop_last=True, seed=seed)
+    losses, ema_losses, ema = [], [], None
+    curve = {"step": [], "val_acc": [], "val_loss": []}
     ics = {"step": [], "ema_loss": [], "distance": [], "cosine": []}
     smooth = {"step": [], "ema_loss": [], "loss_range": [], "grad_change": [], "beta": []}
-    status, step = "done", 0
-    while step < total_steps and status == "done":
+    status = "done"
+    while state["step"] < total_steps and status == "done":
         for x, y in loader:
+            step = state["step"]
             if step >= total_steps:
                 break
             if noise is not None:
@@ -152,31 +256,39 @@ def run_ics(spec: dict, data, build_model) -> tuple[str, dict]:
             losses.append(value)
             ema = value if ema is None else 0.9 * ema + 0.1 * value
             ema_losses.append(ema)
-            if step % spec.get("measure_every", 10) == 0:
-                record_inputs.active = False
+            if measure_every and step % measure_every == 0:
+                state["record"] = False
                 grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-                distances, cosines = [], []
-                for layer in measured:
-                    d, c = gradient_ics(grads[layer], gradients_after_earlier_steps(model, x, y, grads, lr, layer))
-                    distances.append(d)
-                    cosines.append(c)
-                for key, value_ in (("step", step), ("ema_loss", ema), ("distance", distances), ("cosine", cosines)):
+                pairs = [gradient_ics(grads[layer], gradients_after_earlier_steps(model, x, y, grads, lr, layer))
+                         for layer in measured]
+                for key, value_ in (("step", step), ("ema_loss", ema), ("distance", [d for d, _ in pairs]),
+                                    ("cosine", [c for _, c in pairs])):
                     ics[key].append(value_)
                 s = _smoothness(model, x, y, grads, spec.get("step_sizes", [0.05, 0.1, 0.2, 0.4]))
                 smooth["step"].append(step)
                 smooth["ema_loss"].append(ema)
                 for key in ("loss_range", "grad_change", "beta"):
                     smooth[key].append(s[key])
-                record_inputs.active = True
+                state["record"] = True
             optimizer.step()
-            step += 1
+            state["step"] += 1
+            if state["step"] % spec.get("eval_every", 10 ** 9) == 0 and state["step"] < total_steps:
+                validate(state["step"])
     hook.remove()
-    if noise is not None:
-        noise.remove()  # evaluation is in eval mode anyway; the hooks are gone for good
-    model.eval()
-    test_loss, test_acc = evaluate(model, data.test_x, data.test_y)
-    result = {"losses": losses, "ema_losses": ema_losses, "dist": dist, "ics": ics, "smooth": smooth,
-              "layers": measured, "middle_layer": convs[len(convs) // 2],
-              "final": {"test_acc": float(test_acc), "test_loss": float(test_loss),
-                        "train_loss": ema if ema is not None else math.nan}}
+    chance = 1.0 / data.num_classes
+    final = {"train_loss": ema if ema is not None else math.nan, "chance": chance}
+    if status == "done":
+        if noise is not None:
+            noise.remove()
+        if has_bn:  # every BN arm: statistics of the final weights on clean batches
+            clean_statistics(model, None, data, batch_size, recal_batches, seed)
+        validate(state["step"])
+        final["val_acc"], final["val_loss"] = curve["val_acc"][-1], curve["val_loss"][-1]
+        final["test_loss"], final["test_acc"] = evaluate(model, data.test_x, data.test_y)  # once, at the end
+    else:  # a diverged run scores chance level (its weights are not finite)
+        final.update(val_acc=chance, test_acc=chance, val_loss=None, test_loss=None)
+    result = {"losses": losses, "ema_losses": ema_losses, "curve": curve, "dist": dist, "ics": ics,
+              "smooth": smooth, "layers": measured, "distribution_layer": dist_name,
+              "noisy_layers": [n for n, _ in noisy_layers(model)] if noise is not None else [],
+              "final": final}
     return status, result
