@@ -203,8 +203,9 @@ def _grid(cfg: dict, arm: str) -> list[float]:
     return cfg["lrs"][arm.partition(":")[0]]
 
 
-def measure(profile: dict) -> list[dict]:
-    """Every arm over its learning-rate grid, plus BN and none at the common ``ics_lr``, for every seed."""
+def measure(profile: dict, results: Optional[dict] = None) -> list[dict]:
+    """Every arm over its learning-rate grid, plus BN and none at the common ``ics_lr``, for every seed (one
+    round: ``results`` are not needed)."""
     cfg = profile["ics"]
     cells = [(arm, lr) for arm in cfg["arms"] for lr in _grid(cfg, arm)]
     cells += [(arm, cfg["ics_lr"]) for arm in ("bn", "none") if cfg["ics_lr"] not in _grid(cfg, arm)]

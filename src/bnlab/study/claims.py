@@ -9,7 +9,6 @@ rate claim 4's sweep validated), so the runner collects specs again after each r
 
 from __future__ import annotations
 
-import inspect
 from typing import Optional, Sequence
 
 from bnlab.errors import UserError
@@ -37,13 +36,6 @@ def parse_claims(text) -> list[int]:
     return numbers
 
 
-def _measure(module, profile: dict, results: Optional[dict]) -> list[dict]:
-    measure = getattr(module, "measure", None) or module.specs
-    if len(inspect.signature(measure).parameters) >= 2:
-        return measure(profile, results)
-    return measure(profile)
-
-
 def collect_specs(profile: dict, claims: Sequence[int], results: Optional[dict] = None) -> dict[str, dict]:
     """Key → spec for every run the chosen claims declare given ``results`` so far; shared runs appear once."""
-    return unique_specs(spec for n in claims for spec in _measure(CLAIMS[n], profile, results))
+    return unique_specs(spec for n in claims for spec in CLAIMS[n].measure(profile, results))
