@@ -118,8 +118,6 @@ def _profile(args) -> dict:
 
 
 def run(args) -> int:
-    from bnlab.study import parse_claims
-    from bnlab.study.report import build_report
     from bnlab.study.executors import make_executor
     from bnlab.study.runner import check_jobs, check_out, run_study
 
@@ -127,14 +125,15 @@ def run(args) -> int:
     if args.show_profile:
         print(json.dumps(profile, indent=2))
         return 0
+    if args.address is not None and args.executor != "ray":
+        raise UserError("--address is for --executor ray (the process executor runs on this machine)")
+    gpus_per_run = _gpus_per_run(args, profile)
+    from bnlab.study import parse_claims  # the claim registry: imported once the arguments above are checked
     try:
         claims = parse_claims(args.claims)
     except ValueError as error:
         raise UserError(str(error)) from None
-    if args.address is not None and args.executor != "ray":
-        raise UserError("--address is for --executor ray (the process executor runs on this machine)")
     _check_dataset_and_device(profile, on_this_machine=args.address is None)
-    gpus_per_run = _gpus_per_run(args, profile)
     jobs = args.jobs if args.jobs is not None else max(1, min(4, os.cpu_count() or 1))
     if str(profile.get("device", "cpu")).startswith("cuda") and args.executor == "process":
         jobs = 1 if args.jobs is None else jobs  # one GPU: parallel processes would only contend for it
@@ -149,6 +148,7 @@ def run(args) -> int:
     with make_executor(args.executor, jobs, address=args.address, gpus_per_run=gpus_per_run) as executor:
         store = run_study(profile, args.out, claims=claims, jobs=executor.capacity, progress=args.progress,
                           executor=executor)
+    from bnlab.study.report import build_report
     report = build_report(store.parent)
     verdicts = json.loads((report.parent / "verdicts.json").read_text())["claims"]
     print(f"\n{'claim':<62} verdict")

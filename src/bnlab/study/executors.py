@@ -253,12 +253,15 @@ class RayExecutor(Executor):
             self._started = True
         cpus = ray.cluster_resources().get("CPU", 1)
         self.capacity = jobs or max(1, int(cpus // num_cpus))
-        self._task = ray.remote(run_one).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+        self._task = ray.remote(run_one)
+        # max_retries=0: this driver resubmits a run whose worker died, so it knows each run's attempts
+        self._resources = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
         self._running: dict = {}  # ObjectRef → (key, spec, attempt)
 
     def submit(self, key: str, spec: dict, attempt: int = 1) -> None:
         from bnlab.study.specs import spec_label
-        ref = self._task.options(name=f"bnlab {spec_label(spec)}"[:100]).remote(key, spec, attempt)
+        task = self._task.options(**self._resources, name=f"bnlab {spec_label(spec)}"[:100])
+        ref = task.remote(key, spec, attempt)
         self._running[ref] = (key, spec, attempt)
 
     def in_flight(self) -> int:
