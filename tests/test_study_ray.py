@@ -294,3 +294,17 @@ def test_the_tiny_study_on_ray_matches_local_processes(ray_instance, tmp_path):
     for key, row in rows.items():
         assert row["status"] == reference_rows[key]["status"], row["spec"]
         assert comparable(row["result"]) == comparable(reference_rows[key]["result"]), row["spec"]
+
+
+def test_the_data_directory_set_here_reaches_the_ray_workers(ray_instance, tmp_path, monkeypatch):
+    """Workers on other machines do not inherit this process's environment: --data-dir (BNLAB_DATA) must
+    travel with each task. Set after Ray started, an empty directory must be the one the run reads."""
+    empty = tmp_path / "no-data-here"
+    empty.mkdir()
+    monkeypatch.setenv("BNLAB_DATA", str(empty))
+    spec = make_spec("signal", **{**SMALL, "dataset": "fashion-mnist"}, seed=0)
+    store = Store(tmp_path / "study.sqlite")
+    with RayExecutor(jobs=1) as executor:
+        run_specs(unique_specs([spec]), store, jobs=1, progress=False, executor=executor)
+    (row,) = store.rows()
+    assert row["status"] == "failed" and f"not found in {empty}" in row["error"], row["error"]

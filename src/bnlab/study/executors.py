@@ -53,11 +53,17 @@ class RunOutcome(NamedTuple):
     hardware: dict
 
 
-def run_one(key: str, spec: dict, attempt: int = 1) -> RunOutcome:
-    """Execute ``spec`` and describe where it ran; writes nothing to the store (the driver does)."""
+FORWARDED_ENV = ("BNLAB_DATA",)  # the driver's settings a remote worker needs (--data-dir sets BNLAB_DATA)
+
+
+def run_one(key: str, spec: dict, attempt: int = 1, env: Optional[dict] = None) -> RunOutcome:
+    """Execute ``spec`` and describe where it ran; writes nothing to the store (the driver does).
+    ``env``: environment variables to set first (a Ray worker on another machine has its own)."""
     from bnlab.study.runs import execute
     from bnlab.study.store import environment
 
+    previous = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
     pid_file = Path(os.environ[PID_DIR_ENV]) / f"{key}-{attempt}.pid" if os.environ.get(PID_DIR_ENV) else None
     if pid_file is not None:
         pid_file.write_text(f"{os.getpid()}\n")
@@ -68,6 +74,11 @@ def run_one(key: str, spec: dict, attempt: int = 1) -> RunOutcome:
     finally:
         if pid_file is not None:
             pid_file.unlink(missing_ok=True)
+        for name, value in previous.items():  # a worker serves many runs: leave its environment as found
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     versions, hardware = environment()
     hardware["threads_per_run"] = 1  # execute() runs every spec on one thread
     hardware["host"] = socket.gethostname()
@@ -256,12 +267,13 @@ class RayExecutor(Executor):
         self._task = ray.remote(run_one)
         # max_retries=0: this driver resubmits a run whose worker died, so it knows each run's attempts
         self._resources = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+        self._env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
         self._running: dict = {}  # ObjectRef → (key, spec, attempt)
 
     def submit(self, key: str, spec: dict, attempt: int = 1) -> None:
         from bnlab.study.specs import spec_label
         task = self._task.options(**self._resources, name=f"bnlab {spec_label(spec)}"[:100])
-        ref = task.remote(key, spec, attempt)
+        ref = task.remote(key, spec, attempt, self._env)
         self._running[ref] = (key, spec, attempt)
 
     def in_flight(self) -> int:
