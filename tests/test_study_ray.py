@@ -88,6 +88,28 @@ def test_importing_the_executors_does_not_import_ray():
     assert out.stdout.strip() == "False", out.stderr
 
 
+def test_an_address_where_nothing_answers_is_a_user_error_at_once():
+    """Before, ray.init retried an unreachable HOST:PORT for minutes; in a fresh process (no Ray yet)."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'bnlab[ray]')")
+    code = textwrap.dedent("""
+        import socket
+        from bnlab.errors import UserError
+        from bnlab.study.executors import RayExecutor
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        try:
+            RayExecutor(address=f"127.0.0.1:{port}")
+        except UserError as error:
+            print(error)
+    """)
+    started = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=120)
+    assert "nothing answers there" in out.stdout and "ray start --head" in out.stdout, out.stderr[-2000:]
+    assert time.time() - started < 30
+
+
 # ------------------------------------------------------------------------------------------ on Ray
 @pytest.fixture(scope="module")
 def ray_instance(tmp_path_factory):
@@ -268,8 +290,7 @@ def test_ctrl_c_cancels_the_ray_tasks_and_shuts_down_the_instance_it_started(tmp
             process.communicate()
     assert process.returncode == 130, err[-2000:]
     finished = Store(store_path).finished_keys()
-    last = err.strip().splitlines()[-1]
-    assert last == f"interrupted: {len(finished)} of 5 runs finished; rerun the same command to resume", err
+    assert err.strip() == f"interrupted: {len(finished)} of 5 runs finished; rerun the same command to resume", err
     deadline = time.time() + 20
     while _alive(family) and time.time() < deadline:
         time.sleep(0.2)

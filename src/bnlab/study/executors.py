@@ -255,9 +255,10 @@ class RayExecutor(Executor):
             try:
                 if address is None:
                     ray.init(num_cpus=jobs or os.cpu_count() or 1, include_dashboard=False,
-                             logging_level="WARNING")
+                             logging_level="ERROR")  # ERROR: Ctrl-C leaves one line on stderr
                 else:
-                    ray.init(address=address, logging_level="WARNING")
+                    _check_reachable(address)
+                    ray.init(address=address, logging_level="ERROR")
             except ConnectionError as error:
                 raise UserError(f"--address {address}: no Ray cluster reachable ({error}); start one with "
                                 f"`ray start --head` or leave out --address for a local instance") from None
@@ -314,6 +315,18 @@ class RayExecutor(Executor):
 
     def describe(self) -> str:
         return f"Ray at {self.address}" if self.address else "a local Ray instance"
+
+
+def _check_reachable(address: str, seconds: float = 10.0) -> None:
+    """A HOST:PORT address answers (Ray itself retries an unreachable one for minutes)."""
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except (OSError, ValueError) as error:
+        raise UserError(f"--address {address}: nothing answers there ({error}); expected the HOST:PORT "
+                        f"of a Ray head started with `ray start --head --port=PORT`") from None
 
 
 def _failed(error: str, attempt: int) -> RunOutcome:
