@@ -17,7 +17,7 @@ import pytest
 
 from bnlab.errors import UserError
 from bnlab.study.executors import PID_DIR_ENV, ProcessExecutor, RayExecutor, make_executor
-from bnlab.study.runner import Interrupted, run_specs
+from bnlab.study.runner import run_specs
 from bnlab.study.specs import make_spec, unique_specs
 from bnlab.study.store import Store
 
@@ -223,7 +223,7 @@ def test_a_worker_killed_mid_run_is_retried_or_stored_as_failed(ray_instance, tm
 
 
 _INTERRUPTED_STUDY = """
-import os, sys
+import sys
 from bnlab.study.executors import RayExecutor
 from bnlab.study.runner import Interrupted, run_specs
 from bnlab.study.specs import make_spec, unique_specs
@@ -304,12 +304,13 @@ def test_the_tiny_study_on_ray_matches_local_processes(ray_instance, tmp_path):
         from bnlab.study import CLAIMS, get_profile  # noqa: F401 — the claim modules must import
     except ImportError as error:
         pytest.skip(f"the claim modules do not import here ({error})")
-    from bnlab.study.runner import run_study
+    from bnlab.study.runner import STORE_NAME, run_study
     profile = get_profile("tiny")
     with ProcessExecutor(2) as executor:
-        reference = Store(run_study(profile, tmp_path / "process", jobs=2, progress=False, executor=executor))
+        run_study(profile, tmp_path / "process", jobs=2, progress=False, executor=executor)
     with RayExecutor(jobs=2) as executor:
-        mine = Store(run_study(profile, tmp_path / "ray", jobs=2, progress=False, executor=executor))
+        run_study(profile, tmp_path / "ray", jobs=2, progress=False, executor=executor)
+    reference, mine = Store(tmp_path / "process" / STORE_NAME), Store(tmp_path / "ray" / STORE_NAME)
     reference_rows, rows = reference.results(), mine.results()
     assert set(rows) == set(reference_rows) and len(rows) > 10
     for key, row in rows.items():
