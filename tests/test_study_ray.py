@@ -72,6 +72,9 @@ def test_ray_executor_without_ray_installed_says_how_to_install_it(monkeypatch):
     (["--address", "auto"], "--address is for --executor ray"),
     (["--gpus-per-run", "0.5"], "--gpus-per-run is for --executor ray"),
     (["--executor", "ray", "--gpus-per-run", "0.5", "--device", "cpu"], "give --device cuda"),
+    (["--executor", "ray", "--gpus-per-run", "1.5", "--device", "cuda"], "a whole number of GPUs"),
+    (["--executor", "ray", "--gpus-per-run", "-1", "--device", "cuda"], "must be at least 0"),
+    (["--executor", "dask"], "invalid choice: 'dask'"),
 ])
 def test_executor_flags_that_do_not_fit_are_one_line_errors(tmp_path, capsys, flags, message):
     from bnlab.cli import main

@@ -35,7 +35,7 @@ import os
 import time
 
 from bnlab.errors import UserError
-from bnlab.study.executors import EXECUTORS
+from bnlab.study.executors import EXECUTORS, check_gpus_per_run
 
 NAME = "study"
 HELP = "measure BN's claimed effects (ICS, speed, regularization, learning rate, residuals) and report"
@@ -80,7 +80,7 @@ def _gpus_per_run(args, profile: dict) -> float:
     if not cuda:
         raise UserError(f"--gpus-per-run {args.gpus_per_run:g}: the runs use device "
                         f"{profile.get('device', 'cpu')!r}; give --device cuda to run them on GPUs")
-    return args.gpus_per_run
+    return check_gpus_per_run(args.gpus_per_run)
 
 
 def _check_dataset_and_device(profile: dict, on_this_machine: bool = True) -> None:

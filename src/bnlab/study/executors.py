@@ -37,7 +37,7 @@ from typing import NamedTuple, Optional
 from bnlab.errors import UserError
 
 __all__ = ["RunOutcome", "run_one", "Executor", "InlineExecutor", "ProcessExecutor", "RayExecutor",
-           "make_executor", "EXECUTORS", "PID_DIR_ENV"]
+           "make_executor", "check_gpus_per_run", "EXECUTORS", "PID_DIR_ENV"]
 
 EXECUTORS = ("process", "ray")  # the names `bnlab study --executor` accepts
 PID_DIR_ENV = "BNLAB_RUN_PID_DIR"  # if set, each run in flight has a file KEY-ATTEMPT.pid there naming its process
@@ -226,10 +226,19 @@ def import_ray():
     return ray
 
 
+def check_gpus_per_run(value: float) -> float:
+    """A GPU share Ray accepts: at least 0, and a whole number above 1."""
+    if not value >= 0:
+        raise UserError(f"--gpus-per-run must be at least 0 (got {value!r})")
+    if value > 1 and value != int(value):
+        raise UserError(f"--gpus-per-run above 1 must be a whole number of GPUs (got {value!r})")
+    return value
+
+
 class RayExecutor(Executor):
     """Each run a Ray task on a local Ray instance (``address=None``: started here with ``jobs`` CPUs and
     shut down by :meth:`close`) or on a running cluster (``address="auto"`` or ``"HOST:PORT"``; left
-    running). Every task declares ``num_cpus`` and ``num_gpus`` (fractions share a GPU: 0.25 puts four
+    running; a process that has called ``ray.init`` already keeps its instance). Every task declares ``num_cpus`` and ``num_gpus`` (fractions share a GPU: 0.25 puts four
     runs on each). ``jobs`` bounds the tasks in flight (default: the cluster's CPUs / ``num_cpus``).
 
     A task whose worker process or node dies is submitted again up to ``max_retries`` times (the driver
@@ -241,10 +250,7 @@ class RayExecutor(Executor):
                  num_gpus: float = 0, max_retries: int = 2) -> None:
         if not num_cpus > 0:
             raise UserError(f"RayExecutor: num_cpus must be positive (got {num_cpus!r})")
-        if num_gpus < 0:
-            raise UserError(f"--gpus-per-run must be at least 0 (got {num_gpus!r})")
-        if num_gpus > 1 and num_gpus != int(num_gpus):
-            raise UserError(f"--gpus-per-run above 1 must be a whole number (got {num_gpus!r})")
+        check_gpus_per_run(num_gpus)
         if max_retries < 0:
             raise UserError(f"RayExecutor: max_retries must be at least 0 (got {max_retries!r})")
         ray = import_ray()
