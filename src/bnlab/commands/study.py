@@ -7,6 +7,7 @@ Examples:
   bnlab study --profile full --device cuda --out study-full
   bnlab study --profile quick --show-profile > my.json && bnlab study --profile my.json
   bnlab report study-out                    # rebuild report.html / report.md without training
+  bnlab study --executor ray --address auto # each run a task on a running Ray cluster (`ray start`)
 
 Five claims, one verdict each (supported / partly supported / not supported / inconclusive / no
 verdict), computed from your own runs with paired 95% intervals over seeds by rules fixed in code
@@ -20,7 +21,9 @@ before the data (fewer than 3 seeds, or failed runs: no verdict, and failed runs
 Every run (spec, history, metrics, status, versions, hardware) goes into OUT/study.sqlite. Finished
 runs are reused when the command is rerun; interrupted or failed ones are redone. Ctrl-C stops the
 workers within seconds (runs in flight are abandoned, never half-stored) and exits with status 130;
-rerun the same command to resume. OUT is locked while a study runs in it. The report is
+rerun the same command to resume. OUT is locked while a study runs in it. Only this process writes
+OUT/study.sqlite: workers (local processes, or Ray tasks with --executor ray) send each run back, and
+a Ray task whose worker or node dies is retried up to twice (result["attempts"] counts). The report is
 OUT/report.html (self-contained) and OUT/report.md with OUT/figures/*.png; OUT/verdicts.json holds
 the verdicts for scripts.
 """
@@ -34,6 +37,7 @@ import sys
 import time
 
 from bnlab.errors import UserError
+from bnlab.study.executors import EXECUTORS, check_gpus_per_run
 
 NAME = "study"
 HELP = "measure BN's claimed effects (ICS, speed, regularization, learning rate, residuals) and report"
@@ -48,7 +52,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data-dir", help="directory holding the dataset files (authoritative, as $BNLAB_DATA)")
     parser.add_argument("--out", default="study-out", help="output directory (store, report, figures)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="runs in parallel processes (default: the number of CPU cores, at most 4)")
+                        help="runs in flight at once (default: the number of CPU cores, at most 4; with "
+                             "--executor ray --address: the cluster's CPUs)")
+    parser.add_argument("--executor", default="process", choices=EXECUTORS,
+                        help="process (default): local worker processes; ray: one Ray task per run "
+                             "(pip install 'bnlab[ray]')")
+    parser.add_argument("--address", default=None,
+                        help="with --executor ray: a running cluster, auto or HOST:PORT (default: start a "
+                             "local Ray instance with --jobs CPUs)")
+    parser.add_argument("--gpus-per-run", type=float, default=None,
+                        help="with --executor ray and a CUDA device: the GPU share each run reserves, e.g. "
+                             "0.25 for four runs per GPU (default 1)")
     parser.add_argument("--device", default="auto",
                         help="auto (default: CUDA if available, else the profile's), cpu, cuda or cuda:N")
     parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds (below 3 every "
@@ -58,7 +72,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--show-profile", action="store_true", help="print the profile as JSON and exit")
 
 
-def _check_dataset_and_device(profile: dict) -> None:
+def _gpus_per_run(args, profile: dict) -> float:
+    """The GPU share a Ray task reserves: --gpus-per-run (default 1) on CUDA, none on CPU."""
+    cuda = str(profile.get("device", "cpu")).startswith("cuda")
+    if args.gpus_per_run is None:
+        return 1.0 if cuda and args.executor == "ray" else 0.0
+    if args.executor != "ray":
+        raise UserError("--gpus-per-run is for --executor ray (the process executor shares the local GPU)")
+    if not cuda:
+        raise UserError(f"--gpus-per-run {args.gpus_per_run:g}: the runs use device "
+                        f"{profile.get('device', 'cpu')!r}; give --device cuda to run them on GPUs")
+    return check_gpus_per_run(args.gpus_per_run)
+
+
+def _check_dataset_and_device(profile: dict, on_this_machine: bool = True) -> None:
     import bnlab.data
     from bnlab.train import resolve_device
 
@@ -66,7 +93,8 @@ def _check_dataset_and_device(profile: dict) -> None:
     for name in {profile["dataset"], profile["regularize"].get("dataset") or profile["dataset"]}:
         if name.lower().replace("_", "-") not in known:
             raise UserError(f"--dataset {name!r} is unknown: expected one of {', '.join(known)}")
-    resolve_device(str(profile.get("device", "cpu")))
+    if on_this_machine:  # on a Ray cluster the runs' device is the workers' (a CPU-only head is fine)
+        resolve_device(str(profile.get("device", "cpu")))
 
 
 def _check_data_dir(profile: dict, data_dir) -> None:
@@ -92,29 +120,37 @@ def _profile(args) -> dict:
 
 
 def run(args) -> int:
-    from bnlab.study import parse_claims
-    from bnlab.study.report import build_report
+    from bnlab.study.executors import make_executor
     from bnlab.study.runner import check_jobs, check_out, run_study
 
     profile = _profile(args)
     if args.show_profile:
         print(json.dumps(profile, indent=2))
         return 0
+    if args.address is not None and args.executor != "ray":
+        raise UserError("--address is for --executor ray (the process executor runs on this machine)")
+    gpus_per_run = _gpus_per_run(args, profile)
+    from bnlab.study import parse_claims  # the claim registry: imported once the arguments above are checked
     try:
         claims = parse_claims(args.claims)
     except ValueError as error:
         raise UserError(str(error)) from None
-    _check_dataset_and_device(profile)
+    _check_dataset_and_device(profile, on_this_machine=args.address is None)
     jobs = args.jobs if args.jobs is not None else max(1, min(4, os.cpu_count() or 1))
-    if str(profile.get("device", "cpu")).startswith("cuda"):
+    if str(profile.get("device", "cpu")).startswith("cuda") and args.executor == "process":
         jobs = 1 if args.jobs is None else jobs  # one GPU: parallel processes would only contend for it
     check_jobs(jobs)
+    if args.executor == "ray" and args.address is not None and args.jobs is None:
+        jobs = None  # the cluster's CPUs, known once connected
     check_out(args.out)
     if args.data_dir:
         _check_data_dir(profile, args.data_dir)
         os.environ["BNLAB_DATA"] = str(args.data_dir)  # the workers' data.load reads it from the environment
     started = time.perf_counter()
-    store = run_study(profile, args.out, claims=claims, jobs=jobs, progress=args.progress)
+    with make_executor(args.executor, jobs, address=args.address, gpus_per_run=gpus_per_run) as executor:
+        store = run_study(profile, args.out, claims=claims, jobs=executor.capacity, progress=args.progress,
+                          executor=executor)
+    from bnlab.study.report import build_report
     report = build_report(store.parent)
     verdicts = json.loads((report.parent / "verdicts.json").read_text())["claims"]
     print(f"\n{'claim':<62} verdict")

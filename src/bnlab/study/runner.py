@@ -1,14 +1,14 @@
 """The runner: collect the claims' specs, run each distinct one once, resume from the store.
 
 Finished runs (done or diverged) are read back from the store and never rerun; failed and interrupted
-ones are (an interrupted run left no row, see :mod:`bnlab.study.store`). With ``jobs > 1`` runs go to a
-pool of spawned worker processes, at most ``jobs`` at a time, each writing its own row in one
-transaction when its run ends, so the parent never holds results the store has not got.
+ones are (an interrupted run left no row, see :mod:`bnlab.study.store`). Runs execute wherever the
+executor puts them (:mod:`bnlab.study.executors`: this process, ``jobs`` spawned processes, or a Ray
+cluster), at most ``jobs`` at a time; the workers only compute, and this process writes each run's row in
+one transaction as soon as the run comes back, so SQLite has one writer and no run is half-stored.
 
-Stopping: Ctrl-C (SIGINT) or SIGTERM in the parent cancels the queue, terminates the workers (their
-runs in flight are abandoned and leave no row) and raises :class:`Interrupted`, which says how many
-runs are in the store. Workers ignore SIGINT (the parent decides) and die with the parent even when it
-is killed outright: a parent-death signal on Linux, and a thread watching the parent elsewhere.
+Stopping: Ctrl-C (SIGINT) or SIGTERM in the parent cancels the queue, abandons the runs in flight (they
+leave no row) and raises :class:`Interrupted`, which says how many runs are in the store. Local workers
+ignore SIGINT (the parent decides) and die with the parent even when it is killed outright.
 :func:`run_study` locks the output directory, so two studies never run the same specs twice.
 
 The runner does not build the report (:mod:`bnlab.study.report` reads the store; ``bnlab study`` calls
@@ -17,9 +17,6 @@ it after :func:`run_study`), so the two modules do not import each other.
 
 from __future__ import annotations
 
-import concurrent.futures as futures
-import ctypes
-import multiprocessing
 import os
 import signal
 import socket
@@ -33,8 +30,9 @@ from tqdm.auto import tqdm
 
 from bnlab.errors import UserError
 from bnlab.study.claims import collect_specs, parse_claims
+from bnlab.study.executors import Executor, make_executor
 from bnlab.study.specs import spec_label
-from bnlab.study.store import STORE_NAME, Store, environment
+from bnlab.study.store import STORE_NAME, Store
 
 __all__ = ["STORE_NAME", "LOCK_NAME", "Interrupted", "collect_specs", "run_specs", "run_study", "estimated_cost",
            "StudyLock", "check_jobs", "check_out"]
@@ -54,55 +52,6 @@ def estimated_cost(spec: dict) -> float:
     norm = str(spec.get("norm", ""))
     factor *= 2.0 if ("bn" in norm or norm.startswith("ghost")) else 1.0
     return steps * spec.get("depth", 8) * factor
-
-
-def _work(store_path: str, key: str, spec: dict) -> tuple[str, str, Optional[str]]:
-    """Run one spec and record it (executed in a worker process, or inline when jobs == 1)."""
-    from bnlab.study.runs import execute
-    started = time.perf_counter()
-    status, result, error = execute(spec)
-    versions, hardware = environment()
-    hardware["threads_per_run"] = 1  # execute() runs every spec on one thread
-    Store(store_path).put(key, spec, status, result, error, time.perf_counter() - started, versions, hardware)
-    return key, status, error
-
-
-# ------------------------------------------------------------------------------------------ workers
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _die_with_parent(parent: int) -> None:
-    """Worker initializer: ignore SIGINT (the parent stops the pool) and exit when the parent dies.
-
-    On Linux the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG); a daemon thread
-    polling the parent id covers other systems and the race where the parent died before the prctl."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="bnlab-parent-watchdog", daemon=True).start()
-
-
-def _terminate(pool: futures.ProcessPoolExecutor) -> None:
-    """Stop every worker now (their runs in flight are abandoned: a run writes its row only at its end)."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public API before Python 3.14
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.join(5)
-        if process.is_alive():
-            process.kill()
-            process.join()
 
 
 def check_jobs(jobs) -> int:
@@ -129,11 +78,14 @@ class _StopOnSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Optional[bool] = True) -> dict[str, str]:
+def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Optional[bool] = True,
+              executor: Optional[Executor] = None) -> dict[str, str]:
     """Run every spec the store does not already hold as finished; returns key → status of those run.
 
+    ``executor``: where the runs go (:mod:`bnlab.study.executors`; it is left open for the caller to
+    close); none: this process for ``jobs == 1``, else ``jobs`` local processes, closed on return.
     ``progress``: a bar on stderr (``None``: only when stderr is a terminal). Raises :class:`Interrupted`
-    on Ctrl-C / SIGTERM after stopping every worker."""
+    on Ctrl-C / SIGTERM after stopping every run in flight."""
     check_jobs(jobs)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -142,38 +94,29 @@ def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Opt
     bar = tqdm(total=len(specs), initial=len(specs) - len(pending), desc="runs", unit="run",
                disable=not progress, dynamic_ncols=True)
     statuses: dict[str, str] = {}
-    pool = None
+    owned = executor is None
+    if owned:
+        executor = make_executor("process", jobs)
     try:
         with _StopOnSignal():
-            if jobs == 1:
-                for key, spec in pending:
+            queue = iter(pending)
+            while True:
+                # at most `capacity` runs submitted at a time, so stopping leaves no queue behind
+                for key, spec in queue:
+                    executor.submit(key, spec)
                     bar.set_postfix_str(spec_label(spec)[:40])
-                    statuses[key] = _work(str(store.path), key, spec)[1]
-                    bar.update()
-            else:
-                context = multiprocessing.get_context("spawn")  # fork after torch's thread pools can deadlock
-                pool = futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
-                                                   initializer=_die_with_parent, initargs=(os.getpid(),))
-                queue, running = iter(pending), set()
-                while True:
-                    # at most `jobs` runs submitted at a time, so stopping leaves no queue behind in the pool
-                    for key, spec in queue:
-                        running.add(pool.submit(_work, str(store.path), key, spec))
-                        if len(running) >= jobs:
-                            break
-                    if not running:
+                    if executor.in_flight() >= executor.capacity:
                         break
-                    finished, running = futures.wait(running, return_when=futures.FIRST_COMPLETED)
-                    for job in finished:
-                        key, status, _ = job.result()
-                        statuses[key] = status
-                        bar.update()
-                pool.shutdown()
+                if not executor.in_flight():
+                    break
+                for key, outcome in executor.wait():
+                    store.put(key, specs[key], *outcome)  # the driver is the store's only writer
+                    statuses[key] = outcome.status
+                    bar.update()
     except KeyboardInterrupt:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the cleanup
         try:
-            if pool is not None:
-                _terminate(pool)
+            executor.cancel_all()
         finally:
             signal.signal(signal.SIGINT, previous)
         bar.close()
@@ -181,11 +124,12 @@ def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Opt
         raise Interrupted(f"interrupted: {finished} of {len(specs)} runs finished; "
                           f"rerun the same command to resume") from None
     except BaseException:
-        if pool is not None:
-            _terminate(pool)
+        executor.cancel_all()
         raise
     finally:
         bar.close()
+        if owned:
+            executor.close()
     return statuses
 
 
@@ -239,11 +183,13 @@ def check_out(out) -> Path:
     return out
 
 
-def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progress: Optional[bool] = True) -> Path:
+def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progress: Optional[bool] = True,
+              executor: Optional[Executor] = None) -> Path:
     """Run (or resume) the study for ``profile`` into directory ``out``; returns the store's path.
 
     Every argument is checked before anything is created; the directory is locked while the study runs.
     Build the report from the store with :func:`bnlab.study.report.build_report` (``bnlab study`` does).
+    ``executor``: where the runs go (see :func:`run_specs`); the caller closes it.
     """
     numbers = parse_claims(claims)
     check_jobs(jobs)
@@ -261,7 +207,7 @@ def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progre
                 break
             fresh = {k: v for k, v in new.items() if k not in specs}  # each spec is tried once per invocation
             specs = new
-            statuses.update(run_specs(fresh, store, jobs=jobs, progress=progress))
+            statuses.update(run_specs(fresh, store, jobs=jobs, progress=progress, executor=executor))
         store.set_meta("last_run_seconds", time.perf_counter() - started)
     failed = [k for k, s in statuses.items() if s == "failed"]
     if failed:

@@ -1,0 +1,355 @@
+"""Executors: where a study's runs execute — in this process, in a pool of local processes, or on a Ray
+cluster. :func:`bnlab.study.runner.run_specs` drives all three through one small interface, so the claims
+never know which one ran them.
+
+The driver owns the store. A worker only computes: :func:`run_one` returns a :class:`RunOutcome`
+``(status, result, error, seconds, versions, hardware)`` and the driver writes it to ``study.sqlite`` in
+one transaction as soon as it arrives, so SQLite never sees two writers and a run the driver has not
+received has no row (it is redone on resume).
+
+* :class:`InlineExecutor` — one run at a time in this process (``--jobs 1``);
+* :class:`ProcessExecutor` — ``jobs`` spawned worker processes that ignore SIGINT and die with the
+  driver (a parent-death signal on Linux, a watchdog thread elsewhere);
+* :class:`RayExecutor` — one Ray task per run (``num_cpus=1`` each, a fraction of a GPU when the runs use
+  CUDA) on a local Ray instance or an existing cluster. A task whose worker or node dies is submitted
+  again, at most ``max_retries`` times, and the stored result says how many attempts it took
+  (``result["attempts"]``); a run that fails inside :func:`bnlab.study.runs.execute` returns status
+  ``failed`` with its traceback like any other result, and is stored once, not retried.
+
+Every executor is fed lazily (at most :attr:`Executor.capacity` runs in flight), so stopping leaves no
+queue behind: :meth:`Executor.cancel_all` abandons the runs in flight, which leave no row.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import ctypes
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+from bnlab.errors import UserError
+
+__all__ = ["RunOutcome", "run_one", "Executor", "InlineExecutor", "ProcessExecutor", "RayExecutor",
+           "make_executor", "check_gpus_per_run", "EXECUTORS", "PID_DIR_ENV"]
+
+EXECUTORS = ("process", "ray")  # the names `bnlab study --executor` accepts
+PID_DIR_ENV = "BNLAB_RUN_PID_DIR"  # if set, each run in flight has a file KEY-ATTEMPT.pid there naming its process
+
+
+class RunOutcome(NamedTuple):
+    """What a worker sends back for one run: exactly the columns :meth:`Store.put` takes after the spec."""
+    status: str
+    result: dict
+    error: Optional[str]
+    seconds: float
+    versions: dict
+    hardware: dict
+
+
+FORWARDED_ENV = ("BNLAB_DATA",)  # the driver's settings a remote worker needs (--data-dir sets BNLAB_DATA)
+
+
+def run_one(key: str, spec: dict, attempt: int = 1, env: Optional[dict] = None) -> RunOutcome:
+    """Execute ``spec`` and describe where it ran; writes nothing to the store (the driver does).
+    ``env``: environment variables to set first (a Ray worker on another machine has its own)."""
+    from bnlab.study.runs import execute
+    from bnlab.study.store import environment
+
+    previous = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
+    pid_file = Path(os.environ[PID_DIR_ENV]) / f"{key}-{attempt}.pid" if os.environ.get(PID_DIR_ENV) else None
+    if pid_file is not None:
+        pid_file.write_text(f"{os.getpid()}\n")
+    try:
+        started = time.perf_counter()
+        status, result, error = execute(spec)
+        seconds = time.perf_counter() - started
+    finally:
+        if pid_file is not None:
+            pid_file.unlink(missing_ok=True)
+        for name, value in previous.items():  # a worker serves many runs: leave its environment as found
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    versions, hardware = environment()
+    hardware["threads_per_run"] = 1  # execute() runs every spec on one thread
+    hardware["host"] = socket.gethostname()
+    return RunOutcome(status, {**result, "attempts": attempt}, error, seconds, versions, hardware)
+
+
+class Executor:
+    """Runs specs somewhere. ``submit`` starts one (never more than :attr:`capacity` in flight), ``wait``
+    blocks until at least one ends and returns ``[(key, RunOutcome), ...]``, ``cancel_all`` abandons every
+    run in flight now, ``close`` releases the workers. Usable as a context manager (``close`` on exit)."""
+
+    capacity: int = 1
+
+    def submit(self, key: str, spec: dict) -> None:
+        raise NotImplementedError
+
+    def in_flight(self) -> int:
+        raise NotImplementedError
+
+    def wait(self) -> list[tuple[str, RunOutcome]]:
+        raise NotImplementedError
+
+    def cancel_all(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        """A short phrase for messages: where the runs go."""
+        return type(self).__name__
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class InlineExecutor(Executor):
+    """One run at a time, in this process (the run executes inside :meth:`wait`)."""
+
+    capacity = 1
+
+    def __init__(self) -> None:
+        self._queued: list[tuple[str, dict]] = []
+
+    def submit(self, key: str, spec: dict) -> None:
+        self._queued.append((key, spec))
+
+    def in_flight(self) -> int:
+        return len(self._queued)
+
+    def wait(self) -> list[tuple[str, RunOutcome]]:
+        key, spec = self._queued.pop(0)
+        return [(key, run_one(key, spec))]
+
+    def cancel_all(self) -> None:
+        self._queued.clear()
+
+    def describe(self) -> str:
+        return "this process"
+
+
+# ------------------------------------------------------------------------------------------ processes
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: ignore SIGINT (the parent stops the pool) and exit when the parent dies.
+
+    On Linux the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG); a daemon thread
+    polling the parent id covers other systems and the race where the parent died before the prctl."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="bnlab-parent-watchdog", daemon=True).start()
+
+
+class ProcessExecutor(Executor):
+    """``jobs`` spawned worker processes on this machine (spawn: fork after torch's thread pools can
+    deadlock). The pool starts on the first :meth:`submit`."""
+
+    def __init__(self, jobs: int) -> None:
+        self.capacity = jobs
+        self._pool: Optional[futures.ProcessPoolExecutor] = None
+        self._running: dict[futures.Future, str] = {}
+
+    def submit(self, key: str, spec: dict) -> None:
+        if self._pool is None:
+            self._pool = futures.ProcessPoolExecutor(
+                max_workers=self.capacity, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_die_with_parent, initargs=(os.getpid(),))
+        self._running[self._pool.submit(run_one, key, spec)] = key
+
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def wait(self) -> list[tuple[str, RunOutcome]]:
+        finished, _ = futures.wait(self._running, return_when=futures.FIRST_COMPLETED)
+        return [(self._running.pop(job), RunOutcome(*job.result())) for job in finished]
+
+    def cancel_all(self) -> None:
+        """Stop every worker now (their runs in flight are abandoned: they leave no row)."""
+        pool, self._pool = self._pool, None
+        self._running.clear()
+        if pool is None:
+            return
+        processes = list((getattr(pool, "_processes", None) or {}).values())  # no public API before 3.14
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
+
+    def describe(self) -> str:
+        return f"{self.capacity} local processes"
+
+
+# ------------------------------------------------------------------------------------------ Ray
+def import_ray():
+    """Ray, imported on first use (it is an optional extra and slow to import)."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--executor ray needs Ray: pip install 'bnlab[ray]'") from None
+    return ray
+
+
+def check_gpus_per_run(value: float) -> float:
+    """A GPU share Ray accepts: at least 0, and a whole number above 1."""
+    if not value >= 0:
+        raise UserError(f"--gpus-per-run must be at least 0 (got {value!r})")
+    if value > 1 and value != int(value):
+        raise UserError(f"--gpus-per-run above 1 must be a whole number of GPUs (got {value!r})")
+    return value
+
+
+class RayExecutor(Executor):
+    """Each run a Ray task on a local Ray instance (``address=None``: started here with ``jobs`` CPUs and
+    shut down by :meth:`close`) or on a running cluster (``address="auto"`` or ``"HOST:PORT"``; left
+    running; a process that has called ``ray.init`` already keeps its instance). Every task declares ``num_cpus`` and ``num_gpus`` (fractions share a GPU: 0.25 puts four
+    runs on each). ``jobs`` bounds the tasks in flight (default: the cluster's CPUs / ``num_cpus``).
+
+    A task whose worker process or node dies is submitted again up to ``max_retries`` times (the driver
+    resubmits, so it knows each run's attempt count); after that the run is stored as failed, and a
+    later ``bnlab study`` retries it like any failed run.
+    """
+
+    def __init__(self, address: Optional[str] = None, jobs: Optional[int] = None, num_cpus: float = 1,
+                 num_gpus: float = 0, max_retries: int = 2) -> None:
+        if not num_cpus > 0:
+            raise UserError(f"RayExecutor: num_cpus must be positive (got {num_cpus!r})")
+        check_gpus_per_run(num_gpus)
+        if max_retries < 0:
+            raise UserError(f"RayExecutor: max_retries must be at least 0 (got {max_retries!r})")
+        ray = import_ray()
+        self._ray = ray
+        self.address, self.max_retries = address, max_retries
+        self._started = False
+        if not ray.is_initialized():
+            try:
+                if address is None:
+                    ray.init(num_cpus=jobs or os.cpu_count() or 1, include_dashboard=False,
+                             logging_level="ERROR")  # ERROR: Ctrl-C leaves one line on stderr
+                else:
+                    _check_reachable(address)
+                    ray.init(address=address, logging_level="ERROR")
+            except ConnectionError as error:
+                raise UserError(f"--address {address}: no Ray cluster reachable ({error}); start one with "
+                                f"`ray start --head` or leave out --address for a local instance") from None
+            self._started = True
+        cpus = ray.cluster_resources().get("CPU", 1)
+        self.capacity = jobs or max(1, int(cpus // num_cpus))
+        self._task = ray.remote(run_one)
+        # max_retries=0: this driver resubmits a run whose worker died, so it knows each run's attempts
+        self._resources = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
+        self._env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+        self._running: dict = {}  # ObjectRef → (key, spec, attempt)
+
+    def submit(self, key: str, spec: dict, attempt: int = 1) -> None:
+        from bnlab.study.specs import spec_label
+        task = self._task.options(**self._resources, name=f"bnlab {spec_label(spec)}"[:100])
+        ref = task.remote(key, spec, attempt, self._env)
+        self._running[ref] = (key, spec, attempt)
+
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def wait(self) -> list[tuple[str, RunOutcome]]:
+        ray = self._ray
+        outcomes: list[tuple[str, RunOutcome]] = []
+        while not outcomes and self._running:
+            ray.wait(list(self._running), num_returns=1)  # blocks until one ends; then take all that have
+            ready, _ = ray.wait(list(self._running), num_returns=len(self._running), timeout=0)
+            for ref in ready:
+                key, spec, attempt = self._running.pop(ref)
+                try:
+                    outcomes.append((key, RunOutcome(*ray.get(ref))))
+                except ray.exceptions.RayTaskError as error:  # raised inside the task, outside execute()
+                    outcomes.append((key, _failed(str(error), attempt)))
+                except ray.exceptions.RayError as error:  # the worker or its node died: not the run's fault
+                    if attempt <= self.max_retries:
+                        self.submit(key, spec, attempt + 1)
+                    else:
+                        outcomes.append((key, _failed(f"the run's Ray worker died on each of {attempt} "
+                                                      f"attempts; the last: {error}", attempt)))
+        return outcomes
+
+    def cancel_all(self) -> None:
+        for ref in list(self._running):
+            try:
+                self._ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 — already finished, or the cluster went away: nothing to stop
+                pass
+        self._running.clear()
+
+    def close(self) -> None:
+        if self._started and self._ray.is_initialized():
+            self._ray.shutdown()
+        self._started = False
+
+    def describe(self) -> str:
+        return f"Ray at {self.address}" if self.address else "a local Ray instance"
+
+
+def _check_reachable(address: str, seconds: float = 10.0) -> None:
+    """A HOST:PORT address answers (Ray itself retries an unreachable one for minutes)."""
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except (OSError, ValueError) as error:
+        raise UserError(f"--address {address}: nothing answers there ({error}); expected the HOST:PORT "
+                        f"of a Ray head started with `ray start --head --port=PORT`") from None
+
+
+def _failed(error: str, attempt: int) -> RunOutcome:
+    """The outcome of a run that produced no result of its own (its task raised, or its worker died)."""
+    from bnlab.study.store import environment
+    versions, hardware = environment()
+    return RunOutcome("failed", {"attempts": attempt}, error, 0.0, versions, hardware)
+
+
+def make_executor(name: str = "process", jobs: Optional[int] = 1, address: Optional[str] = None,
+                  gpus_per_run: float = 0) -> Executor:
+    """The executor ``bnlab study --executor NAME`` uses: ``process`` (in this process for one job, else a
+    pool of ``jobs`` processes) or ``ray`` (``address``: a running cluster; none: a local instance)."""
+    if name == "process":
+        if address is not None:
+            raise UserError("--address is for --executor ray (the process executor runs on this machine)")
+        return InlineExecutor() if jobs == 1 else ProcessExecutor(jobs)
+    if name == "ray":
+        return RayExecutor(address=address, jobs=jobs, num_gpus=gpus_per_run)
+    raise UserError(f"--executor must be one of {', '.join(EXECUTORS)} (got {name!r})")

@@ -1,0 +1,335 @@
+"""Study runs on Ray (`bnlab study --executor ray`): the same results as local processes, the driver as
+the store's only writer, a killed worker retried, a deterministic failure stored once, Ctrl-C.
+
+One local Ray instance (2 CPUs) serves the module; the process executor is the reference."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bnlab.errors import UserError
+from bnlab.study.executors import PID_DIR_ENV, ProcessExecutor, RayExecutor, make_executor
+from bnlab.study.runner import run_specs
+from bnlab.study.specs import make_spec, unique_specs
+from bnlab.study.store import Store
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+SMALL = dict(dataset="synthetic", depth=8, width=0.25, norm="bn", batch_size=32)
+
+
+def _train(seed, steps, **extra):
+    return make_spec("train", **SMALL, seed=seed, lr=0.05, max_steps=steps, epochs=40, eval_every=max(2, steps // 3),
+                     **extra)
+
+
+def hand_made_specs() -> dict[str, dict]:
+    """Two kinds of run, two seeds each, and one that fails inside execute() (an unknown dataset)."""
+    specs = [make_spec("signal", **SMALL, seed=s) for s in (0, 1)] + [_train(s, 6) for s in (0, 1)]
+    specs.append(make_spec("signal", **{**SMALL, "dataset": "no-such-dataset"}, seed=0))
+    return unique_specs(specs)
+
+
+def comparable(result: dict) -> dict:
+    """A run's result without what may differ between executors: wall-clock times and attempts."""
+    result = json.loads(json.dumps(result))
+    result.pop("attempts", None)
+    result.get("curve", {}).pop("seconds", None)
+    result.get("final", {}).pop("seconds", None)
+    for epoch in result.get("epochs", []):
+        epoch.pop("time", None)
+        epoch.pop("epoch_time", None)
+    return result
+
+
+class CountingStore(Store):
+    """A store that counts the rows written through this object (in this process)."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.puts = 0
+
+    def put(self, *args, **kwargs):
+        self.puts += 1
+        super().put(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ no Ray needed
+def test_ray_executor_without_ray_installed_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(UserError, match=r"pip install 'bnlab\[ray\]'"):
+        make_executor("ray", 2)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--address", "auto"], "--address is for --executor ray"),
+    (["--gpus-per-run", "0.5"], "--gpus-per-run is for --executor ray"),
+    (["--executor", "ray", "--gpus-per-run", "0.5", "--device", "cpu"], "give --device cuda"),
+    (["--executor", "ray", "--gpus-per-run", "1.5", "--device", "cuda"], "a whole number of GPUs"),
+    (["--executor", "ray", "--gpus-per-run", "-1", "--device", "cuda"], "must be at least 0"),
+    (["--executor", "dask"], "invalid choice: 'dask'"),
+])
+def test_executor_flags_that_do_not_fit_are_one_line_errors(tmp_path, capsys, flags, message):
+    from bnlab.cli import main
+    code = main(["study", "--profile", "tiny", "--out", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_importing_the_executors_does_not_import_ray():
+    code = "import sys, bnlab.study.executors, bnlab.study.runner; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_an_address_where_nothing_answers_is_a_user_error_at_once():
+    """Before, ray.init retried an unreachable HOST:PORT for minutes; in a fresh process (no Ray yet)."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'bnlab[ray]')")
+    code = textwrap.dedent("""
+        import socket
+        from bnlab.errors import UserError
+        from bnlab.study.executors import RayExecutor
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        try:
+            RayExecutor(address=f"127.0.0.1:{port}")
+        except UserError as error:
+            print(error)
+    """)
+    started = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=120)
+    assert "nothing answers there" in out.stdout and "ray start --head" in out.stdout, out.stderr[-2000:]
+    assert time.time() - started < 30
+
+
+# ------------------------------------------------------------------------------------------ on Ray
+@pytest.fixture(scope="module")
+def ray_instance(tmp_path_factory):
+    """One local Ray instance for the module; its workers write their PID files under ``pids``."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'bnlab[ray]')")
+    pids = tmp_path_factory.mktemp("pids")
+    previous = os.environ.get(PID_DIR_ENV)
+    os.environ[PID_DIR_ENV] = str(pids)  # inherited by the workers Ray starts
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield pids
+    finally:
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop(PID_DIR_ENV, None)
+        else:
+            os.environ[PID_DIR_ENV] = previous
+
+
+@pytest.fixture(scope="module")
+def both_stores(ray_instance, tmp_path_factory):
+    """The hand-made specs run once through local processes and once through Ray, each into its store."""
+    root = tmp_path_factory.mktemp("stores")
+    specs = hand_made_specs()
+    stores = {}
+    for name, executor in (("process", ProcessExecutor(2)), ("ray", RayExecutor(jobs=2))):
+        store = CountingStore(root / f"{name}.sqlite")
+        with executor:
+            statuses = run_specs(specs, store, jobs=executor.capacity, progress=False, executor=executor)
+        stores[name] = (store, statuses)
+    return specs, stores
+
+
+def test_ray_gives_the_same_results_as_local_processes_run_by_run(both_stores):
+    specs, stores = both_stores
+    process, ray_rows = stores["process"][0].results(), stores["ray"][0].results()
+    assert set(process) == set(ray_rows) == set(specs)
+    for key, spec in specs.items():
+        mine, reference = ray_rows[key], process[key]
+        assert mine["spec"] == reference["spec"] == json.loads(json.dumps(spec, sort_keys=True))
+        assert mine["status"] == reference["status"], spec
+        assert comparable(mine["result"]) == comparable(reference["result"]), spec
+        assert mine["result"]["attempts"] == 1 and mine["attempts"] == 1
+        assert mine["hardware"]["host"] and mine["versions"]["torch"] == reference["versions"]["torch"]
+    assert sum(r["status"] == "done" for r in ray_rows.values()) == len(specs) - 1
+
+
+def test_only_the_driver_writes_the_store(both_stores):
+    """Before, each worker wrote its own row: the driver's store object saw none of the writes."""
+    specs, stores = both_stores
+    for name, (store, statuses) in stores.items():
+        assert store.puts == store.count() == len(specs) == len(statuses), name
+
+
+def test_a_deterministic_failure_is_stored_once_with_its_traceback(both_stores):
+    specs, stores = both_stores
+    (key,) = [k for k, s in specs.items() if s["dataset"] == "no-such-dataset"]
+    for name, (store, statuses) in stores.items():
+        row = store.get(key)
+        assert statuses[key] == row["status"] == "failed", name
+        assert "Traceback" in row["error"] and "unknown dataset 'no-such-dataset'" in row["error"], name
+        assert row["attempts"] == 1 and row["result"] == {"attempts": 1}, name  # not retried
+
+
+def _kill_first_attempt(pids: Path, key: str, seen: list, delay: float = 0.5, timeout: float = 120) -> None:
+    """SIGKILL the process running ``key``'s first attempt once it has run ``delay`` seconds."""
+    deadline = time.time() + timeout
+    first = pids / f"{key}-1.pid"
+    while time.time() < deadline:
+        try:
+            pid = int(first.read_text())
+        except (OSError, ValueError):
+            time.sleep(0.05)
+            continue
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+        first.unlink()  # a killed run cannot remove its own file
+        seen.append(pid)
+        break
+    while time.time() < deadline:  # record the retry's process, if there is one
+        retries = list(pids.glob(f"{key}-2.pid"))
+        if retries:
+            seen.append(int(retries[0].read_text()))
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("max_retries", [2, 0])
+def test_a_worker_killed_mid_run_is_retried_or_stored_as_failed(ray_instance, tmp_path, max_retries):
+    long = _train(10 + max_retries, 300)  # several seconds: killed mid-run
+    specs = unique_specs([long, make_spec("signal", **SMALL, seed=3), _train(1, 6)])
+    key = next(k for k, s in specs.items() if s == long)
+    store, seen = CountingStore(tmp_path / "study.sqlite"), []
+    killer = threading.Thread(target=_kill_first_attempt, args=(ray_instance, key, seen), daemon=True)
+    killer.start()
+    with RayExecutor(jobs=2, max_retries=max_retries) as executor:
+        statuses = run_specs(specs, store, jobs=2, progress=False, executor=executor)
+    killer.join(timeout=1)
+    assert seen, "the long run was never seen running"
+    rows = store.results()
+    assert set(rows) == set(specs) and store.puts == len(specs)  # no duplicate, no missing row
+    assert all(r["attempts"] == 1 for r in rows.values())
+    assert all(rows[k]["status"] == "done" for k in specs if k != key)
+    if max_retries:
+        assert statuses[key] == rows[key]["status"] == "done"
+        assert rows[key]["result"]["attempts"] == 2 and rows[key]["result"]["steps"] == 300
+        assert len(seen) == 2 and seen[0] != seen[1]  # the retry ran in a new worker
+    else:
+        assert statuses[key] == rows[key]["status"] == "failed"
+        assert rows[key]["result"] == {"attempts": 1} and "worker died" in rows[key]["error"]
+
+
+_INTERRUPTED_STUDY = """
+import sys
+from bnlab.study.executors import RayExecutor
+from bnlab.study.runner import Interrupted, run_specs
+from bnlab.study.specs import make_spec, unique_specs
+from bnlab.study.store import Store
+small = dict(dataset="synthetic", depth=8, width=0.25, norm="bn", batch_size=32, lr=0.05, epochs=80, eval_every=50)
+specs = unique_specs([make_spec("train", **small, seed=s, max_steps=600) for s in range(4)]
+                     + [make_spec("signal", dataset="synthetic", depth=8, width=0.25, norm="bn", batch_size=32,
+                                  seed=0)])
+try:
+    with RayExecutor(jobs=2) as executor:
+        run_specs(specs, Store(sys.argv[1]), jobs=2, progress=False, executor=executor)
+except Interrupted as stop:
+    print(stop, file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+def _alive(pids) -> set[int]:
+    left = set()
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                left.add(pid)
+        except OSError:
+            pass
+    return left
+
+
+def _descendants(pid: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc (Linux)")
+def test_ctrl_c_cancels_the_ray_tasks_and_shuts_down_the_instance_it_started(tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'bnlab[ray]')")
+    store_path = tmp_path / "study.sqlite"
+    env = {**os.environ, "PYTHONPATH": str(SRC), PID_DIR_ENV: str(tmp_path)}
+    process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_INTERRUPTED_STUDY), str(store_path)],
+                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not list(tmp_path.glob("*.pid")) and time.time() < deadline and process.poll() is None:
+            time.sleep(0.1)
+        assert process.poll() is None and list(tmp_path.glob("*.pid")), process.communicate()
+        time.sleep(0.5)
+        family = _descendants(process.pid)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, err[-2000:]
+    finished = Store(store_path).finished_keys()
+    assert err.strip() == f"interrupted: {len(finished)} of 5 runs finished; rerun the same command to resume", err
+    deadline = time.time() + 20
+    while _alive(family) and time.time() < deadline:
+        time.sleep(0.2)
+    assert family and not _alive(family), f"left running after the study stopped: {_alive(family)}"
+    assert len(finished) < 5
+
+
+def test_the_tiny_study_on_ray_matches_local_processes(ray_instance, tmp_path):
+    """End to end through run_study (the claims' specs, every round)."""
+    try:
+        from bnlab.study import CLAIMS, get_profile  # noqa: F401 — the claim modules must import
+    except ImportError as error:
+        pytest.skip(f"the claim modules do not import here ({error})")
+    from bnlab.study.runner import STORE_NAME, run_study
+    profile = get_profile("tiny")
+    with ProcessExecutor(2) as executor:
+        run_study(profile, tmp_path / "process", jobs=2, progress=False, executor=executor)
+    with RayExecutor(jobs=2) as executor:
+        run_study(profile, tmp_path / "ray", jobs=2, progress=False, executor=executor)
+    reference, mine = Store(tmp_path / "process" / STORE_NAME), Store(tmp_path / "ray" / STORE_NAME)
+    reference_rows, rows = reference.results(), mine.results()
+    assert set(rows) == set(reference_rows) and len(rows) > 10
+    for key, row in rows.items():
+        assert row["status"] == reference_rows[key]["status"], row["spec"]
+        assert comparable(row["result"]) == comparable(reference_rows[key]["result"]), row["spec"]
+
+
+def test_the_data_directory_set_here_reaches_the_ray_workers(ray_instance, tmp_path, monkeypatch):
+    """Workers on other machines do not inherit this process's environment: --data-dir (BNLAB_DATA) must
+    travel with each task. Set after Ray started, an empty directory must be the one the run reads."""
+    empty = tmp_path / "no-data-here"
+    empty.mkdir()
+    monkeypatch.setenv("BNLAB_DATA", str(empty))
+    spec = make_spec("signal", **{**SMALL, "dataset": "fashion-mnist"}, seed=0)
+    store = Store(tmp_path / "study.sqlite")
+    with RayExecutor(jobs=1) as executor:
+        run_specs(unique_specs([spec]), store, jobs=1, progress=False, executor=executor)
+    (row,) = store.rows()
+    assert row["status"] == "failed" and f"not found in {empty}" in row["error"], row["error"]
