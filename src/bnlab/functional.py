@@ -381,7 +381,10 @@ def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
         from bnlab.kernels import batch_norm_train as _triton_train
         y, mean, var = _triton_train(x, weight, bias, eps)
     else:
-        y, shift, delta, var = _BatchNormTrain.apply(x, weight, bias, eps)
+        needs_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        # without a graph to record, call the forward itself: apply()'s bookkeeping costs tens of µs per call
+        train = _BatchNormTrain.apply if needs_graph else _BatchNormTrain.forward
+        y, shift, delta, var = train(x, weight, bias, eps)
         mean = shift + delta
     if running_mean is None or running_var is None:
         finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
