@@ -1,7 +1,7 @@
 """Measure each claimed effect of batch normalization in residual networks; write a report.
 
 Examples:
-  bnlab study                               # quick profile (≤ 5 min on 2 CPU cores) into study-out/
+  bnlab study                               # quick profile (about 7 min on 2 idle CPU cores) into study-out/
   bnlab study --jobs 2 --out study-out      # two runs at a time; rerun the same command to resume
   bnlab study --claims 1,4 --profile standard
   bnlab study --profile full --device cuda --out study-full
