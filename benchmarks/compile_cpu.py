@@ -21,6 +21,7 @@ from torch import nn
 
 import bnlab
 from bnlab import nn as bnn
+from bn_cpu import _best_ms  # the same timing as the layer benchmark (run as a script from benchmarks/)
 
 
 def _net(channels: int) -> nn.Module:
@@ -34,20 +35,6 @@ def _step(model: nn.Module, x: torch.Tensor):
     def run():
         model(x).square().mean().backward()
     return run
-
-
-def _best_ms(fns, repeat: int, warmup: int = 3) -> list[float]:
-    """Best wall time in ms of each function, calling them in alternation."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(repeat):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return [1e3 * b for b in best]
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from bnlab.study.report import build_report
 from bnlab.study.runner import STORE_NAME, collect_specs, run_study
 from bnlab.study.store import Store
 from bnlab.study.verdict import VERDICTS
+from helpers import comparable
 
 
 @pytest.fixture(scope="session")
@@ -33,17 +34,6 @@ def tiny_study(tmp_path_factory):
         if not (out / "verdicts.json").is_file():
             build_report(run_study(get_profile("tiny"), out, jobs=1, progress=False).parent)
     return out
-
-
-def _comparable(result):
-    """A run's result without its wall-clock times (the only thing allowed to differ between runs)."""
-    result = json.loads(json.dumps(result))
-    result.get("curve", {}).pop("seconds", None)
-    result.get("final", {}).pop("seconds", None)
-    for epoch in result.get("epochs", []):
-        epoch.pop("time", None)
-        epoch.pop("epoch_time", None)
-    return result
 
 
 def test_tiny_study_writes_every_claim_and_verdict(tiny_study):
@@ -129,7 +119,7 @@ def test_resume_after_a_killed_process_finishes_with_the_same_results(tiny_study
     reference = Store(tiny_study / STORE_NAME).results()
     for key, row in rows.items():
         assert row["status"] == reference[key]["status"], row["spec"]
-        assert _comparable(row["result"]) == _comparable(reference[key]["result"]), row["spec"]
+        assert comparable(row["result"]) == comparable(reference[key]["result"]), row["spec"]
     mine = json.loads((out / "verdicts.json").read_text())["claims"]
     theirs = json.loads((tiny_study / "verdicts.json").read_text())["claims"]
     assert {n: v["verdict"] for n, v in mine.items()} == {n: v["verdict"] for n, v in theirs.items()}

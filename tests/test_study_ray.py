@@ -20,6 +20,7 @@ from bnlab.study.executors import PID_DIR_ENV, ProcessExecutor, RayExecutor, mak
 from bnlab.study.runner import run_specs
 from bnlab.study.specs import make_spec, unique_specs
 from bnlab.study.store import Store
+from helpers import comparable
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SMALL = dict(dataset="synthetic", depth=8, width=0.25, norm="bn", batch_size=32)
@@ -35,18 +36,6 @@ def hand_made_specs() -> dict[str, dict]:
     specs = [make_spec("signal", **SMALL, seed=s) for s in (0, 1)] + [_train(s, 6) for s in (0, 1)]
     specs.append(make_spec("signal", **{**SMALL, "dataset": "no-such-dataset"}, seed=0))
     return unique_specs(specs)
-
-
-def comparable(result: dict) -> dict:
-    """A run's result without what may differ between executors: wall-clock times and attempts."""
-    result = json.loads(json.dumps(result))
-    result.pop("attempts", None)
-    result.get("curve", {}).pop("seconds", None)
-    result.get("final", {}).pop("seconds", None)
-    for epoch in result.get("epochs", []):
-        epoch.pop("time", None)
-        epoch.pop("epoch_time", None)
-    return result
 
 
 class CountingStore(Store):
