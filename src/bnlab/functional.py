@@ -322,8 +322,9 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     unbiased = var * (count / (count - 1)) if count > 1 else var
     new_mean = torch.lerp(running_mean, mean.to(running_mean.dtype), momentum)
     new_var = torch.lerp(running_var, unbiased.to(running_var.dtype), momentum)
-    finite = (torch.isfinite(mean).all() & torch.isfinite(var).all()
-              & torch.isfinite(new_mean).all() & torch.isfinite(new_var).all())
+    # a non-finite batch statistic makes its lerp non-finite (even at momentum 0: 0·inf is NaN), and so does
+    # an update that overflows the buffers' dtype: one check of the sum covers all four
+    finite = torch.isfinite(new_mean + new_var).all()
     return torch.where(finite, new_mean, running_mean), torch.where(finite, new_var, running_var), finite
 
 
