@@ -245,7 +245,7 @@ def _ours(profile: dict, tables: dict, higher: Part) -> dict:
                f"one-cycle, Nesterov momentum {cfg.get('momentum', 0.9):g}, weight decay "
                f"{cfg.get('weight_decay', 0.0):g}, no augmentation; each arm at the rate its validation accuracy "
                f"chose on a grid {cfg['lrs'][0]:g}–{cfg['lrs'][-1]:g}")
-    out = {a: (f"{fmt_ci(mean_ci(tables[(b0, a)]['best_test'], (0, 100)), 1)} at lr {fmt(tables[(b0, a)]['best_lr'], 3)}"
+    out = {a: (f"{fmt_ci(mean_ci(tables[(b0, a)]['best_test'], (0, 100)), 1)} at lr {tables[(b0, a)]['best_lr']:g}"
                if tables[(b0, a)]["best_lr"] is not None else "n/a", setting) for a in ("bn", "none")}
     out["decades"] = (f"{higher.effect.interval.text(2)} (largest stable rates, mean over batch sizes)", setting)
     return out

@@ -198,7 +198,7 @@ def _ours(profile: dict, per_arm: dict) -> dict:
     setting = (f"{cfg['subset']} examples of {cfg.get('dataset') or profile['dataset']}, width-{profile['width']:g} "
                f"ResNet-{profile['depth']}, {cfg['max_steps']} steps at batch {cfg['batch_size']} (an overfitting "
                f"regime: errors sit far above the paper's and the claim's quantity is the gap)")
-    return {key: (fmt_ci(mean_ci([100 - t for t in arm["test"]], (0, 100)), 1) + (f" at lr {fmt(arm['lr'], 3)}"
+    return {key: (fmt_ci(mean_ci([100 - t for t in arm["test"]], (0, 100)), 1) + (f" at lr {arm['lr']:g}"
                   if arm["lr"] is not None else ""), setting + ("; GroupNorm at the full batch" if key == "groupnorm"
                                                                  else f"; ghost batches of {key[6:]}"))
             for key, arm in per_arm.items() if key == "groupnorm" or key.startswith("ghost:")}
