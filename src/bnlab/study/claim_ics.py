@@ -60,14 +60,13 @@ RULE = (f"Part 1 — {RULES[0].text()}. Part 2 — {RULES[1].text()}. Both hold 
 
 SANTURKAR_SETTING = "a VGG network on CIFAR-10 (and a 25-layer deep linear network for ICS), noise after every BN"
 PAPER = [
-    {"quantity": "gradient ICS: cos(G, G′) with BN − without", "paper": "Santurkar et al. 2018, §2.2",
+    {"quantity": "gradient ICS: cos(G, G′) with BN − without", "paper": "Santurkar et al. 2018",
      "value": "≤ 0 (BN does not raise it and often lowers it; plotted, no table)", "setting": SANTURKAR_SETTING,
      "ours_key": "cosine"},
-    {"quantity": "test accuracy, BN − noisy BN (points)", "paper": "Santurkar et al. 2018, §2.1",
+    {"quantity": "test accuracy, BN − noisy BN (points)", "paper": "Santurkar et al. 2018",
      "value": "≈ 0 (noisy BN trains and generalizes about as well; plotted, no table)",
      "setting": SANTURKAR_SETTING, "ours_key": "noisy_cost"},
-    {"quantity": "variation of the loss along the gradient, without BN / with BN", "paper": "Santurkar et al. "
-     "2018, §3.1", "value": "> 1 (BN smooths the landscape; plotted, no table)", "setting": SANTURKAR_SETTING,
+    {"quantity": "variation of the loss along the gradient, without BN / with BN", "paper": "Santurkar et al. 2018", "value": "> 1 (BN smooths the landscape; plotted, no table)", "setting": SANTURKAR_SETTING,
      "ours_key": "smoothness"},
 ]
 STAND_IN = ("the CIFAR ResNet stands in for their VGG: bnlab.models holds CIFAR ResNets and their plain twins, "

@@ -41,7 +41,7 @@ RULE = ("Stable = not diverged, final training loss ≤ 0.5 × initial, and vali
           "stable) is undecided unless the censoring can only make the effect larger.")
 
 ARMS = ("bn", "none", "skipinit", "fixup")
-BJORCK = "Bjorck et al. 2018, §2 and Fig. 1"
+BJORCK = "Bjorck et al. 2018"
 BJORCK_SETTING = ("ResNet-110 on CIFAR-10, batch 128, step-decayed rate, data augmentation, trained to convergence")
 PAPER = [
     {"quantity": "test accuracy % with BN, at its rate", "paper": BJORCK, "value": "≈ 93 at lr 0.1",

@@ -42,9 +42,9 @@ RULE = ("Per seed, each arm at its validated learning rate, the gap = training a
         "− test accuracy, both of the final model; a pair counts only if both runs fit the subset (training "
         "accuracy ≥ the profile's fit threshold) and neither diverged. "
         + " ".join(f"Part {i + 1}, {r.text()}." for i, r in enumerate(RULES)))
-WU_HE = "Wu & He 2018, Table 3 / Fig. 1"
-WU_HE_SETTING = ("ImageNet ResNet-50, 90 epochs on the full training set, validation error; BN's statistics over "
-                 "the images of one GPU")
+WU_HE = "Wu & He 2018, Fig. 1"
+WU_HE_SETTING = ("ImageNet ResNet-50 trained on the full training set, validation error; BN's statistics over the "
+                 "images of one GPU")
 WU_HE_BN = {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7}  # top-1 validation error %, images per GPU
 PAPER = [{"quantity": f"test error % with BN over {g} images (ours: ghost batches of {g})", "paper": WU_HE,
           "value": f"{e:.1f}", "setting": WU_HE_SETTING + f", {g} images per GPU", "ours_key": f"ghost:{g}"}
