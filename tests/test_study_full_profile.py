@@ -71,6 +71,13 @@ def test_full_sweep_runs_carry_weight_decay_and_other_profiles_keep_their_run_ke
     assert "momentum" not in claim_lr.sweep_spec(quick, "bn", 0.1, 64, 0)
 
 
+def test_the_sweeps_weight_decay_and_momentum_are_validated_with_their_path():
+    bad = {**FULL, "lr": {**FULL["lr"], "weight_decay": -1e-4, "momentum": 1.0}}
+    with pytest.raises(UserError) as info:
+        validate(bad, "profile bad")
+    assert "lr.weight_decay" in str(info.value) and "lr.momentum" in str(info.value)
+
+
 def test_the_stated_budget_matches_the_profiles_runs():
     """The description's run count and GPU-hours, recounted from the specs: 0.2 s per layer per epoch of
     the 45k training images, ICS steps counted as training steps, plus claim 2's 4 × 10 longer runs."""

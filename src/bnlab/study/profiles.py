@@ -94,8 +94,8 @@ FULL_DESCRIPTION = (
     "Wu & He 2018's 32/16/8/4/2 images per GPU as ghost batches of a batch of 128, beside GroupNorm. Claim 1: "
     "Santurkar et al. 2018's noisy BN, with the CIFAR ResNet-110 standing in for their VGG (bnlab.models has "
     "no VGG). Not replicated: the papers' ≈164-epoch step schedules and augmentation (20-epoch one-cycle "
-    "sweeps, no augmentation). Budget: 1740 runs in the first round, then claim 2's 40 longer ones (claim 4's "
-    "grid may add up to 40): ≈ 120 GPU-hours (5 days) at an assumed 0.2 s per network layer per epoch of 45k "
+    "sweeps, no augmentation). Budget: 1740 runs in the first round, then claim 2's ≥ 40 longer ones (claim 4's "
+    "grid may add 40): ≈ 120 GPU-hours (5 days) at an assumed 0.2 s per network layer per epoch of 45k "
     "images (ResNet-110: 22 s per epoch; not measured here), 10 seeds throughout")
 
 _SHARED = {
