@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from bnlab.study.common import fmt_ci, lookup
+from bnlab.study.common import fmt_ci, lookup, paper_table
 from bnlab.study.metrics import first_index_at_or_below, log_mean_ci, step_changes
 from bnlab.study.specs import make_spec, spec_key
 from bnlab.study.style import LINESTYLES, arm_color, band, figure, legend_outside
@@ -58,6 +58,19 @@ RULE = (f"Part 1 — {RULES[0].text()}. Part 2 — {RULES[1].text()}. Both hold 
         f"visible reduction of ICS, under 0.03 none; an accuracy cost of 2 points is about twice the seed-to-seed "
         f"spread, under 1 point is what a rerun moves.")
 
+SANTURKAR_SETTING = "a VGG network on CIFAR-10 (and a 25-layer deep linear network for ICS), noise after every BN"
+PAPER = [
+    {"quantity": "gradient ICS: cos(G, G′) with BN − without", "paper": "Santurkar et al. 2018",
+     "value": "≤ 0 (BN does not raise it and often lowers it; plotted, no table)", "setting": SANTURKAR_SETTING,
+     "ours_key": "cosine"},
+    {"quantity": "test accuracy, BN − noisy BN (points)", "paper": "Santurkar et al. 2018",
+     "value": "≈ 0 (noisy BN trains and generalizes about as well; plotted, no table)",
+     "setting": SANTURKAR_SETTING, "ours_key": "noisy_cost"},
+    {"quantity": "variation of the loss along the gradient, without BN / with BN", "paper": "Santurkar et al. 2018", "value": "> 1 (BN smooths the landscape; plotted, no table)", "setting": SANTURKAR_SETTING,
+     "ours_key": "smoothness"},
+]
+STAND_IN = ("the CIFAR ResNet stands in for their VGG: bnlab.models holds CIFAR ResNets and their plain twins, "
+            "which the other claims use too, and the noise sits where a BN renormalizes it as in the VGG")
 BASE_ARMS = ("bn", "none", "noisy_bn")
 PLACEMENT = ("Noise goes after the first BN of every residual branch only: its output passes a ReLU and a "
              "convolution into the branch's second BN, which renormalizes it, as in Santurkar et al.'s VGG where "
@@ -391,13 +404,19 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
         {"title": f"Gradient ICS per layer at the same learning rate ({cfg['ics_lr']:g}) and steps",
          "columns": ["layer", "cos(G, G′) BN", "cos(G, G′) none", "Δcos BN − none (paired)", "‖G − G′‖ BN",
                      "‖G − G′‖ none"], "rows": ics_rows},
+        paper_table(PAPER, {key: (text, f"width-{profile['width']:g} ResNet-{profile['depth']} on "
+                                        f"{profile['dataset']}, {cfg['steps']} plain-SGD steps at batch "
+                                        f"{cfg['batch_size']}; {STAND_IN}")
+                            for key, text in (("cosine", f"{parts[0].effect.interval.text(3)} at lr {cfg['ics_lr']:g}"),
+                                              ("noisy_cost", f"{parts[1].effect.interval.text(1)} ({arm_label(noisy)})"),
+                                              ("smoothness", smoother.text()))}),
     ]
     return ClaimResult(
         number=NUMBER, title=TITLE, verdict=verdict, literature=LITERATURE, rule=RULE, expected=EXPECTED,
         finding=FINDING, failed_runs=failed, tables=tables,
         caveats=[f"{cfg['steps']} plain-SGD steps of a width-{profile['width']} ResNet-{profile['depth']} on "
                  f"{profile['dataset']}, {len(seeds)} seeds; Santurkar et al. used VGG and deep linear nets on "
-                 f"CIFAR-10.",
+                 f"CIFAR-10: {STAND_IN}.",
                  "Gradient ICS is measured with plain SGD at one common learning rate, not at each arm's best; "
                  "at other rates the difference can change sign.",
                  "The noise is one family (log-normal scale, Gaussian shift, parameters redrawn every step) at "

@@ -15,11 +15,11 @@ import math
 from typing import Literal, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
 
 from bnlab.study import style
 from bnlab.study.common import (DIFF_BOUNDS, analyze as _analyze, arm_label, by_seed, choose_lr, final_pct, fmt,
-                                fmt_ci, lookup, mean_ci, stable, train_spec)
+                                fmt_ci, lookup, mean_ci, paper_table, stable, train_spec)
 from bnlab.study.verdict import HOLDS, NO_DATA, SUPPORTED, UNDECIDED, ClaimResult, Part, Rule, Verdict, paired_effect
 
 NUMBER = 4
@@ -41,6 +41,17 @@ RULE = ("Stable = not diverged, final training loss ≤ 0.5 × initial, and vali
           "stable) is undecided unless the censoring can only make the effect larger.")
 
 ARMS = ("bn", "none", "skipinit", "fixup")
+BJORCK = "Bjorck et al. 2018"
+BJORCK_SETTING = ("ResNet-110 on CIFAR-10, batch 128, step-decayed rate, data augmentation, trained to convergence")
+PAPER = [
+    {"quantity": "test accuracy % with BN, at its rate", "paper": BJORCK, "value": "≈ 93 at lr 0.1",
+     "setting": BJORCK_SETTING, "ours_key": "bn"},
+    {"quantity": "test accuracy % without normalization, at its best rate", "paper": BJORCK,
+     "value": "≈ 81 at lr 1e-4", "setting": BJORCK_SETTING, "ours_key": "none"},
+    {"quantity": "log10(rate with BN / rate without), decades", "paper": BJORCK, "value": "3 (0.1 vs 1e-4)",
+     "setting": BJORCK_SETTING + "; their rates are each arm's best, ours the largest stable ones",
+     "ours_key": "decades"},
+]
 
 
 class Config(BaseModel):
@@ -53,6 +64,8 @@ class Config(BaseModel):
     epochs: Optional[PositiveInt] = None
     max_steps: Optional[PositiveInt] = None
     max_extensions: int = Field(2, ge=0, le=6)
+    weight_decay: NonNegativeFloat = 0.0
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
 
     @field_validator("arms")
     @classmethod
@@ -77,8 +90,10 @@ PRESETS = {
               "max_extensions": 2},
     "standard": {"arms": list(ARMS), "lrs": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
                  "batch_sizes": [64, 256], "epochs": 3, "max_extensions": 2},
-    "full": {"arms": list(ARMS), "lrs": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
-             "batch_sizes": [128, 512], "epochs": 15, "max_extensions": 2},
+    # Bjorck et al.'s comparison: rates from 1e-5 (no BN's ≈1e-4 is interior) to 3 (BN's 0.1 is interior),
+    # batch 128, He et al.'s weight decay 1e-4 and momentum 0.9
+    "full": {"arms": list(ARMS), "lrs": [1e-5, 3e-5, 1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+             "batch_sizes": [128], "epochs": 20, "max_extensions": 1, "weight_decay": 1e-4, "momentum": 0.9},
 }
 
 
@@ -92,6 +107,10 @@ def sweep_spec(profile: dict, norm: str, lr: float, batch_size: int, seed: int) 
         fields["epochs"] = cfg["epochs"]
     if cfg.get("max_steps") is not None:
         fields["max_steps"] = cfg["max_steps"]
+    if cfg.get("weight_decay"):  # only when set, so profiles without it keep their runs' keys
+        fields["weight_decay"] = cfg["weight_decay"]
+    if cfg.get("momentum", 0.9) != 0.9:
+        fields["momentum"] = cfg["momentum"]
     return train_spec(profile, **fields)
 
 
@@ -211,10 +230,25 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
                  f"{cfg['lrs'][-1] / cfg['lrs'][-2]:.3g}).",
                  "Every arm warms up linearly over 20% of its steps (one-cycle); a schedule without warm-up or "
                  "gradient clipping would move the unnormalized arms' limits."],
-        tables=[table], figures=[_accuracy_figure(profile, tables)],
+        tables=[table, paper_table(PAPER, _ours(profile, tables, higher))],
+        figures=[_accuracy_figure(profile, tables)],
         numbers={"log10_lr_ratio": higher.effect.interval.to_dict(), "accuracy_gain": better.effect.interval.to_dict(),
                  "parts": [p.to_dict() for p in parts], "censoring": facts["censoring"],
                  "validated_lr": {f"{a}@{b}": t["best_lr"] for (b, a), t in tables.items()}})
+
+
+def _ours(profile: dict, tables: dict, higher: Part) -> dict:
+    """Our numbers for :data:`PAPER`'s quantities, each with our setting in words."""
+    cfg, b0 = profile["lr"], profile["lr"]["batch_sizes"][0]
+    setting = (f"width-{profile['width']:g} ResNet-{profile['depth']} on {profile['dataset']}, batch {b0}, "
+               f"{cfg.get('epochs') or cfg.get('max_steps')} {'epochs' if cfg.get('epochs') else 'steps'} "
+               f"one-cycle, Nesterov momentum {cfg.get('momentum', 0.9):g}, weight decay "
+               f"{cfg.get('weight_decay', 0.0):g}, no augmentation; each arm at the rate its validation accuracy "
+               f"chose on a grid {cfg['lrs'][0]:g}–{cfg['lrs'][-1]:g}")
+    out = {a: (f"{fmt_ci(mean_ci(tables[(b0, a)]['best_test'], (0, 100)), 1)} at lr {tables[(b0, a)]['best_lr']:g}"
+               if tables[(b0, a)]["best_lr"] is not None else "n/a", setting) for a in ("bn", "none")}
+    out["decades"] = (f"{higher.effect.interval.text(2)} (largest stable rates, mean over batch sizes)", setting)
+    return out
 
 
 def analyze(profile: dict, results: dict) -> ClaimResult:

@@ -19,7 +19,8 @@ from scipy import stats
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from bnlab.study import claim_lr, style
-from bnlab.study.common import (analyze as _analyze, arm_label, by_seed, fmt_ci, lookup, mean_ci, train_spec)
+from bnlab.study.common import (analyze as _analyze, arm_label, by_seed, fmt_ci, lookup, mean_ci, paper_table,
+                                train_spec)
 from bnlab.study.metrics import loss_curve_area, steps_to_target
 from bnlab.study.verdict import SUPPORTED, ClaimResult, Part, Rule, Verdict, paired_effect
 
@@ -35,6 +36,13 @@ RULES = [
          margin=0.04, unit="decades"),  # ≈ 1.26× and 1.1× fewer steps
     Rule("lower training loss", "log10(mean training loss without BN) − log10(mean training loss with BN)",
          threshold=0.05, margin=0.02, unit="decades"),
+]
+IOFFE = "Ioffe & Szegedy 2015, Table 2"
+IOFFE_SETTING = "Inception on ImageNet; the target is Inception's best validation accuracy (72.2%)"
+PAPER = [
+    {"quantity": "steps without BN / steps with BN to the target", "paper": IOFFE,
+     "value": "31.0M / 13.3M ≈ 2.3× (BN-Baseline, same rate); 31.0M / 2.1M ≈ 14.8× (BN-x5, 5× the rate)",
+     "setting": IOFFE_SETTING + "; BN-x5 also changes other training settings (their §4.2.1)", "ours_key": "speedup"},
 ]
 RULE = ("Per seed, the target is a fixed fraction of the unnormalized arm's plateau (its best validation "
         "accuracy over the longer run); every arm at its validated learning rate (the next lower rate of the grid "
@@ -199,11 +207,23 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
                  f"Validation accuracy is evaluated every {profile['eval_every']} steps, so steps-to-target are "
                  "rounded up to that grid.",
                  "SkipInit and Fixup warm up linearly like every arm; without warm-up Fixup needs a much lower rate."],
-        tables=[table], figures=[_curve_figure(profile, facts)],
+        tables=[table, paper_table(PAPER, {"speedup": (
+            f"{_times(speed.effect.interval)} (each arm at its own validated rate)",
+            f"width-{profile['width']:g} ResNet-{profile['depth']} on {profile['dataset']}, target "
+            f"{profile['speed']['target_fraction']:g} × the unnormalized net's plateau in a "
+            f"{profile['speed']['epochs']}-epoch constant-rate run, batch {profile['lr']['batch_sizes'][0]}")})],
+        figures=[_curve_figure(profile, facts)],
         numbers={"log10_speedup": speed.effect.interval.to_dict(), "log10_loss_ratio": area.effect.interval.to_dict(),
                  "parts": [p.to_dict() for p in parts],
                  "recovery": {a: dict(zip(("mean", "low", "high"), map(_clean, v))) for a, v in facts["recovery"].items()},
                  "target_pct": [_clean(100 * t) for t in facts["targets"]]})
+
+
+def _times(interval) -> str:
+    """A log10 ratio interval as a factor: "2.3× [1.8×, 2.9×]"."""
+    if not interval.finite:
+        return "n/a"
+    return f"{10 ** interval.mean:.3g}× [{10 ** interval.low:.3g}×, {10 ** interval.high:.3g}×]"
 
 
 def analyze(profile: dict, results: dict) -> ClaimResult:

@@ -139,4 +139,17 @@ def json_safe(value):
     return value
 
 
-__all__ += ["json_safe", "mean_ci", "mark_failures"]
+def paper_table(paper: list[dict], ours: dict) -> dict:
+    """The "ours | paper | setting" table of a claim: one row per entry of its ``PAPER`` (the published
+    figure, its source and setting), with our number for the same quantity from ``ours[entry["ours_key"]]``
+    — a pair (our value as text, our setting in words) — and where the settings differ."""
+    rows = []
+    for entry in paper:
+        value, setting = ours.get(entry["ours_key"], ("not measured by this profile", ""))
+        rows.append([entry["quantity"], value, f"{entry['value']} ({entry['paper']})",
+                     f"paper: {entry['setting']}; ours: {setting}" if setting else f"paper: {entry['setting']}"])
+    return {"title": "Ours beside the published figures (the setting column says where the quantities or "
+                     "settings differ)", "columns": ["quantity", "ours", "paper", "setting"], "rows": rows}
+
+
+__all__ += ["json_safe", "mean_ci", "mark_failures", "paper_table"]
