@@ -135,3 +135,13 @@ def test_user_errors_are_one_line(argv, fragment, tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and lines[0].startswith("bnlab study: error: ") and fragment in lines[0]
     assert not out.exists()
+
+
+def test_a_dataset_missing_from_disk_is_one_line_and_nothing_is_downloaded(tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    monkeypatch.setenv("BNLAB_DATA", str(empty))  # the only place looked in, and the download cache
+    status = cli.main(["study", "--profile", "full", "--claims", "3", "--dry-run", "--out", str(tmp_path / "o")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and lines[-1].startswith("bnlab study: error: --dry-run: dataset fashion-mnist")
+    assert "--no-calibrate" in lines[-1] and list(empty.iterdir()) == [] and not (tmp_path / "o").exists()

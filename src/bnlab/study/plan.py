@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from bnlab.errors import UserError
 from bnlab.study.claims import CLAIMS
 from bnlab.study.specs import KINDS, spec_key
 
@@ -271,6 +272,23 @@ def _sizes(spec: dict) -> dict:
     return {"train": len(data.train_x), "val": len(data.val_x), "test": len(data.test_x)}
 
 
+def _check_on_disk(specs) -> None:
+    """Every dataset read from files is on disk: a dry run downloads nothing."""
+    import bnlab.cifar
+    import bnlab.data
+    for name in sorted({s["dataset"] for s in specs}):
+        key = name.lower().replace("_", "-")
+        if key == "fashion-mnist":
+            found = bnlab.data.locate(key)
+        elif key.replace("-", "") in ("cifar10", "cifar100"):
+            found = bnlab.cifar.locate(key.replace("-", ""))
+        else:
+            continue  # generated, or shipped with a package
+        if found is None:
+            raise UserError(f"--dry-run: dataset {name} is not on disk and a dry run downloads nothing; give "
+                            f"--data-dir DIR holding it, or add --no-calibrate for run counts only")
+
+
 def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "process",
               calibration: bool = True, gpus_per_run: Optional[float] = None,
               log: Callable[[str], None] = lambda _: None) -> Plan:
@@ -286,6 +304,7 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
     peaks: dict[tuple, float] = {}
     if calibration:
         specs = {k: s for c in counts.values() for k, s in c.own.items()}
+        _check_on_disk(specs.values())
         classes: dict[tuple, dict] = {}
         for spec in specs.values():
             cls = spec_class(spec)
