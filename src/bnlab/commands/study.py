@@ -126,7 +126,7 @@ def _profile(args) -> dict:
         raise UserError(str(error)) from None
 
 
-def _dry_run(args, profile: dict, claims: list, jobs: int, gpus_per_run: float) -> int:
+def _dry_run(args, profile: dict, claims: list, jobs: int) -> int:
     """Print the plan (:mod:`bnlab.study.plan`); nothing is trained and --out is not created."""
     from bnlab.study.plan import format_plan, make_plan
     if args.data_dir:
@@ -163,7 +163,7 @@ def run(args) -> int:
         jobs = 1 if args.jobs is None else jobs  # one GPU: parallel processes would only contend for it
     check_jobs(jobs)
     if args.dry_run:
-        return _dry_run(args, profile, claims, jobs, gpus_per_run)
+        return _dry_run(args, profile, claims, jobs)  # --gpus-per-run was checked above
     if args.executor == "ray" and args.address is not None and args.jobs is None:
         jobs = None  # the cluster's CPUs, known once connected
     check_out(args.out)
