@@ -8,6 +8,7 @@ Examples:
   bnlab study --profile quick --show-profile > my.json && bnlab study --profile my.json
   bnlab report study-out                    # rebuild report.html / report.md without training
   bnlab study --executor ray --address auto # each run a task on a running Ray cluster (`ray start`)
+  bnlab study --profile full --dry-run      # the plan: runs per claim, estimated hours, memory; trains nothing
 
 Five claims, one verdict each (supported / partly supported / not supported / inconclusive / no
 verdict), computed from your own runs with paired 95% intervals over seeds by rules fixed in code
@@ -70,6 +71,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: when stderr is a terminal)")
     parser.add_argument("--show-profile", action="store_true", help="print the profile as JSON and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (runs per claim and kind, estimated CPU/GPU-hours and wall time at "
+                             "--jobs, peak memory per run, from a few timed steps per class of run) and exit; "
+                             "trains nothing and creates nothing")
+    parser.add_argument("--no-calibrate", action="store_true", help="with --dry-run: run counts only, no timing")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
 
 
 def _gpus_per_run(args, profile: dict) -> float:
@@ -119,6 +126,18 @@ def _profile(args) -> dict:
         raise UserError(str(error)) from None
 
 
+def _dry_run(args, profile: dict, claims: list, jobs: int) -> int:
+    """Print the plan (:mod:`bnlab.study.plan`); nothing is trained and --out is not created."""
+    from bnlab.study.plan import format_plan, make_plan
+    if args.data_dir:
+        _check_data_dir(profile, args.data_dir)
+        os.environ["BNLAB_DATA"] = str(args.data_dir)
+    plan = make_plan(profile, claims, jobs, executor=args.executor, calibration=not args.no_calibrate,
+                     gpus_per_run=args.gpus_per_run, log=lambda text: print(text, file=sys.stderr))
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def run(args) -> int:
     from bnlab.study.executors import make_executor
     from bnlab.study.runner import check_jobs, check_out, run_study
@@ -135,11 +154,16 @@ def run(args) -> int:
         claims = parse_claims(args.claims)
     except ValueError as error:
         raise UserError(str(error)) from None
-    _check_dataset_and_device(profile, on_this_machine=args.address is None)
+    if (args.no_calibrate or args.json) and not args.dry_run:
+        raise UserError(f"{'--no-calibrate' if args.no_calibrate else '--json'} is for --dry-run")
+    # a dry run plans a CUDA profile on a machine without one (it calibrates on the CPU and says so)
+    _check_dataset_and_device(profile, on_this_machine=args.address is None and not args.dry_run)
     jobs = args.jobs if args.jobs is not None else max(1, min(4, os.cpu_count() or 1))
     if str(profile.get("device", "cpu")).startswith("cuda") and args.executor == "process":
         jobs = 1 if args.jobs is None else jobs  # one GPU: parallel processes would only contend for it
     check_jobs(jobs)
+    if args.dry_run:
+        return _dry_run(args, profile, claims, jobs)  # --gpus-per-run was checked above
     if args.executor == "ray" and args.address is not None and args.jobs is None:
         jobs = None  # the cluster's CPUs, known once connected
     check_out(args.out)

@@ -1,0 +1,417 @@
+"""The plan of a study before anything is trained (``bnlab study --dry-run``).
+
+What it says:
+
+* **runs** — per claim, per kind (train / ics / signal), for the first round of the runner: each distinct
+  run is counted once, with the first claim (in number order) that declares it, and the other claims show
+  how many of their runs they share with it. Claims 2 and 4 may add runs in later rounds (claim 4 extends
+  its learning-rate grid while an arm is stable at the top, at most ``lr.max_extensions`` times; claim 2
+  trains each arm at the rate claim 4's sweep validated, falling back a rate while a seed diverges); their
+  upper bounds follow from the profile (:func:`later_rounds`).
+* **time** — from a short calibration: for each class of spec (kind, depth, width, dataset, batch size,
+  device) one representative (the costliest by :func:`bnlab.study.runner.estimated_cost`) trains a few
+  steps on one thread, as every run does (:func:`calibrate`). A run's estimate is its training steps ×
+  the class's step time, plus every example it evaluates × the class's forward time per example, plus, for
+  ICS runs, the measurement steps (:func:`estimate_seconds`). It is arithmetic on the calibration, so it
+  is linear in the steps; it leaves out data loading and process start-up (seconds per run).
+* **wall time** — the runs spread over ``jobs`` slots longest-first, as the runner orders them.
+* **peak memory per run** — the peak resident-set increase of the calibration (``VmHWM``, reset before
+  each class), dataset included; on CUDA ``torch.cuda.max_memory_allocated``.
+
+A CUDA profile on a machine without a GPU is calibrated on the CPU, and the figures say so: no CPU→GPU
+factor is applied (none is known for these networks), so GPU time is not estimated there.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from bnlab.errors import UserError
+from bnlab.study.claims import CLAIMS
+from bnlab.study.specs import KINDS, spec_key
+
+__all__ = ["ClaimCount", "Calibration", "count_runs", "later_rounds", "spec_class", "calibrate", "steps_of",
+           "estimate_seconds", "wall_seconds", "Plan", "make_plan", "format_plan"]
+
+CLASS_FIELDS = ("kind", "depth", "width", "dataset", "batch_size", "device")
+
+
+# ------------------------------------------------------------------------------------------------ counts
+
+@dataclass
+class ClaimCount:
+    """One claim's first-round runs: ``own`` (key → spec) are counted with it; ``shared`` maps an earlier
+    claim to how many of this claim's runs it already counts."""
+
+    number: int
+    title: str
+    own: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)
+
+    def kinds(self) -> dict[str, int]:
+        counts = {k: 0 for k in KINDS}
+        for spec in self.own.values():
+            counts[spec["kind"]] += 1
+        return {k: v for k, v in counts.items() if v}
+
+
+def count_runs(profile: dict, claims: Sequence[int]) -> dict[int, ClaimCount]:
+    """claim → :class:`ClaimCount` for the first round (no results yet). Together the ``own`` runs are
+    exactly :func:`bnlab.study.claims.collect_specs` (the claims are taken in number order, as there)."""
+    owner: dict[str, int] = {}
+    out: dict[int, ClaimCount] = {}
+    for number in sorted(claims):
+        count = out[number] = ClaimCount(number, CLAIMS[number].TITLE)
+        for spec in CLAIMS[number].measure(profile, None):
+            key = spec_key(spec)
+            if key not in owner:
+                owner[key] = number
+                count.own[key] = spec
+            elif owner[key] != number and key not in count.own:
+                count.shared.setdefault(owner[key], set()).add(key)
+        count.shared = {n: len(keys) for n, keys in count.shared.items()}
+    return out
+
+
+def later_rounds(profile: dict, claims: Sequence[int]) -> dict[int, int]:
+    """claim → the most runs it may add after the first round (only claims 2 and 4 add any), counted like
+    :func:`count_runs`: grid extensions at the first batch size go to claim 2 when it is chosen."""
+    cfg, seeds = profile["lr"], len(profile["seeds"])
+    per_batch = len(cfg["arms"]) * cfg.get("max_extensions", 0) * seeds  # extra rates of claim 4's sweep
+    out = {}
+    if 2 in claims:  # its sweep's extensions + the longer runs: at worst every rate of the extended grid
+        out[2] = per_batch + len(cfg["arms"]) * (len(cfg["lrs"]) + cfg.get("max_extensions", 0)) * seeds
+    if 4 in claims:
+        out[4] = per_batch * (len(cfg["batch_sizes"]) - (1 if 2 in claims else 0))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- calibration
+
+@dataclass
+class Calibration:
+    """Seconds per training step and per evaluated example, and the run's peak memory (MB)."""
+
+    step_seconds: float
+    forward_seconds: float
+    peak_mb: float
+    device: str
+
+
+def spec_class(spec: dict) -> tuple:
+    """The fields that set a run's cost per step: runs in one class share a calibration."""
+    return tuple(spec.get(name) for name in CLASS_FIELDS)
+
+
+def _rss_mb(field_name: str) -> Optional[float]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ≥ 4.0); False where it cannot be reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def calibrate(spec: dict, steps: int = 5, warmup: int = 2, budget: float = 3.0,
+              baseline_mb: Optional[float] = None) -> Calibration:
+    """Time ``steps`` SGD steps of ``spec``'s network on its data and batch size after ``warmup`` untimed
+    ones (fewer of each once ``budget`` seconds are spent, at least one), and one forward pass in eval mode; on one
+    thread, as every run (:func:`bnlab.study.runs.execute`). Loads the data like the run does.
+
+    ``peak_mb``: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the peak resident set (``VmHWM``,
+    reset first) minus ``baseline_mb`` (default: the resident set before loading the data). Memory freed
+    by earlier work stays resident, so calibrate classes from the smallest up with one baseline."""
+    from bnlab.study import runs
+    device = str(spec.get("device", "cpu"))
+    cuda = device.startswith("cuda")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs._load.cache_clear()  # the dataset counts in the run's memory
+        gc.collect()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        resettable = _reset_peak_rss()
+        if baseline_mb is not None:
+            before = baseline_mb
+        else:
+            before = _rss_mb("VmRSS") if resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        torch.manual_seed(0)
+        data = runs.load_data(spec)
+        model = runs.build_model(spec, data)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        batch = int(spec.get("batch_size", 64))
+        n = len(data.train_x)
+        index = torch.randint(0, n, (batch,), generator=torch.Generator().manual_seed(0)).to(data.train_x.device)
+        x, y = data.train_x[index], data.train_y[index]
+
+        def step():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if cuda:
+                torch.cuda.synchronize(device)
+
+        started = time.perf_counter()
+        for _ in range(warmup):  # at least one (first-call costs), fewer when one step is slow
+            step()
+            if time.perf_counter() - started > budget / 2:
+                break
+        timed, begin = 0, time.perf_counter()
+        while timed < steps and (timed == 0 or time.perf_counter() - started < budget):
+            step()
+            timed += 1
+        step_seconds = (time.perf_counter() - begin) / timed
+        model.eval()
+        with torch.no_grad():
+            begin = time.perf_counter()
+            model(x)
+            if cuda:
+                torch.cuda.synchronize(device)
+            forward_seconds = (time.perf_counter() - begin) / batch
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        elif resettable:
+            peak = _rss_mb("VmHWM") - before
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+        return Calibration(step_seconds, forward_seconds, max(0.0, peak), device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def steps_of(spec: dict, train_size: int) -> int:
+    """The optimizer steps the run takes: epochs × steps per epoch (full batches), capped by
+    ``max_steps``; an ICS run's ``steps``; a signal run's single forward/backward."""
+    if spec["kind"] == "signal":
+        return 1
+    if spec["kind"] == "ics":
+        return int(spec["steps"])
+    per_epoch = max(1, train_size // int(spec["batch_size"]))
+    if spec.get("max_steps") is not None:
+        return int(spec["max_steps"])
+    return int(spec.get("epochs", 1)) * per_epoch
+
+
+def _evaluated(spec: dict, steps: int, sizes: dict) -> int:
+    """Examples the run passes forward without training (evaluations, BN re-estimation)."""
+    val, test = sizes["val"], sizes["test"]
+    if spec["kind"] == "signal":
+        return 0
+    if spec["kind"] == "ics":
+        evals = steps // int(spec.get("eval_every") or 10 ** 9) + 1
+        recal = int(spec.get("recal_batches", 20)) * int(spec["batch_size"]) if spec.get("norm") != "none" else 0
+        return evals * (min(val, spec.get("val_eval_size") or val) + recal) + test
+    evals = steps // int(spec.get("eval_every", 10)) + 1
+    per_eval = min(val, spec.get("val_eval_size") or val) + min(sizes["train"], spec.get("train_eval_size") or 0)
+    return evals * per_eval + val + min(test, spec.get("test_eval_size") or test)
+
+
+def estimate_seconds(spec: dict, calibration: Calibration, sizes: dict) -> float:
+    """The run's estimated seconds: steps × step time + evaluated examples × forward time (+ for ICS runs
+    every ``measure_every`` steps one step per measured layer and per smoothness step size). ``sizes``:
+    the number of ``train``, ``val`` and ``test`` examples the spec's data has."""
+    steps = steps_of(spec, sizes["train"])
+    train_steps = steps
+    if spec["kind"] == "ics" and spec.get("measure_every"):
+        extra = len(spec.get("ics_layers", [0.25, 0.5, 0.75])) + len(spec.get("step_sizes", [0.05, 0.1, 0.2, 0.4]))
+        train_steps += math.ceil(steps / int(spec["measure_every"])) * extra
+    return train_steps * calibration.step_seconds + _evaluated(spec, steps, sizes) * calibration.forward_seconds
+
+
+def wall_seconds(seconds: Sequence[float], jobs: int) -> float:
+    """The makespan of ``seconds`` on ``jobs`` slots, longest first, each to the slot that frees first."""
+    slots = [0.0] * max(1, int(jobs))
+    for s in sorted(seconds, reverse=True):
+        slots[slots.index(min(slots))] += s
+    return max(slots)
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+@dataclass
+class Plan:
+    profile: str
+    device: str
+    calibrated_on: Optional[str]
+    jobs: int
+    executor: str
+    claims: list = field(default_factory=list)       # one dict per claim (see make_plan)
+    total: dict = field(default_factory=dict)
+    calibration: list = field(default_factory=list)  # one dict per class
+    calibration_seconds: float = 0.0
+    notes: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sizes(spec: dict) -> dict:
+    from bnlab.study.runs import load_data
+    data = load_data(spec)
+    return {"train": len(data.train_x), "val": len(data.val_x), "test": len(data.test_x)}
+
+
+def _check_on_disk(specs) -> None:
+    """Every dataset read from files is on disk: a dry run downloads nothing."""
+    import bnlab.cifar
+    import bnlab.data
+    for name in sorted({s["dataset"] for s in specs}):
+        key = name.lower().replace("_", "-")
+        if key == "fashion-mnist":
+            found = bnlab.data.locate(key)
+        elif key.replace("-", "") in ("cifar10", "cifar100"):
+            found = bnlab.cifar.locate(key.replace("-", ""))
+        else:
+            continue  # generated, or shipped with a package
+        if found is None:
+            raise UserError(f"--dry-run: dataset {name} is not on disk and a dry run downloads nothing; give "
+                            f"--data-dir DIR holding it, or add --no-calibrate for run counts only")
+
+
+def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "process",
+              calibration: bool = True, gpus_per_run: Optional[float] = None,
+              log: Callable[[str], None] = lambda _: None) -> Plan:
+    """The study's plan (see the module docstring); creates nothing on disk."""
+    from bnlab.study.runner import estimated_cost
+    counts = count_runs(profile, claims)
+    later = later_rounds(profile, claims)
+    device = str(profile.get("device", "cpu"))
+    cuda_wanted = device.startswith("cuda")
+    on = device if (not cuda_wanted or torch.cuda.is_available()) else "cpu"
+    plan = Plan(profile.get("name", "custom"), device, on if calibration else None, jobs, executor)
+    seconds: dict[str, float] = {}
+    peaks: dict[tuple, float] = {}
+    if calibration:
+        specs = {k: s for c in counts.values() for k, s in c.own.items()}
+        _check_on_disk(specs.values())
+        classes: dict[tuple, dict] = {}
+        for spec in specs.values():
+            cls = spec_class(spec)
+            if cls not in classes or estimated_cost(spec) > estimated_cost(classes[cls]):
+                classes[cls] = spec
+        started = time.perf_counter()
+        done: dict[tuple, Calibration] = {}
+        baseline = _rss_mb("VmRSS")
+
+        def activations(item):  # smallest first (see calibrate's peak_mb)
+            spec = item[1]
+            return spec.get("batch_size", 64) * spec.get("depth", 8) * spec.get("width", 1.0)
+        for i, (cls, spec) in enumerate(sorted(classes.items(), key=activations)):
+            log(f"calibrating {i + 1}/{len(classes)}: {spec['kind']} depth {spec.get('depth')} width "
+                f"{spec.get('width')} {spec['dataset']} batch {spec.get('batch_size')} on {on}")
+            done[cls] = calibrate({**spec, "device": on}, baseline_mb=None if on.startswith("cuda") else baseline)
+            row = {f: v for f, v in zip(CLASS_FIELDS, cls)}
+            row.update(device=on, **{k: round(v, 6) for k, v in asdict(done[cls]).items() if k != "device"})
+            plan.calibration.append(row)
+        plan.calibration_seconds = time.perf_counter() - started
+        sizes = {}
+        for key, spec in specs.items():
+            data_key = (spec["dataset"], spec.get("val_size"), spec.get("subset"))
+            if data_key not in sizes:
+                sizes[data_key] = _sizes({**spec, "device": "cpu"})
+            seconds[key] = estimate_seconds(spec, done[spec_class(spec)], sizes[data_key])
+        peaks = {cls: c.peak_mb for cls, c in done.items()}
+    all_seconds = []
+    for number, count in counts.items():
+        row = {"claim": number, "title": count.title, "runs": len(count.own), "kinds": count.kinds(),
+               "shared": count.shared, "later_max": later.get(number)}
+        if calibration:
+            own = [seconds[k] for k in count.own]
+            all_seconds += own
+            row.update(hours=sum(own) / 3600, wall_hours=wall_seconds(own, jobs) / 3600,
+                       peak_mb=max((peaks[spec_class(s)] for s in count.own.values()), default=None))
+        plan.claims.append(row)
+    plan.total = {"runs": sum(r["runs"] for r in plan.claims),
+                  "kinds": {k: sum(r["kinds"].get(k, 0) for r in plan.claims) for k in KINDS},
+                  "later_max": sum(later.values())}
+    plan.total["kinds"] = {k: v for k, v in plan.total["kinds"].items() if v}
+    if calibration:
+        plan.total.update(hours=sum(all_seconds) / 3600, wall_hours=wall_seconds(all_seconds, jobs) / 3600,
+                          peak_mb=max(peaks.values(), default=0.0))
+    _notes(plan, later, cuda_wanted, on, gpus_per_run)
+    return plan
+
+
+def _notes(plan: Plan, later: dict, cuda_wanted: bool, on: str, gpus_per_run: Optional[float]) -> None:
+    notes = plan.notes
+    notes.append("First round only; shared runs are counted once, with the first claim that declares them.")
+    for number, most in later.items():
+        what = ("claim 4's grid extensions at the first batch size and the longer runs at each arm's "
+                "validated rate" if number == 2 else "grid extensions while an arm is stable at the top")
+        notes.append(f"Claim {number} may add up to {most} runs in later rounds ({what}; bounded by "
+                     f"lr.max_extensions)." if most else f"Claim {number} adds no runs in later rounds here"
+                     + (" (its extensions at the first batch size are counted with claim 2)." if number == 4 else "."))
+    if plan.calibrated_on is None:
+        notes.append("Not calibrated (--no-calibrate): run counts only.")
+        return
+    unit = "GPU" if plan.calibrated_on.startswith("cuda") else "CPU"
+    notes.append(f"{unit}-hours: one {'GPU' if unit == 'GPU' else 'core'} per run; wall time at {plan.jobs} "
+                 f"runs at once ({plan.executor} executor), longest first; data loading and process start-up "
+                 f"are left out. Calibration took {plan.calibration_seconds:.1f} s.")
+    if cuda_wanted and not on.startswith("cuda"):
+        notes.append(f"The profile's device is {plan.device}, but this machine has no GPU: calibrated on the "
+                     f"CPU, so the figures are CPU figures; GPU time is not estimated here.")
+    peak = plan.total.get("peak_mb", 0.0)
+    if plan.executor == "ray" and cuda_wanted:
+        if gpus_per_run is not None:
+            notes.append(f"Ray reserves {gpus_per_run:g} GPU per run (--gpus-per-run).")
+        elif on.startswith("cuda") and peak > 0:
+            total = torch.cuda.get_device_properties(torch.device(on)).total_memory / 2 ** 20
+            per_gpu = max(1, math.floor(total / peak))
+            notes.append(f"Peak {peak:.0f} MB of {total:.0f} MB GPU memory per run: {per_gpu} runs fit per GPU; "
+                         f"suggest --gpus-per-run {1 / per_gpu:.3g} (the default reserves 1).")
+        else:
+            notes.append("Ray reserves 1 GPU per run (default); no GPU here to suggest a smaller "
+                         "--gpus-per-run from its memory.")
+
+
+def _hours(h: Optional[float]) -> str:
+    return "-" if h is None else (f"{h:.3f}" if h < 10 else f"{h:.1f}")
+
+
+def format_plan(plan: Plan) -> str:
+    """The fixed-column table, totals and notes."""
+    unit = "GPU" if (plan.calibrated_on or "").startswith("cuda") else "CPU"
+    head = (f"{'claim':<44} {'runs':>5}  {'kinds':<26} {'est. ' + unit + '-h':>10} "
+            f"{'wall-h@' + str(plan.jobs):>9} {'peak MB':>8}")
+    lines = [f"study plan: profile {plan.profile}, device {plan.device}"
+             + (f", calibrated on {plan.calibrated_on}" if plan.calibrated_on else ", not calibrated"),
+             "", head, "-" * len(head)]
+
+    def line(label, row):
+        kinds = ", ".join(f"{k} {v}" for k, v in row["kinds"].items()) or "-"
+        return (f"{label:<44.44} {row['runs']:>5}  {kinds:<26} {_hours(row.get('hours')):>10} "
+                f"{_hours(row.get('wall_hours')):>9} "
+                f"{(format(row['peak_mb'], '.0f') if row.get('peak_mb') is not None else '-'):>8}")
+    for row in plan.claims:
+        lines.append(line(f"{row['claim']}. {row['title']}", row))
+        extra = [f"shared with claim {n}: {k}" for n, k in sorted(row["shared"].items())]
+        if row.get("later_max"):
+            extra.append(f"later rounds: up to +{row['later_max']}")
+        if extra:
+            lines.append(f"{'':<5}{'; '.join(extra)}")
+    lines += ["-" * len(head), line("total (first round)", plan.total), ""]
+    lines += [f"* {n}" for n in plan.notes]
+    return "\n".join(lines)
+

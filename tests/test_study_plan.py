@@ -1,0 +1,147 @@
+"""`bnlab study --dry-run` (issue 12): the plan's run counts are the runner's, nothing is created, the
+time estimate is arithmetic on a calibration (linear in the steps), and mistakes are one line."""
+
+import json
+
+import pytest
+
+from bnlab import cli
+from bnlab.study import get_profile
+from bnlab.study.claims import CLAIMS, collect_specs
+from bnlab.study.plan import (Calibration, calibrate, count_runs, estimate_seconds, later_rounds, make_plan,
+                              steps_of, wall_seconds)
+from bnlab.study.specs import make_spec, spec_key
+
+
+@pytest.mark.parametrize("name", ["tiny", "quick"])
+@pytest.mark.parametrize("claims", [[1, 2, 3, 4, 5], [4, 5], [4]])
+def test_run_counts_are_the_runners_specs_each_counted_once(name, claims):
+    profile = get_profile(name)
+    counts = count_runs(profile, claims)
+    runner = collect_specs(profile, claims, None)
+    owned = [k for c in counts.values() for k in c.own]
+    assert len(owned) == len(set(owned)) == len(runner) and set(owned) == set(runner)
+    for number in claims:  # independently: each claim's distinct specs = its own + the ones it shares
+        declared = {spec_key(s) for s in CLAIMS[number].measure(profile, None)}
+        c = counts[number]
+        assert len(c.own) + sum(c.shared.values()) == len(declared)
+        assert all(n < number for n in c.shared)  # shared with an earlier claim, which counts them
+        kinds = {}
+        for key in c.own:
+            kinds[runner[key]["kind"]] = kinds.get(runner[key]["kind"], 0) + 1
+        assert c.kinds() == kinds
+
+
+def test_later_round_bounds_from_the_profile():
+    # quick: 4 arms, 6 rates, 1 batch size, max_extensions 2, 6 seeds (hand-derived)
+    profile = get_profile("quick")
+    assert (len(profile["lr"]["arms"]), len(profile["lr"]["lrs"]), profile["lr"]["max_extensions"],
+            len(profile["seeds"]), len(profile["lr"]["batch_sizes"])) == (4, 6, 2, 6, 1)
+    assert later_rounds(profile, [1, 2, 3, 4, 5]) == {2: 4 * 2 * 6 + 4 * (6 + 2) * 6, 4: 0}
+    assert later_rounds(profile, [4]) == {4: 4 * 2 * 6}
+    assert later_rounds(profile, [1, 3, 5]) == {}
+
+
+def _train(max_steps, **extra):
+    return make_spec("train", dataset="synthetic", device="cpu", width=0.25, depth=8, eval_every=10,
+                     val_size=64, val_eval_size=32, norm="bn", lr=0.1, batch_size=32, seed=0,
+                     max_steps=max_steps, **extra)
+
+
+def test_the_estimate_is_linear_in_the_steps_and_hand_checked():
+    cal = Calibration(step_seconds=0.02, forward_seconds=0.001, peak_mb=1.0, device="cpu")
+    sizes = {"train": 448, "val": 64, "test": 256}
+    # 100 steps: 100 × 0.02 s, and (100 // 10 + 1) evaluations of 32 examples + final val 64 + test 256
+    assert estimate_seconds(_train(100), cal, sizes) == pytest.approx(100 * 0.02 + (11 * 32 + 64 + 256) * 0.001)
+    no_eval = Calibration(0.02, 0.0, 1.0, "cpu")
+    assert estimate_seconds(_train(200), no_eval, sizes) == pytest.approx(2 * estimate_seconds(_train(100),
+                                                                                               no_eval, sizes))
+    # epochs × full batches per epoch when there is no max_steps
+    assert steps_of({**_train(None), "epochs": 3}, 448) == 3 * (448 // 32)
+    assert steps_of(make_spec("ics", steps=77, batch_size=8), 448) == 77
+    assert steps_of(make_spec("signal", batch_size=8), 448) == 1
+
+
+def test_calibrating_a_spec_then_twice_its_steps_doubles_the_training_part():
+    spec = _train(5)
+    cal = calibrate(spec, steps=2, warmup=1)
+    assert cal.step_seconds > 0 and cal.forward_seconds > 0 and cal.peak_mb >= 0
+    sizes = {"train": 448, "val": 64, "test": 256}
+    one, two = estimate_seconds(_train(50), cal, sizes), estimate_seconds(_train(100), cal, sizes)
+    evaluated = lambda steps: (steps // 10 + 1) * 32 + 64 + 256  # noqa: E731
+    assert two - one == pytest.approx(50 * cal.step_seconds + (evaluated(100) - evaluated(50)) * cal.forward_seconds)
+
+
+def test_wall_time_spreads_the_longest_runs_first():
+    # 2 slots: 3 | 3, then 2 → 5 | 3, 2 → 5 | 5, 2 → 7 | 5
+    assert wall_seconds([2, 3, 2, 3, 2], 2) == 7
+    assert wall_seconds([2, 3, 2, 3, 2], 1) == 12
+    assert wall_seconds([4, 1, 1], 8) == 4
+
+
+def test_dry_run_creates_nothing_and_prints_the_plan(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "never"
+    assert cli.main(["study", "--profile", "tiny", "--dry-run", "--out", str(out), "--jobs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    total = len(collect_specs(get_profile("tiny"), [1, 2, 3, 4, 5], None))
+    line = next(l for l in printed.splitlines() if l.startswith("total (first round)"))
+    assert int(line.split()[3]) == total and "wall-h@2" in printed and "CPU-h" in printed
+
+
+def test_dry_run_json_for_scripts(tmp_path, capsys):
+    assert cli.main(["study", "--profile", "tiny", "--claims", "4", "--dry-run", "--json",
+                     "--out", str(tmp_path / "o")]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    specs = collect_specs(get_profile("tiny"), [4], None)
+    assert plan["total"]["runs"] == len(specs) == plan["claims"][0]["runs"]
+    assert plan["total"]["hours"] > 0 and plan["total"]["peak_mb"] >= 0 and plan["calibrated_on"] == "cpu"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["quick", "full"])
+def test_no_calibrate_prints_a_row_per_claim(name, tmp_path, capsys):
+    assert cli.main(["study", "--profile", name, "--dry-run", "--no-calibrate", "--out", str(tmp_path / "o")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    counts = count_runs(get_profile(name), sorted(CLAIMS))
+    for number, c in counts.items():
+        row = next(l for l in lines if l.startswith(f"{number}. "))
+        assert int(row[44:50]) == len(c.own)
+    assert "Claim 2 may add up to" in "\n".join(lines) and not (tmp_path / "o").exists()
+
+
+def test_a_cuda_profile_is_planned_on_the_cpu_and_says_so(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plan = make_plan({**get_profile("tiny"), "device": "cuda"}, [4], jobs=1, executor="ray")
+    assert plan.calibrated_on == "cpu"
+    notes = " ".join(plan.notes)
+    assert "GPU time is not estimated here" in notes and "--gpus-per-run" in notes
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--no-calibrate"], "--no-calibrate is for --dry-run"),
+    (["--json"], "--json is for --dry-run"),
+    (["--dry-run", "--jobs", "0"], "--jobs"),
+    (["--dry-run", "--claims", "9"], "--claims"),
+    (["--dry-run", "--profile", "huge"], "--profile"),
+    (["--dry-run", "--gpus-per-run", "0.5"], "--gpus-per-run"),
+])
+def test_user_errors_are_one_line(argv, fragment, tmp_path, capsys):
+    out = tmp_path / "o"
+    status = cli.main(["study", "--profile", "tiny", *argv, "--out", str(out)] if "--profile" not in argv
+                      else ["study", *argv, "--out", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("bnlab study: error: ") and fragment in lines[0]
+    assert not out.exists()
+
+
+def test_a_dataset_missing_from_disk_is_one_line_and_nothing_is_downloaded(tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    monkeypatch.setenv("BNLAB_DATA", str(empty))  # the only place looked in, and the download cache
+    status = cli.main(["study", "--profile", "full", "--claims", "3", "--dry-run", "--out", str(tmp_path / "o")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and lines[-1].startswith("bnlab study: error: --dry-run: dataset fashion-mnist")
+    assert "--no-calibrate" in lines[-1] and list(empty.iterdir()) == [] and not (tmp_path / "o").exists()
