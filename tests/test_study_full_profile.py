@@ -107,7 +107,7 @@ def test_study_full_without_cuda_fails_in_one_line_and_creates_nothing(tmp_path,
     out = tmp_path / "study-full"
     assert main(["study", "--profile", "full", "--out", str(out)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bnlab study: error: ") and "CUDA" in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("bnlab study: error: ") and "needs a CUDA GPU" in lines[0] and "--dry-run" in lines[0], lines
     assert not out.exists()
 
 

@@ -101,6 +101,11 @@ def _check_dataset_and_device(profile: dict, on_this_machine: bool = True) -> No
         if name.lower().replace("_", "-") not in known:
             raise UserError(f"--dataset {name!r} is unknown: expected one of {', '.join(known)}")
     if on_this_machine:  # on a Ray cluster the runs' device is the workers' (a CPU-only head is fine)
+        import torch
+        if profile.get("requires_cuda") and not torch.cuda.is_available():
+            raise UserError(f"profile {profile.get('name', '')!r} needs a CUDA GPU and none is available here; run it "
+                            f"on a GPU machine (or a Ray cluster with GPUs: --executor ray --address ...), or plan "
+                            f"it here with --dry-run")
         resolve_device(str(profile.get("device", "cpu")))
 
 
