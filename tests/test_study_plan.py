@@ -143,5 +143,7 @@ def test_a_dataset_missing_from_disk_is_one_line_and_nothing_is_downloaded(tmp_p
     monkeypatch.setenv("BNLAB_DATA", str(empty))  # the only place looked in, and the download cache
     status = cli.main(["study", "--profile", "full", "--claims", "3", "--dry-run", "--out", str(tmp_path / "o")])
     lines = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and lines[-1].startswith("bnlab study: error: --dry-run: dataset fashion-mnist")
+    from bnlab.study import get_profile
+    dataset = get_profile("full")["dataset"]  # read from files (CIFAR-10)
+    assert status == 2 and lines[-1].startswith(f"bnlab study: error: --dry-run: dataset {dataset}")
     assert "--no-calibrate" in lines[-1] and list(empty.iterdir()) == [] and not (tmp_path / "o").exists()
