@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
 
 
-def one_line_error(capsys, argv, *fragments, command=None):
+def assert_one_line_error(capsys, argv, *fragments, command=None):
     """Run ``bnlab argv``; assert exit 2 and a single stderr line ``bnlab CMD: error: ...`` holding each
     fragment."""
     status = cli.main([str(a) for a in argv])
@@ -37,16 +37,16 @@ def test_study_rejects_bad_arguments_in_one_line_and_creates_nothing(tmp_path, c
     """Moved from test_study_pipeline (was: a ValueError traceback per mistake); --jobs 0 used to leave an
     empty study.sqlite."""
     out = tmp_path / "x"
-    one_line_error(capsys, ["study", "--profile", "tiny", "--claims", "9", "--out", out], "--claims")
-    one_line_error(capsys, ["study", "--profile", "enormous", "--out", out], "--profile")
-    one_line_error(capsys, ["study", "--profile", "tiny", "--dataset", "imagenet", "--out", out], "--dataset")
-    one_line_error(capsys, ["study", "--profile", "tiny", "--device", "tpu", "--out", out], "(got 'tpu')")
-    one_line_error(capsys, ["study", "--profile", "tiny", "--claims", "5", "--jobs", "0", "--out", out], "--jobs")
-    one_line_error(capsys, ["study", "--profile", "tiny", "--jobs", "two", "--out", out], "--jobs")
+    assert_one_line_error(capsys, ["study", "--profile", "tiny", "--claims", "9", "--out", out], "--claims")
+    assert_one_line_error(capsys, ["study", "--profile", "enormous", "--out", out], "--profile")
+    assert_one_line_error(capsys, ["study", "--profile", "tiny", "--dataset", "imagenet", "--out", out], "--dataset")
+    assert_one_line_error(capsys, ["study", "--profile", "tiny", "--device", "tpu", "--out", out], "(got 'tpu')")
+    assert_one_line_error(capsys, ["study", "--profile", "tiny", "--claims", "5", "--jobs", "0", "--out", out], "--jobs")
+    assert_one_line_error(capsys, ["study", "--profile", "tiny", "--jobs", "two", "--out", out], "--jobs")
     assert not out.exists()
     target = tmp_path / "file"
     target.write_text("")
-    one_line_error(capsys, ["study", "--profile", "tiny", "--out", target], f"--out {target}", "not a directory")
+    assert_one_line_error(capsys, ["study", "--profile", "tiny", "--out", target], f"--out {target}", "not a directory")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
@@ -55,7 +55,7 @@ def test_study_into_a_read_only_directory(tmp_path, capsys):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        one_line_error(capsys, ["study", "--profile", "tiny", "--out", locked], f"--out {locked}", "cannot write")
+        assert_one_line_error(capsys, ["study", "--profile", "tiny", "--out", locked], f"--out {locked}", "cannot write")
     finally:
         locked.chmod(0o700)
 
@@ -64,15 +64,15 @@ def test_study_and_train_into_a_directory_nobody_can_create(capsys):
     unwritable = Path("/proc/self/bnlab-out")  # even root cannot make a directory in /proc
     if not Path("/proc/self").is_dir():
         pytest.skip("no /proc")
-    one_line_error(capsys, ["study", "--profile", "tiny", "--out", unwritable], f"--out {unwritable}", "cannot write")
-    one_line_error(capsys, ["train", "--model", "resnet8", "--dataset", "synthetic", "--out", unwritable],
+    assert_one_line_error(capsys, ["study", "--profile", "tiny", "--out", unwritable], f"--out {unwritable}", "cannot write")
+    assert_one_line_error(capsys, ["train", "--model", "resnet8", "--dataset", "synthetic", "--out", unwritable],
                    f"--out {unwritable}", "cannot write")
 
 
 def test_study_data_dir_is_authoritative(tmp_path, capsys):
     """Item 6: `bnlab study` had no --data-dir; now a directory without the profile's dataset fails at once."""
     missing = tmp_path / "nonexistent"
-    one_line_error(capsys, ["study", "--profile", "tiny", "--dataset", "fashion-mnist", "--data-dir", missing,
+    assert_one_line_error(capsys, ["study", "--profile", "tiny", "--dataset", "fashion-mnist", "--data-dir", missing,
                             "--out", tmp_path / "x"], f"--data-dir {missing}: no such directory")
     assert not (tmp_path / "x" / "study.sqlite").exists()
 
@@ -80,13 +80,13 @@ def test_study_data_dir_is_authoritative(tmp_path, capsys):
 def test_study_cuda_without_cuda(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    one_line_error(capsys, ["study", "--profile", "tiny", "--device", "cuda", "--out", tmp_path / "x"],
+    assert_one_line_error(capsys, ["study", "--profile", "tiny", "--device", "cuda", "--out", tmp_path / "x"],
                    "CUDA is not available")
 
 
 def test_usage_errors_are_one_line_too(capsys):
-    one_line_error(capsys, ["train", "--lr", "abc"], "argument --lr: invalid float value: 'abc'")
-    one_line_error(capsys, ["nosuch"], "invalid choice: 'nosuch'", command="")
+    assert_one_line_error(capsys, ["train", "--lr", "abc"], "argument --lr: invalid float value: 'abc'")
+    assert_one_line_error(capsys, ["nosuch"], "invalid choice: 'nosuch'", command="")
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -103,7 +103,7 @@ def test_usage_errors_are_one_line_too(capsys):
 ])
 def test_train_checks_every_argument_before_training(tmp_path, capsys, flags, fragment):
     out = tmp_path / "run"
-    one_line_error(capsys, ["train", "--model", "resnet8", "--dataset", "synthetic", "--epochs", "1",
+    assert_one_line_error(capsys, ["train", "--model", "resnet8", "--dataset", "synthetic", "--epochs", "1",
                             "--out", out, *flags], fragment)
     assert not (out / "checkpoint.pt").exists() and not (out / "history.json").exists()
 
@@ -111,7 +111,7 @@ def test_train_checks_every_argument_before_training(tmp_path, capsys, flags, fr
 def test_train_cuda_without_cuda(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    one_line_error(capsys, ["train", "--model", "resnet8", "--dataset", "synthetic", "--device", "cuda",
+    assert_one_line_error(capsys, ["train", "--model", "resnet8", "--dataset", "synthetic", "--device", "cuda",
                             "--out", tmp_path / "r"], "CUDA is not available")
 
 
@@ -119,14 +119,14 @@ def test_train_out_that_is_a_file_fails_before_training(tmp_path, capsys):
     """Item 5: before, a whole epoch was trained, then a traceback."""
     target = tmp_path / "file"
     target.write_text("")
-    one_line_error(capsys, ["train", "--model", "resnet8", "--dataset", "synthetic", "--out", target],
+    assert_one_line_error(capsys, ["train", "--model", "resnet8", "--dataset", "synthetic", "--out", target],
                    f"--out {target} exists and is not a directory")
     assert capsys.readouterr().out == ""  # not even the header: nothing started
 
 
 def test_train_data_dir_is_authoritative(tmp_path, capsys):
     """Item 6: before, a missing --data-dir was silently ignored."""
-    one_line_error(capsys, ["train", "--dataset", "fashion-mnist", "--data-dir", tmp_path / "nonexistent",
+    assert_one_line_error(capsys, ["train", "--dataset", "fashion-mnist", "--data-dir", tmp_path / "nonexistent",
                             "--out", tmp_path / "r"], f"--data-dir {tmp_path / 'nonexistent'}: no such directory")
 
 
@@ -150,7 +150,7 @@ def test_resume_takes_the_saved_settings_and_extends_with_more_epochs(tmp_path, 
     history = json.loads((out / "history.json").read_text())
     assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3] and history["config"]["seed"] == 3
     # a flag that contradicts the saved run is one line naming it
-    one_line_error(capsys, ["train", "--out", out, "--resume", "--lr", "0.5"], "--lr 0.5", "(saved: 0.05)")
+    assert_one_line_error(capsys, ["train", "--out", out, "--resume", "--lr", "0.5"], "--lr 0.5", "(saved: 0.05)")
 
 
 def test_doctor_reads_both_files_train_writes(tmp_path, capsys):
@@ -175,13 +175,13 @@ def test_doctor_reads_both_files_train_writes(tmp_path, capsys):
 def test_doctor_bad_input_is_one_line(tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
-    one_line_error(capsys, ["doctor", "resnet8", "--shape", "4,3,8,8", "--checkpoint", garbage],
+    assert_one_line_error(capsys, ["doctor", "resnet8", "--shape", "4,3,8,8", "--checkpoint", garbage],
                    f"{garbage}: not a PyTorch file")
-    one_line_error(capsys, ["doctor", "resnet8", "--shape", "4,3,8,8", "--checkpoint", tmp_path / "none.pt"],
+    assert_one_line_error(capsys, ["doctor", "resnet8", "--shape", "4,3,8,8", "--checkpoint", tmp_path / "none.pt"],
                    "no such file")
-    one_line_error(capsys, ["doctor", "resnet8", "--shape", "4,x,8"], "--shape expects", "'4,x,8'")
-    one_line_error(capsys, ["doctor", "resnet8", "--data", "imagenet"], "unknown dataset 'imagenet'")
-    one_line_error(capsys, ["doctor", "resnet8", "--dataset", "fashion-mnist", "--data-dir", tmp_path / "no"],
+    assert_one_line_error(capsys, ["doctor", "resnet8", "--shape", "4,x,8"], "--shape expects", "'4,x,8'")
+    assert_one_line_error(capsys, ["doctor", "resnet8", "--data", "imagenet"], "unknown dataset 'imagenet'")
+    assert_one_line_error(capsys, ["doctor", "resnet8", "--dataset", "fashion-mnist", "--data-dir", tmp_path / "no"],
                    f"--data-dir {tmp_path / 'no'}: no such directory")
 
 

@@ -73,10 +73,10 @@ def test_every_in_page_link_resolves(tiny_report):
 
 
 def test_report_md_tables_render_as_tables(tiny_report):
-    from test_report_render import markdown_tables_render
+    from test_report_render import assert_markdown_tables_render
     out, _ = tiny_report
     text = (out / "report.md").read_text(encoding="utf-8")
-    markdown_tables_render(text)
+    assert_markdown_tables_render(text)
     assert "<table>" in markdown.markdown(text, extensions=["tables"])
 
 

@@ -108,7 +108,7 @@ def _tables(html: str) -> _Tables:
     return parser
 
 
-def markdown_tables_render(text: str) -> None:
+def assert_markdown_tables_render(text: str) -> None:
     """Assert every Markdown table of ``text`` renders as a <table> whose rows all have as many cells as its
     delimiter row ``|---|---|`` has columns (the delimiter is never escaped, so it is the oracle)."""
     delimiters = re.findall(r"^\|((?:\s*:?-+:?\s*\|)+)\s*$", text, re.M)
@@ -130,7 +130,7 @@ def test_markdown_table_with_pipes_in_a_header_renders_as_a_table():
     # the defect: claim 1's header "|Δ mean|" made the whole table raw pipes
     raw = "| arm | |Δ mean| |\n|---|---|\n| bn | 0.1 |\n"
     assert "<table>" not in markdown.markdown(raw, extensions=["tables"])
-    markdown_tables_render(report_module._md_table(["arm", "|Δ mean|"], [["bn", "0.1"], ["x|y", "a\nb"]]))
+    assert_markdown_tables_render(report_module._md_table(["arm", "|Δ mean|"], [["bn", "0.1"], ["x|y", "a\nb"]]))
 
 
 def test_inline_html_renders_code_and_links_and_escapes():
@@ -204,7 +204,7 @@ def test_html_shows_verdicts_parts_and_failed_runs(rendered):
 
 def test_every_markdown_table_renders_with_its_columns(rendered):
     out, _ = rendered
-    markdown_tables_render((out / "report.md").read_text(encoding="utf-8"))
+    assert_markdown_tables_render((out / "report.md").read_text(encoding="utf-8"))
 
 
 def _luminance(hex_color: str) -> float:
