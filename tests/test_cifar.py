@@ -347,4 +347,10 @@ def test_datasets_command_lists_cifar(tmp_path, monkeypatch, capsys):
     assert cli.main(["datasets", "--json", "--data-dir", str(tmp_path)]) == 0
     rows = {row["name"]: row["source"] for row in json.loads(capsys.readouterr().out)}
     assert rows["cifar10"] == str(tmp_path / "cifar-10-python.tar.gz")
-    assert rows["cifar100"] == f"not found; will download into {tmp_path / 'bnlab-data' / 'cifar'}"
+    # an explicit --data-dir is the only place looked in and is never downloaded into (as data.load does)
+    assert rows["cifar100"] == f"not in {tmp_path} (--data-dir, the only place looked in)"
+    monkeypatch.delenv("BNLAB_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert cli.main(["datasets", "--json"]) == 0
+    rows = {row["name"]: row["source"] for row in json.loads(capsys.readouterr().out)}
+    assert rows["cifar100"] == f"not found; will download into {tmp_path / 'cache' / 'bnlab' / 'cifar'}"

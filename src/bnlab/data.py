@@ -54,7 +54,7 @@ from bnlab.datadirs import DatasetNotFoundError, cache_dir, explicit_data_dir
 from bnlab.errors import UserError
 
 __all__ = ["Dataset", "Loader", "load", "available", "locate", "read_idx", "cache_dir", "balanced_subset",
-           "DatasetNotFoundError", "explicit_data_dir", "split_validation"]
+           "DatasetNotFoundError", "explicit_data_dir", "split_validation", "canonical_name", "from_files"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -183,11 +183,15 @@ def _find_file(directory: Path, stem: str) -> Optional[Path]:
 
 
 def locate(name: str = "fashion-mnist", data_dir: Optional[PathLike] = None) -> Optional[Path]:
-    """The first directory holding all four Fashion-MNIST files, or ``None`` (``name`` must be
-    ``"fashion-mnist"``; the other datasets are generated). With ``data_dir`` or ``$BNLAB_DATA`` only
-    that directory is searched."""
-    if name != "fashion-mnist":
-        raise ValueError(f"locate: only fashion-mnist is read from files (got {name!r})")
+    """Where a dataset read from files is (:func:`from_files`): Fashion-MNIST's directory holding all four
+    files, or a CIFAR archive; ``None`` when there is no copy. With ``data_dir`` or ``$BNLAB_DATA`` only that
+    directory is searched."""
+    key = canonical_name(name)
+    if not from_files(key):
+        raise ValueError(f"locate: {key} is generated, not read from files")
+    if key != "fashion-mnist":
+        from bnlab import cifar
+        return cifar.locate(key, data_dir)
     for directory in _search_dirs(data_dir):
         if all(_find_file(directory, stem) for stem in _FASHION_FILES):
             return directory
@@ -310,6 +314,24 @@ _SPECS = {
 }
 
 
+_ALIASES = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}
+
+
+def canonical_name(name: str) -> str:
+    """The registry's name for ``name`` (case, ``_``/``-`` and the aliases ``fashionmnist``, ``cifar-10``,
+    ``cifar-100`` forgiven); raises :class:`UserError` for a dataset bnlab does not know."""
+    key = str(name).lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    if key not in _SPECS:
+        raise UserError(f"unknown dataset {name!r}: expected one of {', '.join(_SPECS)}")
+    return key
+
+
+def from_files(name: str) -> bool:
+    """Whether the dataset is read from files (and may be downloaded) rather than generated."""
+    return _SPECS[canonical_name(name)][0] is None
+
+
 def available() -> dict[str, str]:
     """``{name: description}`` of the datasets :func:`load` knows."""
     return {name: spec[3] for name, spec in _SPECS.items()}
@@ -343,10 +365,7 @@ def load(name: str, data_dir: Optional[PathLike] = None, subset: Optional[int] =
         device: where the tensors live.
         download: allow downloading Fashion-MNIST or a CIFAR archive when no copy is found.
     """
-    key = name.lower().replace("_", "-")
-    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}.get(key, key)
-    if key not in _SPECS:
-        raise UserError(f"unknown dataset {name!r}: expected one of {', '.join(_SPECS)}")
+    key = canonical_name(name)
     make, num_classes, augment, _ = _SPECS[key]
     crop_padding = 2  # pixels of zero padding around the random crop
     if make is not None:

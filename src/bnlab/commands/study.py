@@ -92,14 +92,20 @@ def _gpus_per_run(args, profile: dict) -> float:
     return check_gpus_per_run(args.gpus_per_run)
 
 
+def _datasets(profile: dict) -> set[str]:
+    """The datasets a profile's runs read (claim 3 may use its own)."""
+    return {profile["dataset"], profile["regularize"].get("dataset") or profile["dataset"]}
+
+
 def _check_dataset_and_device(profile: dict, on_this_machine: bool = True) -> None:
     import bnlab.data
     from bnlab.train import resolve_device
 
-    known = bnlab.data.available()
-    for name in {profile["dataset"], profile["regularize"].get("dataset") or profile["dataset"]}:
-        if name.lower().replace("_", "-") not in known:
-            raise UserError(f"--dataset {name!r} is unknown: expected one of {', '.join(known)}")
+    for name in _datasets(profile):
+        try:
+            bnlab.data.canonical_name(name)
+        except UserError as error:
+            raise UserError(f"--dataset: {error}") from None
     if on_this_machine:  # on a Ray cluster the runs' device is the workers' (a CPU-only head is fine)
         import torch
         if profile.get("requires_cuda") and not torch.cuda.is_available():
@@ -112,8 +118,8 @@ def _check_dataset_and_device(profile: dict, on_this_machine: bool = True) -> No
 def _check_data_dir(profile: dict, data_dir) -> None:
     """Every dataset the study reads from files is in --data-dir (nothing is downloaded into it)."""
     import bnlab.data
-    for name in {profile["dataset"], profile["regularize"].get("dataset") or profile["dataset"]}:
-        if name.lower().replace("_", "-") in ("fashion-mnist", "cifar10", "cifar100", "cifar-10", "cifar-100"):
+    for name in _datasets(profile):
+        if bnlab.data.from_files(name):
             bnlab.data.load(name, data_dir=data_dir, download=False)  # raises naming the directory and file
 
 

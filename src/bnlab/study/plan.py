@@ -274,17 +274,11 @@ def _sizes(spec: dict) -> dict:
 
 def _check_on_disk(specs) -> None:
     """Every dataset read from files is on disk: a dry run downloads nothing."""
-    import bnlab.cifar
     import bnlab.data
     for name in sorted({s["dataset"] for s in specs}):
-        key = name.lower().replace("_", "-")
-        if key == "fashion-mnist":
-            found = bnlab.data.locate(key)
-        elif key.replace("-", "") in ("cifar10", "cifar100"):
-            found = bnlab.cifar.locate(key.replace("-", ""))
-        else:
+        if not bnlab.data.from_files(name):
             continue  # generated, or shipped with a package
-        if found is None:
+        if bnlab.data.locate(name) is None:
             raise UserError(f"--dry-run: dataset {name} is not on disk and a dry run downloads nothing; give "
                             f"--data-dir DIR holding it, or add --no-calibrate for run counts only")
 
