@@ -16,7 +16,7 @@ from bnlab.study.specs import make_spec, spec_key
 @pytest.mark.parametrize("name", ["tiny", "quick"])
 @pytest.mark.parametrize("claims", [[1, 2, 3, 4, 5], [4, 5], [4]])
 def test_run_counts_are_the_runners_specs_each_counted_once(name, claims):
-    profile = get_profile(name)
+    profile = {**get_profile(name), "tune_seeds": None}  # every seed in the first round (tuned: below)
     counts = count_runs(profile, claims)
     runner = collect_specs(profile, claims, None)
     owned = [k for c in counts.values() for k in c.own]
@@ -30,6 +30,21 @@ def test_run_counts_are_the_runners_specs_each_counted_once(name, claims):
         for key in c.own:
             kinds[runner[key]["kind"]] = kinds.get(runner[key]["kind"], 0) + 1
         assert c.kinds() == kinds
+
+
+def test_tuned_claims_count_their_second_round():
+    # quick: 6 seeds, 2 of them tuning seeds; each arm/cell runs its grid on those, one rate on the others
+    profile = get_profile("quick")
+    assert profile["tune_seeds"] == 2 and len(profile["seeds"]) == 6
+    counts = count_runs(profile, [1, 3, 5])
+    arms3 = 6  # BN, ghost 8, ghost 4, GroupNorm, none, none + weight decay; 2 rates each
+    assert len(counts[3].own) == arms3 * (2 * 2 + 4)
+    # claim 1: 4 BN arms and none, 2 rates each; BN and none at lr 0.1 on every seed for gradient ICS (0.1 is
+    # in none's grid: its tuning runs are shared; on the other seeds the placeholder tie picks 0.03, so +4)
+    assert len(counts[1].own) == 5 * (2 * 2 + 4) + 6 + 4
+    # claim 5: 2 depths x 4 cells x 3 rates on 2 seeds + 1 rate on 4 seeds; signal runs: 3 depths x 6 arms
+    # (the 4 cells, SkipInit, Fixup) x 6 seeds
+    assert len(counts[5].own) == 2 * 4 * (3 * 2 + 4) + 3 * 6 * 6
 
 
 def test_later_round_bounds_from_the_profile():

@@ -96,3 +96,14 @@ def test_few_seeds_yield_no_verdict_not_a_firm_one(tmp_path, capsys):
                  "--out", str(out)]) == 0
     verdicts = json.loads((out / "verdicts.json").read_text(), parse_constant=pytest.fail)["claims"]
     assert verdicts["3"]["verdict"] == "no verdict"
+
+
+def test_eval_every_zero_evaluates_only_the_final_model():
+    """Sweep runs (claims 4, 5) read only the final model: no evaluation during training, one at the end,
+    and the same training trajectory as a run that evaluates every 2 steps."""
+    status, end_only, _ = runs.execute(_spec(eval_every=0))
+    _, curved, _ = runs.execute(_spec(eval_every=2))
+    assert status == "done" and end_only["curve"]["step"] == [8] and curved["curve"]["step"] == [2, 4, 6, 8]
+    assert end_only["losses"] == curved["losses"] and end_only["final"]["val_acc"] == curved["final"]["val_acc"]
+    with pytest.raises(ValueError, match="eval_every must be >= 0"):
+        runs.Probe(runs.load_data(_spec()), -1)

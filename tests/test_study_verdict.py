@@ -339,3 +339,73 @@ def test_every_claim_number_is_json_safe():
     result = claim_lr.analyze(profile, _simulate(profile, [4], fake))
     assert result.verdict.verdict == NO_VERDICT
     json.dumps(result.numbers, allow_nan=False)
+
+
+# ------------------------------------------------------------------------------ tuning seeds (claims 1, 3, 5)
+
+def test_rates_are_chosen_on_the_tuning_seeds_and_the_other_seeds_run_only_the_chosen_rate():
+    # validation prefers lr 0.2 on the tuning seeds 0-1 and lr 0.05 on every other seed: the choice is
+    # made on seeds 0-1 only, and seeds 2-5 never run the other rate
+    profile = _profile(regularize={"fit_threshold": 99.0, "lrs": [0.05, 0.2]})
+    profile["tune_seeds"] = 2
+
+    def fake(spec):
+        better = (spec["lr"] == 0.2) == (spec["seed"] < 2)
+        acc = 0.7 if better else 0.6
+        return _row(val=acc, test=acc, train=1.0, weight_norm={"initial": 1.0, "final": 1.0})
+    first = collect_specs(profile, [3], {})
+    assert {s["seed"] for s in first.values()} == {0, 1}  # round 1: the tuning seeds over the whole grid
+    results = _simulate(profile, [3], fake)
+    runs = [s for s in results.values() if s["status"] == "done"]
+    specs = collect_specs(profile, [3], results).values()
+    assert len(runs) == len(specs) == len(claim_regularize.arms(profile)) * (2 * 2 + 4)
+    assert {(s["lr"], s["seed"]) for s in specs if s["seed"] >= 2} == {(0.2, s) for s in range(2, 6)}
+    result = claim_regularize.analyze(profile, results)
+    assert {row[1] for row in result.tables[0]["rows"]} == {"0.200"}
+
+
+def test_claim3_chooses_among_the_rates_at_which_the_arm_fits():
+    # without normalization lr 0.2 validates better but leaves seed 1 at 90% training accuracy; lr 0.05
+    # fits every tuning seed, so it is chosen and no seed is excluded
+    profile = _profile(regularize={"fit_threshold": 99.0, "lrs": [0.05, 0.2]})
+    profile["tune_seeds"] = 2
+
+    def fake(spec):
+        unfit = spec["norm"] == "none" and spec["lr"] == 0.2 and spec["seed"] == 1
+        acc = 0.7 if spec["lr"] == 0.2 else 0.6
+        return _row(val=acc, test=acc, train=0.9 if unfit else 1.0, weight_norm={"initial": 1.0, "final": 1.0})
+    results = _simulate(profile, [3], fake)
+    per_arm = claim_regularize.decide(profile, results)[1]["arms"]
+    assert per_arm["none"]["lr"] == 0.05 and per_arm["none"]["unfit"] == 0 and len(per_arm["none"]["gap"]) == 6
+    assert per_arm["bn"]["lr"] == 0.2
+
+
+def test_claim2_target_comes_from_the_unnormalized_plateau_run_and_a_censored_arm_counts_its_budget():
+    profile = _profile(lr=LR4, speed={"epochs": 2, "plateau_epochs": 6, "target_fraction": 0.9,
+                                      "warmup_fraction": 0.1})
+    none_spec, bn_spec = (claim_speed._spec(profile, a, 0.1, 0) for a in ("none", "bn"))
+    assert (none_spec["epochs"], bn_spec["epochs"]) == (6, 2)
+    # the same warm-up steps in both: 10% of the 2 epochs every arm runs
+    assert none_spec["warmup_fraction"] * 6 == pytest.approx(0.2) and bn_spec["warmup_fraction"] * 2 == pytest.approx(0.2)
+
+    def fake(spec):
+        if spec.get("schedule") != "constant":
+            acc = 0.8 if spec["lr"] == 0.1 else 0.6
+            return _row(val=acc, test=acc)
+        n = 60 if spec["norm"] == "none" else 20  # the plateau run is 3× longer
+        steps = list(range(1, n + 1))
+        if spec["norm"] == "none":  # climbs to 0.8 at step 40, then stays
+            accs = [0.8 * min(1.0, s / 40) for s in steps]
+        elif spec["norm"] == "bn" and spec["seed"] == 0:  # never reaches 0.72 within its 20 steps
+            accs = [0.5] * n
+        else:
+            accs = [0.8 * min(1.0, s / 10) for s in steps]
+        return _row(val=accs[-1], losses=[2.4] + [1.0] * (n - 1), steps=n,
+                    curve={"step": steps, "val_acc": accs, "seconds": [0.0] * n})
+    results = _simulate(profile, [2], fake)
+    parts, facts = claim_speed.decide(profile, results)
+    assert facts["targets"] == pytest.approx([0.72] * 6)  # 0.9 × the plateau 0.8
+    assert facts["steps"]["none"] == [36.0] * 6  # 0.8 × 36/40 = 0.72
+    assert facts["steps"]["bn"] == [60.0] + [9.0] * 5  # seed 0 never reached: the plateau run's 60 steps
+    assert facts["censored"]["bn"] == 1 and facts["common_steps"] == 20
+    assert parts[0].effect.values[0] == pytest.approx(math.log10(36 / 60))  # counts against BN

@@ -24,9 +24,9 @@ from typing import Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from bnlab.study.common import fmt_ci, lookup, paper_table
+from bnlab.study.common import fmt_ci, lookup, paper_table, seed_list, tuned, tuning_seeds
 from bnlab.study.metrics import first_index_at_or_below, log_mean_ci, step_changes
-from bnlab.study.specs import make_spec, spec_key
+from bnlab.study.specs import make_spec, spec_key, unique_specs
 from bnlab.study.style import LINESTYLES, arm_color, band, figure, legend_outside
 from bnlab.study.verdict import (NO_VERDICT, NOT_SUPPORTED, ClaimResult, Interval, Part, Rule, Verdict,
                                  paired_effect, t_interval)
@@ -217,12 +217,16 @@ def _grid(cfg: dict, arm: str) -> list[float]:
 
 
 def measure(profile: dict, results: Optional[dict] = None) -> list[dict]:
-    """Every arm over its learning-rate grid, plus BN and none at the common ``ics_lr``, for every seed (one
-    round: ``results`` are not needed)."""
+    """Every arm over its learning-rate grid on the tuning seeds, then (next round) at its validated rate on
+    the other seeds; plus BN and none at the common ``ics_lr`` for every seed."""
     cfg = profile["ics"]
-    cells = [(arm, lr) for arm in cfg["arms"] for lr in _grid(cfg, arm)]
-    cells += [(arm, cfg["ics_lr"]) for arm in ("bn", "none") if cfg["ics_lr"] not in _grid(cfg, arm)]
-    return [_spec(profile, arm, lr, seed) for arm, lr in cells for seed in profile["seeds"]]
+    out = [spec for arm in cfg["arms"] for spec in _tuned(profile, results, arm)[0]]
+    out += [_spec(profile, arm, cfg["ics_lr"], seed) for arm in ("bn", "none") for seed in profile["seeds"]]
+    return list(unique_specs(out).values())
+
+
+def _tuned(profile: dict, results: Optional[dict], arm: str):
+    return tuned(profile, results, _grid(profile["ics"], arm), lambda lr, seed: _spec(profile, arm, lr, seed))
 
 
 specs = measure  # the runner's name
@@ -251,13 +255,9 @@ def _mean_cosine(run) -> float:
 
 
 def validated_lr(profile: dict, results: dict, arm: str) -> Optional[float]:
-    """The grid learning rate with the best mean validation accuracy over seeds (ties: the smaller rate)."""
-    scores = {}
-    for lr in _grid(profile["ics"], arm):
-        runs = _runs(profile, results, arm, lr)
-        if runs:
-            scores[lr] = float(np.mean([_final(r, "val_acc") for r in runs.values()]))
-    return max(sorted(scores), key=lambda lr: scores[lr]) if scores else None
+    """The grid learning rate with the best mean validation accuracy over the tuning seeds (ties: the
+    smaller rate); ``None`` until every tuning run has finished."""
+    return _tuned(profile, results, arm)[1]
 
 
 def _per_seed(profile, results, arm, lr, fn) -> dict:
@@ -332,9 +332,10 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
                          f"{chosen[a]:g}" if chosen[a] is not None else "n/a", _ci(val, 1, (0, 100)),
                          _ci(test_acc[a].values(), 1, (0, 100)), cost.interval.text(1) if cost else "—",
                          f"{len(chosen_runs[a])} ({diverged} diverged)"])
-    grid_rows = []
+    grid_rows, tune = [], tuning_seeds(profile)
     for a in ordered:
-        cells = {lr: [_final(r, "val_acc") for r in _runs(profile, results, a, lr).values()] for lr in _grid(cfg, a)}
+        cells = {lr: [_final(r, "val_acc") for s, r in _runs(profile, results, a, lr).items() if s in tune]
+                 for lr in _grid(cfg, a)}
         grid_rows.append([arm_label(a), "; ".join(f"lr {lr:g}: {_ci(v, 1, (0, 100))}" for lr, v in cells.items())])
 
     # gradient ICS per layer at the same lr, and the loss-matched secondary view
@@ -399,7 +400,7 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
         {"title": "Accuracy at each arm's validated learning rate (test set, once at the end)",
          "columns": ["arm", "noise strength", "validated lr", "validation acc %", "test acc %",
                      "cost vs BN (paired, points)", "runs"], "rows": acc_rows},
-        {"title": "Validation accuracy over the learning-rate grid (the choice above)",
+        {"title": f"Validation accuracy over the learning-rate grid, tuning seeds {seed_list(tune)} (the choice above)",
          "columns": ["arm", "validation acc % per lr"], "rows": grid_rows},
         {"title": f"Gradient ICS per layer at the same learning rate ({cfg['ics_lr']:g}) and steps",
          "columns": ["layer", "cos(G, G′) BN", "cos(G, G′) none", "Δcos BN − none (paired)", "‖G − G′‖ BN",

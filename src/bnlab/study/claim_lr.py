@@ -102,7 +102,8 @@ PRESETS = {
 def sweep_spec(profile: dict, norm: str, lr: float, batch_size: int, seed: int) -> dict:
     """One run of the sweep (claims 2 and 5 reuse these exact specs, so they run once)."""
     cfg = profile["lr"]
-    fields = {"norm": norm, "lr": lr, "batch_size": batch_size, "seed": seed}
+    fields = {"norm": norm, "lr": lr, "batch_size": batch_size, "seed": seed,
+              "eval_every": 0}  # every choice reads the final model only: no curve is evaluated
     if cfg.get("epochs") is not None:
         fields["epochs"] = cfg["epochs"]
     if cfg.get("max_steps") is not None:

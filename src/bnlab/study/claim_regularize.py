@@ -18,8 +18,9 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from bnlab.study import style
-from bnlab.study.common import (DIFF_BOUNDS, analyze as _analyze, arm_label, choose_lr, final_pct, fmt,
-                                fmt_ci, lookup, mean_ci, paper_table, train_spec)
+from bnlab.study.common import (DIFF_BOUNDS, analyze as _analyze, arm_label, final_pct, fmt,
+                                fmt_ci, lookup, mean_ci, paper_table, train_spec,
+                                tuned)
 from bnlab.study.verdict import SUPPORTED, ClaimResult, Part, Rule, Verdict, paired_effect
 
 NUMBER = 3
@@ -111,9 +112,17 @@ def _spec(profile, norm, weight_decay, lr, seed) -> dict:
     return train_spec(profile, **fields)
 
 
+def _tuned(profile: dict, results: Optional[dict], norm: str, wd: float):
+    """Each arm's rates on the tuning seeds, then its validated rate on the others. Only rates at which the arm
+    fits the subset (and does not diverge) on every tuning seed compete: the claim compares gaps at ≈100%
+    training accuracy (if no rate fits, all compete and the unfitted seeds are excluded)."""
+    threshold = profile["regularize"]["fit_threshold"]
+    return tuned(profile, results, profile["regularize"]["lrs"], lambda lr, s: _spec(profile, norm, wd, lr, s),
+                 admissible=lambda row: row["status"] == "done" and final_pct(row, "train_acc") >= threshold)
+
+
 def measure(profile: dict, results: Optional[dict] = None) -> list[dict]:
-    return [_spec(profile, norm, wd, lr, s) for _, norm, wd in arms(profile) for lr in profile["regularize"]["lrs"]
-            for s in profile["seeds"]]
+    return [spec for _, norm, wd in arms(profile) for spec in _tuned(profile, results, norm, wd)[0]]
 
 
 specs = measure
@@ -125,9 +134,8 @@ def _arm(profile, results, norm, wd) -> dict:
     """The arm at its validated lr: per-seed gap, training accuracy, test accuracy, weight-norm change,
     and which seeds are excluded (diverged, or did not fit the subset)."""
     cfg, seeds = profile["regularize"], profile["seeds"]
-    rows = {lr: [lookup(results, _spec(profile, norm, wd, lr, s)) for s in seeds] for lr in cfg["lrs"]}
-    lr = choose_lr({lr: [final_pct(r, "val_acc") for r in rs] for lr, rs in rows.items()})
-    chosen = rows[lr] if lr is not None else [None] * len(seeds)
+    lr = _tuned(profile, results, norm, wd)[1]
+    chosen = [lookup(results, _spec(profile, norm, wd, lr, s)) if lr is not None else None for s in seeds]
     out = {"lr": lr, "gap": {}, "train": [], "test": [], "norm_change": [], "diverged": 0, "unfit": 0}
     for s, row in zip(seeds, chosen):
         train, test = final_pct(row, "train_acc"), final_pct(row, "test_acc")

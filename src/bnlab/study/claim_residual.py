@@ -18,8 +18,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
 from bnlab.study import claim_lr, style
-from bnlab.study.common import (analyze as _analyze, arm_label, by_seed, choose_lr, final_pct, fmt_ci, lookup,
-                                mean_ci, paper_table)
+from bnlab.study.common import (analyze as _analyze, arm_label, by_seed, final_pct, fmt_ci, lookup, mean_ci,
+                                paper_table, tuned)
 from bnlab.study.specs import make_spec
 from bnlab.study.verdict import SUPPORTED, ClaimResult, Part, Rule, Verdict, paired_effect
 
@@ -106,9 +106,13 @@ def _train_spec(profile, depth, norm, plain, lr, seed) -> dict:
 def measure(profile: dict, results: Optional[dict] = None) -> list[dict]:
     cfg, seeds = profile["residual"], profile["seeds"]
     out = [_signal_spec(profile, d, n, p, s) for d in cfg["signal_depths"] for n, p in SIGNAL_ARMS for s in seeds]
-    out += [_train_spec(profile, d, n, p, lr, s) for d in cfg["train_depths"] for n, p in CELLS
-            for lr in cfg["lrs"] for s in seeds]
-    return out
+    return out + [spec for d in cfg["train_depths"] for n, p in CELLS for spec in _tuned(profile, results, d, n, p)[0]]
+
+
+def _tuned(profile: dict, results: Optional[dict], depth: int, norm: str, plain: bool):
+    """A cell's rates on the tuning seeds, then its validated rate on the other seeds."""
+    return tuned(profile, results, profile["residual"]["lrs"],
+                 lambda lr, s: _train_spec(profile, depth, norm, plain, lr, s))
 
 
 specs = measure
@@ -126,10 +130,9 @@ def _exponent(blocks: list[dict]) -> float:
 
 def _cell(profile, results, depth, norm, plain) -> tuple[Optional[float], list[float]]:
     """(validated lr, per-seed final test accuracy at it) for one cell at one depth."""
-    cfg, seeds = profile["residual"], profile["seeds"]
-    rows = {lr: [lookup(results, _train_spec(profile, depth, norm, plain, lr, s)) for s in seeds] for lr in cfg["lrs"]}
-    lr = choose_lr({lr: [final_pct(r, "val_acc") for r in rs] for lr, rs in rows.items()})
-    return lr, [final_pct(r, "test_acc") for r in rows[lr]] if lr is not None else [math.nan] * len(seeds)
+    lr = _tuned(profile, results, depth, norm, plain)[1]
+    return lr, [final_pct(lookup(results, _train_spec(profile, depth, norm, plain, lr, s)), "test_acc")
+                if lr is not None else math.nan for s in profile["seeds"]]
 
 
 def decide(profile: dict, results: dict) -> tuple[list[Part], dict]:

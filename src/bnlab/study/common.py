@@ -13,7 +13,7 @@ from bnlab.study.specs import make_spec, spec_key
 from bnlab.study.verdict import NO_VERDICT, ClaimResult, Interval
 
 __all__ = ["base_fields", "train_spec", "lookup", "count_failed", "final_loss", "final_pct", "stable",
-           "choose_lr", "by_seed", "analyze", "ARM_LABELS", "arm_label", "fmt", "fmt_ci",
+           "choose_lr", "tuning_seeds", "tuned", "seed_list", "by_seed", "analyze", "ARM_LABELS", "arm_label", "fmt", "fmt_ci",
            "ACC_BOUNDS", "DIFF_BOUNDS"]
 
 ACC_BOUNDS = (0.0, 100.0)       # an accuracy in percent
@@ -89,6 +89,41 @@ def choose_lr(per_lr: dict) -> Optional[float]:
     any). Every choice in the study goes through here, on validation numbers only."""
     means = {lr: float(np.nanmean(v)) for lr, v in per_lr.items() if any(math.isfinite(x) for x in v)}
     return max(means, key=lambda lr: (means[lr], -lr)) if means else None
+
+
+def tuning_seeds(profile: dict) -> list:
+    """The seeds every learning rate of a claim's grid is tried on: the first ``tune_seeds`` of the profile's
+    seeds (all of them when unset)."""
+    k = profile.get("tune_seeds")
+    return list(profile["seeds"][:k]) if k else list(profile["seeds"])
+
+
+def tuned(profile: dict, results: Optional[dict], lrs: Sequence[float], spec_of, score=None,
+          admissible=None) -> tuple[list[dict], Optional[float]]:
+    """A learning rate chosen on validation from the tuning seeds, then used for the others.
+
+    ``spec_of(lr, seed)`` builds a run. Returns (the specs to run, the chosen rate): every rate of ``lrs`` on
+    :func:`tuning_seeds`; once all of those have finished, :func:`choose_lr` picks the rate from
+    ``score(row)`` (default: the final validation accuracy) and the other seeds run at it only. While a
+    tuning run is missing the rate is ``None`` and only the tuning runs are asked for (the runner's next
+    round adds the rest). ``admissible(row)``: when given, only rates at which every tuning seed's run is
+    admissible compete (if none is, all do)."""
+    score = score or (lambda row: final_pct(row, "val_acc"))
+    tune = tuning_seeds(profile)
+    specs = [spec_of(lr, s) for lr in lrs for s in tune]
+    rows = {lr: [lookup(results, spec_of(lr, s)) for s in tune] for lr in lrs}
+    if any(r is None for rs in rows.values() for r in rs):
+        return specs, None
+    candidates = {lr: rs for lr, rs in rows.items() if admissible is None or all(admissible(r) for r in rs)}
+    lr = choose_lr({lr: [score(r) for r in rs] for lr, rs in (candidates or rows).items()})
+    if lr is not None:
+        specs += [spec_of(lr, s) for s in profile["seeds"] if s not in tune]
+    return specs, lr
+
+
+def seed_list(seeds) -> str:
+    """``[0, 1]`` → ``"0, 1"`` (for table titles)."""
+    return ", ".join(str(s) for s in seeds)
 
 
 def by_seed(seeds: Sequence, values: Sequence[float]) -> dict:

@@ -2,9 +2,11 @@
 
 What it says:
 
-* **runs** — per claim, per kind (train / ics / signal), for the first round of the runner: each distinct
-  run is counted once, with the first claim (in number order) that declares it, and the other claims show
-  how many of their runs they share with it. Claims 2 and 4 may add runs in later rounds (claim 4 extends
+* **runs** — per claim, per kind (train / ics / signal): each distinct run is counted once, with the first
+  claim (in number order) that declares it, and the other claims show how many of their runs they share
+  with it. Counted: the runner's first round, and the runs claims 1, 3 and 5 add once their tuning seeds
+  have chosen each rate (the other seeds at one rate per arm: their number does not depend on the
+  results). Claims 2 and 4 may add runs in later rounds (claim 4 extends
   its learning-rate grid while an arm is stable at the top, at most ``lr.max_extensions`` times; claim 2
   trains each arm at the rate claim 4's sweep validated, falling back a rate while a seed diverges); their
   upper bounds follow from the profile (:func:`later_rounds`).
@@ -62,14 +64,24 @@ class ClaimCount:
         return {k: v for k, v in counts.items() if v}
 
 
+TUNED = (1, 3, 5)  # claims that choose rates on the tuning seeds, then run the other seeds at the choice
+_FINISHED = {"status": "done", "result": {"final": {"val_acc": 0.5, "test_acc": 0.5, "train_acc": 1.0},
+                                          "losses": [2.0, 2.0], "initial_loss": 2.0, "chance": 0.1}}
+
+
 def count_runs(profile: dict, claims: Sequence[int]) -> dict[int, ClaimCount]:
-    """claim → :class:`ClaimCount` for the first round (no results yet). Together the ``own`` runs are
-    exactly :func:`bnlab.study.claims.collect_specs` (the claims are taken in number order, as there)."""
+    """claim → :class:`ClaimCount` for the first round plus the tuned claims' second round (found by
+    answering every first-round run with a finished placeholder: which rate wins does not change how
+    many runs follow). Without the tuned claims the ``own`` runs are exactly
+    :func:`bnlab.study.claims.collect_specs` (the claims are taken in number order, as there)."""
     owner: dict[str, int] = {}
     out: dict[int, ClaimCount] = {}
+    first = {number: CLAIMS[number].measure(profile, None) for number in sorted(claims)}
+    finished = {spec_key(spec): _FINISHED for specs in first.values() for spec in specs}
     for number in sorted(claims):
         count = out[number] = ClaimCount(number, CLAIMS[number].TITLE)
-        for spec in CLAIMS[number].measure(profile, None):
+        specs = CLAIMS[number].measure(profile, finished) if number in TUNED else first[number]
+        for spec in specs:
             key = spec_key(spec)
             if key not in owner:
                 owner[key] = number
@@ -222,7 +234,7 @@ def _evaluated(spec: dict, steps: int, sizes: dict) -> int:
         evals = steps // int(spec.get("eval_every") or 10 ** 9) + 1
         recal = int(spec.get("recal_batches", 20)) * int(spec["batch_size"]) if spec.get("norm") != "none" else 0
         return evals * (min(val, spec.get("val_eval_size") or val) + recal) + test
-    evals = steps // int(spec.get("eval_every", 10)) + 1
+    evals = steps // int(spec.get("eval_every", 10) or 10 ** 9) + 1
     per_eval = min(val, spec.get("val_eval_size") or val) + min(sizes["train"], spec.get("train_eval_size") or 0)
     return evals * per_eval + val + min(test, spec.get("test_eval_size") or test)
 
@@ -349,7 +361,8 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
 
 def _notes(plan: Plan, later: dict, cuda_wanted: bool, on: str, gpus_per_run: Optional[float]) -> None:
     notes = plan.notes
-    notes.append("First round only; shared runs are counted once, with the first claim that declares them.")
+    notes.append("The first round and the tuned claims' second round (1, 3, 5); shared runs are counted once, with "
+                 "the first claim that declares them.")
     for number, most in later.items():
         what = ("claim 4's grid extensions at the first batch size and the longer runs at each arm's "
                 "validated rate" if number == 2 else "grid extensions while an arm is stable at the top")

@@ -85,13 +85,15 @@ def build_model(spec: dict, data) -> nn.Module:
 
 
 class Probe:
-    """A :func:`bnlab.train.train` callback: the loss at every step, and every ``eval_every`` steps the
-    accuracy/loss on the first ``val_eval_size`` validation examples (a fixed subset) and on the first
+    """A :func:`bnlab.train.train` callback: the loss at every step, and every ``eval_every`` steps (never,
+    when 0: the run then records only its final evaluation) the accuracy/loss on the first ``val_eval_size`` validation examples (a fixed subset) and on the first
     ``train_eval_size`` training examples, with the training wall time spent so far (evaluation time
     excluded). It never sees the test set."""
 
     def __init__(self, data, eval_every: int, train_eval_size: int = 0, val_eval_size: Optional[int] = None) -> None:
-        self.eval_every = max(1, int(eval_every))
+        self.eval_every = int(eval_every)
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: only at the end), got {eval_every}")
         self.val_x, self.val_y = data.val_x[:val_eval_size], data.val_y[:val_eval_size]
         self.train_x, self.train_y = data.train_x[:train_eval_size], data.train_y[:train_eval_size]
         self.losses: list[float] = []
@@ -102,7 +104,7 @@ class Probe:
 
     def on_step(self, step, model, loss, batch) -> None:
         self.losses.append(float(loss))
-        if len(self.losses) % self.eval_every == 0:
+        if self.eval_every and len(self.losses) % self.eval_every == 0:
             self.evaluate(model, len(self.losses))
 
     def evaluate(self, model, step: int) -> None:
