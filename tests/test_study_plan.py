@@ -101,7 +101,7 @@ def test_dry_run_creates_nothing_and_prints_the_plan(tmp_path, capsys, monkeypat
     printed = capsys.readouterr().out
     assert not out.exists() and list(tmp_path.iterdir()) == []
     total = len(collect_specs(get_profile("tiny"), [1, 2, 3, 4, 5], None))
-    line = next(l for l in printed.splitlines() if l.startswith("total (first round)"))
+    line = next(l for l in printed.splitlines() if l.startswith("total (counted rounds)"))
     assert int(line.split()[3]) == total and "wall-h@2" in printed and "CPU-h" in printed
 
 

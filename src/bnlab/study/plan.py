@@ -418,7 +418,7 @@ def format_plan(plan: Plan) -> str:
             extra.append(f"later rounds: up to +{row['later_max']}")
         if extra:
             lines.append(f"{'':<5}{'; '.join(extra)}")
-    lines += ["-" * len(head), line("total (first round)", plan.total), ""]
+    lines += ["-" * len(head), line("total (counted rounds)", plan.total), ""]
     lines += [f"* {n}" for n in plan.notes]
     return "\n".join(lines)
 
