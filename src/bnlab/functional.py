@@ -41,6 +41,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
 
 from bnlab.dtypes import compute_dtype
 from bnlab.kernels import cpu as _cpu_kernel
@@ -217,6 +218,20 @@ class _BatchNormTrain(torch.autograd.Function):
                          ctx.has_weight, ctx.has_bias) + (None,)
 
 
+# torch.autograd.Function.apply binds the arguments to forward's signature (inspect.signature, tens of µs)
+# before calling the C apply; _BatchNormTrain.forward takes exactly the four positional arguments given, so
+# outside functorch transforms and torch.compile tracing (which need Function.apply itself) the C apply is
+# called directly, after the same unwrapping of dead functorch wrappers.
+_c_apply = super(torch.autograd.Function, _BatchNormTrain).apply
+
+
+def _train_apply(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
+    """``_BatchNormTrain.apply(x, weight, bias, eps)``, without its per-call signature binding."""
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return _BatchNormTrain.apply(x, weight, bias, eps)
+    return _c_apply(*_unwrap_dead_wrappers((x, weight, bias, eps)))
+
+
 def _backward(dy, d, weight, delta, inv_std, needs_grad, has_weight, has_bias):
     """dx, dγ, dβ from the closed form, given the shifted input ``d = x − shift`` (x̂ = (d − δ)/σ).
 
@@ -320,8 +335,12 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     that would overflow) the old values come back and ``finite`` is a ``False`` 0-dim tensor, decided on
     the device with no host synchronisation."""
     unbiased = var * (count / (count - 1)) if count > 1 else var
-    new_mean = torch.lerp(running_mean, mean.to(running_mean.dtype), momentum)
-    new_var = torch.lerp(running_var, unbiased.to(running_var.dtype), momentum)
+    if mean.dtype != running_mean.dtype:   # (a same-dtype .to() is a no-op that still costs a dispatch)
+        mean = mean.to(running_mean.dtype)
+    if unbiased.dtype != running_var.dtype:
+        unbiased = unbiased.to(running_var.dtype)
+    new_mean = torch.lerp(running_mean, mean, momentum)
+    new_var = torch.lerp(running_var, unbiased, momentum)
     # a non-finite batch statistic makes its lerp non-finite (even at momentum 0: 0·inf is NaN), and so does
     # an update that overflows the buffers' dtype: one check of the sum covers all four
     finite = torch.isfinite(new_mean + new_var).all()
@@ -384,7 +403,7 @@ def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
     else:
         needs_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
         # without a graph to record, call the forward itself: apply()'s bookkeeping costs tens of µs per call
-        train = _BatchNormTrain.apply if needs_graph else _BatchNormTrain.forward
+        train = _train_apply if needs_graph else _BatchNormTrain.forward
         y, shift, delta, var = train(x, weight, bias, eps)
         mean = shift + delta
     if running_mean is None or running_var is None:
