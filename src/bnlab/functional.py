@@ -200,11 +200,14 @@ class _BatchNormTrain(torch.autograd.Function):
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.save_for_backward(x, weight, shift, delta, var)
         ctx.mark_non_differentiable(shift, delta, var)
-        ctx.set_materialize_grads(True)
+        # the three statistics never carry a gradient: no zeros are made for them (dy is made when absent)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, dy: Tensor, _dshift, _ddelta, _dvar):
+    def backward(ctx, dy: Optional[Tensor], _dshift, _ddelta, _dvar):
         x, weight, shift, delta, var = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(x)
         if not torch.is_grad_enabled() and _cpu_kernel.usable(x, dy, weight):  # fused CPU kernel, single backward
             return _cpu_kernel.backward(dy, x, weight, shift, delta, var, ctx.eps, ctx.needs_input_grad,
                                         ctx.has_weight, ctx.has_bias) + (None,)

@@ -270,20 +270,26 @@ def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], shift: Tensor, del
     ``None`` when not needed; dx in x's memory format."""
     lib, dtype, suffix = library(), x.dtype, _SUFFIX[x.dtype]
     layout, rows, channels, spatial = _geometry(x)
-    dy = dy.to(dtype)
+    if dy.dtype != dtype:
+        dy = dy.to(dtype)
     if dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)  # e.g. an expanded gradient from .sum().backward()
     dweight, dbias = torch.empty(channels, dtype=dtype), torch.empty(channels, dtype=dtype)
     dx = torch.empty_like(x) if needs_input_grad[0] else None
     w = _vector(weight, dtype) if has_weight else None
-    shift, delta, var = (_vector(t, dtype) for t in (shift, delta, var))
+    shift, delta, var = _vector(shift, dtype), _vector(delta, dtype), _vector(var, dtype)
     vectors = (_ptr(w), shift.data_ptr(), delta.data_ptr(), var.data_ptr(), dweight.data_ptr(), dbias.data_ptr())
     sizes = (rows, channels, spatial) if layout == "planar" else (rows, channels)
     status = getattr(lib, f"bn_backward_{layout}_{suffix}")(x.data_ptr(), dy.data_ptr(), _ptr(dx), *vectors,
                                                             *sizes, float(eps), torch.get_num_threads())
     if status != 0:
         raise MemoryError("bnlab batch_norm (CPU kernel): out of memory for the per-thread sums")
-    dweight = dweight.to(weight.dtype) if has_weight and needs_input_grad[1] else None
-    dbias = (dbias.to(dy.dtype if weight is None else weight.dtype)
+    dweight = _cast(dweight, weight.dtype) if has_weight and needs_input_grad[1] else None
+    dbias = (_cast(dbias, dy.dtype if weight is None else weight.dtype)
              if has_bias and needs_input_grad[2] else None)
     return dx, dweight, dbias
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, skipping the call (a dispatch) when it would return ``t`` itself."""
+    return t if t.dtype == dtype else t.to(dtype)
