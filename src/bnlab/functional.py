@@ -337,6 +337,14 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     updated values are not finite in the running statistics' dtype (NaN/Inf input, or a float16 buffer
     that would overflow) the old values come back and ``finite`` is a ``False`` 0-dim tensor, decided on
     the device with no host synchronisation."""
+    new_mean, new_var, finite = _updated_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return torch.where(finite, new_mean, running_mean), torch.where(finite, new_var, running_var), finite
+
+
+def _updated_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int,
+                           momentum: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`update_running_stats` before the choice between old and new: the new values (whether finite
+    or not) and ``finite``, for a caller that reads ``finite`` on the host and keeps the old values itself."""
     unbiased = var * (count / (count - 1)) if count > 1 else var
     if mean.dtype != running_mean.dtype:   # (a same-dtype .to() is a no-op that still costs a dispatch)
         mean = mean.to(running_mean.dtype)
@@ -346,8 +354,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     new_var = torch.lerp(running_var, unbiased, momentum)
     # a non-finite batch statistic makes its lerp non-finite (even at momentum 0: 0·inf is NaN), and so does
     # an update that overflows the buffers' dtype: one check of the sum covers all four
-    finite = torch.isfinite(new_mean + new_var).all()
-    return torch.where(finite, new_mean, running_mean), torch.where(finite, new_var, running_var), finite
+    return new_mean, new_var, torch.isfinite(new_mean + new_var).all()
 
 
 def empty_output(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
@@ -378,13 +385,17 @@ class BatchNormOutput(NamedTuple):
 def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                      weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                      training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-                     backend: str = "auto") -> BatchNormOutput:
+                     backend: str = "auto", *, host_checks_finite: bool = False) -> BatchNormOutput:
     """Batch norm that returns the new running statistics instead of writing them.
 
     The pure form of :func:`batch_norm`, for ``torch.func`` transforms. ``momentum`` follows PyTorch:
     ``new = (1 − momentum)·old + momentum·batch`` with the batch variance taken unbiased (``m/(m−1)``).
     When the batch statistics are not finite the running statistics come back unchanged and
     ``finite`` is ``False`` (no host synchronisation is needed to decide this).
+
+    ``host_checks_finite=True`` is for a caller that reads ``finite`` on the host and stores the new
+    running statistics only when it is true (as the layers of :mod:`bnlab.nn` do on CPU): the updated
+    values then come back as they are, finite or not, saving the device-side choice.
     """
     check_input(x, None if weight is None else weight.shape[0], training)
     if not training:
@@ -413,8 +424,8 @@ def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
         finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
         new_mean, new_var = running_mean, running_var
     else:
-        new_mean, new_var, finite = update_running_stats(running_mean, running_var, mean, var,
-                                                         x.numel() // x.shape[1], momentum)
+        update = _updated_running_stats if host_checks_finite else update_running_stats
+        new_mean, new_var, finite = update(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     return BatchNormOutput(y, new_mean, new_var, mean, var, finite)
 
 
