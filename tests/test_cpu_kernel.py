@@ -293,3 +293,58 @@ def test_concurrent_first_builds_share_one_cache_entry(tmp_path):
 def test_the_kernel_is_back_after_the_fallback_tests():
     """The fallback tests leave no lasting state: later tests in the same process get the kernel."""
     assert cpu.usable(torch.randn(4, 3, 2, 2))
+
+
+def test_layout_decisions_follow_each_call_not_the_first(calls):
+    """The layout decision is cached per (shape, strides): one layer fed the same shape as contiguous,
+    channels-last, a non-dense permutation, float64 and in eval mode, call after call, matches
+    torch.nn.BatchNorm2d fed the same sequence (outputs, gradients, running statistics)."""
+    from bnlab.nn import BatchNorm2d
+    ours, theirs = BatchNorm2d(6), torch.nn.BatchNorm2d(6)
+    shape = (4, 6, 5, 8)
+    sequence = [("contiguous", torch.float32, True, True), ("channels_last", torch.float32, True, True),
+                ("permuted", torch.float32, True, False), ("contiguous", torch.float64, True, True),
+                ("channels_last", torch.float64, False, True), ("contiguous", torch.float32, True, True)]
+    for step, (layout, dtype, training, kernel) in enumerate(sequence):
+        for layer in (ours, theirs):
+            layer.to(dtype).train(training)
+        if layout == "permuted":   # shape (4, 6, 5, 8) stored as (N, C, W, H): no layout the kernel takes
+            x = _input((4, 6, 8, 5), dtype, "contiguous", seed=step).transpose(2, 3)
+        else:
+            x = _input(shape, dtype, layout, seed=step)
+        assert x.shape == shape and cpu.usable(x) is kernel
+        before = dict(calls)
+        dy = torch.randn(shape, generator=torch.Generator().manual_seed(step), dtype=dtype)
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, y_t = ours(xo), theirs(xt)
+        grads = (y,) + torch.autograd.grad(y, (xo, ours.weight, ours.bias), dy)
+        grads_t = (y_t,) + torch.autograd.grad(y_t, (xt, theirs.weight, theirs.bias), dy)
+        used = calls["forward"] - before["forward"], calls["backward"] - before["backward"]
+        assert used == ((1, 1) if kernel and training else (0, 0)), (step, layout)
+        # (eval mode normalizes with running statistics that float32 steps rounded)
+        tol = 1e-12 if dtype == torch.float64 and training else 1e-5
+        for a, b in zip(grads, grads_t):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * 10)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):  # (float32 steps in their history)
+            torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-5, atol=1e-5)
+
+
+def test_an_absent_output_gradient_is_a_zero_gradient():
+    """A backward reached with no gradient for y (a later op returns none) gives zero gradients, as when
+    autograd materialised zeros, on the kernel and on the composed math."""
+    class Cut(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return None
+
+    x = _input((4, 3, 5), torch.float64, "contiguous").requires_grad_()
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    for create_graph in (False, True):
+        y = batch_norm(x, None, None, w, None, training=True)
+        loss = Cut.apply(y).sum() + (x * 0).sum() + (w * 0).sum()
+        dx, dw = torch.autograd.grad(loss, (x, w), create_graph=create_graph)
+        assert torch.equal(dx, torch.zeros_like(x)) and torch.equal(dw, torch.zeros_like(w))

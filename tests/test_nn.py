@@ -204,6 +204,31 @@ def test_nonfinite_batch_is_skipped_with_a_warning_naming_the_layer():
     assert int(layer.num_batches_tracked) == 2
 
 
+@pytest.mark.parametrize("warn", [None, True, False])
+def test_nonfinite_batch_never_reaches_the_running_statistics_whoever_decides(warn):
+    """On the host (warn_nonfinite None or True on CPU: checked, warned, counted) or on the device (False:
+    silent), a batch with an Inf leaves the running statistics as torch.nn.BatchNorm2d has them after the
+    healthy batches alone."""
+    layer, theirs = bnn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    layer.warn_nonfinite = warn
+    g = torch.Generator().manual_seed(0)
+    healthy = [torch.randn(4, 3, 2, 2, generator=g) * 2 + 1 for _ in range(2)]
+    bad = torch.randn(4, 3, 2, 2, generator=g)
+    bad[1, 2, 1, 0] = float("-inf")
+    layer(healthy[0])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        layer(bad)
+    assert [str(w.message).startswith("BatchNorm2d(3): the batch statistics are not finite") for w in seen] \
+        == ([] if warn is False else [True])
+    assert layer.skipped_updates == (0 if warn is False else 1)
+    layer(healthy[1])
+    for x in healthy:
+        theirs(x)
+    torch.testing.assert_close(layer.running_mean, theirs.running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.running_var, theirs.running_var, rtol=1e-6, atol=1e-6)
+
+
 def test_switches_survive_train_and_eval():
     layer = bnn.BatchNorm2d(3)
     layer.update_running_stats = False

@@ -41,6 +41,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
 
 from bnlab.dtypes import compute_dtype
 from bnlab.kernels import cpu as _cpu_kernel
@@ -199,11 +200,14 @@ class _BatchNormTrain(torch.autograd.Function):
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.save_for_backward(x, weight, shift, delta, var)
         ctx.mark_non_differentiable(shift, delta, var)
-        ctx.set_materialize_grads(True)
+        # the three statistics never carry a gradient: no zeros are made for them (dy is made when absent)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, dy: Tensor, _dshift, _ddelta, _dvar):
+    def backward(ctx, dy: Optional[Tensor], _dshift, _ddelta, _dvar):
         x, weight, shift, delta, var = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(x)
         if not torch.is_grad_enabled() and _cpu_kernel.usable(x, dy, weight):  # fused CPU kernel, single backward
             return _cpu_kernel.backward(dy, x, weight, shift, delta, var, ctx.eps, ctx.needs_input_grad,
                                         ctx.has_weight, ctx.has_bias) + (None,)
@@ -215,6 +219,20 @@ class _BatchNormTrain(torch.autograd.Function):
             d = x.to(shift.dtype) - _per_channel(shift, x)
         return _backward(dy, d, weight, delta, torch.rsqrt(var + ctx.eps), ctx.needs_input_grad,
                          ctx.has_weight, ctx.has_bias) + (None,)
+
+
+# torch.autograd.Function.apply binds the arguments to forward's signature (inspect.signature, tens of µs)
+# before calling the C apply; _BatchNormTrain.forward takes exactly the four positional arguments given, so
+# outside functorch transforms and torch.compile tracing (which need Function.apply itself) the C apply is
+# called directly, after the same unwrapping of dead functorch wrappers.
+_c_apply = super(torch.autograd.Function, _BatchNormTrain).apply
+
+
+def _train_apply(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
+    """``_BatchNormTrain.apply(x, weight, bias, eps)``, without its per-call signature binding."""
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return _BatchNormTrain.apply(x, weight, bias, eps)
+    return _c_apply(*_unwrap_dead_wrappers((x, weight, bias, eps)))
 
 
 def _backward(dy, d, weight, delta, inv_std, needs_grad, has_weight, has_bias):
@@ -319,13 +337,24 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     updated values are not finite in the running statistics' dtype (NaN/Inf input, or a float16 buffer
     that would overflow) the old values come back and ``finite`` is a ``False`` 0-dim tensor, decided on
     the device with no host synchronisation."""
+    new_mean, new_var, finite = _updated_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return torch.where(finite, new_mean, running_mean), torch.where(finite, new_var, running_var), finite
+
+
+def _updated_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int,
+                           momentum: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`update_running_stats` before the choice between old and new: the new values (whether finite
+    or not) and ``finite``, for a caller that reads ``finite`` on the host and keeps the old values itself."""
     unbiased = var * (count / (count - 1)) if count > 1 else var
-    new_mean = torch.lerp(running_mean, mean.to(running_mean.dtype), momentum)
-    new_var = torch.lerp(running_var, unbiased.to(running_var.dtype), momentum)
+    if mean.dtype != running_mean.dtype:   # (a same-dtype .to() is a no-op that still costs a dispatch)
+        mean = mean.to(running_mean.dtype)
+    if unbiased.dtype != running_var.dtype:
+        unbiased = unbiased.to(running_var.dtype)
+    new_mean = torch.lerp(running_mean, mean, momentum)
+    new_var = torch.lerp(running_var, unbiased, momentum)
     # a non-finite batch statistic makes its lerp non-finite (even at momentum 0: 0·inf is NaN), and so does
     # an update that overflows the buffers' dtype: one check of the sum covers all four
-    finite = torch.isfinite(new_mean + new_var).all()
-    return torch.where(finite, new_mean, running_mean), torch.where(finite, new_var, running_var), finite
+    return new_mean, new_var, torch.isfinite(new_mean + new_var).all()
 
 
 def empty_output(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
@@ -356,13 +385,17 @@ class BatchNormOutput(NamedTuple):
 def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                      weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                      training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-                     backend: str = "auto") -> BatchNormOutput:
+                     backend: str = "auto", *, host_checks_finite: bool = False) -> BatchNormOutput:
     """Batch norm that returns the new running statistics instead of writing them.
 
     The pure form of :func:`batch_norm`, for ``torch.func`` transforms. ``momentum`` follows PyTorch:
     ``new = (1 − momentum)·old + momentum·batch`` with the batch variance taken unbiased (``m/(m−1)``).
     When the batch statistics are not finite the running statistics come back unchanged and
     ``finite`` is ``False`` (no host synchronisation is needed to decide this).
+
+    ``host_checks_finite=True`` is for a caller that reads ``finite`` on the host and stores the new
+    running statistics only when it is true (as the layers of :mod:`bnlab.nn` do on CPU): the updated
+    values then come back as they are, finite or not, saving the device-side choice.
     """
     check_input(x, None if weight is None else weight.shape[0], training)
     if not training:
@@ -384,15 +417,15 @@ def batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Opt
     else:
         needs_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
         # without a graph to record, call the forward itself: apply()'s bookkeeping costs tens of µs per call
-        train = _BatchNormTrain.apply if needs_graph else _BatchNormTrain.forward
+        train = _train_apply if needs_graph else _BatchNormTrain.forward
         y, shift, delta, var = train(x, weight, bias, eps)
         mean = shift + delta
     if running_mean is None or running_var is None:
         finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
         new_mean, new_var = running_mean, running_var
     else:
-        new_mean, new_var, finite = update_running_stats(running_mean, running_var, mean, var,
-                                                         x.numel() // x.shape[1], momentum)
+        update = _updated_running_stats if host_checks_finite else update_running_stats
+        new_mean, new_var, finite = update(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     return BatchNormOutput(y, new_mean, new_var, mean, var, finite)
 
 

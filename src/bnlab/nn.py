@@ -110,7 +110,8 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         use_batch_stats, update = protocol.uses_batch_stats(self), protocol.updates_running_stats(self)
         stats = update or not use_batch_stats
         out = F.batch_norm_stats(x, self.running_mean if stats else None, self.running_var if stats else None,
-                                 self.weight, self.bias, use_batch_stats, momentum, self.eps, self.backend)
+                                 self.weight, self.bias, use_batch_stats, momentum, self.eps, self.backend,
+                                 host_checks_finite=update and self._checks_on_host(x.device))
         if update and out.finite is not None:
             self.commit_running_stats(out.running_mean, out.running_var, out.finite)
         return out.output
@@ -135,22 +136,29 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         self.commit_running_stats(*F.update_running_stats(self.running_mean, self.running_var, mean.detach(),
                                                           var.detach(), count, momentum))
 
-    def commit_running_stats(self, mean: Tensor, var: Tensor, finite: Tensor) -> None:
-        """Store the new running statistics; in eager mode, warn about (and count) a non-finite batch."""
-        with torch.no_grad():
-            if mean is not self.running_mean:
-                self.running_mean.copy_(mean)
-                self.running_var.copy_(var)
+    def _checks_on_host(self, device: torch.device) -> bool:
+        """Whether this forward reads the batch's finiteness on the host (``warn_nonfinite``; never while
+        ``torch.compile`` traces: the decision then stays on the device, a host check would break the graph)."""
         if torch.compiler.is_compiling():
-            return   # the decision stays on the device; the host-side check would break the graph
-        check = self.warn_nonfinite if self.warn_nonfinite is not None else finite.device.type == "cpu"
-        if check and not bool(finite):
+            return False
+        return self.warn_nonfinite if self.warn_nonfinite is not None else device.type == "cpu"
+
+    def commit_running_stats(self, mean: Tensor, var: Tensor, finite: Tensor) -> None:
+        """Store the new running statistics; where the host checks (:meth:`_checks_on_host`), only for a
+        finite batch, warning about (and counting) a non-finite one. Elsewhere ``mean`` and ``var`` must
+        already be the old values for a non-finite batch (:func:`bnlab.functional.update_running_stats`)."""
+        if self._checks_on_host(finite.device) and not bool(finite):
             self.skipped_updates += 1
             self.num_batches_tracked.sub_(1)
             warnings.warn(f"{self.layer_name}: the batch statistics are not finite (NaN or Inf in the input, or "
                           f"an overflow of the {self.running_var.dtype} running statistics); the running "
                           f"statistics were not updated for this batch ({self.skipped_updates} skipped so far)",
                           RuntimeWarning, stacklevel=3)
+            return
+        with torch.no_grad():
+            if mean is not self.running_mean:
+                self.running_mean.copy_(mean)
+                self.running_var.copy_(var)
 
 
 def fx_batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -188,20 +188,49 @@ def _layout(x: Tensor) -> Optional[str]:
     return "rows"
 
 
+# (shape, strides) -> _geometry's answer, or None for a layout the kernels do not take: a pure function of
+# the key (no data pointer, dtype or device is involved), kept for the few shapes a training loop repeats
+_GEOMETRY: dict[tuple, Optional[tuple[str, int, int, int]]] = {}
+_GEOMETRY_LIMIT = 4096
+
+
+def _geometry(x: Tensor) -> Optional[tuple[str, int, int, int]]:
+    """Layout, N (or M rows), C, S (values per channel per sample); ``None`` when :func:`_layout` is."""
+    key = (x.shape, x.stride())
+    try:
+        return _GEOMETRY[key]
+    except KeyError:
+        pass
+    layout = _layout(x)
+    n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    geometry = None if layout is None else (layout, n, c, s) if layout == "planar" else (layout, n * s, c, s)
+    if len(_GEOMETRY) >= _GEOMETRY_LIMIT:
+        _GEOMETRY.clear()
+    _GEOMETRY[key] = geometry
+    return geometry
+
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def _plain(t: Optional[Tensor]) -> bool:
-    return t is None or (type(t) in (Tensor, torch.nn.Parameter)
-                         and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+    return t is None or (type(t) in _PLAIN_TYPES and not _is_wrapped(t))
 
 
 def usable(x: Tensor, *others: Optional[Tensor]) -> bool:
     """Whether :func:`forward`/:func:`backward` can take ``x`` (and the other tensors of the call)."""
-    if not enabled() or x.device.type != "cpu" or x.dtype not in _SUFFIX or x.numel() == 0 or x.dim() < 2:
+    # the cheap attribute checks first; then the tracing/transform state, the layout, the switch
+    if not x.is_cpu or x.dtype not in _SUFFIX or x.dim() < 2 or x.numel() == 0:
         return False
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
         return False
-    if not all(_plain(t) for t in (x, *others)) or _layout(x) is None:
+    if not _plain(x) or _geometry(x) is None:
         return False
-    return library() is not None
+    for t in others:
+        if not _plain(t):
+            return False
+    return enabled() and library() is not None
 
 
 def _vector(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -213,13 +242,6 @@ def _vector(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
-
-
-def _geometry(x: Tensor) -> tuple[str, int, int, int]:
-    """Layout, N (or M rows), C, S (values per channel per sample)."""
-    n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    layout = _layout(x)
-    return (layout, n, c, s) if layout == "planar" else (layout, n * s, c, s)
 
 
 def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -248,20 +270,26 @@ def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], shift: Tensor, del
     ``None`` when not needed; dx in x's memory format."""
     lib, dtype, suffix = library(), x.dtype, _SUFFIX[x.dtype]
     layout, rows, channels, spatial = _geometry(x)
-    dy = dy.to(dtype)
+    if dy.dtype != dtype:
+        dy = dy.to(dtype)
     if dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)  # e.g. an expanded gradient from .sum().backward()
     dweight, dbias = torch.empty(channels, dtype=dtype), torch.empty(channels, dtype=dtype)
     dx = torch.empty_like(x) if needs_input_grad[0] else None
     w = _vector(weight, dtype) if has_weight else None
-    shift, delta, var = (_vector(t, dtype) for t in (shift, delta, var))
+    shift, delta, var = _vector(shift, dtype), _vector(delta, dtype), _vector(var, dtype)
     vectors = (_ptr(w), shift.data_ptr(), delta.data_ptr(), var.data_ptr(), dweight.data_ptr(), dbias.data_ptr())
     sizes = (rows, channels, spatial) if layout == "planar" else (rows, channels)
     status = getattr(lib, f"bn_backward_{layout}_{suffix}")(x.data_ptr(), dy.data_ptr(), _ptr(dx), *vectors,
                                                             *sizes, float(eps), torch.get_num_threads())
     if status != 0:
         raise MemoryError("bnlab batch_norm (CPU kernel): out of memory for the per-thread sums")
-    dweight = dweight.to(weight.dtype) if has_weight and needs_input_grad[1] else None
-    dbias = (dbias.to(dy.dtype if weight is None else weight.dtype)
+    dweight = _cast(dweight, weight.dtype) if has_weight and needs_input_grad[1] else None
+    dbias = (_cast(dbias, dy.dtype if weight is None else weight.dtype)
              if has_bias and needs_input_grad[2] else None)
     return dx, dweight, dbias
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, skipping the call (a dispatch) when it would return ``t`` itself."""
+    return t if t.dtype == dtype else t.to(dtype)
