@@ -108,7 +108,7 @@ _SHARED = {
              "val_eval_size": 64, "eval_every": 2},
     "quick": {"description": "about 7 minutes on 2 idle CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 6 seeds",
               "dataset": "mnist1d", "seeds": [0, 1, 2, 3, 4, 5], "tune_seeds": 2, "width": 0.5, "depth": 8, "val_size": 500,
-              "val_eval_size": 500, "eval_every": 8},
+              "val_eval_size": 500, "eval_every": 16},
     "standard": {"description": "≤ 1 hour on CPU: MNIST-1D, longer runs, wider grids, depths to 44, 10 seeds",
                  "dataset": "mnist1d", "seeds": list(range(10)), "tune_seeds": 3, "width": 0.5, "depth": 8, "val_size": 500,
                  "val_eval_size": 500, "eval_every": 10},
