@@ -39,20 +39,21 @@ def test_tuned_claims_count_their_second_round():
     counts = count_runs(profile, [1, 3, 5])
     arms3 = 6  # BN, ghost 8, ghost 4, GroupNorm, none, none + weight decay; 2 rates each
     assert len(counts[3].own) == arms3 * (2 * 2 + 4)
-    # claim 1: 4 BN arms and none, 2 rates each; BN and none at lr 0.1 on every seed for gradient ICS (0.1 is
-    # in none's grid: its tuning runs are shared; on the other seeds the placeholder tie picks 0.03, so +4)
-    assert len(counts[1].own) == 5 * (2 * 2 + 4) + 6 + 4
+    # claim 1: BN over 3 rates, the 3 noisy arms and none over 2, on the tuning seeds, one rate on the other 4;
+    # BN and none at lr 0.1 on every seed for gradient ICS (0.1 is in both grids: the tuning runs are shared;
+    # on the other seeds the placeholder tie picks each grid's smallest rate, 0.1 for BN, 0.03 for none: +4)
+    assert len(counts[1].own) == (3 * 2 + 4) + 4 * (2 * 2 + 4) + 4
     # claim 5: 2 depths x 4 cells x 3 rates on 2 seeds + 1 rate on 4 seeds; signal runs: 3 depths x 6 arms
     # (the 4 cells, SkipInit, Fixup) x 6 seeds
     assert len(counts[5].own) == 2 * 4 * (3 * 2 + 4) + 3 * 6 * 6
 
 
 def test_later_round_bounds_from_the_profile():
-    # quick: 4 arms, 6 rates, 1 batch size, max_extensions 2, 6 seeds (hand-derived)
+    # quick: 4 arms, 5 rates, 1 batch size, max_extensions 2, 6 seeds (hand-derived)
     profile = get_profile("quick")
     assert (len(profile["lr"]["arms"]), len(profile["lr"]["lrs"]), profile["lr"]["max_extensions"],
-            len(profile["seeds"]), len(profile["lr"]["batch_sizes"])) == (4, 6, 2, 6, 1)
-    assert later_rounds(profile, [1, 2, 3, 4, 5]) == {2: 4 * 2 * 6 + 4 * (6 + 2) * 6, 4: 0}
+            len(profile["seeds"]), len(profile["lr"]["batch_sizes"])) == (4, 5, 2, 6, 1)
+    assert later_rounds(profile, [1, 2, 3, 4, 5]) == {2: 4 * 2 * 6 + 4 * (5 + 2) * 6, 4: 0}
     assert later_rounds(profile, [4]) == {4: 4 * 2 * 6}
     assert later_rounds(profile, [1, 3, 5]) == {}
 

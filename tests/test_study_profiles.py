@@ -75,3 +75,17 @@ def test_overrides_are_validated_and_name_the_argument():
         with_overrides(get_profile("tiny"), device="tpu")
     assert with_overrides(get_profile("tiny"), dataset="digits")["regularize"]["dataset"] == "digits"
     assert with_overrides(get_profile("quick"), seeds=2)["seeds"] == [0, 1]
+
+
+def test_claim2_arms_must_be_swept_and_hold_bn_and_none():
+    profile = get_profile("quick")
+    profile["lr"]["arms"] = ["bn", "none"]
+    profile["speed"]["arms"] = ["bn", "none", "fixup"]  # Fixup has no validated rate without the sweep
+    with pytest.raises(UserError, match=r"speed.arms .* must be among lr.arms"):
+        with_overrides(profile)
+    profile["speed"]["arms"] = ["bn"]
+    with pytest.raises(UserError, match=r"speed.arms: .*must hold 'bn' and 'none'"):
+        with_overrides(profile)
+    profile["speed"]["arms"], profile["speed"]["plateau_epochs"] = ["bn", "none"], profile["speed"]["epochs"] - 1
+    with pytest.raises(UserError, match="plateau_epochs .* must be at least epochs"):
+        with_overrides(profile)

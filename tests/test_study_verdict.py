@@ -362,6 +362,7 @@ def test_rates_are_chosen_on_the_tuning_seeds_and_the_other_seeds_run_only_the_c
     assert {(s["lr"], s["seed"]) for s in specs if s["seed"] >= 2} == {(0.2, s) for s in range(2, 6)}
     result = claim_regularize.analyze(profile, results)
     assert {row[1] for row in result.tables[0]["rows"]} == {"0.200"}
+    assert "seeds 0, 1, which ran every rate" in result.caveats[0] and "other 4 seeds" in result.caveats[0]
 
 
 def test_claim3_chooses_among_the_rates_at_which_the_arm_fits():
@@ -392,11 +393,13 @@ def test_claim2_target_comes_from_the_unnormalized_plateau_run_and_a_censored_ar
         if spec.get("schedule") != "constant":
             acc = 0.8 if spec["lr"] == 0.1 else 0.6
             return _row(val=acc, test=acc)
-        n = 60 if spec["norm"] == "none" else 20  # the plateau run is 3× longer
+        n = 60 if spec["epochs"] == 6 else 20  # the plateau run is 3× longer
         steps = list(range(1, n + 1))
         if spec["norm"] == "none":  # climbs to 0.8 at step 40, then stays
             accs = [0.8 * min(1.0, s / 40) for s in steps]
-        elif spec["norm"] == "bn" and spec["seed"] == 0:  # never reaches 0.72 within its 20 steps
+        elif spec["norm"] == "bn" and spec["seed"] == 0:  # reaches 0.72 at step 45: not within its 20 steps
+            accs = [0.8 * min(1.0, s / 50) for s in steps]
+        elif spec["norm"] == "bn" and spec["seed"] == 1:  # never reaches 0.72, even when run longer
             accs = [0.5] * n
         else:
             accs = [0.8 * min(1.0, s / 10) for s in steps]
@@ -406,6 +409,11 @@ def test_claim2_target_comes_from_the_unnormalized_plateau_run_and_a_censored_ar
     parts, facts = claim_speed.decide(profile, results)
     assert facts["targets"] == pytest.approx([0.72] * 6)  # 0.9 × the plateau 0.8
     assert facts["steps"]["none"] == [36.0] * 6  # 0.8 × 36/40 = 0.72
-    assert facts["steps"]["bn"] == [60.0] + [9.0] * 5  # seed 0 never reached: the plateau run's 60 steps
-    assert facts["censored"]["bn"] == 1 and facts["common_steps"] == 20
-    assert parts[0].effect.values[0] == pytest.approx(math.log10(36 / 60))  # counts against BN
+    # seeds 0 and 1 had not reached the target after 2 epochs: both ran again for the plateau's 6 epochs;
+    # seed 0 then reached it at step 45, seed 1 never did and counts the plateau run's 60 steps
+    assert facts["extended"]["bn"] == [0, 1] and facts["extended"]["skipinit"] == []
+    longer = [s for s in results.values() if s["status"] == "done" and s["result"]["steps"] == 60]
+    assert len(longer) == 6 + 2  # none's six plateau runs and BN's two longer ones
+    assert facts["steps"]["bn"] == [45.0, 60.0] + [9.0] * 4
+    assert facts["censored"]["bn"] == 1 and facts["common_steps"] == 20  # never, even run longer
+    assert parts[0].effect.values[1] == pytest.approx(math.log10(36 / 60))  # counts against BN

@@ -51,8 +51,10 @@ def _ghost_groups(x: Tensor, groups: int, weight: Optional[Tensor], bias: Option
                              None if bias is None else bias.repeat(groups), True, 0.0, eps, backend)
     y = out.output.reshape(size, groups, channels, *rest).transpose(0, 1).reshape(x.shape)
     count = size * (x[0].numel() // channels)
-    parts = zip(out.batch_mean.reshape(groups, channels), out.batch_var.reshape(groups, channels))
-    return y, F.merge_moments(*(F.Moments(count, m, v * count) for m, v in parts))
+    means, variances = out.batch_mean.reshape(groups, channels), out.batch_var.reshape(groups, channels)
+    mean = means.mean(0)  # groups of equal size: the law of total variance, vectorized over the groups
+    var = variances.mean(0) + (means - mean).pow(2).mean(0)
+    return y, F.Moments(count * groups, mean, var * (count * groups))
 
 
 def ghost_batch_norm(x: Tensor, virtual_batch_size: int, weight: Optional[Tensor] = None,

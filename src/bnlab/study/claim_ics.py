@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from bnlab.study.common import fmt_ci, lookup, paper_table, seed_list, tuned, tuning_seeds
+from bnlab.study.common import fmt_ci, lookup, paper_table, seed_list, tuned, tuning_caveat, tuning_seeds
 from bnlab.study.metrics import first_index_at_or_below, log_mean_ci, step_changes
 from bnlab.study.specs import make_spec, spec_key, unique_specs
 from bnlab.study.style import LINESTYLES, arm_color, band, figure, legend_outside
@@ -161,7 +161,8 @@ PRESETS = {
     "tiny": {**_COMMON, "arms": _ARMS, "lrs": {"bn": [0.1], "none": [0.05, 0.1], "noisy_bn": [0.1]},
              "ics_lr": 0.1, "steps": 6, "batch_size": 32, "measure_every": 2, "record_every": 1, "eval_every": 3,
              "val_eval_size": 64, "recal_batches": 2, "step_sizes": [0.1, 0.4]},
-    "quick": {**_COMMON, "arms": _ARMS, "lrs": {"bn": [0.3, 1.0], "none": [0.03, 0.1], "noisy_bn": [0.3, 1.0]},
+    # BN's grid includes ics_lr: its runs there are the gradient-ICS runs every seed has anyway
+    "quick": {**_COMMON, "arms": _ARMS, "lrs": {"bn": [0.1, 0.3, 1.0], "none": [0.03, 0.1], "noisy_bn": [0.3, 1.0]},
               "ics_lr": 0.1, "steps": 500, "batch_size": 64, "measure_every": 40},
     "standard": {**_COMMON, "arms": _ARMS, "lrs": {"bn": [0.1, 0.3, 1.0], "none": [0.03, 0.1, 0.3],
                                                    "noisy_bn": [0.1, 0.3, 1.0]},
@@ -415,7 +416,8 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
     return ClaimResult(
         number=NUMBER, title=TITLE, verdict=verdict, literature=LITERATURE, rule=RULE, expected=EXPECTED,
         finding=FINDING, failed_runs=failed, tables=tables,
-        caveats=[f"{cfg['steps']} plain-SGD steps of a width-{profile['width']} ResNet-{profile['depth']} on "
+        caveats=[tuning_caveat(profile),
+                 f"{cfg['steps']} plain-SGD steps of a width-{profile['width']} ResNet-{profile['depth']} on "
                  f"{profile['dataset']}, {len(seeds)} seeds; Santurkar et al. used VGG and deep linear nets on "
                  f"CIFAR-10: {STAND_IN}.",
                  "Gradient ICS is measured with plain SGD at one common learning rate, not at each arm's best; "

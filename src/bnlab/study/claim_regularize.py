@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFlo
 from bnlab.study import style
 from bnlab.study.common import (DIFF_BOUNDS, analyze as _analyze, arm_label, final_pct, fmt,
                                 fmt_ci, lookup, mean_ci, paper_table, train_spec,
-                                tuned)
+                                tuned, tuning_caveat)
 from bnlab.study.verdict import SUPPORTED, ClaimResult, Part, Rule, Verdict, paired_effect
 
 NUMBER = 3
@@ -189,7 +189,8 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
     return ClaimResult(
         number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING, expected=EXPECTED,
         verdict=Verdict.from_parts(parts, f"gap none − BN: {parts[0].effect.interval.text(1)}", explanation),
-        caveats=[f"{cfg['subset']} training examples of {cfg.get('dataset') or profile['dataset']} where Hoffer et al. "
+        caveats=[tuning_caveat(profile),
+                 f"{cfg['subset']} training examples of {cfg.get('dataset') or profile['dataset']} where Hoffer et al. "
                  "and Luo et al. use full CIFAR/ImageNet: a small subset is how every arm can fit its training data "
                  "within the budget, which the comparison at matched training accuracy needs.",
                  "No data augmentation or dropout: the gaps are those of the architectures alone.",

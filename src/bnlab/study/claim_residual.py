@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, f
 
 from bnlab.study import claim_lr, style
 from bnlab.study.common import (analyze as _analyze, arm_label, by_seed, final_pct, fmt_ci, lookup, mean_ci,
-                                paper_table, tuned)
+                                paper_table, tuned, tuning_caveat)
 from bnlab.study.specs import make_spec
 from bnlab.study.verdict import SUPPORTED, ClaimResult, Part, Rule, Verdict, paired_effect
 
@@ -185,7 +185,8 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
         number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING, expected=EXPECTED,
         verdict=Verdict.from_parts(parts, f"BN × residual interaction at depth {deepest}: "
                                           f"{parts[0].effect.interval.text(1)}", explanation),
-        caveats=[f"Depths {cfg['train_depths']} of a width-{profile['width']} ResNet on {profile['dataset']} trained "
+        caveats=[tuning_caveat(profile),
+                 f"Depths {cfg['train_depths']} of a width-{profile['width']} ResNet on {profile['dataset']} trained "
                  f"with claim 4's budget, where He et al. train CIFAR ResNets to depth 110 to convergence: the 2×2 "
                  f"factorial needs every cell at several rates, which at full depth would not fit the budget.",
                  "The width is reduced; narrow networks propagate signals more noisily.",

@@ -6,8 +6,8 @@ of the same number of steps for every arm, so an arm's curve is not shaped by wh
 ends. As Ioffe & Szegedy did, the target is set by the unnormalized network trained to its plateau: that
 arm runs ``plateau_epochs`` (the others ``epochs``), and the target is a fixed fraction of the best
 validation accuracy it reaches (per seed). We count the steps each arm needs to first reach it on
-validation (an arm that never does counts as needing the plateau run's whole budget, which can only
-shrink BN's advantage), and the mean training loss over the steps every arm ran. SkipInit and Fixup (both
+validation (an arm that has not reached it after ``epochs`` runs again for the plateau budget, in a later
+round; one that never does counts as needing that whole budget, which can only shrink BN's advantage), and the mean training loss over the steps every arm ran. SkipInit and Fixup (both
 with warm-up) are reported as the fraction of BN's speed-up (in log steps) they recover, with a paired
 bootstrap interval.
 """
@@ -15,11 +15,11 @@ bootstrap interval.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 from scipy import stats
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from bnlab.study import claim_lr, style
 from bnlab.study.common import (analyze as _analyze, arm_label, by_seed, fmt_ci, lookup, mean_ci, paper_table,
@@ -51,19 +51,29 @@ RULE = ("Per seed, the target is a fixed fraction of the unnormalized arm's plat
         "accuracy over the longer run); every arm at its validated learning rate (the next lower rate of the grid "
         "if a seed diverges at it without the sweep's decay). "
         + " ".join(f"Part {i + 1}, {r.text()}." for i, r in enumerate(RULES))
-        + " An arm that never reaches the target counts as needing the unnormalized arm's whole (longer) budget, "
-          "which can only shrink BN's advantage; the loss part averages over the steps every arm ran.")
+        + " An arm that has not reached the target after its epochs is run again for the unnormalized arm's "
+          "(longer) budget; one that never reaches it counts as needing that whole budget, which can only shrink "
+          "BN's advantage. The loss part averages over the steps every arm ran.")
 
 
 class Config(BaseModel):
     """The ``speed`` section: the longer runs at each arm's validated rate."""
 
     model_config = ConfigDict(extra="forbid")
+    arms: Optional[list[Literal["bn", "none", "skipinit", "fixup"]]] = Field(
+        None, description="the arms of the longer runs, among the sweep's (unset: all of the sweep's arms)")
     epochs: PositiveInt
     plateau_epochs: Optional[PositiveInt] = Field(
         None, description="the unnormalized arm's run, long enough to reach its plateau (unset: epochs)")
     target_fraction: float = Field(0.97, gt=0.5, le=1.0)
     warmup_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="of epochs; the same steps for every arm")
+
+    @field_validator("arms")
+    @classmethod
+    def _bn_and_none(cls, arms):
+        if arms is not None and ("bn" not in arms or "none" not in arms or len(set(arms)) != len(arms)):
+            raise ValueError(f"must hold 'bn' and 'none', each once (got {arms})")
+        return arms
 
     @model_validator(mode="after")
     def _plateau_at_least_epochs(self):
@@ -74,7 +84,9 @@ class Config(BaseModel):
 
 PRESETS = {
     "tiny": {"epochs": 1, "plateau_epochs": 2, "target_fraction": 0.9},
-    "quick": {"epochs": 8, "plateau_epochs": 24, "target_fraction": 0.97},
+    # quick: the verdict's two arms only (SkipInit and Fixup, validated by the 2-epoch sweep, did not reach the
+    # target within the budget in any seed of a trial run: their recovery is measured by standard and full)
+    "quick": {"arms": ["bn", "none"], "epochs": 8, "plateau_epochs": 24, "target_fraction": 0.97},
     "standard": {"epochs": 10, "plateau_epochs": 30, "target_fraction": 0.97},
     "full": {"epochs": 30, "plateau_epochs": 90, "target_fraction": 0.97},
 }
@@ -82,16 +94,24 @@ PRESETS = {
 
 # ------------------------------------------------------------------------------------------------ measure
 
+def arms(profile: dict) -> list[str]:
+    return list(profile["speed"].get("arms") or profile["lr"]["arms"])
+
+
+def _plateau(profile: dict) -> int:
+    return profile["speed"].get("plateau_epochs") or profile["speed"]["epochs"]
+
+
 def _epochs(profile: dict, norm: str) -> int:
-    cfg = profile["speed"]
-    return (cfg.get("plateau_epochs") or cfg["epochs"]) if norm == "none" else cfg["epochs"]
+    return _plateau(profile) if norm == "none" else profile["speed"]["epochs"]
 
 
-def _spec(profile: dict, norm: str, lr: float, seed: int) -> dict:
-    """One longer run: the unnormalized arm for ``plateau_epochs``, the others for ``epochs``; the warm-up
-    is ``warmup_fraction`` of ``epochs`` in every arm (the same steps), then the rate stays constant."""
+def _spec(profile: dict, norm: str, lr: float, seed: int, epochs: Optional[int] = None) -> dict:
+    """One longer run: the unnormalized arm for ``plateau_epochs``, the others for ``epochs`` (or the given
+    ``epochs``); the warm-up is ``warmup_fraction`` of ``epochs`` in every run (the same steps), then the
+    rate stays constant."""
     cfg = profile["speed"]
-    epochs = _epochs(profile, norm)
+    epochs = epochs or _epochs(profile, norm)
     return train_spec(profile, norm=norm, lr=lr, batch_size=profile["lr"]["batch_sizes"][0], seed=seed,
                       epochs=epochs, schedule="constant", warmup_fraction=cfg["warmup_fraction"] * cfg["epochs"] / epochs)
 
@@ -125,8 +145,31 @@ def measure(profile: dict, results: Optional[dict] = None) -> list[dict]:
     b0 = profile["lr"]["batch_sizes"][0]
     out = [claim_lr.sweep_spec(profile, a, lr, b0, s) for a in profile["lr"]["arms"]
            for lr in claim_lr.grid(profile, results, b0, a)[0] for s in profile["seeds"]]
-    for a in profile["lr"]["arms"]:
+    for a in arms(profile):
         out += [_spec(profile, a, lr, s) for lr in _rates(profile, results, a) for s in profile["seeds"]]
+    return out + [spec for a in arms(profile) if a != "none" for spec in _extensions(profile, results, a).values()]
+
+
+def _target(profile: dict, row: Optional[dict]) -> float:
+    """The target a seed's unnormalized plateau run sets (NaN until it finished)."""
+    accs = [v for v in _curve(row).get("val_acc", []) if v is not None]
+    return profile["speed"]["target_fraction"] * max(accs) if accs and row["status"] == "done" else math.nan
+
+
+def _extensions(profile: dict, results: Optional[dict], arm: str) -> dict:
+    """seed → the plateau-length run of ``arm`` for each seed whose ``epochs`` run finished without reaching
+    its target: a later round runs the arm as long as the unnormalized one, so that a slower arm is
+    measured rather than censored."""
+    lr, rows = _runs(profile, results, arm)
+    none_rows = _runs(profile, results, "none")[1]
+    out = {}
+    if lr is None or _plateau(profile) == profile["speed"]["epochs"]:
+        return out
+    for seed, row, none_row in zip(profile["seeds"], rows, none_rows):
+        target = _target(profile, none_row)
+        if (row is not None and row["status"] == "done" and math.isfinite(target)
+                and steps_to_target(_curve(row)["step"], _curve(row)["val_acc"], target) is None):
+            out[seed] = _spec(profile, arm, lr, seed, epochs=_plateau(profile))
     return out
 
 
@@ -146,25 +189,27 @@ def _curve(row) -> dict:
 
 
 def decide(profile: dict, results: dict) -> tuple[list[Part], dict]:
-    seeds, arms, fraction = profile["seeds"], profile["lr"]["arms"], profile["speed"]["target_fraction"]
-    runs = {a: _runs(profile, results, a) for a in arms}
-    targets = []
-    for row in runs["none"][1]:
-        accs = [v for v in _curve(row).get("val_acc", []) if v is not None]
-        targets.append(fraction * max(accs) if accs and row["status"] == "done" else math.nan)
+    seeds, arms_ = profile["seeds"], arms(profile)
+    runs = {a: _runs(profile, results, a) for a in arms_}
+    targets = [_target(profile, row) for row in runs["none"][1]]
+    extended = {a: {seed: lookup(results, spec) for seed, spec in _extensions(profile, results, a).items()}
+                for a in arms_ if a != "none"}
     budgets = [float(row["result"]["steps"]) if row is not None and row["status"] == "done" else math.nan
                for row in runs["none"][1]]  # the plateau run's length: what a run that never reached counts as
-    common = min((len((r or {}).get("result", {}).get("losses") or []) for a in arms for r in runs[a][1]
+    common = min((len((r or {}).get("result", {}).get("losses") or []) for a in arms_ for r in runs[a][1]
                   if r is not None and r["status"] == "done"), default=0)  # steps every finished run has
     steps, areas, censored = {}, {}, {}
-    for a in arms:
+    for a in arms_:
         steps[a], areas[a], censored[a] = [], [], 0
-        for row, target, budget in zip(runs[a][1], targets, budgets):
+        for seed, row, target, budget in zip(seeds, runs[a][1], targets, budgets):
             curve = _curve(row)
             if row is None or not curve.get("step") or not math.isfinite(target):
                 steps[a].append(math.nan), areas[a].append(math.nan)
                 continue
             reached = steps_to_target(curve["step"], curve["val_acc"], target) if row["status"] == "done" else None
+            longer = extended.get(a, {}).get(seed)
+            if reached is None and longer is not None and longer["status"] == "done":
+                reached = steps_to_target(_curve(longer)["step"], _curve(longer)["val_acc"], target)
             if reached is None:
                 censored[a] += 1
             steps[a].append(float(reached if reached is not None else max(budget, row["result"]["steps"])))
@@ -176,9 +221,10 @@ def decide(profile: dict, results: dict) -> tuple[list[Part], dict]:
     parts = [Part(RULES[0], paired_effect(logs(steps["none"]), logs(steps["bn"]), "decades")),
              Part(RULES[1], paired_effect(logs(areas["none"]), logs(areas["bn"]), "decades"))]
     none_l, bn_l = logs(steps["none"]), logs(steps["bn"])
-    recovery = {a: _recovery(none_l, logs(steps[a]), bn_l) for a in ("skipinit", "fixup") if a in arms}
+    recovery = {a: _recovery(none_l, logs(steps[a]), bn_l) for a in ("skipinit", "fixup") if a in arms_}
     return parts, {"runs": runs, "targets": targets, "steps": steps, "areas": areas, "censored": censored,
-                   "recovery": recovery, "common_steps": common}
+                   "recovery": recovery, "common_steps": common,
+                   "extended": {a: sorted(e) for a, e in extended.items()}}
 
 
 def _recovery(none_l: dict, arm_l: dict, bn_l: dict) -> tuple[float, float, float]:
@@ -202,15 +248,16 @@ def _recovery(none_l: dict, arm_l: dict, bn_l: dict) -> tuple[float, float, floa
 # ------------------------------------------------------------------------------------------------ render
 
 def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> ClaimResult:
-    arms, steps = profile["lr"]["arms"], facts["steps"]
+    steps = facts["steps"]
     rows = []
-    for a in arms:
+    for a in arms(profile):
         lr = facts["runs"][a][0]
         rows.append([arm_label(a), "n/a" if lr is None else f"{lr:g}", fmt_ci(mean_ci(steps[a]), 0),
                      str(facts["censored"][a]), fmt_ci(mean_ci(facts["areas"][a]), 3),
                      fmt_ci(facts["recovery"][a], 2) if a in facts["recovery"] else "—"])
     table = {"title": "Steps to the target (a fraction of the unnormalized arm's validation plateau)",
-             "columns": ["arm", "lr (validated; lower if it diverged)", "steps to target", "runs that never reached it",
+             "columns": ["arm", "lr (validated; lower if it diverged)", "steps to target",
+                         "runs that never reached it (even run longer)",
                          f"mean training loss (first {facts['common_steps']} steps)",
                          "fraction of BN's speed-up recovered"], "rows": rows}
     speed, area = parts
@@ -221,7 +268,12 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
         f"BN reached it in {fmt_ci(mean_ci(steps['bn']), 0)} steps against {fmt_ci(mean_ci(steps['none']), 0)} "
         f"without normalization (≈{ratio:.3g}× fewer). {speed.text()}. {area.text(3)}. " + " ".join(
             f"{arm_label(a)} recovers {fmt_ci(v, 2)} of BN's speed-up (1 = all of it, 0 = none)."
-            for a, v in facts["recovery"].items()))
+            for a, v in facts["recovery"].items())
+        + "".join(f" {arm_label(a)} had not reached the target after {profile['speed']['epochs']} epochs in seed(s) "
+                  f"{', '.join(map(str, e))}, which ran again for {_plateau(profile)} epochs."
+                  for a, e in facts["extended"].items() if e)
+        + ("" if "skipinit" in arms(profile) and "fixup" in arms(profile) else
+           " SkipInit and Fixup are not among this profile's arms for the longer runs (speed.arms)."))
     return ClaimResult(
         number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING, expected=EXPECTED,
         verdict=Verdict.from_parts(parts, f"log10 steps to the target, none − BN: {speed.effect.interval.text()}",

@@ -13,7 +13,7 @@ from bnlab.study.specs import make_spec, spec_key
 from bnlab.study.verdict import NO_VERDICT, ClaimResult, Interval
 
 __all__ = ["base_fields", "train_spec", "lookup", "count_failed", "final_loss", "final_pct", "stable",
-           "choose_lr", "tuning_seeds", "tuned", "seed_list", "by_seed", "analyze", "ARM_LABELS", "arm_label", "fmt", "fmt_ci",
+           "choose_lr", "tuning_seeds", "tuned", "tuning_caveat", "seed_list", "by_seed", "analyze", "ARM_LABELS", "arm_label", "fmt", "fmt_ci",
            "ACC_BOUNDS", "DIFF_BOUNDS"]
 
 ACC_BOUNDS = (0.0, 100.0)       # an accuracy in percent
@@ -119,6 +119,17 @@ def tuned(profile: dict, results: Optional[dict], lrs: Sequence[float], spec_of,
     if lr is not None:
         specs += [spec_of(lr, s) for s in profile["seeds"] if s not in tune]
     return specs, lr
+
+
+def tuning_caveat(profile: dict) -> str:
+    """The caveat of a claim whose rates are chosen on the tuning seeds (see :func:`tuned`)."""
+    tune, seeds = tuning_seeds(profile), profile["seeds"]
+    if len(tune) == len(seeds):
+        return "Every seed ran every learning rate of the grid; the rate was chosen on mean validation accuracy."
+    return (f"Learning rates were chosen on the mean validation accuracy of seeds {seed_list(tune)}, which ran "
+            f"every rate of the grid; the other {len(seeds) - len(tune)} seeds ran only the chosen rate (so each "
+            "extra seed costs one run per arm). Every seed's reported numbers come from the chosen rate, and no "
+            "choice sees the test set.")
 
 
 def seed_list(seeds) -> str:

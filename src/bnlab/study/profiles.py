@@ -80,6 +80,14 @@ class Shared(BaseModel):
         return device
 
     @model_validator(mode="after")
+    def _speed_arms_are_swept(self):
+        speed, sweep = getattr(self, "speed", None), getattr(self, "lr", None)
+        if speed is not None and sweep is not None and speed.arms and not set(speed.arms) <= set(sweep.arms):
+            raise ValueError(f"speed.arms {speed.arms} must be among lr.arms {sweep.arms} (claim 2 trains each arm "
+                             f"at the rate claim 4's sweep validated)")
+        return self
+
+    @model_validator(mode="after")
     def _cuda_when_required(self):
         if self.requires_cuda and not self.device.startswith("cuda"):
             raise ValueError(f"profile {self.name!r} requires a CUDA GPU (requires_cuda: true), got device "
