@@ -53,7 +53,10 @@ def test_later_round_bounds_from_the_profile():
     profile = get_profile("quick")
     assert (len(profile["lr"]["arms"]), len(profile["lr"]["lrs"]), profile["lr"]["max_extensions"],
             len(profile["seeds"]), len(profile["lr"]["batch_sizes"])) == (4, 5, 2, 6, 1)
-    assert later_rounds(profile, [1, 2, 3, 4, 5]) == {2: 4 * 2 * 6 + 4 * (5 + 2) * 6, 4: 0}
+    # claim 2: the sweep's extensions, its 2 arms' longer runs at every rate of the extended grid, and BN's
+    # rerun for the plateau budget in every seed
+    assert profile["speed"]["arms"] == ["bn", "none"]
+    assert later_rounds(profile, [1, 2, 3, 4, 5]) == {2: 4 * 2 * 6 + 2 * (5 + 2) * 6 + 6, 4: 0}
     assert later_rounds(profile, [4]) == {4: 4 * 2 * 6}
     assert later_rounds(profile, [1, 3, 5]) == {}
 
