@@ -49,15 +49,15 @@ def test_tuned_claims_count_their_second_round():
 
 
 def test_later_round_bounds_from_the_profile():
-    # quick: 4 arms, 5 rates, 1 batch size, max_extensions 2, 6 seeds (hand-derived)
+    # quick: 2 arms, 5 rates, 1 batch size, max_extensions 2, 6 seeds (hand-derived)
     profile = get_profile("quick")
     assert (len(profile["lr"]["arms"]), len(profile["lr"]["lrs"]), profile["lr"]["max_extensions"],
-            len(profile["seeds"]), len(profile["lr"]["batch_sizes"])) == (4, 5, 2, 6, 1)
+            len(profile["seeds"]), len(profile["lr"]["batch_sizes"])) == (2, 5, 2, 6, 1)
     # claim 2: the sweep's extensions, its 2 arms' longer runs at every rate of the extended grid, and BN's
     # rerun for the plateau budget in every seed
     assert profile["speed"]["arms"] == ["bn", "none"]
-    assert later_rounds(profile, [1, 2, 3, 4, 5]) == {2: 4 * 2 * 6 + 2 * (5 + 2) * 6 + 6, 4: 0}
-    assert later_rounds(profile, [4]) == {4: 4 * 2 * 6}
+    assert later_rounds(profile, [1, 2, 3, 4, 5]) == {2: 2 * 2 * 6 + 2 * (5 + 2) * 6 + 6, 4: 0}
+    assert later_rounds(profile, [4]) == {4: 2 * 2 * 6}
     assert later_rounds(profile, [1, 3, 5]) == {}
 
 
