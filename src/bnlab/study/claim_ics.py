@@ -163,7 +163,7 @@ PRESETS = {
              "val_eval_size": 64, "recal_batches": 2, "step_sizes": [0.1, 0.4]},
     # BN's grid includes ics_lr: its runs there are the gradient-ICS runs every seed has anyway
     "quick": {**_COMMON, "arms": _ARMS, "lrs": {"bn": [0.1, 0.3, 1.0], "none": [0.03, 0.1], "noisy_bn": [0.3, 1.0]},
-              "ics_lr": 0.1, "steps": 500, "batch_size": 64, "measure_every": 40},
+              "ics_lr": 0.1, "steps": 400, "batch_size": 64, "measure_every": 40},
     "standard": {**_COMMON, "arms": _ARMS, "lrs": {"bn": [0.1, 0.3, 1.0], "none": [0.03, 0.1, 0.3],
                                                    "noisy_bn": [0.1, 0.3, 1.0]},
                  "ics_lr": 0.1, "steps": 1200, "batch_size": 64, "measure_every": 40},
