@@ -86,8 +86,10 @@ PRESETS = {
     # 6.6 ± 4.0 at batch 64; ghost batches of 16 complete the dose-response (4, 16, 64)
     "quick": {"subset": 128, "batch_size": 64, "ghost_sizes": [4, 16], "max_steps": 400, "lrs": [0.05, 0.2],
               "weight_decay": 2e-3, "fit_threshold": 99.0, "eval_every": 50},
-    "standard": {"subset": 1000, "batch_size": 128, "ghost_sizes": [8, 32], "max_steps": 600,
-                 "lrs": [0.03, 0.1, 0.3], "weight_decay": 2e-3, "fit_threshold": 99.0, "eval_every": 50},
+    # standard: quick's regime with 10 seeds. On 1000 examples (batch 128, 600 steps) the unnormalized net
+    # fitted in no seed (93.9% training accuracy at best), so the comparison had no pairs
+    "standard": {"subset": 128, "batch_size": 64, "ghost_sizes": [4, 16], "max_steps": 400, "lrs": [0.05, 0.2],
+                 "weight_decay": 2e-3, "fit_threshold": 99.0, "eval_every": 50},
     # Wu & He's per-GPU batch sizes 32/16/8/4/2 as ghost batches of a batch of 128 (4 to 64 "GPUs")
     "full": {"subset": 2000, "batch_size": 128, "ghost_sizes": [2, 4, 8, 16, 32], "max_steps": 3000,
              "lrs": [0.03, 0.1, 0.3], "weight_decay": 2e-3, "fit_threshold": 99.0, "eval_every": 200},
