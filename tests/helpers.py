@@ -14,3 +14,11 @@ def comparable(result: dict) -> dict:
         epoch.pop("time", None)
         epoch.pop("epoch_time", None)
     return result
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a child the test will Ctrl-C: a job started in the background (``cmd &``,
+    ``nohup``) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt; restore the
+    default so the child sees SIGINT as a terminal's Ctrl-C."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import interruptible
+
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc (Linux)")
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -25,7 +27,7 @@ RNG = random.Random()  # a new moment on every run; the moment chosen is in ever
 
 def bnlab(*args, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "bnlab.cli", *map(str, args)], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=interruptible, **kw)
 
 
 def children(pid: int) -> set[int]:

@@ -20,7 +20,7 @@ from bnlab.study.executors import PID_DIR_ENV, ProcessExecutor, RayExecutor, mak
 from bnlab.study.runner import run_specs
 from bnlab.study.specs import make_spec, unique_specs
 from bnlab.study.store import Store
-from helpers import comparable
+from helpers import comparable, interruptible
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SMALL = dict(dataset="synthetic", depth=8, width=0.25, norm="bn", batch_size=32)
@@ -266,7 +266,8 @@ def test_ctrl_c_cancels_the_ray_tasks_and_shuts_down_the_instance_it_started(tmp
     store_path = tmp_path / "study.sqlite"
     env = {**os.environ, "PYTHONPATH": str(SRC), PID_DIR_ENV: str(tmp_path)}
     process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_INTERRUPTED_STUDY), str(store_path)],
-                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=interruptible)
     try:
         deadline = time.time() + 120
         while not list(tmp_path.glob("*.pid")) and time.time() < deadline and process.poll() is None:
