@@ -387,7 +387,8 @@ def test_claim2_target_comes_from_the_unnormalized_plateau_run_and_a_censored_ar
     none_spec, bn_spec = (claim_speed._spec(profile, a, 0.1, 0) for a in ("none", "bn"))
     assert (none_spec["epochs"], bn_spec["epochs"]) == (6, 2)
     # the same warm-up steps in both: 10% of the 2 epochs every arm runs
-    assert none_spec["warmup_fraction"] * 6 == pytest.approx(0.2) and bn_spec["warmup_fraction"] * 2 == pytest.approx(0.2)
+    assert none_spec["warmup_fraction"] * 6 == pytest.approx(0.2)
+    assert bn_spec["warmup_fraction"] * 2 == pytest.approx(0.2)
 
     def fake(spec):
         if spec.get("schedule") != "constant":

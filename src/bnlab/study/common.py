@@ -13,7 +13,8 @@ from bnlab.study.specs import make_spec, spec_key
 from bnlab.study.verdict import NO_VERDICT, ClaimResult, Interval
 
 __all__ = ["base_fields", "train_spec", "lookup", "count_failed", "final_loss", "final_pct", "stable",
-           "choose_lr", "tuning_seeds", "tuned", "tuning_caveat", "seed_list", "by_seed", "analyze", "ARM_LABELS", "arm_label", "fmt", "fmt_ci",
+           "choose_lr", "tuning_seeds", "tuned", "tuning_caveat", "seed_list", "by_seed", "analyze", "ARM_LABELS",
+           "arm_label", "fmt", "fmt_ci",
            "ACC_BOUNDS", "DIFF_BOUNDS"]
 
 ACC_BOUNDS = (0.0, 100.0)       # an accuracy in percent

@@ -100,9 +100,9 @@ def later_rounds(profile: dict, claims: Sequence[int]) -> dict[int, int]:
     out = {}
     if 2 in claims:  # its sweep's extensions + the longer runs: at worst every rate of the extended grid, and
         # every arm but none run again for the plateau budget in every seed
-        speed = profile["speed"]
-        arms = speed.get("arms") or cfg["arms"]
-        again = (len(arms) - 1) * seeds if (speed.get("plateau_epochs") or speed["epochs"]) > speed["epochs"] else 0
+        speed = CLAIMS[2]
+        arms = speed.arms(profile)
+        again = (len(arms) - 1) * seeds if speed.plateau_epochs(profile) > profile["speed"]["epochs"] else 0
         out[2] = per_batch + len(arms) * (len(cfg["lrs"]) + cfg.get("max_extensions", 0)) * seeds + again
     if 4 in claims:
         out[4] = per_batch * (len(cfg["batch_sizes"]) - (1 if 2 in claims else 0))
@@ -369,7 +369,8 @@ def _notes(plan: Plan, later: dict, cuda_wanted: bool, on: str, gpus_per_run: Op
                  "the first claim that declares them.")
     for number, most in later.items():
         what = ("claim 4's grid extensions at the first batch size, the longer runs at each arm's "
-                "validated rate, and the reruns for the plateau budget" if number == 2 else "grid extensions while an arm is stable at the top")
+                "validated rate, and the reruns for the plateau budget" if number == 2
+                else "grid extensions while an arm is stable at the top")
         notes.append(f"Claim {number} may add up to {most} runs in later rounds ({what}; bounded by "
                      f"lr.max_extensions)." if most else f"Claim {number} adds no runs in later rounds here"
                      + (" (its extensions at the first batch size are counted with claim 2)." if number == 4 else "."))

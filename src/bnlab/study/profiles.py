@@ -107,7 +107,8 @@ FULL_DESCRIPTION = (
     "Santurkar et al. 2018's noisy BN, with the CIFAR ResNet-110 standing in for their VGG (bnlab.models has "
     "no VGG). Not replicated: the papers' ≈164-epoch step schedules and augmentation (20-epoch one-cycle "
     "sweeps, no augmentation). Budget: 1299 runs (the first round, then the other seeds of claims 1, 3 and 5 at "
-    "their validated rates), then claim 2's 40 longer ones (claim 4's grid may add 40): ≈ 100 GPU-hours (4 days) at an assumed 0.2 s per network layer per epoch of 45k "
+    "their validated rates), then claim 2's 40 longer ones (claim 4's grid may add 40): ≈ 100 GPU-hours (4 days) at "
+    "an assumed 0.2 s per network layer per epoch of 45k "
     "images (ResNet-110: 22 s per epoch; not measured here), 10 seeds throughout")
 
 _SHARED = {
@@ -115,12 +116,15 @@ _SHARED = {
              "dataset": "synthetic", "seeds": [0, 1], "width": 0.25, "depth": 8, "val_size": 64,
              "val_eval_size": 64, "eval_every": 2},
     "quick": {"description": "about 4 minutes on 2 idle CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 6 seeds",
-              "dataset": "mnist1d", "seeds": [0, 1, 2, 3, 4, 5], "tune_seeds": 2, "width": 0.5, "depth": 8, "val_size": 500,
+              "dataset": "mnist1d", "seeds": [0, 1, 2, 3, 4, 5], "tune_seeds": 2, "width": 0.5, "depth": 8,
+              "val_size": 500,
               "val_eval_size": 500, "eval_every": 16},
     "standard": {"description": "≤ 1 hour on CPU: MNIST-1D, longer runs, wider grids, depths to 44, 10 seeds",
-                 "dataset": "mnist1d", "seeds": list(range(10)), "tune_seeds": 3, "width": 0.5, "depth": 8, "val_size": 500,
+                 "dataset": "mnist1d", "seeds": list(range(10)), "tune_seeds": 3, "width": 0.5, "depth": 8,
+                 "val_size": 500,
                  "val_eval_size": 500, "eval_every": 10},
-    "full": {"description": FULL_DESCRIPTION, "dataset": "cifar10", "seeds": list(range(10)), "tune_seeds": 3, "width": 1.0,
+    "full": {"description": FULL_DESCRIPTION, "dataset": "cifar10", "seeds": list(range(10)), "tune_seeds": 3,
+             "width": 1.0,
              "depth": 110, "device": "cuda", "requires_cuda": True, "val_size": 5000, "val_eval_size": 2000,
              "eval_every": 100},
 }

@@ -86,8 +86,9 @@ def build_model(spec: dict, data) -> nn.Module:
 
 class Probe:
     """A :func:`bnlab.train.train` callback: the loss at every step, and every ``eval_every`` steps (never,
-    when 0: the run then records only its final evaluation) the accuracy/loss on the first ``val_eval_size`` validation examples (a fixed subset) and on the first
-    ``train_eval_size`` training examples, with the training wall time spent so far (evaluation time
+    when 0: the run then records only its final evaluation) the accuracy/loss on the first
+    ``val_eval_size`` validation examples (a fixed subset) and on the first ``train_eval_size`` training
+    examples, with the training wall time spent so far (evaluation time
     excluded). It never sees the test set."""
 
     def __init__(self, data, eval_every: int, train_eval_size: int = 0, val_eval_size: Optional[int] = None) -> None:
