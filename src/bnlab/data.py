@@ -44,7 +44,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -54,7 +54,8 @@ from bnlab.datadirs import DatasetNotFoundError, cache_dir, explicit_data_dir
 from bnlab.errors import UserError
 
 __all__ = ["Dataset", "Loader", "load", "available", "locate", "read_idx", "cache_dir", "balanced_subset",
-           "DatasetNotFoundError", "explicit_data_dir", "split_validation", "canonical_name", "from_files"]
+           "DatasetNotFoundError", "explicit_data_dir", "split_validation", "canonical_name", "from_files",
+           "example_shape", "split_sizes", "is_image", "downsample"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -303,14 +304,28 @@ def _load_synthetic(num_classes: int = 4, train: int = 512, test: int = 256, siz
     return out, "synthetic (seed 1234)"
 
 
+class _Entry(NamedTuple):
+    make: Optional[Callable[[], tuple[dict, str]]]  # the generator, or None when read from files
+    classes: int
+    augment: bool             # whether random crops and horizontal flips make sense
+    description: str
+    shape: tuple[int, ...]    # one example: (C, H, W) for images, (C, L) for sequences
+    sizes: tuple[int, int]    # training and test examples
+
+
 _SPECS = {
-    # name: (generator, or None when read from files; classes, augment, description)
-    "fashion-mnist": (None, 10, True, "Fashion-MNIST, 60k/10k 28x28 grey images, 10 classes"),
-    "mnist1d": (_load_mnist1d, 10, False, "MNIST-1D, 4k/1k sequences of length 40, 10 classes"),
-    "digits": (_load_digits, 10, False, "scikit-learn digits, 1437/360 8x8 images, 10 classes"),
-    "synthetic": (_load_synthetic, 4, False, "synthetic templates + noise, 512/256 8x8, 4 classes (tests)"),
-    "cifar10": (None, 10, True, "CIFAR-10, 50k/10k 32x32 colour images, 10 classes"),
-    "cifar100": (None, 100, True, "CIFAR-100, 50k/10k 32x32 colour images, 100 fine classes"),
+    "fashion-mnist": _Entry(None, 10, True, "Fashion-MNIST, 60k/10k 28x28 grey images, 10 classes", (1, 28, 28),
+                            (60000, 10000)),
+    "mnist1d": _Entry(_load_mnist1d, 10, False, "MNIST-1D, 4k/1k sequences of length 40, 10 classes", (1, 40),
+                      (4000, 1000)),
+    "digits": _Entry(_load_digits, 10, False, "scikit-learn digits, 1437/360 8x8 images, 10 classes", (1, 8, 8),
+                     (1437, 360)),
+    "synthetic": _Entry(_load_synthetic, 4, False, "synthetic templates + noise, 512/256 8x8, 4 classes (tests)",
+                        (1, 8, 8), (512, 256)),
+    "cifar10": _Entry(None, 10, True, "CIFAR-10, 50k/10k 32x32 colour images, 10 classes", (3, 32, 32),
+                      (50000, 10000)),
+    "cifar100": _Entry(None, 100, True, "CIFAR-100, 50k/10k 32x32 colour images, 100 fine classes", (3, 32, 32),
+                       (50000, 10000)),
 }
 
 
@@ -329,12 +344,12 @@ def canonical_name(name: str) -> str:
 
 def from_files(name: str) -> bool:
     """Whether the dataset is read from files (and may be downloaded) rather than generated."""
-    return _SPECS[canonical_name(name)][0] is None
+    return _SPECS[canonical_name(name)].make is None
 
 
 def available() -> dict[str, str]:
     """``{name: description}`` of the datasets :func:`load` knows."""
-    return {name: spec[3] for name, spec in _SPECS.items()}
+    return {name: spec.description for name, spec in _SPECS.items()}
 
 
 def balanced_subset(y: Tensor, size: int, num_classes: int, seed: int = 0) -> Tensor:
@@ -353,6 +368,47 @@ def balanced_subset(y: Tensor, size: int, num_classes: int, seed: int = 0) -> Te
     return torch.cat(chosen).sort().values
 
 
+def example_shape(name: str) -> tuple[int, ...]:
+    """One example's shape as :func:`load` returns it: ``(C, H, W)`` for images, ``(C, L)`` for sequences."""
+    return _SPECS[canonical_name(name)].shape
+
+
+def split_sizes(name: str) -> tuple[int, int]:
+    """How many training and test examples :func:`load` returns (no subset)."""
+    return _SPECS[canonical_name(name)].sizes
+
+
+def is_image(name: str) -> bool:
+    """Whether the dataset holds images ``(N, C, H, W)`` (every one but MNIST-1D's sequences)."""
+    return len(example_shape(name)) == 3
+
+
+def downsample(ds: Dataset, size: int) -> Dataset:
+    """``ds`` with its images average-pooled to at most ``size`` × ``size`` (each output pixel the mean of
+    its block of input pixels: ``adaptive_avg_pool2d``), then standardized again with the pooled training
+    images' per-channel mean and standard deviation. Images already no larger are returned unchanged
+    (never upsampled); a validation split made before (``val_x``) is pooled too."""
+    if ds.train_x.dim() != 4:
+        raise ValueError(f"downsample: {ds.name} holds {ds.train_x.dim() - 2}-D examples "
+                         f"{tuple(ds.train_x.shape[1:])}, expected images (N, C, H, W)")
+    if int(size) < 1:
+        raise ValueError(f"downsample: size must be a positive number of pixels, got {size}")
+    height, width = ds.train_x.shape[-2:]
+    if height <= size and width <= size:
+        return ds
+    out_size = (min(int(size), height), min(int(size), width))
+
+    def pool(x: Tensor) -> Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x, out_size)
+
+    train_x = pool(ds.train_x)
+    mean, std = train_x.mean((0, 2, 3), keepdim=True), train_x.std((0, 2, 3), keepdim=True)
+    out = replace(ds, train_x=(train_x - mean) / std, test_x=(pool(ds.test_x) - mean) / std)
+    if hasattr(ds, "val_x"):
+        out.val_x, out.val_y = (pool(ds.val_x) - mean) / std, ds.val_y
+    return out
+
+
 def load(name: str, data_dir: Optional[PathLike] = None, subset: Optional[int] = None, seed: int = 0,
          device: Union[str, torch.device] = "cpu", download: bool = True) -> Dataset:
     """Load dataset ``name`` (see :func:`available`) onto ``device``.
@@ -366,7 +422,7 @@ def load(name: str, data_dir: Optional[PathLike] = None, subset: Optional[int] =
         download: allow downloading Fashion-MNIST or a CIFAR archive when no copy is found.
     """
     key = canonical_name(name)
-    make, num_classes, augment, _ = _SPECS[key]
+    make, num_classes, augment = _SPECS[key][:3]
     crop_padding = 2  # pixels of zero padding around the random crop
     if make is not None:
         arrays, source = make()
