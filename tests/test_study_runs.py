@@ -107,3 +107,43 @@ def test_eval_every_zero_evaluates_only_the_final_model():
     assert end_only["losses"] == curved["losses"] and end_only["final"]["val_acc"] == curved["final"]["val_acc"]
     with pytest.raises(ValueError, match="eval_every must be >= 0"):
         runs.Probe(runs.load_data(_spec()), -1)
+
+
+def test_an_image_profile_trains_on_a_pooled_class_balanced_subset():
+    """Validation carved from the whole (pooled) training set, then the profile's training subset, then a
+    claim's smaller subset inside it; the test set whole. Oracle: the same steps by bnlab.data's pieces."""
+    base = {"kind": "train", "dataset": "digits", "val_size": 100, "train_size": 300, "image_size": 4}
+    data = runs.load_data(base)
+    full = bnlab.data.split_validation(bnlab.data.downsample(bnlab.data.load("digits"), 4), 100, seed=0)
+    assert data.train_x.shape == (300, 1, 4, 4)
+    assert torch.bincount(data.train_y, minlength=10).tolist() == [30] * 10
+    assert torch.equal(data.val_x, full.val_x) and torch.equal(data.val_y, full.val_y)
+    assert torch.equal(data.test_x, full.test_x) and len(data.test_y) == 360
+    pool = {tuple(r) for r in full.train_x.flatten(1).tolist()}
+    train = {tuple(r) for r in data.train_x.flatten(1).tolist()}
+    assert train <= pool and not train & {tuple(r) for r in data.val_x.flatten(1).tolist()}
+    inner = runs.load_data({**base, "subset": 50})
+    assert len(inner.train_y) == 50 and {tuple(r) for r in inner.train_x.flatten(1).tolist()} <= train
+    assert len(runs.load_data({**base, "train_size": 5000}).train_y) == 1337  # at most what is left
+
+
+def test_image_settings_reach_image_specs_only():
+    """A sequence dataset's specs do not carry the image settings (their store keys do not change); every
+    spec of an image study carries them, train, ICS and signal runs alike."""
+    from bnlab.study.claims import CLAIMS
+    from bnlab.study.common import dataset_label
+    from bnlab.study.plan import count_runs
+    from bnlab.study.profiles import with_overrides
+    quick = get_profile("quick")
+
+    def specs(profile):
+        return [s for c in count_runs(profile, sorted(CLAIMS)).values() for s in c.own.values()]
+    assert all("image_size" not in s and "train_size" not in s for s in specs(quick))
+    images = specs(with_overrides(quick, dataset="fashion-mnist"))
+    assert {s["kind"] for s in images} == {"train", "ics", "signal"}
+    assert all(s["image_size"] == 14 and s["train_size"] == 3500 for s in images)
+    assert dataset_label(with_overrides(quick, dataset="fashion-mnist")) == "fashion-mnist (14×14, 3500 training images)"
+    assert dataset_label(quick) == "mnist1d"
+    assert dataset_label(with_overrides(quick, dataset="digits")) == "digits"  # 8×8, 937 left: nothing shrunk
+    full = get_profile("full")
+    assert full["image_size"] is None and full["image_train_size"] is None  # CIFAR-10 whole, at 32×32

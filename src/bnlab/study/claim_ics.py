@@ -24,7 +24,8 @@ from typing import Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from bnlab.study.common import fmt_ci, lookup, paper_table, seed_list, tuned, tuning_caveat, tuning_seeds
+from bnlab.study.common import (data_fields, dataset_label, fmt_ci, lookup, paper_table, seed_list, tuned,
+                                tuning_caveat, tuning_seeds)
 from bnlab.study.metrics import first_index_at_or_below, log_mean_ci, step_changes
 from bnlab.study.specs import make_spec, spec_key, unique_specs
 from bnlab.study.style import LINESTYLES, arm_color, band, figure, legend_outside
@@ -205,7 +206,7 @@ def _spec(profile: dict, arm: str, lr: float, seed: int) -> dict:
     cfg = profile["ics"]
     measured = arm in ("bn", "none") and lr == cfg["ics_lr"]
     return make_spec(
-        "ics", dataset=profile["dataset"], device=profile.get("device", "cpu"), width=profile["width"],
+        "ics", **data_fields(profile), device=profile.get("device", "cpu"), width=profile["width"],
         depth=profile["depth"], val_size=profile.get("val_size", 500), arm=arm,
         norm="none" if arm == "none" else "bn", noise=noise_strength(arm), lr=lr, seed=seed,
         steps=cfg["steps"], batch_size=cfg["batch_size"], measure_every=cfg["measure_every"] if measured else 0,
@@ -407,7 +408,7 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
          "columns": ["layer", "cos(G, G′) BN", "cos(G, G′) none", "Δcos BN − none (paired)", "‖G − G′‖ BN",
                      "‖G − G′‖ none"], "rows": ics_rows},
         paper_table(PAPER, {key: (text, f"width-{profile['width']:g} ResNet-{profile['depth']} on "
-                                        f"{profile['dataset']}, {cfg['steps']} plain-SGD steps at batch "
+                                        f"{dataset_label(profile)}, {cfg['steps']} plain-SGD steps at batch "
                                         f"{cfg['batch_size']}; {STAND_IN}")
                             for key, text in (("cosine", f"{parts[0].effect.interval.text(3)} at lr {cfg['ics_lr']:g}"),
                                               ("noisy_cost", f"{parts[1].effect.interval.text(1)} ({arm_label(noisy)})"),
@@ -418,7 +419,7 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
         finding=FINDING, failed_runs=failed, tables=tables,
         caveats=[tuning_caveat(profile),
                  f"{cfg['steps']} plain-SGD steps of a width-{profile['width']} ResNet-{profile['depth']} on "
-                 f"{profile['dataset']}, {len(seeds)} seeds; Santurkar et al. used VGG and deep linear nets on "
+                 f"{dataset_label(profile)}, {len(seeds)} seeds; Santurkar et al. used VGG and deep linear nets on "
                  f"CIFAR-10: {STAND_IN}.",
                  "Gradient ICS is measured with plain SGD at one common learning rate, not at each arm's best; "
                  "at other rates the difference can change sign.",

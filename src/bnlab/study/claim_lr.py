@@ -18,8 +18,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
 
 from bnlab.study import style
-from bnlab.study.common import (DIFF_BOUNDS, analyze as _analyze, arm_label, by_seed, choose_lr, final_pct, fmt,
-                                fmt_ci, lookup, mean_ci, paper_table, stable, train_spec)
+from bnlab.study.common import (DIFF_BOUNDS, analyze as _analyze, arm_label, by_seed, choose_lr, dataset_label,
+                                final_pct, fmt, fmt_ci, lookup, mean_ci, paper_table, stable, train_spec)
 from bnlab.study.verdict import HOLDS, NO_DATA, SUPPORTED, UNDECIDED, ClaimResult, Part, Rule, Verdict, paired_effect
 
 NUMBER = 4
@@ -226,8 +226,8 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
     return ClaimResult(
         number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING, expected=EXPECTED,
         verdict=verdict,
-        caveats=[f"We use {profile['dataset']} and a width-{profile['width']} ResNet-{profile['depth']} where Bjorck "
-                 f"et al. use CIFAR-10 and ResNet-110, so that a grid wide enough to bracket every arm's limit, "
+        caveats=[f"We use {dataset_label(profile)} and a width-{profile['width']} ResNet-{profile['depth']} where "
+                 f"Bjorck et al. use CIFAR-10 and ResNet-110, so that a grid wide enough to bracket every arm's limit, "
                  f"with {len(profile['seeds'])} seeds, fits the budget; their runs are far longer.",
                  "A largest stable rate is only known to within one grid step (a factor "
                  f"{cfg['lrs'][-1] / cfg['lrs'][-2]:.3g}).",
@@ -243,7 +243,7 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
 def _ours(profile: dict, tables: dict, higher: Part) -> dict:
     """Our numbers for :data:`PAPER`'s quantities, each with our setting in words."""
     cfg, b0 = profile["lr"], profile["lr"]["batch_sizes"][0]
-    setting = (f"width-{profile['width']:g} ResNet-{profile['depth']} on {profile['dataset']}, batch {b0}, "
+    setting = (f"width-{profile['width']:g} ResNet-{profile['depth']} on {dataset_label(profile)}, batch {b0}, "
                f"{cfg.get('epochs') or cfg.get('max_steps')} {'epochs' if cfg.get('epochs') else 'steps'} "
                f"one-cycle, Nesterov momentum {cfg.get('momentum', 0.9):g}, weight decay "
                f"{cfg.get('weight_decay', 0.0):g}, no augmentation; each arm at the rate its validation accuracy "

@@ -18,7 +18,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from bnlab.study import style
-from bnlab.study.common import (DIFF_BOUNDS, analyze as _analyze, arm_label, final_pct, fmt,
+from bnlab.study.common import (DIFF_BOUNDS, analyze as _analyze, arm_label, dataset_label, final_pct, fmt,
                                 fmt_ci, lookup, mean_ci, paper_table, train_spec,
                                 tuned, tuning_caveat)
 from bnlab.study.verdict import SUPPORTED, ClaimResult, Part, Rule, Verdict, paired_effect
@@ -192,9 +192,9 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
         number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING, expected=EXPECTED,
         verdict=Verdict.from_parts(parts, f"gap none − BN: {parts[0].effect.interval.text(1)}", explanation),
         caveats=[tuning_caveat(profile),
-                 f"{cfg['subset']} training examples of {cfg.get('dataset') or profile['dataset']} where Hoffer et al. "
-                 "and Luo et al. use full CIFAR/ImageNet: a small subset is how every arm can fit its training data "
-                 "within the budget, which the comparison at matched training accuracy needs.",
+                 f"{cfg['subset']} training examples of {dataset_label(profile, cfg.get('dataset'), train_size=False)} "
+                 "where Hoffer et al. and Luo et al. use full CIFAR/ImageNet: a small subset is how every arm can fit "
+                 "its training data within the budget, which the comparison at matched training accuracy needs.",
                  "No data augmentation or dropout: the gaps are those of the architectures alone.",
                  "Ghost batches split each batch into independent normalization groups (Hoffer et al.'s "
                  "implementation); the statistics of the smallest ghost batch are the noisiest."],
@@ -209,9 +209,10 @@ def _ours(profile: dict, per_arm: dict) -> dict:
     """Our test error (100 − test accuracy of the final model, every seed, at the arm's validated rate) for
     :data:`PAPER`'s quantities, each with our setting in words."""
     cfg = profile["regularize"]
-    setting = (f"{cfg['subset']} examples of {cfg.get('dataset') or profile['dataset']}, width-{profile['width']:g} "
-               f"ResNet-{profile['depth']}, {cfg['max_steps']} steps at batch {cfg['batch_size']} (an overfitting "
-               f"regime: errors sit far above the paper's and the claim's quantity is the gap)")
+    setting = (f"{cfg['subset']} examples of {dataset_label(profile, cfg.get('dataset'), train_size=False)}, "
+               f"width-{profile['width']:g} ResNet-{profile['depth']}, {cfg['max_steps']} steps at batch "
+               f"{cfg['batch_size']} (an overfitting regime: errors sit far above the paper's and the claim's quantity "
+               f"is the gap)")
     return {key: (fmt_ci(mean_ci([100 - t for t in arm["test"]], (0, 100)), 1) + (f" at lr {arm['lr']:g}"
                   if arm["lr"] is not None else ""), setting + ("; GroupNorm at the full batch" if key == "groupnorm"
                                                                  else f"; ghost batches of {key[6:]}"))

@@ -18,8 +18,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
 from bnlab.study import claim_lr, style
-from bnlab.study.common import (analyze as _analyze, arm_label, by_seed, final_pct, fmt_ci, lookup, mean_ci,
-                                paper_table, tuned, tuning_caveat)
+from bnlab.study.common import (analyze as _analyze, arm_label, by_seed, data_fields, dataset_label, final_pct,
+                                fmt_ci, lookup, mean_ci, paper_table, tuned, tuning_caveat)
 from bnlab.study.specs import make_spec
 from bnlab.study.verdict import SUPPORTED, ClaimResult, Part, Rule, Verdict, paired_effect
 
@@ -88,7 +88,7 @@ PRESETS = {
 
 def _signal_spec(profile, depth, norm, plain, seed) -> dict:
     cfg = profile["residual"]
-    return make_spec("signal", dataset=profile["dataset"], device=profile.get("device", "cpu"),
+    return make_spec("signal", **data_fields(profile), device=profile.get("device", "cpu"),
                      width=profile["width"], depth=depth, norm=norm, plain=plain,
                      batch_size=cfg["signal_batch"], seed=seed)
 
@@ -186,9 +186,9 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
         verdict=Verdict.from_parts(parts, f"BN × residual interaction at depth {deepest}: "
                                           f"{parts[0].effect.interval.text(1)}", explanation),
         caveats=[tuning_caveat(profile),
-                 f"Depths {cfg['train_depths']} of a width-{profile['width']} ResNet on {profile['dataset']} trained "
-                 f"with claim 4's budget, where He et al. train CIFAR ResNets to depth 110 to convergence: the 2×2 "
-                 f"factorial needs every cell at several rates, which at full depth would not fit the budget.",
+                 f"Depths {cfg['train_depths']} of a width-{profile['width']} ResNet on {dataset_label(profile)} "
+                 f"trained with claim 4's budget, where He et al. train CIFAR ResNets to depth 110 to convergence: the "
+                 f"2×2 factorial needs every cell at several rates, which at full depth would not fit the budget.",
                  "The width is reduced; narrow networks propagate signals more noisily.",
                  f"Each cell chooses among {len(cfg['lrs'])} rates ({cfg['lrs']}); a plain deep net might prefer a "
                  f"rate outside them."],
@@ -203,7 +203,7 @@ def _ours(profile: dict, trained: dict) -> dict:
     seeds, each cell at its validated rate), each with our setting in words."""
     cfg, sweep = profile["residual"], profile["lr"]
     budget = f"{sweep['epochs']} epochs" if sweep.get("epochs") else f"{sweep.get('max_steps')} steps"
-    setting = (f"{profile['dataset']}, width {profile['width']:g}, {budget} one-cycle at the validated rate among "
+    setting = (f"{dataset_label(profile)}, width {profile['width']:g}, {budget} one-cycle at the validated rate among "
                f"{cfg['lrs']}, batch {sweep['batch_sizes'][0]}, weight decay {sweep.get('weight_decay', 0.0):g}, "
                f"Nesterov momentum {sweep.get('momentum', 0.9):g}, {profile['val_size']} held out, no augmentation")
 

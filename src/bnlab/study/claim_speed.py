@@ -22,8 +22,8 @@ from scipy import stats
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from bnlab.study import claim_lr, style
-from bnlab.study.common import (analyze as _analyze, arm_label, by_seed, fmt_ci, lookup, mean_ci, paper_table,
-                                train_spec)
+from bnlab.study.common import (analyze as _analyze, arm_label, by_seed, dataset_label, fmt_ci, lookup, mean_ci,
+                                paper_table, train_spec)
 from bnlab.study.metrics import loss_curve_area, steps_to_target
 from bnlab.study.verdict import SUPPORTED, ClaimResult, Part, Rule, Verdict, paired_effect
 
@@ -280,8 +280,8 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
         number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING, expected=EXPECTED,
         verdict=Verdict.from_parts(parts, f"log10 steps to the target, none − BN: {speed.effect.interval.text()}",
                                    explanation),
-        caveats=[f"We use {profile['dataset']} and a small ResNet where Ioffe & Szegedy use ImageNet and Inception; "
-                 "like them we set the target by the unnormalized network, from its plateau in a "
+        caveats=[f"We use {dataset_label(profile)} and a small ResNet where Ioffe & Szegedy use ImageNet and "
+                 "Inception; like them we set the target by the unnormalized network, from its plateau in a "
                  f"{plateau_epochs(profile)}-epoch run at a constant rate "
                  f"(the other arms run {profile['speed']['epochs']} epochs), so the target does not depend on where "
                  "a decaying schedule ends.",
@@ -290,7 +290,7 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
                  "SkipInit and Fixup warm up linearly like every arm; without warm-up Fixup needs a much lower rate."],
         tables=[table, paper_table(PAPER, {"speedup": (
             f"{_times(speed.effect.interval)} (each arm at its own validated rate)",
-            f"width-{profile['width']:g} ResNet-{profile['depth']} on {profile['dataset']}, target "
+            f"width-{profile['width']:g} ResNet-{profile['depth']} on {dataset_label(profile)}, target "
             f"{profile['speed']['target_fraction']:g} × the unnormalized net's plateau in a "
             f"{plateau_epochs(profile)}-epoch constant-rate run, batch {profile['lr']['batch_sizes'][0]}")})],
         figures=[_curve_figure(profile, facts)],

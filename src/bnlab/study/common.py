@@ -12,7 +12,8 @@ from bnlab.study.metrics import is_stable, mean_ci
 from bnlab.study.specs import make_spec, spec_key
 from bnlab.study.verdict import NO_VERDICT, ClaimResult, Interval
 
-__all__ = ["base_fields", "train_spec", "lookup", "count_failed", "final_loss", "final_pct", "stable",
+__all__ = ["data_fields", "dataset_label", "base_fields", "train_spec", "lookup", "count_failed", "final_loss",
+           "final_pct", "stable",
            "choose_lr", "tuning_seeds", "tuned", "tuning_caveat", "seed_list", "by_seed", "analyze", "ARM_LABELS",
            "arm_label", "fmt", "fmt_ci",
            "ACC_BOUNDS", "DIFF_BOUNDS"]
@@ -29,9 +30,39 @@ def arm_label(norm: str, plain: bool = False) -> str:
     return f"{label}, plain" if plain else label
 
 
+def data_fields(profile: dict, dataset: Optional[str] = None) -> dict:
+    """The spec fields naming a run's data: ``dataset``, and on an image dataset the profile's
+    ``image_size`` and ``image_train_size`` (as ``train_size``) when set (a sequence dataset's specs do not
+    carry them, so their keys do not depend on these settings)."""
+    import bnlab.data
+    dataset = dataset or profile["dataset"]
+    fields = {"dataset": dataset}
+    if bnlab.data.is_image(dataset):
+        for name, key in (("image_size", "image_size"), ("train_size", "image_train_size")):
+            if profile.get(key) is not None:
+                fields[name] = profile[key]
+    return fields
+
+
+def dataset_label(profile: dict, dataset: Optional[str] = None, train_size: bool = True) -> str:
+    """The dataset as the report names it: ``fashion-mnist (14×14, 3500 training images)`` when the profile
+    shrinks an image dataset (see :func:`data_fields`; ``train_size=False`` leaves the count out, for a claim
+    that trains on its own smaller subset), else its bare name."""
+    import bnlab.data
+    fields = data_fields(profile, dataset)
+    shape = bnlab.data.example_shape(fields["dataset"])
+    notes = []
+    if fields.get("image_size") is not None and max(shape[1:]) > fields["image_size"]:
+        notes.append("×".join(str(min(side, fields["image_size"])) for side in shape[1:]))
+    available = bnlab.data.split_sizes(fields["dataset"])[0] - int(profile.get("val_size") or 0)
+    if train_size and fields.get("train_size") is not None and fields["train_size"] < available:
+        notes.append(f"{fields['train_size']} training images")
+    return f"{fields['dataset']} ({', '.join(notes)})" if notes else fields["dataset"]
+
+
 def base_fields(profile: dict, dataset: Optional[str] = None) -> dict:
-    """Settings every training run of a profile shares (the validation split included)."""
-    return {"dataset": dataset or profile["dataset"], "device": profile.get("device", "cpu"),
+    """Settings every training run of a profile shares (its data and validation split included)."""
+    return {**data_fields(profile, dataset), "device": profile.get("device", "cpu"),
             "width": profile["width"], "depth": profile["depth"], "eval_every": profile["eval_every"],
             "val_size": profile["val_size"], "val_eval_size": profile["val_eval_size"]}
 

@@ -304,6 +304,7 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
               log: Callable[[str], None] = lambda _: None) -> Plan:
     """The study's plan (see the module docstring); creates nothing on disk."""
     from bnlab.study.runner import estimated_cost
+    from bnlab.study.runs import data_key
     counts = count_runs(profile, claims)
     later = later_rounds(profile, claims)
     device = str(profile.get("device", "cpu"))
@@ -337,10 +338,10 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
         plan.calibration_seconds = time.perf_counter() - started
         sizes = {}
         for key, spec in specs.items():
-            data_key = (spec["dataset"], spec.get("val_size"), spec.get("subset"))
-            if data_key not in sizes:
-                sizes[data_key] = _sizes({**spec, "device": "cpu"})
-            seconds[key] = estimate_seconds(spec, done[spec_class(spec)], sizes[data_key])
+            cpu_spec = {**spec, "device": "cpu"}
+            if data_key(cpu_spec) not in sizes:
+                sizes[data_key(cpu_spec)] = _sizes(cpu_spec)
+            seconds[key] = estimate_seconds(spec, done[spec_class(spec)], sizes[data_key(cpu_spec)])
         peaks = {cls: c.peak_mb for cls, c in done.items()}
     all_seconds = []
     for number, count in counts.items():

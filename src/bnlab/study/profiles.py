@@ -18,6 +18,13 @@ Units: ``steps`` are optimizer steps; ``lr`` is the SGD learning rate (Nesterov 
 one-cycle schedule for claim 4's sweep); ``width`` multiplies the base widths 16/32/64; ``eval_every`` is
 in steps; ``val_size`` examples are held out of the training set (stratified, seed 0) for every choice,
 and curves are evaluated on its first ``val_eval_size``.
+
+Budgets in epochs scale with the training set, and a 2-D step costs more than a 1-D one, so ``quick`` and
+``standard`` shrink an image dataset (``--dataset fashion-mnist``) to MNIST-1D's scale: a class-balanced
+``image_train_size`` of 3,500 training images (MNIST-1D's 4,000 minus its validation split: the same steps
+per epoch) average-pooled to ``image_size`` 14 × 14 (a step then costs ≈ 1.8× a MNIST-1D step, against
+4.6× at 28 × 28); the validation split comes from the whole training set and the test set stays whole.
+``full`` trains on all of CIFAR-10 at its size. Unset both in a profile file to train on a whole image set.
 """
 
 from __future__ import annotations
@@ -57,6 +64,13 @@ class Shared(BaseModel):
     val_size: PositiveInt
     val_eval_size: PositiveInt
     eval_every: PositiveInt
+    image_size: Optional[PositiveInt] = Field(
+        None, description="on an image dataset, images are average-pooled to at most this many pixels a side "
+                          "(unset: native size; sequence datasets ignore it)")
+    image_train_size: Optional[PositiveInt] = Field(
+        None, description="on an image dataset, train on a class-balanced subset of at most this many of the "
+                          "training examples left after the validation split (unset: all of them; sequence "
+                          "datasets ignore it)")
 
     @field_validator("seeds")
     @classmethod
@@ -117,12 +131,11 @@ _SHARED = {
              "val_eval_size": 64, "eval_every": 2},
     "quick": {"description": "about 4 minutes on 2 idle CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 6 seeds",
               "dataset": "mnist1d", "seeds": [0, 1, 2, 3, 4, 5], "tune_seeds": 2, "width": 0.5, "depth": 8,
-              "val_size": 500,
-              "val_eval_size": 500, "eval_every": 16},
+              "val_size": 500, "val_eval_size": 500, "eval_every": 16, "image_size": 14, "image_train_size": 3500},
     "standard": {"description": "≤ 1 hour on CPU: MNIST-1D, longer runs, wider grids, depths to 44, 10 seeds",
                  "dataset": "mnist1d", "seeds": list(range(10)), "tune_seeds": 3, "width": 0.5, "depth": 8,
-                 "val_size": 500,
-                 "val_eval_size": 500, "eval_every": 10},
+                 "val_size": 500, "val_eval_size": 500, "eval_every": 10, "image_size": 14,
+                 "image_train_size": 3500},
     "full": {"description": FULL_DESCRIPTION, "dataset": "cifar10", "seeds": list(range(10)), "tune_seeds": 3,
              "width": 1.0,
              "depth": 110, "device": "cuda", "requires_cuda": True, "val_size": 5000, "val_eval_size": 2000,

@@ -27,7 +27,7 @@ from markupsafe import Markup, escape
 
 from bnlab.errors import UserError
 from bnlab.study.claims import CLAIMS
-from bnlab.study.common import mark_failures
+from bnlab.study.common import dataset_label, mark_failures
 from bnlab.study.runner import STORE_NAME
 from bnlab.study.store import Store
 from bnlab.study.style import png_bytes
@@ -213,8 +213,8 @@ def render(results: list[ClaimResult], study: dict, out: str | Path, profile: di
     if study.get("run_seconds") is not None:
         run_counts += f"; the runs of the last `bnlab study` took {study['run_seconds']:.0f} s"
     profile = profile or {}
-    run_info = (f"{profile.get('dataset', 'n/a')}, ResNet-{profile.get('depth', '?')} width "
-                f"{profile.get('width', '?')} unless a caption says otherwise, seeds {study['seeds']}")
+    run_info = (f"{dataset_label(profile) if profile.get('dataset') else 'n/a'}, ResNet-{profile.get('depth', '?')} "
+                f"width {profile.get('width', '?')} unless a caption says otherwise, seeds {study['seeds']}")
     context = {"profile": profile, "study": study, "claims": views, "run_counts": run_counts, "store": store,
                "versions": _describe(study["versions"]), "hardware": _describe(study["hardware"]),
                "run_info": run_info, "failures": failures or [],

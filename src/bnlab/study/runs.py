@@ -26,33 +26,48 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["execute", "load_data", "build_model", "Probe", "model_dims"]
+__all__ = ["execute", "load_data", "data_key", "build_model", "Probe", "model_dims"]
 
 
 @functools.lru_cache(maxsize=8)
-def _load(name: str, val_size: int, subset: Optional[int], device: str):
+def _load(name: str, val_size: int, subset: Optional[int], device: str, train_size: Optional[int] = None,
+          image_size: Optional[int] = None):
     import bnlab.data
     data = bnlab.data.load(name, seed=0, device=device)
+    if image_size is not None:
+        data = bnlab.data.downsample(data, int(image_size))
     if val_size:
         data = bnlab.data.split_validation(data, val_size, seed=0)
     else:
         data.val_x, data.val_y = data.train_x[:0], data.train_y[:0]
-    if subset is not None:
-        index = bnlab.data.balanced_subset(data.train_y, int(subset), data.num_classes, seed=0)
-        index = index.to(data.train_y.device)
-        val_x, val_y = data.val_x, data.val_y
-        data = dataclasses.replace(data, train_x=data.train_x[index], train_y=data.train_y[index])
-        data.val_x, data.val_y = val_x, val_y
+    if train_size is not None and int(train_size) >= len(data.train_y):
+        train_size = None  # at most what is left: all of it
+    for size in (train_size, subset):  # the profile's training subset, then a claim's smaller one within it
+        if size is not None:
+            index = bnlab.data.balanced_subset(data.train_y, int(size), data.num_classes, seed=0)
+            index = index.to(data.train_y.device)
+            val_x, val_y = data.val_x, data.val_y
+            data = dataclasses.replace(data, train_x=data.train_x[index], train_y=data.train_y[index])
+            data.val_x, data.val_y = val_x, val_y
     return data
 
 
+def data_key(spec: dict) -> tuple:
+    """What identifies a spec's data (:func:`load_data`'s cache key): runs with equal keys see the same
+    examples."""
+    return (spec["dataset"], int(spec.get("val_size") or 0), spec.get("subset"), spec.get("device", "cpu"),
+            spec.get("train_size"), spec.get("image_size"))
+
+
 def load_data(spec: dict):
-    """The spec's dataset, cached per process: ``train_x/train_y`` are the training examples minus a
-    stratified validation split of ``spec["val_size"]`` (``val_x/val_y``, carved with seed 0), then the
-    optional class-balanced ``subset`` of what remains; ``test_x/test_y`` are the untouched test set,
+    """The spec's dataset, cached per process: on an image dataset first average-pooled to ``image_size``
+    (:func:`bnlab.data.downsample`) when the spec sets it; ``train_x/train_y`` are the training examples
+    minus a stratified validation split of ``spec["val_size"]`` (``val_x/val_y``, carved with seed 0 from
+    the whole training set), then the class-balanced ``train_size`` subset of what remains (at most all of
+    it), then the optional class-balanced ``subset`` of that; ``test_x/test_y`` are the whole test set,
     which no choice may use (it is only reported). Every run sees the same examples; only its seed varies.
     """
-    return _load(spec["dataset"], int(spec.get("val_size") or 0), spec.get("subset"), spec.get("device", "cpu"))
+    return _load(*data_key(spec))
 
 
 def model_dims(data) -> int:
