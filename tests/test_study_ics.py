@@ -303,3 +303,17 @@ def test_loss_levels_come_from_bn_and_none_only():
     result = claim_ics.analyze(PROFILE, results)
     # all BN/none runs start at 2.3 and bottom out at 1.0: three levels between, whatever the noisy arms did
     assert result.numbers["loss_levels"] == pytest.approx(list(np.linspace(2.3, 1.0, 4)[1:]))
+
+
+def test_the_report_says_when_bn_is_still_rising_at_the_end():
+    """Part 2 compares accuracy after the budget; when BN's validation accuracy still rises by more than the
+    part's margin over the last third, the explanation says the comparison is not at convergence."""
+    results = _results({"bn": 0.9, "none": 0.5}, {"bn": 0.95, "none": 0.8, "noisy": 0.9})
+    rising = claim_ics.analyze(PROFILE, results).verdict.explanation  # _run's curve doubles: val/2 → val
+    assert "still rising" in rising and "not at convergence" in rising
+    for row in results.values():
+        if row["status"] == "done":
+            curve = row["result"]["curve"]
+            curve["val_acc"] = [curve["val_acc"][-1] - 0.005 * i for i in (1, 0)]  # +0.5 points: a plateau
+    flat = claim_ics.analyze(PROFILE, results).verdict.explanation
+    assert "Convergence: BN's validation accuracy changed by" in flat and "still rising" not in flat

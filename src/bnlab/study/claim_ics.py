@@ -393,7 +393,10 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
         f"{matched_effect.interval.text(3)} (secondary view).",
         f"Smoothness: along the gradient the loss varies {smoother.text()} times as much without BN as with it.",
         (f"Convergence: BN's validation accuracy changed by {plateau.text(1)} over the last third of its "
-         f"{cfg['steps']} steps." if plateau.finite else ""),
+         f"{cfg['steps']} steps" + (f": still rising (by more than part 2's {RULES[1].margin:g}-point margin), so "
+                                    f"part 2 compares the arms after this budget, not at convergence; more "
+                                    f"`ics.steps` would." if plateau.low > RULES[1].margin else ".")
+         if plateau.finite else ""),
         (f"Learning rates at the edge of their grid (a wider grid might do better): {', '.join(at_edge)}."
          if at_edge else ""),
     ]).strip()
