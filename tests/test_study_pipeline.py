@@ -82,9 +82,15 @@ def test_rerunning_reuses_every_finished_run(tiny_study, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_study, copy)
     before = {k: r["finished"] for k, r in Store(copy / STORE_NAME).results().items()}
+    ran = Store(tiny_study / STORE_NAME).get_meta("last_run_count")
+    assert ran == len(before)  # the uninterrupted study ran every run itself
+    assert f"the last `bnlab study` ran {ran} of them in" in (tiny_study / "report.md").read_text()
     run_study(get_profile("tiny"), copy, jobs=1, progress=False)
     after = {k: r["finished"] for k, r in Store(copy / STORE_NAME).results().items()}
     assert after == before
+    assert Store(copy / STORE_NAME).get_meta("last_run_count") == 0
+    build_report(copy)
+    assert "the last `bnlab study` found every run finished and ran none" in (copy / "report.md").read_text()
 
 
 def test_resume_after_a_killed_process_finishes_with_the_same_results(tiny_study, tmp_path):
@@ -116,6 +122,7 @@ def test_resume_after_a_killed_process_finishes_with_the_same_results(tiny_study
     assert len(rows) == total  # every spec once: no duplicates
     assert all(r["attempts"] == 1 for r in rows.values())  # nothing finished was run again
     assert all(rows[k]["finished"] == t for k, t in survived.items())
+    assert Store(out / STORE_NAME).get_meta("last_run_count") == total - len(survived)  # only what was left
     reference = Store(tiny_study / STORE_NAME).results()
     for key, row in rows.items():
         assert row["status"] == reference[key]["status"], row["spec"]

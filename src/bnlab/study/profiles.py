@@ -8,7 +8,7 @@ rejected, and every problem of a file is reported at once with its JSON path. Th
 their own section and never branch on the profile's name. Sizes:
 
 * ``tiny``     — seconds; drives the whole pipeline in the tests (2 seeds: every verdict is "no verdict");
-* ``quick``    — the default: about 4 minutes on 2 idle CPU cores (340 runs); MNIST-1D, narrow 1-D ResNet-8s, 6 seeds;
+* ``quick``    — the default: 4–5 minutes on 2 idle CPU cores (340 runs); MNIST-1D, narrow 1-D ResNet-8s, 6 seeds;
 * ``standard`` — ≈ 20 minutes on 2 CPU cores (≤ 1 hour): longer runs, wider grids, depths to 44, 10 seeds;
 * ``full``     — one CUDA GPU (``requires_cuda``), unattended for days: the papers' settings on CIFAR-10 —
   ResNet-110 for Bjorck et al.'s learning-rate comparison, He et al.'s depths 20–110 with their plain
@@ -129,7 +129,7 @@ _SHARED = {
     "tiny": {"description": "seconds: exercises every code path on a synthetic dataset (not a measurement)",
              "dataset": "synthetic", "seeds": [0, 1], "width": 0.25, "depth": 8, "val_size": 64,
              "val_eval_size": 64, "eval_every": 2},
-    "quick": {"description": "about 4 minutes on 2 idle CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 6 seeds",
+    "quick": {"description": "4–5 minutes on 2 idle CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 6 seeds",
               "dataset": "mnist1d", "seeds": [0, 1, 2, 3, 4, 5], "tune_seeds": 2, "width": 0.5, "depth": 8,
               "val_size": 500, "val_eval_size": 500, "eval_every": 16, "image_size": 14, "image_train_size": 3500},
     "standard": {"description": "≤ 1 hour on CPU: MNIST-1D, longer runs, wider grids, depths to 44, 10 seeds",

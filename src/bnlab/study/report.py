@@ -151,8 +151,9 @@ def _css_class(verdict: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the study
-def _study_metadata(profile: dict, claims, rows: dict, seconds) -> dict:
-    """What was run, on what, when: shown in the appendix and saved in verdicts.json."""
+def _study_metadata(profile: dict, claims, rows: dict, seconds, ran: int | None = None) -> dict:
+    """What was run, on what, when: shown in the appendix and saved in verdicts.json. ``seconds`` and
+    ``ran``: the wall time of the last ``bnlab study`` and how many runs it executed (None: not recorded)."""
     counts = {s: sum(r["status"] == s for r in rows.values()) for s in ("done", "diverged", "failed")}
     versions = _distinct(r.get("versions") for r in rows.values())
     hardware = _distinct({k: v for k, v in (r.get("hardware") or {}).items() if v} for r in rows.values())
@@ -162,7 +163,8 @@ def _study_metadata(profile: dict, claims, rows: dict, seconds) -> dict:
     seeds = profile.get("seeds")
     return {"profile": profile.get("name"), "description": profile.get("description"), "dataset": profile.get("dataset"),
             "seeds": list(range(seeds)) if isinstance(seeds, int) else seeds, "claims": list(claims),
-            "runs": {"total": len(rows), **counts}, "run_seconds": seconds, "last_run_finished": when,
+            "runs": {"total": len(rows), **counts}, "run_seconds": seconds, "last_run_count": ran,
+            "last_run_finished": when,
             "versions": versions, "hardware": hardware}
 
 
@@ -210,7 +212,11 @@ def render(results: list[ClaimResult], study: dict, out: str | Path, profile: di
     runs = study["runs"]
     run_counts = (f"{runs['total']} runs: {runs['done']} done, {runs['diverged']} diverged, "
                   f"{runs['failed']} failed")
-    if study.get("run_seconds") is not None:
+    if study.get("last_run_count") == 0:
+        run_counts += "; the last `bnlab study` found every run finished and ran none"
+    elif study.get("last_run_count") is not None and study.get("run_seconds") is not None:
+        run_counts += f"; the last `bnlab study` ran {study['last_run_count']} of them in {study['run_seconds']:.0f} s"
+    elif study.get("run_seconds") is not None:
         run_counts += f"; the runs of the last `bnlab study` took {study['run_seconds']:.0f} s"
     profile = profile or {}
     run_info = (f"{dataset_label(profile) if profile.get('dataset') else 'n/a'}, ResNet-{profile.get('depth', '?')} "
@@ -273,7 +279,7 @@ def build_report(directory: str | Path, out: str | Path | None = None) -> Path:
     if profile is None:
         raise UserError(f"{path} holds no profile; it was not written by `bnlab study`")
     rows = store.results()
-    study = _study_metadata(profile, claims, rows, store.get_meta("last_run_seconds"))
+    study = _study_metadata(profile, claims, rows, store.get_meta("last_run_seconds"), store.get_meta("last_run_count"))
     from bnlab.study.specs import spec_label
     failures = [{"label": spec_label(r["spec"]), "error": (r["error"] or "").strip().splitlines()[-1:][0]
                  if r["error"] else ""} for r in rows.values() if r["status"] == "failed"]

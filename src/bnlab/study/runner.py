@@ -209,6 +209,7 @@ def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progre
             specs = new
             statuses.update(run_specs(fresh, store, jobs=jobs, progress=progress, executor=executor))
         store.set_meta("last_run_seconds", time.perf_counter() - started)
+        store.set_meta("last_run_count", len(statuses))  # runs this invocation executed (0: all were finished)
     failed = [k for k, s in statuses.items() if s == "failed"]
     if failed:
         first = store.get(failed[0])
