@@ -142,7 +142,8 @@ def test_image_settings_reach_image_specs_only():
     images = specs(with_overrides(quick, dataset="fashion-mnist"))
     assert {s["kind"] for s in images} == {"train", "ics", "signal"}
     assert all(s["image_size"] == 14 and s["train_size"] == 3500 for s in images)
-    assert dataset_label(with_overrides(quick, dataset="fashion-mnist")) == "fashion-mnist (14×14, 3500 training images)"
+    shrunk = with_overrides(quick, dataset="fashion-mnist")
+    assert dataset_label(shrunk) == "fashion-mnist (14×14, 3500 training images)"
     assert dataset_label(quick) == "mnist1d"
     assert dataset_label(with_overrides(quick, dataset="digits")) == "digits"  # 8×8, 937 left: nothing shrunk
     full = get_profile("full")

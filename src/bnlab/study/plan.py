@@ -339,9 +339,10 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
         sizes = {}
         for key, spec in specs.items():
             cpu_spec = {**spec, "device": "cpu"}
-            if data_key(cpu_spec) not in sizes:
-                sizes[data_key(cpu_spec)] = _sizes(cpu_spec)
-            seconds[key] = estimate_seconds(spec, done[spec_class(spec)], sizes[data_key(cpu_spec)])
+            data = data_key(cpu_spec)
+            if data not in sizes:
+                sizes[data] = _sizes(cpu_spec)
+            seconds[key] = estimate_seconds(spec, done[spec_class(spec)], sizes[data])
         peaks = {cls: c.peak_mb for cls, c in done.items()}
     all_seconds = []
     for number, count in counts.items():

@@ -212,10 +212,11 @@ def render(results: list[ClaimResult], study: dict, out: str | Path, profile: di
     runs = study["runs"]
     run_counts = (f"{runs['total']} runs: {runs['done']} done, {runs['diverged']} diverged, "
                   f"{runs['failed']} failed")
-    if study.get("last_run_count") == 0:
+    ran = study.get("last_run_count")  # recorded with run_seconds; None in stores written before it was
+    if ran == 0:
         run_counts += "; the last `bnlab study` found every run finished and ran none"
-    elif study.get("last_run_count") is not None and study.get("run_seconds") is not None:
-        run_counts += f"; the last `bnlab study` ran {study['last_run_count']} of them in {study['run_seconds']:.0f} s"
+    elif ran is not None:
+        run_counts += f"; the last `bnlab study` ran {ran} of them in {study['run_seconds']:.0f} s"
     elif study.get("run_seconds") is not None:
         run_counts += f"; the runs of the last `bnlab study` took {study['run_seconds']:.0f} s"
     profile = profile or {}
@@ -279,7 +280,8 @@ def build_report(directory: str | Path, out: str | Path | None = None) -> Path:
     if profile is None:
         raise UserError(f"{path} holds no profile; it was not written by `bnlab study`")
     rows = store.results()
-    study = _study_metadata(profile, claims, rows, store.get_meta("last_run_seconds"), store.get_meta("last_run_count"))
+    study = _study_metadata(profile, claims, rows, store.get_meta("last_run_seconds"),
+                            store.get_meta("last_run_count"))
     from bnlab.study.specs import spec_label
     failures = [{"label": spec_label(r["spec"]), "error": (r["error"] or "").strip().splitlines()[-1:][0]
                  if r["error"] else ""} for r in rows.values() if r["status"] == "failed"]
