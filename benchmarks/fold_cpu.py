@@ -19,7 +19,7 @@ import time
 import torch
 
 import bnlab
-from bnlab.fold import fold_bn
+from bnlab.tools.fold import fold_bn
 
 
 def _alternating_ms(fns, repeat: int, warmup: int = 3) -> list[list[float]]:

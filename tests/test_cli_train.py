@@ -72,8 +72,8 @@ def test_datasets_says_where_each_was_found(capsys, tmp_path):
 
 def test_distributed_without_bnlab_distributed_is_a_clear_error(monkeypatch):
     from bnlab.commands import train as train_command
-    monkeypatch.setitem(sys.modules, "bnlab.distributed", None)   # as if the module did not exist
-    with pytest.raises(UserError, match="bnlab.distributed.convert_sync_batchnorm"):
+    monkeypatch.setitem(sys.modules, "bnlab.nn.sync", None)   # as if the module did not exist
+    with pytest.raises(UserError, match="bnlab.nn.sync.convert_sync_batchnorm"):
         train_command._sync_batchnorm(torch.nn.Linear(2, 2))
 
 

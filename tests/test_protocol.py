@@ -11,10 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from bnlab import distributed, fused, models, protocol
+from bnlab import models, protocol
+from bnlab.nn import fused
+from bnlab.nn import sync as distributed
 from bnlab import nn as bnn
-from bnlab import variants as V
-from bnlab.fold import fold_bn
+from bnlab.nn import variants as V
+from bnlab.tools import freeze as FZ
+from bnlab.tools.fold import fold_bn
 
 TorchBN = nn.modules.batchnorm._BatchNorm
 OURS = [lambda: bnn.BatchNorm2d(4), lambda: V.GhostBatchNorm2d(4, virtual_batch_size=2),
@@ -105,7 +108,7 @@ def test_capabilities_of_known_layers():
     cases = {nn.BatchNorm2d(3): (True, True, "plain"), nn.SyncBatchNorm(3): (False, True, "keep"),
              bnn.BatchNorm2d(3): (True, True, "plain"), V.GhostBatchNorm2d(3): (False, True, "keep"),
              V.BatchRenorm2d(3): (False, True, "renorm"), distributed.SyncBatchNorm(3): (False, True, "keep"),
-             distributed.SyncBatchRenorm(3): (False, True, "keep"), V.FrozenBatchNorm2d(3): (False, True, "keep"),
+             distributed.SyncBatchRenorm(3): (False, True, "keep"), FZ.FrozenBatchNorm2d(3): (False, True, "keep"),
              fused.BatchNormReLU2d(3): (True, False, None)}
     for layer, want in cases.items():
         got = tuple(protocol.capability(layer, c) for c in ("bn_plain_training", "bn_plain_inference", "bn_sync"))
@@ -137,15 +140,15 @@ def test_uses_and_updates_follow_mode_and_switches(layer):
     assert protocol.uses_batch_stats(layer) and protocol.updates_running_stats(layer)
     layer.eval()
     assert not protocol.uses_batch_stats(layer) and not protocol.updates_running_stats(layer)
-    V.set_bn_switches(layer, use_batch_stats=True, update_running_stats=False)
+    FZ.set_bn_switches(layer, use_batch_stats=True, update_running_stats=False)
     layer.train()
     assert protocol.uses_batch_stats(layer) and not protocol.updates_running_stats(layer)
-    V.freeze_stats(layer)
+    FZ.freeze_stats(layer)
     assert not protocol.uses_batch_stats(layer) and not protocol.updates_running_stats(layer)
 
 
 def test_frozen_layers_never_use_or_update_batch_statistics():
-    layer = V.FrozenBatchNorm2d(3).train()
+    layer = FZ.FrozenBatchNorm2d(3).train()
     assert protocol.is_batch_norm(layer)
     assert not protocol.uses_batch_stats(layer) and not protocol.updates_running_stats(layer)
 
@@ -226,10 +229,30 @@ def test_fold_bn_of_a_model_in_training_mode_warns():
 
 
 # --------------------------------------------------------------------------------------------------
-# no import cycles among the core modules
+# the import graph: no cycles, and no module importing a module of a higher layer
 # --------------------------------------------------------------------------------------------------
 
-def _imports(path: pathlib.Path, package: pathlib.Path) -> set[str]:
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "src" / "bnlab"
+
+# The layers, lowest first. A module may import modules of its own layer or a lower one, never a higher one.
+# The one-release aliases of moved modules (bnlab.fold, bnlab.variants, …) sit outside: nothing imports them.
+LAYERS = [
+    ("bnlab.errors", "bnlab.dtypes", "bnlab._moved", "bnlab.reference"),
+    ("bnlab.protocol", "bnlab.kernels"),
+    ("bnlab.functional",),
+    ("bnlab.nn",),
+    ("bnlab.tools",),
+    ("bnlab.models",),
+    ("bnlab.data",),
+    ("bnlab.checkpoint", "bnlab.train"),
+    ("bnlab.study",),
+    ("bnlab.commands", "bnlab.cli", "bnlab.__main__"),
+]
+ALIASES = {"bnlab.fold", "bnlab.recalibrate", "bnlab.accumulate", "bnlab.amp", "bnlab.doctor", "bnlab.frozen",
+           "bnlab.distributed", "bnlab.fused", "bnlab.variants", "bnlab.cifar", "bnlab.datadirs"}
+
+
+def _imports(path: pathlib.Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bnlab"):
@@ -240,18 +263,31 @@ def _imports(path: pathlib.Path, package: pathlib.Path) -> set[str]:
     return names
 
 
-def test_no_import_cycles_outside_the_study():
-    package = pathlib.Path(__file__).resolve().parents[1] / "src" / "bnlab"
+def _modules() -> dict[str, pathlib.Path]:
     modules = {}
-    for path in package.rglob("*.py"):
-        rel = path.relative_to(package.parent).with_suffix("")
-        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
-        if not name.startswith(("bnlab.study", "bnlab.commands", "bnlab.cli", "bnlab.train")):
-            modules[name] = path
-    graph = {name: {m for m in _imports(path, package) if m in modules and m != name}
-             for name, path in modules.items()}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        modules[".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)] = path
+    return modules
+
+
+def _layer(name: str) -> int:
+    for i, prefixes in enumerate(LAYERS):
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{name} belongs to no layer: add it to LAYERS")
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {n: p for n, p in _modules().items() if n not in ALIASES and n != "bnlab"}
+    graph = {name: {m for m in _imports(path) if m in modules and m != name} for name, path in modules.items()}
     for name in graph:   # a package imports its __init__ implicitly: not an edge worth a cycle
         graph[name] = {m for m in graph[name] if not name.startswith(m + ".")}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _graph()
 
     def reach(start):
         seen, todo = set(), [start]
@@ -266,6 +302,18 @@ def test_no_import_cycles_outside_the_study():
     assert not cycles, f"modules on an import cycle: {cycles}"
 
 
+def test_no_module_imports_a_higher_layer():
+    upward = sorted(f"{name} (layer {_layer(name)}) imports {m} (layer {_layer(m)})"
+                    for name, deps in _graph().items() for m in deps if _layer(m) > _layer(name))
+    assert not upward, "\n".join(upward)
+
+
+def test_nothing_imports_the_moved_aliases():
+    users = sorted(f"{name} imports {m}" for name, path in _modules().items() for m in _imports(path)
+                   if m in ALIASES and name not in ALIASES)
+    assert not users, users
+
+
 def test_fused_path_never_bypasses_a_subclass_forward_in_eval(monkeypatch):
     class Doubled(bnn.BatchNorm2d):
         def forward(self, x):
@@ -274,6 +322,6 @@ def test_fused_path_never_bypasses_a_subclass_forward_in_eval(monkeypatch):
     layer = Doubled(3).eval()
     x = torch.randn(2, 3, 4, 4)
     expected = torch.relu(layer(x))
-    # bnlab.fused as on a GPU, where it would run the plain kernels instead of a plain layer's forward
+    # bnlab.nn.fused as on a GPU, where it would run the plain kernels instead of a plain layer's forward
     monkeypatch.setattr(fused, "F", types.SimpleNamespace(backend_for=lambda x, backend="auto": "triton"))
     torch.testing.assert_close(fused.batch_norm_relu(layer, x), expected)

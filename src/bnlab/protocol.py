@@ -1,24 +1,24 @@
 """The batch-norm layer protocol: what the tools of :mod:`bnlab` ask of a layer, in one place.
 
-Every tool (:mod:`~bnlab.fused`, :mod:`~bnlab.frozen`, :mod:`~bnlab.distributed`, :mod:`~bnlab.accumulate`,
-:mod:`~bnlab.amp`, :mod:`~bnlab.recalibrate`, :mod:`~bnlab.doctor`, :mod:`~bnlab.fold`) asks its questions
+Every tool (:mod:`~bnlab.nn.fused`, :mod:`~bnlab.tools.freeze`, :mod:`~bnlab.nn.sync`, :mod:`~bnlab.tools.accumulate`,
+:mod:`~bnlab.tools.amp`, :mod:`~bnlab.tools.recalibrate`, :mod:`~bnlab.tools.doctor`, :mod:`~bnlab.tools.fold`) asks its questions
 through these functions, which work for ``torch.nn.BatchNorm*`` and for this project's layers alike:
 
 * :func:`is_batch_norm` — a batch-norm layer (``torch.nn.modules.batchnorm._BatchNorm`` and its subclasses,
-  which include every :mod:`bnlab.nn` / :mod:`bnlab.variants` layer, or a ``FrozenBatchNorm*``);
+  which include every :mod:`bnlab.nn` / :mod:`bnlab.nn.variants` layer, or a ``FrozenBatchNorm*``);
 * :func:`uses_batch_stats` / :func:`updates_running_stats` — what the layer's next forward call does, with
-  the ``use_batch_stats`` / ``update_running_stats`` switches of :func:`bnlab.frozen.set_bn_switches`;
+  the ``use_batch_stats`` / ``update_running_stats`` switches of :func:`bnlab.tools.freeze.set_bn_switches`;
 * :func:`snapshot` / :func:`restore` — the running buffers (and ``skipped_updates``), to undo a forward;
 * :func:`replace_layers` — the one walker that swaps layers of a model;
 * :func:`capability` — what a layer class declares about itself, as class attributes:
 
   ``bn_plain_training``
-      its training forward is plain batch norm, so :mod:`bnlab.fused` may run the fused kernels instead;
+      its training forward is plain batch norm, so :mod:`bnlab.nn.fused` may run the fused kernels instead;
   ``bn_plain_inference``
-      its eval forward is plain batch norm with the running statistics (:func:`bnlab.fold.fold_bn`,
-      :func:`bnlab.frozen.freeze_bn` may replace it by an affine map);
+      its eval forward is plain batch norm with the running statistics (:func:`bnlab.tools.fold.fold_bn`,
+      :func:`bnlab.tools.freeze.freeze_bn` may replace it by an affine map);
   ``bn_sync``
-      how :func:`bnlab.distributed.convert_sync_batchnorm` treats it: ``"plain"`` (becomes
+      how :func:`bnlab.nn.sync.convert_sync_batchnorm` treats it: ``"plain"`` (becomes
       ``SyncBatchNorm``), ``"renorm"`` (becomes ``SyncBatchRenorm``), ``"keep"`` (left as it is) or
       ``None`` (refused: it would lose its behaviour).
 
@@ -133,7 +133,7 @@ def replace_layers(model: nn.Module, make: Callable[[str, nn.Module], Optional[n
 def carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
     """Give ``new`` (a replacement layer) ``old``'s state: its ``state_dict``, train/eval mode,
     ``requires_grad`` of each parameter, and the per-layer settings kept in the instance (the switches of
-    :func:`bnlab.frozen.set_bn_switches`, when ``new``'s class reads them; ``warn_nonfinite``,
+    :func:`bnlab.tools.freeze.set_bn_switches`, when ``new``'s class reads them; ``warn_nonfinite``,
     ``skipped_updates``, ``layer_path``). Returns ``new``."""
     new.load_state_dict(old.state_dict())
     new.train(old.training)

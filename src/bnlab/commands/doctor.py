@@ -123,7 +123,7 @@ def _build(args, dataset):
 def run(args) -> int:
     import torch
 
-    from bnlab.doctor import diagnose
+    from bnlab.tools.doctor import diagnose
 
     torch.manual_seed(args.seed)
     dataset, batches = None, None

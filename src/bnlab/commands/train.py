@@ -19,7 +19,7 @@ training starts. Ctrl-C finishes the step in flight, saves and exits with status
 or a loss above --divergence-loss) is a result: it ends with status "diverged" and exit status 0.
 
 Under torchrun (WORLD_SIZE > 1) the process group is initialised (gloo on CPU, NCCL on CUDA), batch-norm
-layers become synchronized (bnlab.distributed.convert_sync_batchnorm), the model is wrapped in
+layers become synchronized (bnlab.nn.sync.convert_sync_batchnorm), the model is wrapped in
 DistributedDataParallel and every rank trains on its shard of each epoch; --batch-size is per rank.
 """
 
@@ -185,9 +185,9 @@ def _init_distributed():
 
 def _sync_batchnorm(model):
     try:
-        from bnlab.distributed import convert_sync_batchnorm
+        from bnlab.nn.sync import convert_sync_batchnorm
     except ImportError as error:
-        raise UserError(f"WORLD_SIZE > 1 needs bnlab.distributed.convert_sync_batchnorm, which is "
+        raise UserError(f"WORLD_SIZE > 1 needs bnlab.nn.sync.convert_sync_batchnorm, which is "
                         f"not available in this installation ({error})") from None
     return convert_sync_batchnorm(model)
 

@@ -162,7 +162,7 @@ class BasicBlock(_Block):
         norm: a :class:`~bnlab.models.norms.NormFactory` (or anything :func:`get_norm_layer` accepts).
         dims: 1 for ``(N, C, L)``, 2 for ``(N, C, H, W)``.
         shortcut: ``"A"`` (zero-pad), ``"B"`` (1×1 projection + norm) or ``None`` (plain twin).
-        fused: ``None`` fuses the last BN, the addition and the ReLU via :mod:`bnlab.fused` on CUDA only;
+        fused: ``None`` fuses the last BN, the addition and the ReLU via :mod:`bnlab.nn.fused` on CUDA only;
             ``True`` everywhere; ``False`` never.
     """
 
@@ -190,7 +190,7 @@ class BasicBlock(_Block):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._use_fused(x):
-            from bnlab import fused
+            from bnlab.nn import fused
             h = self.branch[:-1](x)
             if self.shortcut is None:
                 return fused.batch_norm_relu(self.branch[-1], h)

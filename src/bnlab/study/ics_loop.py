@@ -13,7 +13,7 @@ so "the step" is exactly −lr·G, as in their definition) and records:
 (d) validation accuracy every ``eval_every`` steps and, at the end, validation and test accuracy.
 
 Every BN arm is evaluated with statistics re-estimated on clean training batches
-(:func:`bnlab.recalibrate.recalibrate_bn` with the noise hooks off): running averages gathered while the
+(:func:`bnlab.tools.recalibrate.recalibrate_bn` with the noise hooks off): running averages gathered while the
 noise was on describe a network nobody evaluates.
 """
 
@@ -114,7 +114,7 @@ def clean_statistics(model: nn.Module, noise: Optional[NoisyBatchNorm], data, ba
                      num_batches: int, seed: int) -> None:
     """Re-estimate every BN layer's running statistics on clean training batches (noise off), in place."""
     from bnlab.data import Loader
-    from bnlab.recalibrate import recalibrate_bn
+    from bnlab.tools.recalibrate import recalibrate_bn
     if not any(is_batch_norm(m) for m in model.modules()):
         return
     enabled = noise.enabled if noise is not None else None

@@ -80,7 +80,7 @@ def _norm(spec: dict, dims: int):
     partial; ``noisy_bn`` is ordinary BN (claim 1's loop adds its noise while training)."""
     norm = spec.get("norm", "bn")
     if norm.startswith("ghost:"):
-        from bnlab.variants import GhostBatchNorm1d, GhostBatchNorm2d
+        from bnlab.nn.variants import GhostBatchNorm1d, GhostBatchNorm2d
         cls = GhostBatchNorm1d if dims == 1 else GhostBatchNorm2d
         return functools.partial(cls, virtual_batch_size=int(norm.split(":", 1)[1]))
     if norm == "noisy_bn":

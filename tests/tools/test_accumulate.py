@@ -1,4 +1,4 @@
-"""Gradient-accumulation-aware running statistics (bnlab.accumulate)."""
+"""Gradient-accumulation-aware running statistics (bnlab.tools.accumulate)."""
 
 import pytest
 import torch
@@ -6,8 +6,9 @@ import torch.nn.functional as TF
 from torch import nn
 
 from bnlab import nn as bnn
-from bnlab import variants as V
-from bnlab.accumulate import accumulate_bn_stats
+from bnlab.nn import variants as V
+from bnlab.tools import freeze as FZ
+from bnlab.tools.accumulate import accumulate_bn_stats
 
 
 # --------------------------------------------------------------------------------------------------
@@ -37,7 +38,7 @@ def test_accumulated_running_stats_equal_full_batch(make):
 
 def test_accumulation_leaves_non_updating_layers_and_discards_on_error():
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), bnn.BatchNorm1d(4))
-    V.freeze_stats(net[2])
+    FZ.freeze_stats(net[2])
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(KeyError):
         with accumulate_bn_stats(net):

@@ -19,7 +19,7 @@ from bnlab.kernels import cpu
 pytestmark = pytest.mark.skipif(cpu.library() is None, reason=f"no C compiler: {cpu.load_error()}")
 
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-SRC = os.path.join(os.path.dirname(os.path.dirname(__file__)), "src")
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 
 
 def _np(t):

@@ -1,4 +1,4 @@
-"""bnlab.distributed: synchronized batch norm over gloo with 2–3 CPU processes equals single-process batch
+"""bnlab.nn.sync: synchronized batch norm over gloo with 2–3 CPU processes equals single-process batch
 norm (torch.nn.BatchNorm, an independent implementation) on the concatenated batch — outputs, input
 gradients, γ/β gradients summed over processes, running statistics — uneven and empty shards included."""
 
@@ -13,9 +13,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from bnlab import nn as bnn
-from bnlab import variants as V
-from bnlab.accumulate import accumulate_bn_stats
-from bnlab.distributed import SyncBatchNorm, SyncBatchRenorm, convert_sync_batchnorm
+from bnlab.nn import variants as V
+from bnlab.tools import freeze as FZ
+from bnlab.tools.accumulate import accumulate_bn_stats
+from bnlab.nn.sync import SyncBatchNorm, SyncBatchRenorm, convert_sync_batchnorm
 
 # (name, per-process batch sizes, per-sample shape after C, channels, layer kind)
 SCENARIOS_3 = [
@@ -203,7 +204,7 @@ def test_convert_keeps_state_switches_and_variants():
                           V.BatchRenorm2d(4, rmax=2.0, warmup_steps=3), nn.Flatten(), nn.Linear(4, 3),
                           bnn.BatchNorm1d(3), nn.SyncBatchNorm(3))
     model(torch.randn(4, 3, 1, 1))
-    V.freeze_stats(model[2])
+    FZ.freeze_stats(model[2])
     model[7].weight.requires_grad_(False)
     model.eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -11,9 +11,9 @@ ReLU mask; elsewhere they are the plain composition. The running statistics are 
 Example::
 
     bn = bnlab.nn.BatchNorm2d(64).cuda()
-    out = bnlab.fused.batch_norm_add_relu(bn, conv(x), shortcut)   # relu(bn(conv(x)) + shortcut)
+    out = bnlab.nn.fused.batch_norm_add_relu(bn, conv(x), shortcut)   # relu(bn(conv(x)) + shortcut)
 
-    block_tail = bnlab.fused.BatchNormReLU2d(64)                   # a BatchNorm2d with a fused tail
+    block_tail = bnlab.nn.fused.BatchNormReLU2d(64)                   # a BatchNorm2d with a fused tail
     out = block_tail(h, residual=shortcut)
 """
 
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from bnlab import functional as F
-from bnlab import nn as bnn
+from bnlab.nn import batchnorm as bnn
 from bnlab import protocol
 
 __all__ = ["batch_norm_relu", "batch_norm_add_relu", "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d"]

@@ -1,4 +1,4 @@
-"""bnlab.recalibrate: the recalibrated running statistics equal the exact statistics of each layer's
+"""bnlab.tools.recalibrate: the recalibrated running statistics equal the exact statistics of each layer's
 inputs, computed here independently by running the layers by hand with torch.nn.functional.batch_norm."""
 
 import pytest
@@ -7,8 +7,9 @@ import torch.nn.functional as TF
 from torch import nn
 
 from bnlab import nn as bnn
-from bnlab import variants as V
-from bnlab.recalibrate import recalibrate_bn
+from bnlab.nn import variants as V
+from bnlab.tools import freeze as FZ
+from bnlab.tools.recalibrate import recalibrate_bn
 
 
 def _model(bn2d, bn1d):
@@ -83,7 +84,7 @@ def test_recalibration_after_weight_averaging_and_num_batches():
 
 def test_frozen_layers_are_recalibrated_and_stay_frozen():
     model = _model(bnn.BatchNorm2d, bnn.BatchNorm1d)
-    V.freeze_stats(model)
+    FZ.freeze_stats(model)
     batches = _batches(3)
     recalibrate_bn(model, batches)
     assert model[1].use_batch_stats is False and model[1].update_running_stats is False

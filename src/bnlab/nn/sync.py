@@ -18,7 +18,7 @@ them). Works with gloo (CPU tensors) and NCCL (CUDA tensors). Without an initial
 with one process, the layers are plain batch norm.
 
 :func:`convert_sync_batchnorm` swaps the batch-norm layers of a model for these, keeping state, mode and
-the :mod:`bnlab.variants` switches; it refuses layers whose behaviour it would lose.
+the :mod:`bnlab.nn.variants` switches; it refuses layers whose behaviour it would lose.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bnlab import functional as F
-from bnlab import nn as bnn
-from bnlab import protocol, variants
+from bnlab.nn import batchnorm as bnn
+from bnlab import protocol
+from bnlab.nn import variants
 
 __all__ = ["SyncBatchNorm", "SyncBatchRenorm", "convert_sync_batchnorm", "gather_batch_stats", "merge_moments",
            "sync_group"]
@@ -161,7 +162,7 @@ class SyncBatchNorm(_SyncMixin, bnn.BatchNorm):
     track_running_stats, process_group, device, dtype)`` plus ``bias`` and ``backend`` (keyword-only);
     same ``state_dict`` as ``torch.nn.BatchNorm*``. Accepts 2D–5D input. The running statistics are
     updated from the global batch (mean and unbiased variance), identically on every process.
-    Honours ``use_batch_stats`` / ``update_running_stats`` (see :func:`bnlab.variants.set_bn_switches`).
+    Honours ``use_batch_stats`` / ``update_running_stats`` (see :func:`bnlab.tools.freeze.set_bn_switches`).
 
     Shape:
         input ``(N, C, *)`` with ``N`` possibly different on each process, including 0; output the same.
@@ -178,9 +179,9 @@ class SyncBatchNorm(_SyncMixin, bnn.BatchNorm):
 
 
 class SyncBatchRenorm(_SyncMixin, variants.BatchRenorm):
-    r"""Batch renormalization (:class:`bnlab.variants.BatchRenorm2d`) with μ_B and σ_B of the union of all
+    r"""Batch renormalization (:class:`bnlab.nn.variants.BatchRenorm2d`) with μ_B and σ_B of the union of all
     processes' batches; r and d then follow from the global statistics and are constants for the gradient.
-    Constructor as :class:`~bnlab.variants.BatchRenorm2d` plus ``process_group`` (keyword-only)."""
+    Constructor as :class:`~bnlab.nn.variants.BatchRenorm2d` plus ``process_group`` (keyword-only)."""
 
     _expected_dims = (2, 3, 4, 5)
 
@@ -212,7 +213,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     the replacement when ``model`` itself is a batch-norm layer).
 
     * ``torch.nn.BatchNorm1d/2d/3d`` and :mod:`bnlab.nn` ``BatchNorm1d/2d/3d`` → :class:`SyncBatchNorm`;
-    * :mod:`bnlab.variants` ``BatchRenorm*`` → :class:`SyncBatchRenorm` (same limits and schedule);
+    * :mod:`bnlab.nn.variants` ``BatchRenorm*`` → :class:`SyncBatchRenorm` (same limits and schedule);
     * kept as they are: ``torch.nn.SyncBatchNorm`` and ours (already synchronized), ``FrozenBatchNorm*``
       (no batch statistics), ``GhostBatchNorm*`` (ghost batches are sub-batches of each process's batch);
     * state, train/eval mode, ``requires_grad`` and the ``use_batch_stats`` / ``update_running_stats``

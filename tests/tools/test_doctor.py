@@ -1,4 +1,4 @@
-"""bnlab.doctor: each finding is triggered by a model built to have that problem, and a healthy model
+"""bnlab.tools.doctor: each finding is triggered by a model built to have that problem, and a healthy model
 (running statistics computed exactly on the probe data) has none."""
 
 import json
@@ -9,9 +9,10 @@ from torch import nn
 
 from bnlab import cli
 from bnlab import nn as bnn
-from bnlab import variants as V
-from bnlab.doctor import diagnose
-from bnlab.recalibrate import recalibrate_bn
+from bnlab.nn import variants as V
+from bnlab.tools import freeze as FZ
+from bnlab.tools.doctor import diagnose
+from bnlab.tools.recalibrate import recalibrate_bn
 
 
 def make_net(conv_bias: bool = False) -> nn.Module:
@@ -51,7 +52,7 @@ def test_train_mode_at_inference():
     assert "model.eval()" in report.findings[0].fix
     assert diagnose(net, _batches(), for_inference=False).findings == []
     net.eval()
-    V.set_bn_switches(net[4], use_batch_stats=True)
+    FZ.set_bn_switches(net[4], use_batch_stats=True)
     assert _checks(diagnose(net, _batches())) == {"train_mode"}
 
 
@@ -142,5 +143,5 @@ def test_cli_with_a_model_name_and_a_dataset(capsys):
                        "--training", "--json"])
     out = json.loads(capsys.readouterr().out)
     net = models.create("resnet8", in_channels=1, num_classes=4)
-    assert status == 0 and len(out["layers"]) == sum(V.is_batch_norm(m) for m in net.modules())
+    assert status == 0 and len(out["layers"]) == sum(FZ.is_batch_norm(m) for m in net.modules())
     assert all(f["check"] != "train_mode" for f in out["findings"])      # --training

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import bnlab.fused
+import bnlab.nn.fused
 from bnlab import models
 from bnlab.models.resnet import Bottleneck
 
@@ -151,8 +151,8 @@ def test_bn_and_torch_bn_models_agree_with_the_same_weights():
 
 def test_fused_path_calls_bnlab_fused_and_matches_unfused(monkeypatch):
     calls = []
-    original = bnlab.fused.batch_norm_add_relu
-    monkeypatch.setattr(bnlab.fused, "batch_norm_add_relu",
+    original = bnlab.nn.fused.batch_norm_add_relu
+    monkeypatch.setattr(bnlab.nn.fused, "batch_norm_add_relu",
                         lambda bn, x, residual: calls.append(1) or original(bn, x, residual))
     torch.manual_seed(0)
     fused = models.create("resnet14", fused=True)

@@ -1,11 +1,11 @@
-"""Keeping mixed-precision overflow out of the running statistics (bnlab.amp)."""
+"""Keeping mixed-precision overflow out of the running statistics (bnlab.tools.amp)."""
 
 import pytest
 import torch
 from torch import nn
 
 from bnlab import nn as bnn
-from bnlab.amp import BNStatsGuard
+from bnlab.tools.amp import BNStatsGuard
 
 
 def _amp_model():

@@ -250,7 +250,7 @@ def fold_bn(model: nn.Module, probe: Union[Tensor, Sequence[Tensor], None] = Non
             strict: bool = False, rtol: Optional[float] = None) -> tuple[nn.Module, FoldReport]:
     """Fold every batch norm that directly follows a conv / transposed conv / linear layer into its weights.
 
-    Works with :mod:`bnlab.nn`, :mod:`bnlab.variants` and ``torch.nn`` batch-norm layers, convolutions of
+    Works with :mod:`bnlab.nn`, :mod:`bnlab.nn.variants` and ``torch.nn`` batch-norm layers, convolutions of
     any ``groups``, with or without bias. The result is for inference: it is returned in eval mode and
     matches ``model.eval()``, and folding a model whose batch norms use batch statistics (training mode)
     warns, since its output as called differs. A linear layer is folded as feeding batch norm on ``(N, C)`` features (its

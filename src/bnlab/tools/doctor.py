@@ -23,7 +23,7 @@ on a copy).
 
 Example::
 
-    >>> from bnlab.doctor import diagnose
+    >>> from bnlab.tools.doctor import diagnose
     >>> report = diagnose(model, [x1, x2])           # tensors, (x, y) pairs or a loader
     >>> print(report.format())                       # the table and the findings
     >>> report.to_dict()                             # the same as JSON-ready data
@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 from bnlab import functional as F
 from bnlab import protocol
-from bnlab.fold import find_conv_bn_pairs, output_tensors
-from bnlab.recalibrate import model_inputs
+from bnlab.tools.fold import find_conv_bn_pairs, output_tensors
+from bnlab.tools.recalibrate import model_inputs
 
 __all__ = ["diagnose", "DoctorReport", "Finding", "LayerHealth"]
 
@@ -152,7 +152,7 @@ def _static_findings(name: str, m: nn.Module, health: LayerHealth, for_inference
                              "the running statistics are still at their initial values (mean 0, variance 1, "
                              "num_batches_tracked 0): the layer never ran in training mode, or a checkpoint "
                              "was loaded without its buffers",
-                             "train the model, or compute the statistics with bnlab.recalibrate.recalibrate_bn; "
+                             "train the model, or compute the statistics with bnlab.tools.recalibrate.recalibrate_bn; "
                              "load checkpoints with their buffers (load_state_dict(strict=True))"))
     momentum = getattr(m, "momentum", None)
     if momentum is not None and momentum > 0.5:
@@ -169,8 +169,8 @@ def _static_findings(name: str, m: nn.Module, health: LayerHealth, for_inference
             found.append(Finding("nonfinite_stats", name, "error",
                                  f"running statistics not finite (or negative variance) in {len(channels)} channel(s) "
                                  f"{channels[:8]}{'…' if len(channels) > 8 else ''}",
-                                 "recompute them with bnlab.recalibrate.recalibrate_bn; under AMP wrap steps in "
-                                 "bnlab.amp.BNStatsGuard so overflowing steps do not reach them"))
+                                 "recompute them with bnlab.tools.recalibrate.recalibrate_bn; under AMP wrap steps in "
+                                 "bnlab.tools.amp.BNStatsGuard so overflowing steps do not reach them"))
     weight = m.weight
     if weight is not None:
         dead = (weight.detach().abs() < dead_gamma).nonzero().flatten().tolist()
@@ -293,7 +293,7 @@ def _data_checks(model, layers, batches, num_batches, report, gap_tol, mean_tol,
                 "train_eval_gap", "<model>", "warning",
                 f"the model's output with batch statistics differs from its output with running statistics by "
                 f"{report.model_gap:.3g} (relative RMS) on the given batches",
-                "recalibrate the running statistics on training data (bnlab.recalibrate.recalibrate_bn), check "
+                "recalibrate the running statistics on training data (bnlab.tools.recalibrate.recalibrate_bn), check "
                 "the layers flagged stale_statistics, or freeze statistics when fine-tuning with small batches"))
 
     for health in report.layers:
@@ -308,14 +308,14 @@ def _data_checks(model, layers, batches, num_batches, report, gap_tol, mean_tol,
                 "few_values", name, "warning",
                 f"batch statistics from only {health.values_per_channel} value(s) per channel (input {shape}); "
                 f"they are noisy estimates and training/inference behaviour diverge",
-                "use larger batches, BatchRenorm (bnlab.variants.BatchRenorm*), frozen statistics when fine-tuning "
-                "(bnlab.variants.freeze_stats), or a batch-independent norm (GroupNorm/LayerNorm)"))
+                "use larger batches, BatchRenorm (bnlab.nn.variants.BatchRenorm*), frozen statistics when fine-tuning "
+                "(bnlab.tools.freeze.freeze_stats), or a batch-independent norm (GroupNorm/LayerNorm)"))
         finite = all(bool(torch.isfinite(x).all()) for x in xs)
         if not finite:
             report.findings.append(Finding(
                 "nonfinite_stats", name, "error", "NaN/Inf in this layer's input on the given batches, so its "
                 "batch statistics are not finite", "find the layer that overflows upstream; under AMP use "
-                "GradScaler and bnlab.amp.BNStatsGuard"))
+                "GradScaler and bnlab.tools.amp.BNStatsGuard"))
             continue
         if m.running_mean is None or not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()):
             continue
@@ -333,7 +333,7 @@ def _data_checks(model, layers, batches, num_batches, report, gap_tol, mean_tol,
                 f"on the given batches the channel means are up to {health.mean_distance:.3g} running std away from "
                 f"running_mean (channel {worst}: {float(mean[worst]):.3g} vs {float(run_mean[worst]):.3g}) and the "
                 f"variances differ by up to x{health.var_ratio:.3g}",
-                "recompute the statistics on training data (bnlab.recalibrate.recalibrate_bn), e.g. after weight "
+                "recompute the statistics on training data (bnlab.tools.recalibrate.recalibrate_bn), e.g. after weight "
                 "averaging or a change of data; if the batches are not from the training distribution, "
                 "this may be a domain shift"))
         if health.train_eval_gap > gap_tol:
@@ -341,4 +341,4 @@ def _data_checks(model, layers, batches, num_batches, report, gap_tol, mean_tol,
                 "train_eval_gap", name, "warning",
                 f"output with batch statistics differs from output with running statistics by "
                 f"{health.train_eval_gap:.3g} (relative RMS)",
-                "recalibrate the running statistics (bnlab.recalibrate.recalibrate_bn) or use larger batches"))
+                "recalibrate the running statistics (bnlab.tools.recalibrate.recalibrate_bn) or use larger batches"))

@@ -1,4 +1,4 @@
-"""bnlab.fold: folded models equal the unfolded model in eval mode (1e-5 relative) on random models, and
+"""bnlab.tools.fold: folded models equal the unfolded model in eval mode (1e-5 relative) on random models, and
 every case that cannot be folded is refused with its reason."""
 
 import pytest
@@ -6,15 +6,16 @@ import torch
 from torch import nn
 
 from bnlab import nn as bnn
-from bnlab import variants as V
-from bnlab.fold import find_conv_bn_pairs, fold_bn
+from bnlab.nn import variants as V
+from bnlab.tools import freeze as FZ
+from bnlab.tools.fold import find_conv_bn_pairs, fold_bn
 
 
 def _randomize_bn(model, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if V.is_batch_norm(m):   # FrozenBatchNorm* included
+            if FZ.is_batch_norm(m):   # FrozenBatchNorm* included
                 c = m.num_features
                 m.running_mean.copy_(torch.randn(c, generator=gen))
                 m.running_var.copy_(torch.rand(c, generator=gen) * 3 + 0.1)
@@ -30,7 +31,7 @@ def _check_equal(model, x, expect_folded):
         reference = model.eval()(x)
     folded, report = fold_bn(model, probe=x)
     assert len(report.folded) == expect_folded, str(report)
-    assert not any(V.is_batch_norm(m) for m in folded.modules()) or report.skipped
+    assert not any(FZ.is_batch_norm(m) for m in folded.modules()) or report.skipped
     with torch.no_grad():
         out = folded(x)
     rel = (out - reference).abs().max() / reference.abs().max()
@@ -113,13 +114,13 @@ def test_fold_refuses_batch_norm_without_running_stats_and_shared_layers():
 
 
 def test_fold_refuses_batch_norm_subclasses_that_do_more():
-    from bnlab import fused
+    from bnlab.nn import fused
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 1), fused.BatchNormReLU2d(3), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
     folded, report = _check_equal(model, torch.randn(2, 2, 4, 4), 1)
     assert report.folded == [("3", "2")] and "overrides forward" in dict(report.skipped)["1"]
     with pytest.raises(TypeError, match="freeze_bn: layer 1 .*overrides forward"):
-        V.freeze_bn(model)
+        FZ.freeze_bn(model)
 
 
 class _Untraceable(nn.Module):
@@ -149,7 +150,7 @@ def test_fold_falls_back_to_sequential_adjacency_when_tracing_fails():
 
 def test_fold_frozen_batch_norm_and_rtol_check():
     torch.manual_seed(0)
-    model = V.freeze_bn(_randomize_bn(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))))
+    model = FZ.freeze_bn(_randomize_bn(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))))
     _check_equal(model, torch.randn(2, 2, 3, 3), 1)
     with pytest.raises(RuntimeError, match="rtol"):
         fold_bn(model, probe=torch.randn(2, 2, 3, 3) * 1e6, rtol=0.0)
@@ -159,5 +160,5 @@ def test_fold_resnet_from_the_model_zoo():
     from bnlab import models
     torch.manual_seed(0)
     net = models.create("resnet8", norm="bn", in_channels=3, num_classes=10)
-    folded, report = _check_equal(net, torch.randn(4, 3, 16, 16), sum(V.is_batch_norm(m) for m in net.modules()))
+    folded, report = _check_equal(net, torch.randn(4, 3, 16, 16), sum(FZ.is_batch_norm(m) for m in net.modules()))
     assert not report.skipped

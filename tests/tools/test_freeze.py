@@ -1,4 +1,4 @@
-"""Frozen statistics: switches that survive train()/eval(), FrozenBatchNorm (bnlab.frozen)."""
+"""Frozen statistics: switches that survive train()/eval(), FrozenBatchNorm (bnlab.tools.freeze)."""
 
 import copy
 
@@ -8,7 +8,8 @@ import torch.nn.functional as TF
 from torch import nn
 
 from bnlab import nn as bnn
-from bnlab import variants as V
+from bnlab.nn import variants as V
+from bnlab.tools import freeze as FZ
 
 
 # --------------------------------------------------------------------------------------------------
@@ -29,7 +30,7 @@ def _net(bn_cls):
 def test_freeze_stats_uses_running_stats_survives_train_and_trains_affine(bn_cls):
     net = _net(bn_cls)
     reference = copy.deepcopy(net).eval()
-    V.freeze_stats(net)
+    FZ.freeze_stats(net)
     net.train()                       # must not undo the freeze
     x = torch.randn(6, 3, 6, 6)
     buffers = {k: v.clone() for k, v in net.state_dict().items()}
@@ -41,7 +42,7 @@ def test_freeze_stats_uses_running_stats_survives_train_and_trains_affine(bn_cls
     y.sum().backward()
     assert net[1].weight.grad is not None and net[1].weight.grad.abs().sum() > 0
 
-    V.unfreeze_stats(net)
+    FZ.unfreeze_stats(net)
     net.train()
     net(x)
     assert not torch.equal(net[1].running_mean, buffers["1.running_mean"])  # updates again
@@ -50,7 +51,7 @@ def test_freeze_stats_uses_running_stats_survives_train_and_trains_affine(bn_cls
 @pytest.mark.parametrize("bn_cls", [nn.BatchNorm2d, bnn.BatchNorm2d])
 def test_switches_batch_stats_without_update_and_affine(bn_cls):
     net = _net(bn_cls)
-    V.set_bn_switches(net, use_batch_stats=True, update_running_stats=False, train_affine=False)
+    FZ.set_bn_switches(net, use_batch_stats=True, update_running_stats=False, train_affine=False)
     net.eval()
     x = torch.randn(6, 3, 6, 6)
     before = net[1].running_mean.clone()
@@ -64,9 +65,9 @@ def test_switches_batch_stats_without_update_and_affine(bn_cls):
 def test_freeze_refuses_layers_without_running_stats():
     net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, track_running_stats=False))
     with pytest.raises(ValueError, match="1 \\(BatchNorm1d\\(3\\)\\).*running statistics"):
-        V.freeze_stats(net)
+        FZ.freeze_stats(net)
     with pytest.raises(ValueError, match="no batch-norm layer"):
-        V.freeze_stats(nn.Linear(2, 2))
+        FZ.freeze_stats(nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize("bn_cls", [nn.BatchNorm2d, bnn.BatchNorm2d])
@@ -74,13 +75,13 @@ def test_freeze_bn_makes_buffers_and_matches_eval(bn_cls):
     net = _net(bn_cls)
     reference = copy.deepcopy(net).eval()
     keys = set(net.state_dict())
-    V.freeze_bn(net)
-    assert isinstance(net[1], V.FrozenBatchNorm2d) and isinstance(net[5], V.FrozenBatchNorm1d)
+    FZ.freeze_bn(net)
+    assert isinstance(net[1], FZ.FrozenBatchNorm2d) and isinstance(net[5], FZ.FrozenBatchNorm1d)
     assert set(net.state_dict()) == keys                          # same checkpoint format
     assert all("1." not in n for n, _ in net.named_parameters())  # γ/β are no longer parameters
     net.train()
     x = torch.randn(4, 3, 6, 6)
     torch.testing.assert_close(net(x), reference(x))
-    V.unfreeze_bn(net)
+    FZ.unfreeze_bn(net)
     assert isinstance(net[1], bnn.BatchNorm2d) and net[1].weight.requires_grad
     torch.testing.assert_close(net.eval()(x), reference(x))

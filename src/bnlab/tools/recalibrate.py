@@ -124,7 +124,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: Optional[int
         model.eval()
         for m in layers.values():
             m.train()
-            m.use_batch_stats = None   # batch statistics, whatever the switches of bnlab.frozen say
+            m.use_batch_stats = None   # batch statistics, whatever the switches of bnlab.tools.freeze say
         for batch in loader:
             if num_batches is not None and seen >= num_batches:
                 break

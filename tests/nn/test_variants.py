@@ -1,4 +1,4 @@
-"""bnlab.variants: ghost batch norm and batch renormalization — each against an independent
+"""bnlab.nn.variants: ghost batch norm and batch renormalization — each against an independent
 computation with torch.nn.functional.batch_norm or plain tensor arithmetic."""
 
 import pytest
@@ -8,7 +8,7 @@ from torch import nn
 
 from bnlab import nn as bnn
 from bnlab import protocol
-from bnlab import variants as V
+from bnlab.nn import variants as V
 
 
 def _pair(cls, num_features, **kwargs):
@@ -179,7 +179,7 @@ def test_variants_declare_their_training_forward_is_their_own(make):
 _FUSED_CHECK = """
 import copy
 import torch
-from bnlab import fused, variants
+from bnlab.nn import fused, variants
 torch.manual_seed(0)
 x, residual = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
 layers = [variants.GhostBatchNorm2d(3, virtual_batch_size=2, backend="triton"),

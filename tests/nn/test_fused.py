@@ -1,4 +1,4 @@
-"""bnlab.fused: BN+ReLU and BN+add+ReLU over a bnlab.nn module, against torch.nn.BatchNorm* composed with
+"""bnlab.nn.fused: BN+ReLU and BN+add+ReLU over a bnlab.nn module, against torch.nn.BatchNorm* composed with
 the addition and the ReLU — outputs, every gradient, running statistics and the batch counter, in training
 and evaluation, on the fused-kernel path (backend="triton", CPU tensors under Triton's interpreter) and on
 the plain-composition fallbacks."""
@@ -6,7 +6,7 @@ the plain-composition fallbacks."""
 import pytest
 import torch
 
-from bnlab import fused
+from bnlab.nn import fused
 from bnlab import nn as bnn
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -204,7 +204,7 @@ def test_resnet_block_fused_equals_unfused(poisoned):
         torch.manual_seed(5)
         nets[flag] = models.create("resnet8", norm="bn", in_channels=3, num_classes=4, fused=flag).to(DEVICE)
     for m in nets[True].modules():
-        if isinstance(m, bnn._BatchNorm):
+        if isinstance(m, bnn.BatchNorm):
             m.backend = "triton"
     x = torch.randn(4, 3, 8, 8, device=DEVICE)
     out = {flag: net(x) for flag, net in nets.items()}

@@ -42,7 +42,7 @@ class accumulate_bn_stats:
     are full-batch statistics too) and ``torch.nn.BatchNorm*``; layers that would not update (eval mode,
     frozen statistics) are left alone. A layer whose merged statistics are not finite is not updated and
     its ``skipped_updates`` grows. If the block raises, nothing is committed. Synchronized layers
-    (:class:`bnlab.distributed.SyncBatchNorm`, ``torch.nn.SyncBatchNorm``) merge the accumulated statistics
+    (:class:`bnlab.nn.sync.SyncBatchNorm`, ``torch.nn.SyncBatchNorm``) merge the accumulated statistics
     across their process group on exit, so every process must leave the block together.
 
     Args:
@@ -93,7 +93,7 @@ class accumulate_bn_stats:
     @torch.no_grad()
     def commit(self) -> None:
         """Apply the accumulated statistics (called on a normal exit)."""
-        from bnlab.distributed import merge_moments, sync_group   # torch.distributed only when needed
+        from bnlab.nn.sync import merge_moments, sync_group   # torch.distributed only when needed
         for name, m in self.layers.items():
             acc = self._stats.get(name)
             synced, group = sync_group(m)

@@ -39,7 +39,7 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
     warn_nonfinite: Optional[bool] = None
     #: the layer's path in its model (``layer2.0.bn1``), set by :func:`bnlab.protocol.name_layers`
     layer_path: str = ""
-    # -- switches that survive .train()/.eval() (see bnlab.frozen.set_bn_switches) --------------------
+    # -- switches that survive .train()/.eval() (see bnlab.tools.freeze.set_bn_switches) --------------------
     #: ``None`` follows the mode (batch statistics in training); ``True``/``False`` force it.
     use_batch_stats: Optional[bool] = None
     #: ``False`` keeps the running statistics fixed even in training.

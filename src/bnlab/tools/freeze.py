@@ -7,7 +7,7 @@
 * :func:`freeze_bn` / :func:`unfreeze_bn` — :class:`FrozenBatchNorm2d` with γ/β as buffers, for
   detection-style fine-tuning where nothing of the normalization trains.
 
-All of it works on :mod:`bnlab` layers and on ``torch.nn.BatchNorm*``. (Re-exported by :mod:`bnlab.variants`.)
+All of it works on :mod:`bnlab` layers and on ``torch.nn.BatchNorm*``. (Re-exported by :mod:`bnlab.nn.variants`.)
 """
 
 from __future__ import annotations

@@ -1,13 +1,12 @@
-r"""Batch-norm variants for the edges of practice: ghost batches, batch renormalization, frozen statistics.
+r"""Batch-norm variants for the edges of practice: ghost batches and batch renormalization.
 
 * :class:`GhostBatchNorm1d/2d/3d` — statistics over sub-batches ("ghost" or virtual batches) of a fixed
   size in training, population estimates at inference (Hoffer et al. 2017, https://arxiv.org/abs/1705.08741).
 * :class:`BatchRenorm1d/2d/3d` — batch renormalization with clipped r/d corrections and a warm-up
   (Ioffe 2017, https://arxiv.org/abs/1702.03275).
-* :func:`freeze_stats` / :func:`unfreeze_stats` / :func:`set_bn_switches` — running statistics used and not
-  updated while γ/β still train, surviving ``model.train()``; :func:`freeze_bn` replaces layers by
-  :class:`FrozenBatchNorm2d` (γ/β as buffers) for detection-style fine-tuning. These live in
-  :mod:`bnlab.frozen` and are re-exported here.
+
+Frozen statistics (``freeze_stats``, ``set_bn_switches``, ``freeze_bn`` and ``FrozenBatchNorm*``) are operations
+on a model: :mod:`bnlab.tools.freeze`.
 
 All layers keep the ``torch.nn.BatchNorm`` contract (constructor arguments, parameters and buffers), so a
 ``state_dict`` loads both ways between them, :mod:`bnlab.nn` and :mod:`torch.nn`.
@@ -22,16 +21,11 @@ from torch import Tensor
 
 from bnlab import functional as F
 from bnlab import protocol
-from bnlab.frozen import (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, freeze_bn,  # noqa: F401
-                          freeze_stats, set_bn_switches, unfreeze_bn, unfreeze_stats)
-from bnlab.nn import BatchNorm
-from bnlab.protocol import is_batch_norm  # noqa: F401  (re-exported)
+from bnlab.nn.batchnorm import BatchNorm
 
 __all__ = [
     "GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "ghost_batch_norm",
     "BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
-    "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
-    "is_batch_norm", "set_bn_switches", "freeze_stats", "unfreeze_stats", "freeze_bn", "unfreeze_bn",
 ]
 
 

@@ -143,7 +143,7 @@ def test_convert_gives_identical_outputs_and_round_trips():
     torch.testing.assert_close(model.state_dict(), reference.state_dict(), rtol=1e-5, atol=1e-6)
 
     bnlab.nn.convert(model, to="torch")
-    assert not any(isinstance(m, bnn._BatchNorm) for m in model.modules())
+    assert not any(isinstance(m, bnn.BatchNorm) for m in model.modules())
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
