@@ -37,7 +37,7 @@ def test_noise_goes_on_each_residual_branch_first_bn_only(name, dims, shape):
                                 num_classes=10, width=0.25, fused=False)
     # the oracle, from the architecture: a BasicBlock's branch is conv, BN, ReLU, conv, BN
     blocks = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
-    expected = [f"{n}.branch.1" for n, _ in blocks]
+    expected = [f"{n}.branch.bn1" for n, _ in blocks]
     assert [n for n, _ in noisy_layers(model)] == expected
     NoisyBatchNorm(model, strength=1.0, seed=0)
     hooked = [n for n, m in model.named_modules() if is_batch_norm(m) and m._forward_hooks]
@@ -133,7 +133,7 @@ def test_recalibration_removes_the_noise_from_running_statistics():
         var, mean = torch.var_mean(inputs[name], dim=(0, 2), correction=1)
         torch.testing.assert_close(m.running_mean.double(), mean, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(m.running_var.double(), var, rtol=1e-4, atol=1e-5)
-    after_noise = "blocks.1.branch.4"  # the BN that renormalizes a noisy layer saw the noise before
+    after_noise = "blocks.1.branch.bn2"  # the BN that renormalizes a noisy layer saw the noise before
     assert not torch.allclose(polluted[after_noise].double(), torch.var_mean(inputs[after_noise], dim=(0, 2))[0],
                               rtol=0.05)
     assert noise.enabled  # training may go on with the noise after an evaluation

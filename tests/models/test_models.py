@@ -201,3 +201,60 @@ def test_norm_layer_is_accepted_wherever_norm_is():
     assert kinds(models.cifar_resnet(8, norm_layer="torch_bn")) == {nn.BatchNorm2d}
     with pytest.raises(UserError, match="both norm='groupnorm' and norm_layer"):
         models.create("resnet8", norm="groupnorm", norm_layer=nn.BatchNorm2d)
+
+
+# --------------------------------------------------------------------------------------------------
+# named block parts (torchvision's names) and state_dicts saved with the earlier numbered keys
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, norm, parts", [
+    ("resnet8", "bn", ["conv1", "bn1", "relu", "conv2", "bn2"]),
+    ("resnet8", "none", ["conv1", "relu", "conv2"]),
+    ("resnet8", "skipinit", ["conv1", "relu", "conv2", "alpha"]),
+    ("resnet8", "fixup", ["bias1a", "conv1", "bias1b", "relu", "bias2a", "conv2", "scale", "bias2b"]),
+    ("preact_resnet8", "bn", ["bn1", "relu1", "conv1", "bn2", "relu2", "conv2"]),
+    ("resnet50", "bn", ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "conv3", "bn3"]),
+])
+def test_branch_parts_have_torchvision_names(name, norm, parts):
+    model = models.create(name, norm=norm, in_channels=3, width=0.25)
+    block = model.blocks[0]
+    assert list(block.branch._modules) == parts
+    for part in parts:
+        assert getattr(block, part) is getattr(block.branch, part)     # block.bn2 is block.branch.bn2
+    convs = [p for p in parts if p.startswith("conv")]
+    assert all(isinstance(getattr(block, c), nn.Conv2d) for c in convs)
+    assert all(getattr(block, p).__class__.__name__.startswith("BatchNorm") for p in parts if p.startswith("bn"))
+    with pytest.raises(AttributeError):
+        block.bn9
+
+
+def _numbered(state: dict, model) -> dict:
+    """The keys an earlier bnlab wrote: each branch part by its position instead of its name."""
+    renames = {}
+    for block_name, block in model.named_modules():
+        if hasattr(block, "branch") and isinstance(block.branch, nn.Sequential):
+            for i, part in enumerate(block.branch._modules):
+                renames[f"{block_name}.branch.{part}."] = f"{block_name}.branch.{i}."
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in renames if key.startswith(p)), None)
+        out[renames[prefix] + key[len(prefix):] if prefix else key] = value
+    return out
+
+
+@pytest.mark.parametrize("name, norm", [("resnet8", "bn"), ("resnet8", "fixup"), ("preact_resnet8", "bn"),
+                                        ("resnet50", "bn")])
+def test_a_state_dict_with_numbered_branch_keys_still_loads(name, norm):
+    torch.manual_seed(0)
+    source = models.create(name, norm=norm, in_channels=3, width=0.25)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.1)       # every value differs from a fresh model's
+    old = _numbered(source.state_dict(), source)
+    assert any(".branch.0." in k for k in old) and not any(".branch.conv1." in k for k in old)
+    torch.manual_seed(1)
+    target = models.create(name, norm=norm, in_channels=3, width=0.25)
+    target.load_state_dict(old)                      # strict: no key missing or unexpected
+    x = torch.randn(2, 3, 16, 16)
+    source.eval(), target.eval()
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)

@@ -16,12 +16,19 @@ r"""Residual networks whose blocks take the normalization as an argument.
 Every block has ``branch`` (the residual branch: its output is what is added to the stream, SkipInit α
 and Fixup scalars included) and ``shortcut`` (``nn.Identity``, a projection, or ``None`` in the plain
 twin), and computes ``act(branch(x) + shortcut(x))`` (pre-activation: ``branch(x) + shortcut(x)``).
-The network's blocks are ``model.blocks``, in order.
+The branch's parts have torchvision's names — ``conv1``, ``bn1``, ``relu``, ``conv2``, ``bn2`` (a
+bottleneck adds ``conv3``/``bn3``; the norm is named ``bn`` whichever it is; SkipInit's scalar is
+``alpha``; Fixup's are ``bias1a``, ``bias1b``, …, ``scale``) — and the block reaches them directly:
+``block.bn2`` is ``block.branch.bn2`` (state_dict key ``blocks.0.branch.bn2.weight``). A state_dict saved
+with the earlier numbered keys (``branch.4.weight``) still loads. The network's blocks are
+``model.blocks``, in order.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections import OrderedDict
 from typing import Optional, Union
 
 import torch
@@ -113,6 +120,18 @@ def _fused_allowed(fused: Optional[bool], last: nn.Module, where: str) -> Option
     return fused
 
 
+def _accept_numbered_branch_keys(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                                 unexpected_keys, error_msgs) -> None:
+    """Load a state_dict saved before the branch parts had names: ``branch.3.weight`` becomes the name of
+    the branch's fourth part (``branch.conv2.weight``). Keys that already use names pass unchanged."""
+    names = list(module.branch._modules)
+    numbered = re.compile(re.escape(prefix) + r"branch\.(\d+)\.(.+)")
+    for key in [k for k in state_dict if k.startswith(prefix + "branch.")]:
+        match = numbered.fullmatch(key)
+        if match and int(match.group(1)) < len(names):
+            state_dict[f"{prefix}branch.{names[int(match.group(1))]}.{match.group(2)}"] = state_dict.pop(key)
+
+
 # --------------------------------------------------------------------------------------------------
 # blocks
 # --------------------------------------------------------------------------------------------------
@@ -123,14 +142,28 @@ class _Block(nn.Module):
     expansion = 1
     branch_layers = 2  # m in Fixup's L^(-1/(2m-2))
 
-    def _finish(self, layers: list[nn.Module], norm: NormFactory, shortcut: Optional[nn.Module]) -> None:
+    def _finish(self, layers: list[tuple[str, nn.Module]], norm: NormFactory, shortcut: Optional[nn.Module]) -> None:
+        layers = [(name, m) for name, m in layers if not isinstance(m, nn.Identity)]   # norm="none" adds none
         if norm.scheme == "skipinit":
-            layers.append(Scale(0.0))                 # α = 0: the block starts as the identity
+            layers.append(("alpha", Scale(0.0)))      # α = 0: the block starts as the identity
         elif norm.scheme == "fixup":
-            layers += [Scale(1.0), Bias()]            # Fixup's scalar multiplier and bias
-        self.branch = nn.Sequential(*layers)
+            last = sum(name.startswith("conv") for name, _ in layers)
+            layers += [("scale", Scale(1.0)), (f"bias{last}b", Bias())]   # Fixup's scalar multiplier and bias
+        self.branch = nn.Sequential(OrderedDict(layers))
         self.shortcut = shortcut
         self.scheme = norm.scheme
+        self.register_load_state_dict_pre_hook(_accept_numbered_branch_keys)
+
+    def __getattr__(self, name: str):
+        """The branch's parts by name on the block too, as torchvision's blocks have them: ``block.bn2`` is
+        ``block.branch.bn2``."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            branch = self.__dict__["_modules"].get("branch")
+            if branch is not None and name in branch._modules:
+                return branch._modules[name]
+            raise
 
     def branch_convs(self) -> list[nn.Module]:
         return [m for m in self.branch if isinstance(m, (nn.Conv1d, nn.Conv2d))]
@@ -172,13 +205,14 @@ class BasicBlock(_Block):
         norm = get_norm_layer(choose_norm(norm, norm_layer, type(self).__name__))
         bias = not norm.has_shift
         if norm.scheme == "fixup":
-            layers = [Bias(), _conv(dims, in_channels, out_channels, 3, stride), Bias(), nn.ReLU(),
-                      Bias(), _conv(dims, out_channels, out_channels, 3)]
+            layers = [("bias1a", Bias()), ("conv1", _conv(dims, in_channels, out_channels, 3, stride)),
+                      ("bias1b", Bias()), ("relu", nn.ReLU()), ("bias2a", Bias()),
+                      ("conv2", _conv(dims, out_channels, out_channels, 3))]
         else:
-            layers = [_conv(dims, in_channels, out_channels, 3, stride, bias), norm(out_channels, dims),
-                      nn.ReLU(), _conv(dims, out_channels, out_channels, 3, bias=bias),
-                      norm(out_channels, dims)]
-            layers = [m for m in layers if not isinstance(m, nn.Identity)]
+            layers = [("conv1", _conv(dims, in_channels, out_channels, 3, stride, bias)),
+                      ("bn1", norm(out_channels, dims)), ("relu", nn.ReLU()),
+                      ("conv2", _conv(dims, out_channels, out_channels, 3, bias=bias)),
+                      ("bn2", norm(out_channels, dims))]
         sc = None if shortcut is None else _shortcut(in_channels, out_channels, stride, shortcut, norm, dims)
         self._finish(layers, norm, sc)
         self.fused = _fused_allowed(fused, self.branch[-1], type(self).__name__)
@@ -212,13 +246,14 @@ class PreActBlock(_Block):
         norm = get_norm_layer(choose_norm(norm, norm_layer, type(self).__name__))
         bias = not norm.has_shift
         if norm.scheme == "fixup":
-            layers = [Bias(), nn.ReLU(), _conv(dims, in_channels, out_channels, 3, stride), Bias(),
-                      nn.ReLU(), Bias(), _conv(dims, out_channels, out_channels, 3)]
+            layers = [("bias1a", Bias()), ("relu1", nn.ReLU()),
+                      ("conv1", _conv(dims, in_channels, out_channels, 3, stride)), ("bias1b", Bias()),
+                      ("relu2", nn.ReLU()), ("bias2a", Bias()), ("conv2", _conv(dims, out_channels, out_channels, 3))]
         else:
-            layers = [norm(in_channels, dims), nn.ReLU(),
-                      _conv(dims, in_channels, out_channels, 3, stride, bias), norm(out_channels, dims),
-                      nn.ReLU(), _conv(dims, out_channels, out_channels, 3, bias=bias)]
-            layers = [m for m in layers if not isinstance(m, nn.Identity)]
+            layers = [("bn1", norm(in_channels, dims)), ("relu1", nn.ReLU()),
+                      ("conv1", _conv(dims, in_channels, out_channels, 3, stride, bias)),
+                      ("bn2", norm(out_channels, dims)), ("relu2", nn.ReLU()),
+                      ("conv2", _conv(dims, out_channels, out_channels, 3, bias=bias))]
         sc = None if shortcut is None else _shortcut(in_channels, out_channels, stride, shortcut, norm, dims)
         self._finish(layers, norm, sc)
 
@@ -240,15 +275,16 @@ class Bottleneck(_Block):
         norm = get_norm_layer(choose_norm(norm, norm_layer, type(self).__name__))
         bias, outer = not norm.has_shift, out_channels * self.expansion
         if norm.scheme == "fixup":
-            layers = [Bias(), _conv(dims, in_channels, out_channels, 1), Bias(), nn.ReLU(),
-                      Bias(), _conv(dims, out_channels, out_channels, 3, stride), Bias(), nn.ReLU(),
-                      Bias(), _conv(dims, out_channels, outer, 1)]
+            layers = [("bias1a", Bias()), ("conv1", _conv(dims, in_channels, out_channels, 1)), ("bias1b", Bias()),
+                      ("relu1", nn.ReLU()), ("bias2a", Bias()),
+                      ("conv2", _conv(dims, out_channels, out_channels, 3, stride)), ("bias2b", Bias()),
+                      ("relu2", nn.ReLU()), ("bias3a", Bias()), ("conv3", _conv(dims, out_channels, outer, 1))]
         else:
-            layers = [_conv(dims, in_channels, out_channels, 1, bias=bias), norm(out_channels, dims),
-                      nn.ReLU(), _conv(dims, out_channels, out_channels, 3, stride, bias),
-                      norm(out_channels, dims), nn.ReLU(), _conv(dims, out_channels, outer, 1,
-                                                                           bias=bias), norm(outer, dims)]
-            layers = [m for m in layers if not isinstance(m, nn.Identity)]
+            layers = [("conv1", _conv(dims, in_channels, out_channels, 1, bias=bias)),
+                      ("bn1", norm(out_channels, dims)), ("relu1", nn.ReLU()),
+                      ("conv2", _conv(dims, out_channels, out_channels, 3, stride, bias)),
+                      ("bn2", norm(out_channels, dims)), ("relu2", nn.ReLU()),
+                      ("conv3", _conv(dims, out_channels, outer, 1, bias=bias)), ("bn3", norm(outer, dims))]
         sc = None if shortcut is None else _shortcut(in_channels, outer, stride, shortcut, norm, dims)
         self._finish(layers, norm, sc)
         self.fused = _fused_allowed(fused, self.branch[-1], type(self).__name__)
@@ -324,7 +360,7 @@ class ResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
         self._init(norm, zero_init_residual)
-        name_layers(self)   # warnings name a layer by its path, e.g. blocks.3.branch.1
+        name_layers(self)   # warnings name a layer by its path, e.g. blocks.3.branch.bn1
 
     def _init(self, norm: NormFactory, zero_init_residual: bool) -> None:
         for m in self.modules():

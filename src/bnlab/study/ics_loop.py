@@ -46,7 +46,7 @@ def noisy_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         branch = getattr(module, "branch", None)
         if not isinstance(branch, nn.Sequential):
             continue
-        norms = [(i, m) for i, m in enumerate(branch) if is_batch_norm(m)]
+        norms = [(part, m) for part, m in branch.named_children() if is_batch_norm(m)]
         if len(norms) >= 2:  # a later BN in the same branch renormalizes the first one's output
             found.append((f"{name}.branch.{norms[0][0]}", norms[0][1]))
     if not found:
@@ -190,8 +190,8 @@ def _distribution_layer(model: nn.Module) -> tuple[str, nn.Module]:
     if not blocks:
         raise ValueError(f"claim 1: {type(model).__name__} has no residual blocks")
     name, block = blocks[len(blocks) // 2]
-    index = next(i for i, m in enumerate(block.branch) if isinstance(m, nn.ReLU))
-    return f"{name}.branch.{index}", block.branch[index]
+    part, relu = next((part, m) for part, m in block.branch.named_children() if isinstance(m, nn.ReLU))
+    return f"{name}.branch.{part}", relu
 
 
 def run_ics(spec: dict, data, build_model) -> tuple[str, dict]:
