@@ -8,6 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bnlab import functional as F
 from bnlab import reference
 from bnlab.functional import batch_norm, batch_norm_stats, check_input
 
@@ -393,3 +394,64 @@ def test_update_running_stats_by_hand_and_skips_nonfinite_or_overflowing_updates
         same_mean, same_var, finite = BF.update_running_stats(*buffers, bad_mean, bad_var, 5, 0.25)
         assert not bool(finite)
         torch.testing.assert_close(same_mean, buffers[0]) and torch.testing.assert_close(same_var, buffers[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# batch_norm_backward: the closed form for given statistics, and its distributed form
+# --------------------------------------------------------------------------------------------------
+
+def _autograd_reference(x, weight, bias, dy, eps):
+    """dx, dγ, dβ of plain float64 ops (batch mean and biased variance) by autograd: the oracle."""
+    x, weight, bias = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean, var = x.mean(dims), x.var(dims, unbiased=False)
+    y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps) * weight.view(shape) + bias.view(shape)
+    return torch.autograd.grad(y, (x, weight, bias), dy.double())
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (5, 4, 7), (3, 2, 5, 4)])
+def test_batch_norm_backward_matches_autograd(shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64) * 3 + 1
+    weight, bias = torch.randn(shape[1], dtype=torch.float64), torch.randn(shape[1], dtype=torch.float64)
+    dy = torch.randn_like(x)
+    dims = [0] + list(range(2, x.dim()))
+    got = F.batch_norm_backward(dy, x, x.mean(dims), x.var(dims, unbiased=False), weight, 1e-5)
+    for g, e in zip(got, _autograd_reference(x, weight, bias, dy, 1e-5)):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_batch_norm_backward_of_a_batch_split_across_shards_is_the_full_batch_backward():
+    """Three 'processes' hold shards of one batch: with the global statistics, the global count and
+    ``reduce`` summing the shards' sums, each shard's dx is its slice of the full batch's dx, and the dγ,
+    dβ of the shards add up to the full batch's (as DDP's gradient reduction would)."""
+    torch.manual_seed(1)
+    x = torch.randn(9, 4, 5, dtype=torch.float64) * 2 - 3
+    weight, bias = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    shards = [slice(0, 2), slice(2, 7), slice(7, 9)]
+    mean, var = x.mean((0, 2)), x.var((0, 2), unbiased=False)
+    # what an all_reduce of each shard's (Σdy, Σdy·x̂) would give every process
+    xhat = (x - mean.view(1, -1, 1)) / torch.sqrt(var.view(1, -1, 1) + 1e-5)
+    totals = (dy.sum((0, 2)), (dy * xhat).sum((0, 2)))
+    calls = []
+
+    def reduce(sum_dy, sum_dy_xhat):
+        calls.append((sum_dy.shape, sum_dy_xhat.shape))
+        return totals
+
+    parts = [F.batch_norm_backward(dy[s], x[s], mean, var, weight, 1e-5, count=9 * 5, reduce=reduce)
+             for s in shards]
+    dx_ref, dw_ref, db_ref = _autograd_reference(x, weight, bias, dy, 1e-5)
+    torch.testing.assert_close(torch.cat([p[0] for p in parts]), dx_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sum(p[1] for p in parts), dw_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sum(p[2] for p in parts), db_ref, rtol=1e-10, atol=1e-10)
+    assert calls == [((4,), (4,))] * 3
+
+
+def test_batch_norm_backward_keeps_the_memory_format_and_skips_what_is_not_needed():
+    x = torch.randn(4, 3, 5, 6).to(memory_format=torch.channels_last)
+    dx, dw, db = F.batch_norm_backward(torch.randn_like(x), x, x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False),
+                                       None, needs_input_grad=(True, False, False), has_bias=False)
+    assert dx.is_contiguous(memory_format=torch.channels_last) and dw is None and db is None

@@ -27,7 +27,9 @@ accumulation, recalibration, doctor):
 * :func:`normalize` — ``(x − μ)/√(σ² + ε)·γ + β`` for given statistics, in x's dtype and memory format;
 * :func:`update_running_stats` — the momentum update with the unbiased variance, returning
   ``(mean, var, finite)`` and leaving the statistics unchanged when the batch (or the update, e.g. a
-  float16 overflow) is not finite.
+  float16 overflow) is not finite;
+* :func:`batch_norm_backward` — the closed-form backward for given statistics, whose ``count`` and
+  ``reduce`` arguments make it the backward of a batch spread over several processes (SyncBN).
 
 Numerics: statistics are reduced in float32 (float64 stays float64) whatever the storage dtype, over
 shifted data ``x − shift`` (a per-channel value near the mean, see :func:`_shift`) so a large mean does not
@@ -46,8 +48,9 @@ from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
 from bnlab.dtypes import compute_dtype
 from bnlab.kernels import cpu as _cpu_kernel
 
-__all__ = ["batch_norm", "batch_norm_stats", "BatchNormOutput", "check_input", "backend_for", "Moments", "moments",
-           "merge_moments", "normalize", "update_running_stats", "compute_dtype", "memory_format", "empty_output"]
+__all__ = ["batch_norm", "batch_norm_stats", "batch_norm_backward", "BatchNormOutput", "check_input", "backend_for",
+           "Moments", "moments", "merge_moments", "normalize", "update_running_stats", "compute_dtype",
+           "memory_format", "empty_output"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,7 +140,7 @@ _CHUNK_VALUES = 1 << 18
 def _channel_sums(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``Σa`` and ``Σa·b`` over every dimension but 1, computed in chunks of samples."""
     dims = _reduce_dims(a)
-    rows = max(1, _CHUNK_VALUES // max(1, a[0].numel()))
+    rows = max(1, _CHUNK_VALUES // max(1, a.numel() // max(1, a.shape[0])))   # values per sample (an empty batch has none)
     if rows >= a.shape[0]:
         return a.sum(dims), (a * b).sum(dims)
     sum_a = sum_ab = None
@@ -235,20 +238,27 @@ def _train_apply(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ep
     return _c_apply(*_unwrap_dead_wrappers((x, weight, bias, eps)))
 
 
-def _backward(dy, d, weight, delta, inv_std, needs_grad, has_weight, has_bias):
+def _backward(dy, d, weight, delta, inv_std, needs_grad, has_weight, has_bias, count=None, reduce=None):
     """dx, dγ, dβ from the closed form, given the shifted input ``d = x − shift`` (x̂ = (d − δ)/σ).
 
     The two reductions are Σdy and Σdy·d; then per channel
     ``dx = A·dy + B·d + C`` with ``A = γ/σ``, ``B = −A/σ · Σdy·x̂/m``, ``C = −A·Σdy/m − B·δ``.
+    ``count`` (m) and ``reduce`` are :func:`batch_norm_backward`'s; dγ and dβ come from the local sums.
     Writes into ``d`` when autograd is not recording (single backward).
     """
-    count = d.numel() // d.shape[1]
+    count = d.numel() // d.shape[1] if count is None else count
     dy_c = dy.to(inv_std.dtype)
     sum_dy, sum_dy_d = _channel_sums(dy_c, d)                  # Σ dy, Σ dy·d   (C,)
     sum_dy_xhat = (sum_dy_d - delta * sum_dy) * inv_std         # Σ dy·x̂         (C,)
 
     dx = dweight = dbias = None
+    if has_weight and needs_grad[1]:
+        dweight = sum_dy_xhat.to(weight.dtype)
+    if has_bias and needs_grad[2]:
+        dbias = sum_dy.to(dy.dtype if weight is None else weight.dtype)
     if needs_grad[0]:
+        if reduce is not None:      # the batch spans other processes: the sums over all of them
+            sum_dy, sum_dy_xhat = reduce(sum_dy, sum_dy_xhat)
         coef_dy = inv_std if weight is None else weight.to(inv_std.dtype) * inv_std
         coef_d = -coef_dy * inv_std * sum_dy_xhat / count
         const = -coef_dy * sum_dy / count - coef_d * delta
@@ -258,10 +268,37 @@ def _backward(dy, d, weight, delta, inv_std, needs_grad, has_weight, has_bias):
             dx = d.mul_(_per_channel(coef_d, d)).add_(_per_channel(const, d))
             dx = dx.addcmul_(dy_c, _per_channel(coef_dy, d))
         dx = dx.to(dy.dtype)
-    if has_weight and needs_grad[1]:
-        dweight = sum_dy_xhat.to(weight.dtype)
-    if has_bias and needs_grad[2]:
-        dbias = sum_dy.to(dy.dtype if weight is None else weight.dtype)
+    return dx, dweight, dbias
+
+
+def batch_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor] = None,
+                        eps: float = 1e-5, *, has_bias: bool = True, needs_input_grad=(True, True, True),
+                        count: Optional[int] = None, reduce=None) -> tuple[Optional[Tensor], ...]:
+    r"""The closed-form backward of training-mode batch norm (the module docstring's formulas), given the
+    statistics the forward normalized with: ``(dx, dγ, dβ)``.
+
+    The distributed case is an argument, not a second derivation: when the batch is the union of several
+    processes' shards, ``count`` is the number of values per channel over all of them (m in the formulas)
+    and ``reduce(sum_dy, sum_dy_xhat)`` returns those two ``(C,)`` sums over every process (one
+    ``all_reduce``); dγ and dβ stay the local sums, as for any parameter under ``DistributedDataParallel``
+    (which reduces them). :class:`bnlab.nn.SyncBatchNorm` uses exactly this.
+
+    Args:
+        dy: gradient of the output, shaped as ``x``.
+        x: the forward's input; ``mean``, ``var``: the ``(C,)`` mean and biased variance it was normalized
+            with. ``weight``: γ or ``None``. ``has_bias``: whether there is a β to return a gradient for.
+        needs_input_grad: which of ``(dx, dγ, dβ)`` to compute (the others come back ``None``).
+
+    Shape:
+        ``dx`` has x's shape, dy's dtype and x's memory format; ``dγ``, ``dβ`` are ``(C,)``.
+    """
+    cdt = compute_dtype(x)
+    d = x.to(cdt) - _per_channel(mean.to(cdt), x)       # shift = μ, so δ = 0
+    dx, dweight, dbias = _backward(dy, d, weight, torch.zeros_like(mean, dtype=cdt),
+                                   torch.rsqrt(var.to(cdt) + eps), needs_input_grad, weight is not None, has_bias,
+                                   count, reduce)
+    if dx is not None and dx.dim() >= 4:
+        dx = dx.contiguous(memory_format=memory_format(x))
     return dx, dweight, dbias
 
 

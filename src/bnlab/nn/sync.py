@@ -34,8 +34,8 @@ from bnlab.nn import batchnorm as bnn
 from bnlab import protocol
 from bnlab.nn import variants
 
-__all__ = ["SyncBatchNorm", "SyncBatchRenorm", "convert_sync_batchnorm", "gather_batch_stats", "merge_moments",
-           "sync_group"]
+__all__ = ["SyncBatchNorm", "SyncBatchRenorm", "convert_sync_batchnorm", "gather_batch_stats",
+           "merge_across_processes", "sync_group"]
 
 
 def _world(group) -> int:
@@ -44,31 +44,41 @@ def _world(group) -> int:
     return dist.get_world_size(group)
 
 
-def merge_moments(count: int, mean: Tensor, sq_dev: Tensor, group=None) -> tuple[int, Tensor, Tensor]:
-    """Merge per-process ``(count, mean, sum of squared deviations)`` over ``group`` (one ``all_gather``,
-    then :func:`bnlab.functional.merge_moments` in float64): the global ``(count, mean, sum of squared
-    deviations)`` on every process."""
-    channels = mean.shape[0]
-    packed = torch.cat([torch.tensor([float(count)], dtype=torch.float64, device=mean.device),
-                        mean.double(), sq_dev.double()])                             # (2C + 1,)
+def merge_across_processes(local: F.Moments, group=None) -> F.Moments:
+    """The :class:`bnlab.functional.Moments` of the union of every process's values: one ``all_gather`` of
+    each process's ``(count, mean, m2)``, then :func:`bnlab.functional.merge_moments` in float64. Every
+    process gets the same answer (float64 tensors, exact counts)."""
+    channels = local.mean.shape[0]
+    packed = torch.cat([torch.tensor([float(local.count)], dtype=torch.float64, device=local.mean.device),
+                        local.mean.double(), local.m2.double()])                      # (2C + 1,)
     gathered = [torch.empty_like(packed) for _ in range(_world(group))]
     dist.all_gather(gathered, packed, group=group)
     total = F.merge_moments(*(F.Moments(int(p[0]), p[1:channels + 1], p[channels + 1:]) for p in gathered))
     if total.count == 0:
-        return 0, torch.zeros_like(packed[1:channels + 1]), torch.zeros_like(packed[1:channels + 1])
-    return total.count, total.mean, total.m2
+        zeros = torch.zeros_like(packed[1:channels + 1])
+        return F.Moments(0, zeros, zeros.clone())
+    return total
+
+
+def merge_moments(count: int, mean: Tensor, sq_dev: Tensor, group=None) -> tuple[int, Tensor, Tensor]:
+    """Deprecated (until bnlab 0.3): :func:`merge_across_processes`, which takes and returns
+    :class:`bnlab.functional.Moments` (this name clashed with :func:`bnlab.functional.merge_moments`)."""
+    import warnings
+    warnings.warn("bnlab.nn.sync.merge_moments(count, mean, sq_dev, group) is now "
+                  "merge_across_processes(Moments, group); the old name works until bnlab 0.3",
+                  FutureWarning, stacklevel=2)
+    return tuple(merge_across_processes(F.Moments(count, mean, sq_dev), group))
 
 
 def gather_batch_stats(x: Tensor, group=None) -> tuple[Tensor, Tensor, int]:
     """Per-channel mean and biased variance of the union of ``x`` over all processes of ``group``, and the
     number of values per channel ``n``. Float64 merge (exact counts); every process gets the same answer."""
     cdt = F.compute_dtype(x)
-    local = F.moments(x.detach())
-    n, mean, sq_dev = merge_moments(local.count, local.mean, local.m2, group)
-    if n == 0:
+    total = merge_across_processes(F.moments(x.detach()), group)
+    if total.count == 0:
         ones = torch.ones(x.shape[1], dtype=cdt, device=x.device)
         return torch.zeros_like(ones), ones, 0
-    return mean.to(cdt), (sq_dev / n).clamp_min(0).to(cdt), n
+    return total.mean.to(cdt), (total.m2 / total.count).clamp_min(0).to(cdt), total.count
 
 
 def sync_group(layer: nn.Module):
@@ -80,48 +90,32 @@ def sync_group(layer: nn.Module):
 
 
 class _SyncNormalize(torch.autograd.Function):
-    """y = (x − μ)·(γ/σ) + β with global μ, σ given; the backward all-reduces Σdy and Σdy·(x − μ)."""
+    """y = (x − μ)·(γ/σ) + β with the global μ, σ given; the backward is
+    :func:`bnlab.functional.batch_norm_backward` with the global count and its sums all-reduced."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, eps, count, group):
-        inv_std = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, mean, inv_std)
-        ctx.count, ctx.group = count, group
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps, ctx.count, ctx.group = eps, count, group
+        ctx.has_bias = bias is not None
         return F.normalize(x, mean, var, weight, bias, eps)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, inv_std = ctx.saved_tensors
-        cdt = inv_std.dtype
-        dims = [0] + list(range(2, x.dim()))
-        dy_c = dy.to(cdt)
-        centred = x.to(cdt) - _per_channel(mean, x)
-        local = torch.cat([dy_c.sum(dims), (dy_c * centred).sum(dims)])            # (2C,)  Σdy, Σdy·(x−μ)
-        channels = mean.shape[0]
-        dx = dweight = dbias = None
-        if ctx.has_weight and ctx.needs_input_grad[1]:
-            dweight = (local[channels:] * inv_std).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = local[:channels].to(weight.dtype if weight is not None else dy.dtype)
-        if ctx.needs_input_grad[0]:
-            total = local.clone()
+        x, weight, mean, var = ctx.saved_tensors
+
+        def all_processes(sum_dy: Tensor, sum_dy_xhat: Tensor) -> tuple[Tensor, Tensor]:
+            total = torch.cat([sum_dy, sum_dy_xhat])                       # (2C,): one all_reduce
             dist.all_reduce(total, group=ctx.group)
-            sum_dy, sum_dy_xmu = total[:channels], total[channels:]
-            gamma_inv_std = inv_std if weight is None else weight.to(cdt) * inv_std
-            n = ctx.count
-            coef_x = _per_channel(-gamma_inv_std * inv_std * inv_std * sum_dy_xmu / n, x)
-            shift = _per_channel(-gamma_inv_std * sum_dy / n, x)
-            dx = torch.addcmul(torch.addcmul(shift, centred, coef_x), dy_c, _per_channel(gamma_inv_std, x))
+            return total[:sum_dy.shape[0]], total[sum_dy.shape[0]:]
+
+        dx, dweight, dbias = F.batch_norm_backward(dy, x, mean, var, weight, ctx.eps, has_bias=ctx.has_bias,
+                                                   needs_input_grad=ctx.needs_input_grad[:3], count=ctx.count,
+                                                   reduce=all_processes)
+        if dx is not None:
             dx = dx.to(x.dtype)
-            if dx.dim() >= 4:
-                dx = dx.contiguous(memory_format=F.memory_format(x))
         return dx, dweight, dbias, None, None, None, None, None
-
-
-def _per_channel(v: Tensor, x: Tensor) -> Tensor:
-    return v.reshape([1, -1] + [1] * (x.dim() - 2))
 
 
 class _SyncMixin:

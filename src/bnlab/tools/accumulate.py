@@ -93,7 +93,7 @@ class accumulate_bn_stats:
     @torch.no_grad()
     def commit(self) -> None:
         """Apply the accumulated statistics (called on a normal exit)."""
-        from bnlab.nn.sync import merge_moments, sync_group   # torch.distributed only when needed
+        from bnlab.nn.sync import merge_across_processes, sync_group   # torch.distributed only when needed
         for name, m in self.layers.items():
             acc = self._stats.get(name)
             synced, group = sync_group(m)
@@ -101,7 +101,7 @@ class accumulate_bn_stats:
                 if acc is None:
                     zeros = torch.zeros(m.num_features, dtype=torch.float64, device=m.running_mean.device)
                     acc = F.Moments(0, zeros, zeros)
-                acc = F.Moments(*merge_moments(acc.count, acc.mean, acc.m2, group))
+                acc = merge_across_processes(acc, group)
             if acc is None or acc.count == 0:
                 continue
             m.num_batches_tracked.add_(1)
