@@ -4,11 +4,12 @@ Krizhevsky 2009, "Learning Multiple Layers of Features from Tiny Images",
 https://www.cs.toronto.edu/~kriz/cifar.html. 50k training and 10k test 32×32 colour images;
 CIFAR-100's images carry a fine label (100 classes, used here) and a coarse one (20 superclasses).
 
-The archive (``cifar-10-python.tar.gz`` or ``cifar-100-python.tar.gz``) is looked for, in order, in
-``data_dir``, ``$BNLAB_DATA`` and the user cache (``$XDG_CACHE_HOME/bnlab``, default ``~/.cache/bnlab``),
-each directly and in a ``cifar/`` subdirectory; otherwise it is downloaded into ``<cache>/cifar/`` from
-``https://www.cs.toronto.edu/~kriz/`` (or ``$BNLAB_CIFAR_URL``). Every copy's MD5 is checked against the
-published sum before anything is read, so a corrupt or substituted archive is named rather than trained on.
+The archive (``cifar-10-python.tar.gz`` or ``cifar-100-python.tar.gz``) is looked for where
+:mod:`bnlab.data.dirs` says (``data_dir``, else ``$BNLAB_DATA``, else the user cache
+``$XDG_CACHE_HOME/bnlab``, default ``~/.cache/bnlab``), in each directly and in a ``cifar/`` subdirectory;
+otherwise it is downloaded into ``<cache>/cifar/`` from ``https://www.cs.toronto.edu/~kriz/`` (or
+``$BNLAB_CIFAR_URL``). Every copy's MD5 is checked against the published sum before anything is read, so a
+corrupt or substituted archive is named rather than trained on.
 
 Nothing is extracted to disk: the batches are read from the tar stream. Each batch is a Python 2 pickle, a
 ``dict`` with ``b"data"`` (uint8, ``(N, 3072)``: the red, then green, then blue 32×32 plane of each image, row
@@ -17,7 +18,7 @@ by an unpickler that builds only dicts, lists, strings, numbers and NumPy arrays
 
 Example::
 
-    >>> from bnlab import cifar
+    >>> from bnlab.data import cifar
     >>> arrays, source = cifar.load_arrays("cifar10")   # uint8 (N, 3, 32, 32) images, int64 labels
     >>> arrays["train_x"].shape
     (50000, 3, 32, 32)
@@ -38,21 +39,22 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 
-from bnlab.datadirs import DatasetNotFoundError, cache_dir, explicit_data_dir
+from bnlab.data import dirs
+from bnlab.data.dirs import DatasetNotFoundError, PathLike, cache_path, explicit_data_dir
 from bnlab.errors import UserError
 
-__all__ = ["Archive", "ARCHIVES", "DEFAULT_URL", "CROP_PADDING", "base_url", "search_dirs", "locate",
-           "download_archive", "read_archive", "load_arrays"]
-
-PathLike = Union[str, os.PathLike]
+__all__ = ["Archive", "ARCHIVES", "DEFAULT_URL", "CROP_PADDING", "CACHE_FOLDER", "SUBDIRS", "base_url",
+           "search_dirs", "locate", "download_archive", "read_archive", "load_arrays"]
 
 DEFAULT_URL = "https://www.cs.toronto.edu/~kriz/"
 CROP_PADDING = 4            # the standard CIFAR augmentation: 4 px zero padding, random 32×32 crop, flip
 IMAGE_SHAPE = (3, 32, 32)   # channels (R, G, B), rows, columns
+CACHE_FOLDER = "cifar"      # <cache>/cifar: where downloads go
+SUBDIRS = ("", CACHE_FOLDER)  # where an archive may lie in a root
 _MAX_MEMBER_BYTES = 256 << 20  # the largest official member (CIFAR-100 train) is about 155 MB
 
 
@@ -87,7 +89,7 @@ def _archive(name: str) -> Archive:
 def _how_to_get(name: str) -> str:
     archive = _archive(name)
     return (f"download {DEFAULT_URL}{archive.filename} (MD5 {archive.md5}) and put it in "
-            f"{cache_dir() / 'cifar'}, or point --data-dir / $BNLAB_DATA at the directory holding it")
+            f"{cache_path(CACHE_FOLDER)}, or point --data-dir / $BNLAB_DATA at the directory holding it")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,15 +104,9 @@ def base_url(url: Optional[str] = None) -> str:
 
 
 def search_dirs(data_dir: Optional[PathLike] = None) -> list[Path]:
-    """The directories searched for an archive, in order: only ``data_dir`` (or else ``$BNLAB_DATA``)
-    when one is given, as for every dataset (:func:`bnlab.datadirs.explicit_data_dir`)."""
-    explicit = explicit_data_dir(data_dir)
-    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bnlab"
-    roots = [explicit[0]] if explicit else [user_cache]
-    dirs: list[Path] = []
-    for root in roots:
-        dirs += [d for d in (root, root / "cifar") if d not in dirs]
-    return dirs
+    """The directories searched for an archive, in order: only ``data_dir``'s (or else ``$BNLAB_DATA``'s)
+    when one is given, as for every dataset (:func:`bnlab.data.dirs.search_dirs`)."""
+    return dirs.search_dirs(data_dir, SUBDIRS)
 
 
 def locate(name: str, data_dir: Optional[PathLike] = None) -> Optional[Path]:
@@ -141,7 +137,7 @@ def download_archive(name: str, target: Optional[PathLike] = None, url: Optional
     from filelock import FileLock
 
     archive = _archive(name)
-    target = Path(target) if target is not None else cache_dir() / "cifar"
+    target = Path(target) if target is not None else cache_path(CACHE_FOLDER)
     target.mkdir(parents=True, exist_ok=True)
     dest = target / archive.filename
     source = base_url(url) + archive.filename
@@ -262,7 +258,7 @@ def load_arrays(name: str, data_dir: Optional[PathLike] = None, download: bool =
                 ) -> tuple[dict[str, np.ndarray], str]:
     """Find (or download) ``name``'s archive and read it: ``(arrays, path of the archive)``.
 
-    ``arrays`` as :func:`read_archive` returns them. Raises :class:`bnlab.DatasetNotFoundError` with
+    ``arrays`` as :func:`read_archive` returns them. Raises :class:`bnlab.data.DatasetNotFoundError` with
     where it looked and how to get the archive when there is no copy and none can be downloaded.
     """
     path = locate(name, data_dir)

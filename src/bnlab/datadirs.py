@@ -1,0 +1,3 @@
+"""Moved to :mod:`bnlab.data.dirs`; this name works until bnlab 0.3."""
+from bnlab._moved import alias
+alias(__name__, "bnlab.data.dirs")
