@@ -1,4 +1,5 @@
-"""CIFAR-10/100 archives: parsing, normalization, checksums, broken archives, hostile pickles, downloading.
+"""CIFAR-10/100 archives (bnlab.data.cifar): parsing, normalization, checksums, broken archives, hostile
+pickles, downloading.
 
 The archives here are built by hand in the official format: same member names, Python 2 pickles (protocol 2,
 byte strings, NumPy arrays as NumPy 1 pickled them) with the same keys and dtypes, a few images per batch.
@@ -19,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from bnlab import cifar, cli, data
+from bnlab import cli, data
+from bnlab.data import cifar
 from bnlab.errors import UserError
 
 # --------------------------------------------------------------------------------------------------
@@ -256,6 +258,13 @@ def test_not_found_without_download_says_where_it_looked(tmp_path):
     with pytest.raises(data.DatasetNotFoundError, match=f"cifar-100-python.tar.gz not found in {tmp_path}.*"
                                                          "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"):
         data.load("cifar100", data_dir=tmp_path, download=False)
+
+
+def test_cifar_never_downloads_into_an_explicit_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar, "download_archive", lambda name: pytest.fail("downloaded"))
+    with pytest.raises(UserError, match=f"--data-dir {tmp_path / 'none'} \\(no such directory\\): cifar10: "
+                                        "cifar-10-python.tar.gz not found"):
+        data.load("cifar10", data_dir=tmp_path / "none")
 
 
 # --------------------------------------------------------------------------------------------------
