@@ -60,10 +60,13 @@ def test_load_checkpoint_names_what_a_file_lacks(tmp_path):
 
 
 def test_check_resumable_allows_only_more_epochs_steps_and_a_moved_file():
-    saved = {"config": TrainConfig(epochs=2, lr=0.1, checkpoint="a/c.pt").to_dict()}
+    saved = {"config": TrainConfig(epochs=2, lr=0.1, checkpoint="a/c.pt").to_dict(), "state": {"epoch": 1, "batch": 3}}
     for change in (dict(epochs=5), dict(max_steps=7), dict(checkpoint="b/c.pt", resume=True)):
         assert set(change) <= set(RESUMABLE_CHANGES)
         check_resumable(saved, TrainConfig(**{"epochs": 2, "lr": 0.1, "checkpoint": "a/c.pt", **change}).to_dict(),
                         "c.pt")
     with pytest.raises(UserError, match=r"c\.pt was written with a different config; .*'lr': \(0\.1, 0\.2\)"):
         check_resumable(saved, TrainConfig(epochs=2, lr=0.2).to_dict(), "c.pt")
+    # one epoch and 3 batches of another trained: 2 epochs may continue it, 1 would shorten it
+    with pytest.raises(UserError, match=r"c\.pt holds 1 trained epoch and part of another; epochs=1 would shorten"):
+        check_resumable(saved, TrainConfig(epochs=1, lr=0.1, checkpoint="a/c.pt").to_dict(), "c.pt")

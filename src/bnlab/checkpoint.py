@@ -7,8 +7,10 @@ A checkpoint is a ``torch.save``'d dict of plain types (tensors, numbers, string
     model      the model's state dict
     optimizer  the optimizer's state dict
     history    History.to_dict() so far
-    state      where the run stands between two steps: epoch, batch, step, seconds, and the running
-               sums of the unfinished epoch ([loss·n, correct, n], or None)
+    state      where the run stands between two steps: epoch, batch, step, seconds, the running sums
+               of the unfinished epoch ([loss·n, correct, n], or None), and schedule_start (the epoch
+               its learning-rate schedule began at: 0, or where a finished run was extended; older
+               checkpoints lack it and mean 0)
     config     TrainConfig.to_dict() of the run that wrote it
     rng_cpu    torch.get_rng_state()
 """
@@ -18,13 +20,14 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from bnlab.errors import UserError
 
 __all__ = ["CHECKPOINT_KEYS", "RESUMABLE_CHANGES", "atomic_write_text", "save_checkpoint", "read_torch_file",
-           "load_checkpoint", "check_resumable"]
+           "load_checkpoint", "check_resumable", "is_finished"]
 
 CHECKPOINT_KEYS = ("model", "optimizer", "history", "state", "config", "rng_cpu")
 # config fields a resumed run may change: more epochs or steps extend it; the checkpoint may have moved
@@ -96,8 +99,24 @@ def load_checkpoint(path) -> dict:
 
 def check_resumable(saved: dict, config: dict, path) -> None:
     """Raise :class:`UserError` unless a run configured as ``config`` (``TrainConfig.to_dict()``) may
-    continue the checkpoint ``saved``: every setting must match except :data:`RESUMABLE_CHANGES`."""
+    continue the checkpoint ``saved``: every setting must match except :data:`RESUMABLE_CHANGES`, and
+    ``epochs`` may not be fewer than the epochs already trained (a run is extended, never shortened)."""
     diff = {k: (saved["config"].get(k), v) for k, v in config.items()
             if saved["config"].get(k) != v and k not in RESUMABLE_CHANGES}
     if diff:
         raise UserError(f"resume: {path} was written with a different config; (saved, now): {diff}")
+    trained, partial = saved["state"]["epoch"], saved["state"]["batch"] > 0
+    if config["epochs"] < trained + partial:
+        epochs = f"{trained} trained epoch{'s' * (trained != 1)}{' and part of another' if partial else ''}"
+        raise UserError(f"resume: {path} holds {epochs}; epochs={config['epochs']} would shorten the run, which "
+                        f"resuming cannot do: nothing was trained (ask for at least {trained + partial} epochs)")
+
+
+def is_finished(saved: dict, epochs: int, max_steps: Optional[int]) -> bool:
+    """Whether continuing the checkpoint ``saved`` with ``epochs`` and ``max_steps`` has nothing left to
+    train: the run diverged (a diverged run is never continued), or it is done and neither number goes
+    beyond what it ran."""
+    status, state = saved["history"]["status"], saved["state"]
+    if status != "done":
+        return status == "diverged"
+    return not (state["epoch"] < epochs and (max_steps is None or state["step"] < max_steps))

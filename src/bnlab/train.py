@@ -9,6 +9,10 @@ A diverging run (non-finite loss, or a loss above ``divergence_loss``) stops wit
 and keeps its history: divergence is a result, not a crash. A run is repeatable bit for bit on CPU
 for a given seed. With ``checkpoint`` set, the full state is written atomically after every epoch (and
 on Ctrl-C), and ``resume=True`` continues from it exactly, mid-epoch included (:mod:`bnlab.checkpoint`).
+More ``epochs`` extend a run: an unfinished one's schedule is stretched to the new length; a finished
+one gets a new cycle over the added epochs (onecycle and cosine warm up again from 0, where they
+ended, and decay back to 0; constant stays at the peak): a new run of the added epochs that starts
+from the finished one's weights and optimizer state.
 
 Read top to bottom: the configuration and results, helpers, where a run stands (:class:`Position`,
 :class:`EpochSums`), one run — :meth:`_Run.step` is the whole algorithm (schedule, forward, loss,
@@ -45,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnlab.checkpoint import atomic_write_text, check_resumable, load_checkpoint, read_torch_file, save_checkpoint
+from bnlab.checkpoint import (atomic_write_text, check_resumable, is_finished, load_checkpoint, read_torch_file,
+                              save_checkpoint)
 from bnlab.data import Dataset, Loader
 from bnlab.errors import UserError
 
@@ -62,7 +67,7 @@ __all__ = ["TrainConfig", "History", "EpochResult", "train", "evaluate", "set_se
 class TrainConfig:
     """Everything that decides a training run (saved with its :class:`History`)."""
 
-    epochs: int = 10
+    epochs: int = 10                 # with resume, more than a finished run's add a new schedule cycle
     batch_size: int = 128
     lr: float = 0.1                  # peak learning rate
     optimizer: str = "sgd"           # "sgd" (momentum, optionally Nesterov) or "adamw"
@@ -321,17 +326,18 @@ class Position:
     step: int = 0                       # optimizer steps taken
     seconds: float = 0.0                # training seconds so far, evaluation excluded
     sums: Optional[EpochSums] = None    # the unfinished epoch's running sums (None between epochs)
+    schedule_start: int = 0             # the epoch the lr schedule began at: > 0 once a finished run is extended
 
     def to_state(self) -> dict:
         """Plain types, for a checkpoint that loads with ``weights_only=True``."""
         return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "seconds": self.seconds,
-                "sums": None if self.sums is None else self.sums.to_state()}
+                "sums": None if self.sums is None else self.sums.to_state(), "schedule_start": self.schedule_start}
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device) -> "Position":
         sums = None if state["sums"] is None else EpochSums.from_state(state["sums"], device)
         return cls(epoch=state["epoch"], batch=state["batch"], step=state["step"], seconds=state["seconds"],
-                   sums=sums)
+                   sums=sums, schedule_start=state.get("schedule_start", 0))
 
 
 @dataclass
@@ -383,9 +389,13 @@ class _Run:
 
     # ---------------------------------------------------------------- the step
     def learning_rate(self, step: int) -> float:
-        """The rate of optimizer step ``step`` (0-based): the peak times the schedule over every epoch."""
-        c = self.config
-        return c.lr * lr_factor(step, c.epochs * self.steps_per_epoch, c.schedule, c.warmup_fraction)
+        """The rate of optimizer step ``step`` (0-based): the peak times the schedule, which spans the
+        epochs from ``schedule_start`` to ``config.epochs``. Extending a finished run starts a new cycle
+        there: onecycle and cosine warm up again from 0, where they ended; constant stays at the peak."""
+        c, start = self.config, self.position.schedule_start
+        warmup = c.warmup_fraction if start == 0 or c.schedule != "constant" else 0.0
+        return c.lr * lr_factor(step - start * self.steps_per_epoch, (c.epochs - start) * self.steps_per_epoch,
+                                c.schedule, warmup)
 
     def step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
         """One optimizer step on the batch ``(x, y)``; returns the loss, the logits (both detached) and the
@@ -500,8 +510,10 @@ class _Run:
     def resume(self) -> bool:
         """Continue from the checkpoint if ``config.resume`` and it exists; returns whether it did.
 
-        The saved config must match, except ``epochs`` and ``max_steps`` (more epochs extend a run,
-        also a finished one) and where the checkpoint lives."""
+        The saved config must match, except ``epochs`` and ``max_steps`` (more of either extend a run,
+        also a finished one; fewer epochs than it trained are an error) and where the checkpoint lives.
+        A finished run that trained all its epochs and is given more gets a new cycle of its schedule
+        over the added epochs (:meth:`learning_rate`)."""
         if not (self.config.resume and self.path is not None and self.path.is_file()):
             return False
         saved = load_checkpoint(self.path)
@@ -513,14 +525,11 @@ class _Run:
         self.history.config = now
         self.position = Position.from_state(saved["state"], self.device)
         torch.set_rng_state(saved["rng_cpu"])
-        if self.history.status == "done" and self._more_to_do():
+        if self.history.status == "done" and not is_finished(saved, self.config.epochs, self.config.max_steps):
             self.history.status, self.history.reason, self.history.final = "running", "", {}
+            if self.position.epoch == saved["config"]["epochs"] and self.position.batch == 0:
+                self.position.schedule_start = self.position.epoch  # its schedule ran to the end
         return True
-
-    def _more_to_do(self) -> bool:
-        """A finished run given more epochs (or a larger ``max_steps``) than it ran."""
-        steps_left = self.config.max_steps is None or self.position.step < self.config.max_steps
-        return self.position.epoch < self.config.epochs and steps_left
 
     # ---------------------------------------------------------------- the end
     def finish(self, status: str, reason: str) -> History:
