@@ -55,8 +55,8 @@ from bnlab.data import Dataset, Loader
 from bnlab.errors import UserError
 
 # read_torch_file and load_checkpoint live in bnlab.checkpoint; they stay importable from here
-__all__ = ["TrainConfig", "History", "EpochResult", "train", "evaluate", "set_seed", "lr_factor", "param_groups",
-           "resolve_device", "load_checkpoint", "read_torch_file"]
+__all__ = ["TrainConfig", "History", "EpochResult", "Position", "EpochSums", "train", "evaluate", "set_seed",
+           "lr_factor", "param_groups", "resolve_device", "load_checkpoint", "read_torch_file"]
 
 
 # --------------------------------------------------------------------------------------------------
