@@ -91,3 +91,43 @@ def test_torchrun_two_processes_gloo(tmp_path):
 def test_train_refuses_a_model_for_the_wrong_kind_of_data(tmp_path, capsys):
     assert cli.main(["train", "--model", "resnet8", "--dataset", "mnist1d", "--out", str(tmp_path)]) == 2
     assert "use resnet1d" in capsys.readouterr().err
+
+
+_SMALL = ["--model", "resnet8", "--width", "0.25", "--dataset", "synthetic", "--batch-size", "64", "--device", "cpu",
+          "--no-progress"]
+
+
+def test_resume_with_nothing_to_resume_is_an_error_naming_the_directory(tmp_path, capsys):
+    """Issue "the edges a user hits", item 4: `--out NEWDIR --resume` started a new run without a word."""
+    new = tmp_path / "new"
+    assert cli.main(["train", "--out", str(new), "--resume", "--epochs", "1", *_SMALL]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"bnlab train: error: --resume: {new} holds no run to resume (no command.json "
+                                         f"or checkpoint.pt); drop --resume to start a new run there, or give the "
+                                         f"--out of the run to continue"]
+    assert captured.out == "" and not new.exists()
+
+
+def test_resume_of_a_finished_run_without_more_epochs_trains_nothing_and_says_so(tmp_path, capsys):
+    """Item 15: `--resume --epochs 2` on a finished 3-epoch run did nothing, said nothing, exited 0, and
+    saved epochs=2 into command.json (a later plain --resume then used it)."""
+    out = tmp_path / "r"
+    assert cli.main(["train", "--out", str(out), "--epochs", "3", *_SMALL]) == 0
+    capsys.readouterr()
+    files = {name: (out / name).read_bytes() for name in ("command.json", "history.json", "final.json", "model.pt")}
+    steps = json.loads(files["final.json"])["steps"]
+
+    assert cli.main(["train", "--out", str(out), "--resume", "--epochs", "2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"bnlab train: error: --epochs 2: the run in {out} has trained 3 epochs, and "
+                                         f"a run is extended, never shortened: nothing was trained (give --epochs "
+                                         f"above 3 to extend it, or another --out)"] and captured.out == ""
+
+    for extra in ([], ["--epochs", "3"]):
+        assert cli.main(["train", "--out", str(out), "--resume", *extra]) == 0
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.splitlines()) == 1, captured
+        assert captured.err.startswith(f"bnlab train: nothing trained: the run in {out} already ended (done: 3 epochs; "
+                                       f"{steps} steps, test_acc ")
+        assert captured.err.rstrip().endswith("--epochs above 3 extends it")
+    assert {name: (out / name).read_bytes() for name in files} == files  # nothing rewritten

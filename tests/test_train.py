@@ -272,3 +272,45 @@ def test_crop_padding_follows_the_dataset_unless_given(monkeypatch, synthetic, d
     ds = dataclasses.replace(synthetic, crop_padding=dataset_padding)
     train(small_model(), ds, quick_config(crop_padding=config_padding, max_steps=1, augment=True), progress=False)
     assert seen == [expected]
+
+
+def _lrs(history):
+    return [s["lr"] for s in history.steps]
+
+
+def test_extending_a_finished_run_gives_the_added_epochs_a_new_cycle(synthetic, tmp_path):
+    """Issue "the edges a user hits", item 15: the rate jumped from 0 at the end of the finished one-cycle
+    to where a longer one-cycle would be at that step (15/19 of the peak here), as if the run had been
+    planned longer from the start. Now the added epochs get a cycle of their own, interrupted or not."""
+    ckpt = str(tmp_path / "c.pt")
+    kw = dict(log_steps=True, checkpoint=ckpt)
+    train(small_model(), synthetic, quick_config(epochs=1, **kw), progress=False)
+    with pytest.raises(KeyboardInterrupt):  # interrupted in the middle of the added epochs, then resumed
+        train(small_model(), synthetic, quick_config(epochs=3, resume=True, **kw), callbacks=[_Interrupt(13)],
+              progress=False)
+    history = train(small_model(), synthetic, quick_config(epochs=3, resume=True, **kw), progress=False)
+    # 8 steps: warm-up over round(0.2 · 8) = 2, linear decay to 0 over 6; then 16 steps: warm-up over
+    # round(0.2 · 16) = 3 from 0 again, linear decay to 0 over 13
+    first = [1 / 2, 1] + [1 - k / 6 for k in range(1, 7)]
+    added = [1 / 3, 2 / 3, 1] + [1 - k / 13 for k in range(1, 14)]
+    assert _lrs(history) == pytest.approx([0.05 * f for f in first + added], abs=1e-12)
+    assert [s["step"] for s in history.steps] == list(range(1, 25)) and history.reason == "3 epochs"
+
+
+def test_extending_a_finished_constant_schedule_stays_at_the_peak(synthetic, tmp_path):
+    ckpt = str(tmp_path / "c.pt")
+    kw = dict(log_steps=True, checkpoint=ckpt, schedule="constant", warmup_fraction=0.25)
+    train(small_model(), synthetic, quick_config(epochs=1, **kw), progress=False)
+    history = train(small_model(), synthetic, quick_config(epochs=2, resume=True, **kw), progress=False)
+    assert _lrs(history) == pytest.approx([0.05 * f for f in [1 / 2, 1] + [1] * 14], abs=1e-12)  # one warm-up
+
+
+def test_resuming_with_fewer_epochs_than_trained_is_an_error(synthetic, tmp_path):
+    """Item 15: resuming a finished 2-epoch run with epochs=1 returned its history as if that were asked."""
+    from bnlab.errors import UserError
+    ckpt = str(tmp_path / "c.pt")
+    train(small_model(), synthetic, quick_config(epochs=2, checkpoint=ckpt), progress=False)
+    with pytest.raises(UserError, match=r"holds 2 trained epochs; epochs=1 would shorten the run.*nothing was trained"):
+        train(small_model(), synthetic, quick_config(epochs=1, checkpoint=ckpt, resume=True), progress=False)
+    same = train(small_model(), synthetic, quick_config(epochs=2, checkpoint=ckpt, resume=True), progress=False)
+    assert same.status == "done" and same.final["steps"] == 16  # the same epochs: nothing to do, no error

@@ -8,7 +8,15 @@ and biases exempt (``norm_weight_decay``, default 0); on CUDA bf16 autocast, ``c
 A diverging run (non-finite loss, or a loss above ``divergence_loss``) stops with ``status="diverged"``
 and keeps its history: divergence is a result, not a crash. A run is repeatable bit for bit on CPU
 for a given seed. With ``checkpoint`` set, the full state is written atomically after every epoch (and
-on Ctrl-C), and ``resume=True`` continues from it exactly, mid-epoch included.
+on Ctrl-C), and ``resume=True`` continues from it exactly, mid-epoch included (:mod:`bnlab.checkpoint`).
+More ``epochs`` extend a run: an unfinished one's schedule is stretched to the new length; a finished
+one gets a new cycle over the added epochs (onecycle and cosine warm up again from 0, where they
+ended, and decay back to 0; constant stays at the peak): a new run of the added epochs that starts
+from the finished one's weights and optimizer state.
+
+Read top to bottom: the configuration and results, helpers, where a run stands (:class:`Position`,
+:class:`EpochSums`), one run — :meth:`_Run.step` is the whole algorithm (schedule, forward, loss,
+zero_grad, backward, step), the bookkeeping follows under its own heading — and the loop, :func:`train`.
 
 Example::
 
@@ -20,16 +28,15 @@ Example::
     >>> history.final["test_acc"]
 """
 
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import os
 import random
 import signal
 import sys
-import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -42,11 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnlab.checkpoint import (atomic_write_text, check_resumable, is_finished, load_checkpoint, read_torch_file,
+                              save_checkpoint)
 from bnlab.data import Dataset, Loader
 from bnlab.errors import UserError
 
-__all__ = ["TrainConfig", "History", "EpochResult", "train", "evaluate", "set_seed", "lr_factor", "param_groups",
-           "resolve_device", "load_checkpoint", "read_torch_file"]
+# read_torch_file and load_checkpoint live in bnlab.checkpoint; they stay importable from here
+__all__ = ["TrainConfig", "History", "EpochResult", "Position", "EpochSums", "train", "evaluate", "set_seed",
+           "lr_factor", "param_groups", "resolve_device", "load_checkpoint", "read_torch_file"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,7 +67,7 @@ __all__ = ["TrainConfig", "History", "EpochResult", "train", "evaluate", "set_se
 class TrainConfig:
     """Everything that decides a training run (saved with its :class:`History`)."""
 
-    epochs: int = 10
+    epochs: int = 10                 # with resume, more than a finished run's add a new schedule cycle
     batch_size: int = 128
     lr: float = 0.1                  # peak learning rate
     optimizer: str = "sgd"           # "sgd" (momentum, optionally Nesterov) or "adamw"
@@ -163,7 +173,7 @@ class History:
         return cls(**{k: d[k] for k in (f.name for f in dataclasses.fields(cls)) if k in d})
 
     def save_json(self, path) -> None:
-        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load_json(cls, path) -> "History":
@@ -268,37 +278,322 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024, tta
     return float(loss_sum) / n, float(correct) / n
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+
+# --------------------------------------------------------------------------------------------------
+# where a run stands between two steps (what a checkpoint's "state" holds)
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class EpochSums:
+    """Running sums over the training batches of one epoch, kept on the device: adding to them needs no
+    host synchronisation, so a GPU never waits for the bookkeeping."""
+
+    loss: Tensor     # Σ loss · batch size, float64
+    correct: Tensor  # Σ correct predictions, int64
+    examples: int    # Σ batch size
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "EpochSums":
+        return cls(torch.zeros((), dtype=torch.float64, device=device),
+                   torch.zeros((), dtype=torch.int64, device=device), 0)
+
+    def add(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        """Book one batch: its mean ``loss`` and ``logits`` (both detached) for labels ``y``."""
+        self.loss += loss.double() * len(y)
+        self.correct += (logits.argmax(1) == y).sum()
+        self.examples += len(y)
+
+    def means(self) -> tuple[float, float]:
+        """(mean training loss, training accuracy) over the batches booked so far."""
+        count = max(1, self.examples)
+        return float(self.loss) / count, float(self.correct) / count
+
+    def to_state(self) -> list:
+        return [float(self.loss), int(self.correct), int(self.examples)]
+
+    @classmethod
+    def from_state(cls, state: list, device: torch.device) -> "EpochSums":
+        return cls(torch.tensor(float(state[0]), dtype=torch.float64, device=device),
+                   torch.tensor(int(state[1]), dtype=torch.int64, device=device), int(state[2]))
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
+@dataclass
+class Position:
+    """Where a run stands between two steps."""
+
+    epoch: int = 0                      # the epoch in progress, 0-based: every epoch before it is complete
+    batch: int = 0                      # the next batch of that epoch
+    step: int = 0                       # optimizer steps taken
+    seconds: float = 0.0                # training seconds so far, evaluation excluded
+    sums: Optional[EpochSums] = None    # the unfinished epoch's running sums (None between epochs)
+    schedule_start: int = 0             # the epoch the lr schedule began at: > 0 once a finished run is extended
+
+    def to_state(self) -> dict:
+        """Plain types, for a checkpoint that loads with ``weights_only=True``."""
+        return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "seconds": self.seconds,
+                "sums": None if self.sums is None else self.sums.to_state(), "schedule_start": self.schedule_start}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> "Position":
+        sums = None if state["sums"] is None else EpochSums.from_state(state["sums"], device)
+        return cls(epoch=state["epoch"], batch=state["batch"], step=state["step"], seconds=state["seconds"],
+                   sums=sums, schedule_start=state.get("schedule_start", 0))
+
+
+@dataclass
+class EpochResult:
+    """What one epoch (or the part of it up to ``max_steps``, divergence or the run's end) produced."""
+
+    record: dict                    # the epoch's row of History.epochs
+    complete: bool                  # every batch of the epoch was trained
+    diverged: Optional[str] = None  # why the run diverged, if it did
+    max_steps_reached: bool = False
+
+
+# --------------------------------------------------------------------------------------------------
+# one run: set up → the step → bookkeeping → checkpoints → the end
+# --------------------------------------------------------------------------------------------------
+
+class _Run:
+    """The state of one training run: the model, its optimizer and loader, the :class:`History` so far
+    and the :class:`Position` (what a checkpoint holds, and what the loop needs to continue)."""
+
+    def __init__(self, model: nn.Module, data: Dataset, config: TrainConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if distributed else 0
+        world_size = torch.distributed.get_world_size() if distributed else 1
+        set_seed(config.seed)
+        self.data = data if data.train_x.device == self.device else data.to(self.device)
+        model.to(self.device)
+        if config.channels_last and self.data.train_x.dim() == 4:  # NHWC exists for images only
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.raw_model = model.module if hasattr(model, "module") else model
+        self.forward = torch.compile(model, mode=config.compile_mode) if config.compile else model
+        augment = self.data.augment if config.augment is None else config.augment
+        self.loader = Loader(self.data.train_x, self.data.train_y, config.batch_size, shuffle=True,
+                             drop_last=config.drop_last, augment=augment, seed=config.seed,
+                             crop_padding=(self.data.crop_padding if config.crop_padding is None else config.crop_padding),
+                             rank=self.rank, world_size=world_size)
+        self.steps_per_epoch = len(self.loader)
+        self.optimizer = _make_optimizer(self.raw_model, config)
+        self.history = History(config=config.to_dict(), meta={
+            "model": type(self.raw_model).__name__,
+            "parameters": sum(p.numel() for p in self.raw_model.parameters()),
+            "dataset": self.data.name, "train_size": len(self.data.train_x), "device": str(self.device),
+            "torch": str(torch.__version__), "world_size": world_size})
+        self.position = Position()
+        self.path = Path(config.checkpoint) if config.checkpoint else None
+
+    # ---------------------------------------------------------------- the step
+    def learning_rate(self, step: int) -> float:
+        """The rate of optimizer step ``step`` (0-based): the peak times the schedule, which spans the
+        epochs from ``schedule_start`` to ``config.epochs``. Extending a finished run starts a new cycle
+        there: onecycle and cosine warm up again from 0, where they ended; constant stays at the peak."""
+        c, start = self.config, self.position.schedule_start
+        warmup = c.warmup_fraction if start == 0 or c.schedule != "constant" else 0.0
+        return c.lr * lr_factor(step - start * self.steps_per_epoch, (c.epochs - start) * self.steps_per_epoch,
+                                c.schedule, warmup)
+
+    def step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
+        """One optimizer step on the batch ``(x, y)``; returns the loss, the logits (both detached) and the
+        learning rate. The whole algorithm is here; the bookkeeping is the caller's."""
+        lr = self.learning_rate(self.position.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with _autocast(self.device, self.config.amp):
+            logits = self.forward(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), logits.detach(), lr
+
+    # ---------------------------------------------------------------- one epoch
+    def train_epoch(self, epoch: int, stop: _StopRequest, on_step: list, progress: Optional[bool]) -> EpochResult:
+        """Every remaining batch of ``epoch`` through :meth:`step`, each booked as soon as it is taken;
+        stops early at divergence or ``max_steps``. Ctrl-C is taken between two steps (see :class:`_StopRequest`)."""
+        position = self.position
+        self.loader.epoch = epoch
+        position.sums = sums = position.sums or EpochSums.zeros(self.device)
+        skip = position.batch
+        # a host synchronisation per step costs GPU time; on CPU it is free, so check every step there
+        check_every = 1 if (self.device.type == "cpu" or on_step or self.config.log_steps) else 50
+        bar = _progress(progress, self.steps_per_epoch - skip, f"epoch {epoch + 1}/{self.config.epochs}")
+        timer = _Timer(self.device)
+        diverged, seconds_before, at_boundary = None, position.seconds, True
         try:
-            torch.save(state, tmp)
-        except BaseException:  # a second Ctrl-C while saving: leave the previous checkpoint, no debris
-            tmp.close()
-            os.unlink(tmp.name)
+            for batch_index, (x, y) in enumerate(self.loader):
+                if batch_index < skip:
+                    continue  # resumed mid-epoch: the loader replays the epoch's randomness up to here
+                at_boundary = False  # from here until the step is booked, the state is half a step
+                x = _prepare(x, self.config.channels_last)
+                loss, logits, lr = self.step(x, y)
+                sums.add(loss, logits, y)
+                position.step, position.batch = position.step + 1, batch_index + 1
+                at_boundary = True
+                if bar is not None:
+                    bar.update(1)
+                if position.step % check_every == 0:
+                    diverged = self._after_step(loss, logits, lr, (x, y), on_step)
+                if diverged or self._max_steps_reached():
+                    break
+                stop.check()
+        except KeyboardInterrupt:
+            position.seconds = seconds_before + timer.seconds()
+            self.history.status, self.history.reason = "stopped", f"interrupted in epoch {epoch + 1}"
+            if at_boundary:
+                self.save()  # between two steps; an interrupted step is discarded, never saved half done
             raise
-    os.replace(tmp.name, path)
+        finally:
+            if bar is not None:
+                bar.close()
+        epoch_time = timer.seconds()
+        position.seconds = seconds_before + epoch_time
+        return self._end_epoch(epoch, epoch_time, diverged)
 
-
-def _progress(enabled: Optional[bool], total: int, desc: str):
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
+    # ---------------------------------------------------------------- bookkeeping: logging, divergence, evaluation
+    def _after_step(self, loss: Tensor, logits: Tensor, lr: float, batch: tuple, on_step: list) -> Optional[str]:
+        """Log the step just taken and hand it to the callbacks; returns why the run diverged, or ``None``."""
+        step, value = self.position.step, float(loss)
+        if self.config.log_steps:
+            acc = float((logits.argmax(1) == batch[1]).float().mean())
+            self.history.steps.append({"step": step, "loss": value, "lr": lr, "acc": acc})
+        for fn in on_step:
+            fn(step, self.raw_model, value, batch)
+        if not math.isfinite(value):
+            return f"training loss {value:.4g} at step {step} is not finite"
+        if value > self.config.divergence_loss:
+            return f"training loss {value:.4g} at step {step} > divergence_loss {self.config.divergence_loss:g}"
         return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def _max_steps_reached(self) -> bool:
+        return self.config.max_steps is not None and self.position.step >= self.config.max_steps
+
+    def _end_epoch(self, epoch: int, epoch_time: float, diverged: Optional[str]) -> EpochResult:
+        """The epoch's record (evaluated when due), added to the history once the epoch is complete or the
+        run ends; the position moves to the next epoch when this one is complete."""
+        config, position = self.config, self.position
+        train_loss, train_acc = position.sums.means()
+        if diverged is None and not (math.isfinite(train_loss) and train_loss <= config.divergence_loss):
+            diverged = f"mean training loss {train_loss:.4g} in epoch {epoch + 1} is not finite or > {config.divergence_loss:g}"
+        complete = position.batch >= self.steps_per_epoch
+        max_steps_reached = self._max_steps_reached()
+        record = {"epoch": epoch + 1, "step": position.step, "train_loss": train_loss, "train_acc": train_acc,
+                  "test_loss": None, "test_acc": None, "lr": self.optimizer.param_groups[0]["lr"],
+                  "time": position.seconds, "epoch_time": epoch_time}
+        last = epoch + 1 == config.epochs or max_steps_reached or diverged is not None
+        if diverged is None and ((config.eval_every and (epoch + 1) % config.eval_every == 0) or last):
+            record["test_loss"], record["test_acc"] = self.evaluate()
+        if complete or last:
+            self.history.epochs.append(record)
+        if complete:
+            position.epoch, position.batch, position.sums = epoch + 1, 0, None
+        return EpochResult(record, complete, diverged, max_steps_reached)
+
+    def evaluate(self) -> tuple[float, float]:
+        c = self.config
+        return evaluate(self.raw_model, self.data.test_x, self.data.test_y, tta=c.tta, amp=c.amp,
+                        channels_last=c.channels_last)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> None:
+        """Write the checkpoint (rank 0 only), in plain types: it loads with ``weights_only=True``."""
+        if self.path is None or self.rank != 0:
+            return
+        save_checkpoint(self.path, {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                    "history": self.history.to_dict(), "state": self.position.to_state(),
+                                    "config": self.config.to_dict(), "rng_cpu": torch.get_rng_state()})
+
+    def resume(self) -> bool:
+        """Continue from the checkpoint if ``config.resume`` and it exists; returns whether it did.
+
+        The saved config must match, except ``epochs`` and ``max_steps`` (more of either extend a run,
+        also a finished one; fewer epochs than it trained are an error) and where the checkpoint lives.
+        A finished run that trained all its epochs and is given more gets a new cycle of its schedule
+        over the added epochs (:meth:`learning_rate`)."""
+        if not (self.config.resume and self.path is not None and self.path.is_file()):
+            return False
+        saved = load_checkpoint(self.path)
+        now = self.config.to_dict()
+        check_resumable(saved, now, self.path)
+        self.raw_model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.history = History.from_dict(saved["history"])
+        self.history.config = now
+        self.position = Position.from_state(saved["state"], self.device)
+        torch.set_rng_state(saved["rng_cpu"])
+        if self.history.status == "done" and not is_finished(saved, self.config.epochs, self.config.max_steps):
+            self.history.status, self.history.reason, self.history.final = "running", "", {}
+            if self.position.epoch == saved["config"]["epochs"] and self.position.batch == 0:
+                self.position.schedule_start = self.position.epoch  # its schedule ran to the end
+        return True
+
+    # ---------------------------------------------------------------- the end
+    def finish(self, status: str, reason: str) -> History:
+        history = self.history
+        history.status, history.reason = status, reason
+        test_loss, test_acc = self.evaluate()
+        last = history.epochs[-1] if history.epochs else {}
+        tested = [e["test_acc"] for e in history.epochs if e.get("test_acc") is not None] + [test_acc]
+        history.final = {"test_acc": test_acc, "test_loss": test_loss, "train_acc": last.get("train_acc"),
+                         "train_loss": last.get("train_loss"), "best_test_acc": max(tested),
+                         "steps": self.position.step, "seconds": self.position.seconds}
+        self.save()
+        return history
 
 
 # --------------------------------------------------------------------------------------------------
 # the loop: set up → resume → one epoch at a time → finish
+# --------------------------------------------------------------------------------------------------
+
+def train(model: nn.Module, data: Dataset, config: TrainConfig, callbacks: Optional[Sequence[Any]] = None,
+          progress: Optional[bool] = None) -> History:
+    """Train ``model`` on ``data`` as ``config`` says and return the :class:`History`.
+
+    Args:
+        model: any ``nn.Module`` mapping a batch of ``data.train_x`` to logits; moved to the device in place.
+        data: a :class:`bnlab.data.Dataset` (moved to the device if it is not there).
+        config: a :class:`TrainConfig`.
+        callbacks: objects with optional ``on_step(step, model, loss, batch)`` (``loss`` a float, ``step``
+            1-based) and ``on_epoch(epoch, model, record)`` methods.
+        progress: a tqdm bar over each epoch's batches; ``None`` shows it only when stderr is a terminal.
+
+    Ctrl-C (in the main thread) ends the step in flight, writes the checkpoint and raises
+    ``KeyboardInterrupt``; resuming from that checkpoint gives the same run as one never interrupted.
+    Under ``torchrun`` (an initialised process group) each rank trains on its shard of every epoch's
+    permutation; pass a ``DistributedDataParallel`` model. Only rank 0 writes the checkpoint.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"train: config must be a TrainConfig, got {type(config).__name__}")
+    callbacks = list(callbacks or [])
+    on_step = [cb.on_step for cb in callbacks if hasattr(cb, "on_step")]
+    on_epoch = [cb.on_epoch for cb in callbacks if hasattr(cb, "on_epoch")]
+    with _StopRequest() as stop:  # from here on, Ctrl-C is taken between steps (imports included)
+        run = _Run(model, data, config)
+        if not run.resume() and hasattr(run.raw_model, "init_from_data"):
+            run.raw_model.init_from_data(run.data.train_x)  # a data-dependent initialisation (airbench's whitening)
+        if run.history.status in ("done", "diverged"):
+            return run.history  # a finished run resumed: nothing left to do
+        model.train()
+        stop.check()
+        for epoch in range(run.position.epoch, config.epochs):
+            result = run.train_epoch(epoch, stop, on_step, progress)
+            for fn in on_epoch:
+                fn(epoch + 1, run.raw_model, result.record)
+            if result.diverged is not None:
+                return run.finish("diverged", result.diverged)
+            if result.max_steps_reached:
+                return run.finish("done", f"max_steps={config.max_steps} reached")
+            run.save()
+            stop.check()
+        return run.finish("done", f"{config.epochs} epochs")
+
+
+# --------------------------------------------------------------------------------------------------
+# plumbing: Ctrl-C between steps, timing, the progress bar
 # --------------------------------------------------------------------------------------------------
 
 class _StopRequest:
@@ -333,272 +628,6 @@ class _StopRequest:
             raise KeyboardInterrupt
 
 
-@dataclass
-class EpochResult:
-    """What one epoch (or the part of it up to ``max_steps``, divergence or the run's end) produced."""
-
-    record: dict                    # the epoch's row of History.epochs
-    complete: bool                  # every batch of the epoch was trained
-    diverged: Optional[str] = None  # why the run diverged, if it did
-    max_steps_reached: bool = False
-
-
-class _Run:
-    """The state of one training run: what a checkpoint holds, and what the loop needs to continue it.
-
-    ``position`` is where the run stands between two steps: the epoch, the next batch within it, the
-    optimizer steps and training seconds so far, and the running sums of the current epoch
-    (loss·n, correct, n) while it is unfinished.
-    """
-
-    def __init__(self, model: nn.Module, data: Dataset, config: TrainConfig) -> None:
-        self.config = config
-        self.device = resolve_device(config.device)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.rank = torch.distributed.get_rank() if distributed else 0
-        world_size = torch.distributed.get_world_size() if distributed else 1
-        set_seed(config.seed)
-        self.data = data if data.train_x.device == self.device else data.to(self.device)
-        model.to(self.device)
-        if config.channels_last and self.data.train_x.dim() == 4:  # NHWC exists for images only
-            model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.raw_model = model.module if hasattr(model, "module") else model
-        self.forward = torch.compile(model, mode=config.compile_mode) if config.compile else model
-        augment = self.data.augment if config.augment is None else config.augment
-        self.loader = Loader(self.data.train_x, self.data.train_y, config.batch_size, shuffle=True,
-                             drop_last=config.drop_last, augment=augment, seed=config.seed,
-                             crop_padding=(self.data.crop_padding if config.crop_padding is None else config.crop_padding),
-                             rank=self.rank, world_size=world_size)
-        self.steps_per_epoch = len(self.loader)
-        self.optimizer = _make_optimizer(self.raw_model, config)
-        self.history = History(config=config.to_dict(), meta={
-            "model": type(self.raw_model).__name__,
-            "parameters": sum(p.numel() for p in self.raw_model.parameters()),
-            "dataset": self.data.name, "train_size": len(self.data.train_x), "device": str(self.device),
-            "torch": str(torch.__version__), "world_size": world_size})
-        self.position = {"epoch": 0, "batch": 0, "step": 0, "seconds": 0.0, "sums": None}
-        self.path = Path(config.checkpoint) if config.checkpoint else None
-
-    @property
-    def total_steps(self) -> int:
-        return self.config.epochs * self.steps_per_epoch
-
-    # ---------------------------------------------------------------- checkpoints
-    def save(self) -> None:
-        """Write the checkpoint (rank 0 only), in plain types: it loads with ``weights_only=True``."""
-        if self.path is None or self.rank != 0:
-            return
-        position = dict(self.position)
-        if position["sums"] is not None:
-            position["sums"] = [float(position["sums"][0]), int(position["sums"][1]), int(position["sums"][2])]
-        _save_checkpoint(self.path, {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                                     "history": self.history.to_dict(), "state": position,
-                                     "config": self.config.to_dict(), "rng_cpu": torch.get_rng_state()})
-
-    def resume(self) -> bool:
-        """Continue from the checkpoint if ``config.resume`` and it exists; returns whether it did.
-
-        The saved config must match, except ``epochs`` and ``max_steps`` (more epochs extend a run,
-        also a finished one) and where the checkpoint lives."""
-        if not (self.config.resume and self.path is not None and self.path.is_file()):
-            return False
-        saved = load_checkpoint(self.path)
-        now = self.config.to_dict()
-        diff = {k: (saved["config"].get(k), v) for k, v in now.items()
-                if saved["config"].get(k) != v and k not in _RESUMABLE_CHANGES}
-        if diff:
-            raise UserError(f"resume: {self.path} was written with a different config; (saved, now): {diff}")
-        self.raw_model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.history = History.from_dict(saved["history"])
-        self.history.config = now
-        self.position = dict(saved["state"])
-        sums = self.position["sums"]
-        if sums is not None:
-            self.position["sums"] = [torch.tensor(float(sums[0]), dtype=torch.float64, device=self.device),
-                                     torch.tensor(int(sums[1]), dtype=torch.int64, device=self.device), int(sums[2])]
-        torch.set_rng_state(saved["rng_cpu"])
-        if self.history.status == "done" and self._more_to_do():
-            self.history.status, self.history.reason, self.history.final = "running", "", {}
-        return True
-
-    def _more_to_do(self) -> bool:
-        """A finished run given more epochs (or a larger ``max_steps``) than it ran."""
-        steps_left = self.config.max_steps is None or self.position["step"] < self.config.max_steps
-        return self.position["epoch"] < self.config.epochs and steps_left
-
-    # ---------------------------------------------------------------- one epoch
-    def train_epoch(self, epoch: int, stop: _StopRequest, on_step: list, progress: Optional[bool]) -> EpochResult:
-        config, position, device = self.config, self.position, self.device
-        self.loader.epoch = epoch
-        sums = position["sums"] or [torch.zeros((), dtype=torch.float64, device=device),
-                                    torch.zeros((), dtype=torch.int64, device=device), 0]
-        position["sums"] = sums
-        skip = position["batch"]
-        # a host synchronisation per step costs GPU time; on CPU it is free, so check every step there
-        check_every = 1 if (device.type == "cpu" or on_step or config.log_steps) else 50
-        bar = _progress(progress, self.steps_per_epoch - skip, f"epoch {epoch + 1}/{config.epochs}")
-        timer = _Timer(device)
-        diverged, seconds_before, at_boundary = None, position["seconds"], True
-        try:
-            for batch_index, (x, y) in enumerate(self.loader):
-                if batch_index < skip:
-                    continue  # resumed mid-epoch: the loader replays the epoch's randomness up to here
-                at_boundary = False  # from here until the step is booked, the state is half a step
-                lr = config.lr * lr_factor(position["step"], self.total_steps, config.schedule, config.warmup_fraction)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                x = _prepare(x, config.channels_last)
-                with _autocast(device, config.amp):
-                    logits = self.forward(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                detached = loss.detach()
-                sums[0] += detached.double() * len(y)
-                sums[1] += (logits.detach().argmax(1) == y).sum()
-                sums[2] += len(y)
-                position.update(step=position["step"] + 1, batch=batch_index + 1)
-                at_boundary = True
-                if bar is not None:
-                    bar.update(1)
-                if position["step"] % check_every == 0 or on_step or config.log_steps:
-                    value = float(detached)
-                    if config.log_steps:
-                        self.history.steps.append({"step": position["step"], "loss": value, "lr": lr,
-                                                   "acc": float((logits.detach().argmax(1) == y).float().mean())})
-                    for fn in on_step:
-                        fn(position["step"], self.raw_model, value, (x, y))
-                    if not math.isfinite(value) or value > config.divergence_loss:
-                        diverged = f"training loss {value:.4g} at step {position['step']} " + (
-                            "is not finite" if not math.isfinite(value) else f"> divergence_loss {config.divergence_loss:g}")
-                if diverged or (config.max_steps is not None and position["step"] >= config.max_steps):
-                    break
-                stop.check()
-        except KeyboardInterrupt:
-            position["seconds"] = seconds_before + timer.seconds()
-            self.history.status, self.history.reason = "stopped", f"interrupted in epoch {epoch + 1}"
-            if at_boundary:
-                self.save()  # between two steps; an interrupted step is discarded, never saved half done
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        epoch_time = timer.seconds()
-        position["seconds"] = seconds_before + epoch_time
-        count = max(1, sums[2])
-        train_loss, train_acc = float(sums[0]) / count, float(sums[1]) / count
-        if diverged is None and not (math.isfinite(train_loss) and train_loss <= config.divergence_loss):
-            diverged = f"mean training loss {train_loss:.4g} in epoch {epoch + 1} is not finite or > {config.divergence_loss:g}"
-        complete = position["batch"] >= self.steps_per_epoch
-        max_steps_reached = config.max_steps is not None and position["step"] >= config.max_steps
-        record = {"epoch": epoch + 1, "step": position["step"], "train_loss": train_loss, "train_acc": train_acc,
-                  "test_loss": None, "test_acc": None, "lr": self.optimizer.param_groups[0]["lr"],
-                  "time": position["seconds"], "epoch_time": epoch_time}
-        last = epoch + 1 == config.epochs or max_steps_reached or diverged is not None
-        if diverged is None and ((config.eval_every and (epoch + 1) % config.eval_every == 0) or last):
-            record["test_loss"], record["test_acc"] = self.evaluate()
-        if complete or last:
-            self.history.epochs.append(record)
-        position.update(epoch=epoch + 1 if complete else epoch, batch=0 if complete else position["batch"],
-                        sums=None if complete else sums)
-        return EpochResult(record, complete, diverged, max_steps_reached)
-
-    def evaluate(self) -> tuple[float, float]:
-        c = self.config
-        return evaluate(self.raw_model, self.data.test_x, self.data.test_y, tta=c.tta, amp=c.amp,
-                        channels_last=c.channels_last)
-
-    # ---------------------------------------------------------------- the end
-    def finish(self, status: str, reason: str) -> History:
-        history = self.history
-        history.status, history.reason = status, reason
-        test_loss, test_acc = self.evaluate()
-        last = history.epochs[-1] if history.epochs else {}
-        tested = [e["test_acc"] for e in history.epochs if e.get("test_acc") is not None] + [test_acc]
-        history.final = {"test_acc": test_acc, "test_loss": test_loss, "train_acc": last.get("train_acc"),
-                         "train_loss": last.get("train_loss"), "best_test_acc": max(tested),
-                         "steps": self.position["step"], "seconds": self.position["seconds"]}
-        self.save()
-        return history
-
-
-# config fields a resumed run may change: more epochs or steps extend it; the checkpoint may have moved
-_RESUMABLE_CHANGES = ("resume", "checkpoint", "epochs", "max_steps")
-
-
-def read_torch_file(path, what: str = "checkpoint"):
-    """``torch.load(path, weights_only=True)`` on the CPU; raises :class:`UserError` naming the file
-    when it is missing or is not a file PyTorch saved with plain types."""
-    path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError):
-        raise UserError(f"{what} {path}: no such file") from None
-    except Exception as error:  # noqa: BLE001 — torch raises many types for a file that is not its own
-        first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"{what} {path}: not a PyTorch file saved with plain types ({type(error).__name__}: "
-                        f"{first_line}); expected a file from torch.save, such as the checkpoint.pt or "
-                        f"model.pt that `bnlab train` writes") from None
-
-
-def load_checkpoint(path) -> dict:
-    """A checkpoint written by :func:`train` (plain types: loads with ``weights_only=True``).
-
-    Raises :class:`bnlab.errors.UserError` naming the file when it is missing or not such a checkpoint."""
-    saved = read_torch_file(path)
-    missing = {"model", "optimizer", "history", "state", "config", "rng_cpu"} - set(saved if isinstance(saved, dict) else {})
-    if missing:
-        raise UserError(f"checkpoint {path}: not a training checkpoint (missing {', '.join(sorted(missing))}); "
-                        f"resuming needs the checkpoint.pt that `bnlab train` writes")
-    return saved
-
-
-def train(model: nn.Module, data: Dataset, config: TrainConfig, callbacks: Optional[Sequence[Any]] = None,
-          progress: Optional[bool] = None) -> History:
-    """Train ``model`` on ``data`` as ``config`` says and return the :class:`History`.
-
-    Args:
-        model: any ``nn.Module`` mapping a batch of ``data.train_x`` to logits; moved to the device in place.
-        data: a :class:`bnlab.data.Dataset` (moved to the device if it is not there).
-        config: a :class:`TrainConfig`.
-        callbacks: objects with optional ``on_step(step, model, loss, batch)`` (``loss`` a float, ``step``
-            1-based) and ``on_epoch(epoch, model, record)`` methods.
-        progress: a tqdm bar over each epoch's batches; ``None`` shows it only when stderr is a terminal.
-
-    Ctrl-C (in the main thread) ends the step in flight, writes the checkpoint and raises
-    ``KeyboardInterrupt``; resuming from that checkpoint gives the same run as one never interrupted.
-    Under ``torchrun`` (an initialised process group) each rank trains on its shard of every epoch's
-    permutation; pass a ``DistributedDataParallel`` model. Only rank 0 writes the checkpoint.
-    """
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"train: config must be a TrainConfig, got {type(config).__name__}")
-    callbacks = list(callbacks or [])
-    on_step = [cb.on_step for cb in callbacks if hasattr(cb, "on_step")]
-    on_epoch = [cb.on_epoch for cb in callbacks if hasattr(cb, "on_epoch")]
-    with _StopRequest() as stop:  # from here on, Ctrl-C is taken between steps (imports included)
-        run = _Run(model, data, config)
-        if not run.resume() and hasattr(run.raw_model, "init_from_data"):
-            run.raw_model.init_from_data(run.data.train_x)  # a data-dependent initialisation (airbench's whitening)
-        if run.history.status in ("done", "diverged"):
-            return run.history  # a finished run resumed: nothing left to do
-        model.train()
-        stop.check()
-        for epoch in range(run.position["epoch"], config.epochs):
-            result = run.train_epoch(epoch, stop, on_step, progress)
-            for fn in on_epoch:
-                fn(epoch + 1, run.raw_model, result.record)
-            if result.diverged is not None:
-                return run.finish("diverged", result.diverged)
-            if result.max_steps_reached:
-                return run.finish("done", f"max_steps={config.max_steps} reached")
-            run.save()
-            stop.check()
-        return run.finish("done", f"{config.epochs} epochs")
-
-
 class _Timer:
     """Seconds since creation: CUDA events on a GPU (the device's own clock, no idle host time counted
     before the work is queued), ``perf_counter`` elsewhere."""
@@ -618,3 +647,12 @@ class _Timer:
             self.end.synchronize()
             return self.start.elapsed_time(self.end) / 1e3
         return time.perf_counter() - self.started
+
+
+def _progress(enabled: Optional[bool], total: int, desc: str):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)

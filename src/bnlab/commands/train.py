@@ -7,16 +7,21 @@ Examples:
   bnlab train --model resnet20 --plain --norm torch_bn --schedule cosine --optimizer adamw --lr 2e-3
   bnlab train --model resnet1d --dataset mnist1d --epochs 20 --batch-size 64
   bnlab train --model resnet20 --out runs/r20 --resume            # continue an interrupted run exactly
-  bnlab train --out runs/r20 --resume --epochs 20                  # extend a finished run to 20 epochs
+  bnlab train --out runs/r20 --resume --epochs 20                  # 10 epochs more: a new cycle of the schedule
   torchrun --nproc-per-node 2 -m bnlab.cli train --model resnet20  # data parallel, synchronized BN
 
 Writes into --out (default runs/MODEL-NORM-DATASET-sSEED): command.json (the run's settings),
 history.json (config, per-epoch metrics, status), final.json (final metrics), model.pt (the trained
 state dict) and checkpoint.pt (written atomically after every epoch and on Ctrl-C, always between two
 steps; --resume continues from it with the saved settings, except flags given explicitly: a different
---lr is an error, a larger --epochs extends the run). Every argument and --out are checked before
-training starts. Ctrl-C finishes the step in flight, saves and exits with status 130. A diverging run (non-finite loss
-or a loss above --divergence-loss) is a result: it ends with status "diverged" and exit status 0.
+--lr is an error, a larger --epochs extends the run). Extending a finished run gives the added epochs a
+new cycle of the schedule: onecycle and cosine warm up again from 0 (where they ended) and decay back
+to 0, constant stays at the peak; an unfinished run's schedule is stretched to the new --epochs.
+--resume on a finished run with no more epochs trains nothing and says so (exit status 0); fewer
+--epochs than it trained, or an --out that holds no run, is an error. Every argument and --out are
+checked before training starts. Ctrl-C finishes the step in flight, saves and exits with status 130.
+A diverging run (non-finite loss or a loss above --divergence-loss) is a result: it ends with status
+"diverged" and exit status 0.
 
 Under torchrun (WORLD_SIZE > 1) the process group is initialised (gloo on CPU, NCCL on CUDA), batch-norm
 layers become synchronized (bnlab.nn.sync.convert_sync_batchnorm), the model is wrapped in
@@ -27,8 +32,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from bnlab.errors import UserError
 
@@ -48,6 +55,7 @@ _NOT_SAVED = ("data_dir", "out", "resume", "progress", "json")
 # settings a resumed run may change: more epochs or steps extend it
 _EXTENDABLE = ("epochs", "max_steps")
 SETTINGS_FILE = "command.json"
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def _defaults() -> dict:
@@ -88,7 +96,8 @@ def add_arguments(parser) -> None:
     arg(d, "--keep-last", dest="drop_last", action="store_false",
         help="keep the last incomplete batch (default: drop it)")
     o = parser.add_argument_group("optimization")
-    arg(o, "--epochs", type=int, help="epochs; with --resume, more than the saved run's extend it")
+    arg(o, "--epochs", type=int, help="epochs; with --resume, more than the saved run's extend it (a finished "
+                                        "run's added epochs get a new cycle of the schedule)")
     arg(o, "--batch-size", type=int, help="examples per step (per rank)")
     arg(o, "--lr", type=float, help="peak learning rate")
     arg(o, "--optimizer", choices=["sgd", "adamw"])
@@ -112,7 +121,8 @@ def add_arguments(parser) -> None:
     arg(r, "--log-steps", action="store_true", help="record every step's loss in the history")
     r.add_argument("--out", help="output directory (default runs/MODEL-NORM-DATASET-sSEED)")
     r.add_argument("--resume", action="store_true",
-                   help="continue the run saved in OUT: its settings apply, except the flags given")
+                   help="continue the run saved in OUT (an error if OUT holds none): its settings apply, "
+                        "except the flags given")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm bar (default: when stderr is a terminal)")
     r.add_argument("--json", action="store_true", help="print the final metrics as JSON instead of a summary")
@@ -125,6 +135,9 @@ def _settings(args) -> tuple[dict, Path]:
     settings = {**_defaults(), **given}
     out = Path(args.out or f"runs/{settings['model']}-{settings['norm']}-{settings['dataset']}-s{settings['seed']}")
     saved_file = out / SETTINGS_FILE
+    if args.resume and not saved_file.is_file() and not (out / CHECKPOINT_FILE).is_file():
+        raise UserError(f"--resume: {out} holds no run to resume (no {SETTINGS_FILE} or {CHECKPOINT_FILE}); "
+                        f"drop --resume to start a new run there, or give the --out of the run to continue")
     if args.resume and saved_file.is_file():
         try:
             saved = json.loads(saved_file.read_text())
@@ -149,6 +162,27 @@ def _check_out(out: Path) -> None:
             pass
     except OSError as error:
         raise UserError(f"--out {out}: cannot write there ({error.strerror or error})") from None
+
+
+def _nothing_to_train(out: Path, config) -> Optional[dict]:
+    """With --resume, before anything is written: raise :class:`UserError` when the run saved in ``out``
+    cannot continue as asked; return its history when it has nothing left to train, else ``None``."""
+    from bnlab.checkpoint import check_resumable, is_finished, load_checkpoint
+
+    path = out / CHECKPOINT_FILE
+    if not path.is_file():
+        return None  # stopped before its first checkpoint: it starts again from the first step
+    saved = load_checkpoint(path)
+    history, trained, partial = saved["history"], saved["state"]["epoch"], saved["state"]["batch"] > 0
+    if config.epochs < trained + partial:
+        raise UserError(f"--epochs {config.epochs}: the run in {out} has trained {trained} epoch{'s' * (trained != 1)}"
+                        f"{' and part of another' if partial else ''}, and a run is extended, never shortened: "
+                        f"nothing was trained (give --epochs above {trained} to extend it, or another --out)")
+    check_resumable(saved, config.to_dict(), path)
+    if history["status"] == "diverged" and config.epochs > saved["config"]["epochs"]:
+        raise UserError(f"--epochs {config.epochs}: the run in {out} diverged ({history['reason']}) and a diverged "
+                        f"run is not continued: nothing was trained (start a new run with another --out)")
+    return history if is_finished(saved, config.epochs, config.max_steps) else None
 
 
 def _print_header() -> None:
@@ -244,41 +278,70 @@ def _train(model, dataset, config, settings: dict, out: Path, args, rank: int, w
     return train(model, dataset, config, callbacks=callbacks, progress=args.progress if main_process else False)
 
 
-def run(args) -> int:
-    import torch
+def _final(status: str, reason: str, metrics: dict, settings: dict, dataset, config) -> dict:
+    """What final.json holds (and --json prints)."""
+    return {"status": status, "reason": reason, **metrics, "model": settings["model"], "norm": settings["norm"],
+            "dataset": dataset.name, "seed": config.seed}
 
+
+def _say_nothing_trained(out: Path, history: dict, settings: dict, dataset, config, args) -> None:
+    """One line on stderr (and, with --json, the saved run's final metrics on stdout)."""
+    final = history["final"]
+    if history["status"] == "diverged":
+        how = "a diverged run is not continued"
+    elif history["reason"].startswith("max_steps="):
+        how = "a larger --max-steps continues it"
+    else:
+        how = f"--epochs above {config.epochs} extends it"
+    print(f"bnlab train: nothing trained: the run in {out} already ended ({history['status']}: {history['reason']}; "
+          f"{final['steps']} steps, test_acc {final['test_acc']:.4f}); {how}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(_final(history["status"], history["reason"], final, settings, dataset, config), indent=1))
+
+
+def run(args) -> int:
     rank, world_size, dist_device = _init_distributed()
     settings, out = _settings(args)
     if dist_device:
         settings["device"] = dist_device
     config, dataset, model = _build(settings, args)
-    config.checkpoint, config.resume = str(out / "checkpoint.pt"), args.resume
+    config.checkpoint, config.resume = str(out / CHECKPOINT_FILE), args.resume
     main_process = rank == 0
-    if main_process:
-        _check_out(out)
-    try:
+    finished = _nothing_to_train(out, config) if args.resume else None
+    if finished is not None:
         if main_process:
-            (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
-        history = _train(model, dataset, config, settings, out, args, rank, world_size)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted; {out / 'checkpoint.pt'} holds the run up to the last finished "
-                                f"step: rerun the same command with --resume to continue") from None
-    if main_process:
-        history.meta.update(model_name=settings["model"], norm=settings["norm"], width=settings["width"],
-                            plain=settings["plain"])
-        history.save_json(out / "history.json")
-        final = {"status": history.status, "reason": history.reason, **history.final,
-                 "model": settings["model"], "norm": settings["norm"], "dataset": dataset.name, "seed": config.seed}
-        (out / "final.json").write_text(json.dumps(final, indent=1))
-        raw = model.module if hasattr(model, "module") else model
-        torch.save(raw.state_dict(), out / "model.pt")
-        if args.json:
-            print(json.dumps(final, indent=1))
-        else:
-            f = history.final
-            print(f"# {history.status} ({history.reason}): test_acc {f['test_acc']:.4f}, best {f['best_test_acc']:.4f}, "
-                  f"{f['steps']} steps in {f['seconds']:.1f} s of training; wrote {out}/history.json")
+            _say_nothing_trained(out, finished, settings, dataset, config, args)
+    else:
+        if main_process:
+            _check_out(out)
+        try:
+            if main_process:
+                (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+            history = _train(model, dataset, config, settings, out, args, rank, world_size)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"interrupted; {out / CHECKPOINT_FILE} holds the run up to the last finished "
+                                    f"step: rerun the same command with --resume to continue") from None
+        if main_process:
+            _save_results(out, history, settings, dataset, config, model, args)
     if world_size > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
     return 0
+
+
+def _save_results(out: Path, history, settings: dict, dataset, config, model, args) -> None:
+    import torch
+
+    history.meta.update(model_name=settings["model"], norm=settings["norm"], width=settings["width"],
+                        plain=settings["plain"])
+    history.save_json(out / "history.json")
+    final = _final(history.status, history.reason, history.final, settings, dataset, config)
+    (out / "final.json").write_text(json.dumps(final, indent=1))
+    raw = model.module if hasattr(model, "module") else model
+    torch.save(raw.state_dict(), out / "model.pt")
+    if args.json:
+        print(json.dumps(final, indent=1))
+    else:
+        f = history.final
+        print(f"# {history.status} ({history.reason}): test_acc {f['test_acc']:.4f}, best {f['best_test_acc']:.4f}, "
+              f"{f['steps']} steps in {f['seconds']:.1f} s of training; wrote {out}/history.json")
