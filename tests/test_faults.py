@@ -226,6 +226,6 @@ def test_fault_drill_five_random_kills_then_the_same_verdicts(tmp_path):
     stored = rows(out)
     assert sorted(k for k, _, _ in stored) == sorted(k for k, _, _ in rows(reference)), log
     assert all(attempts == 1 for _, _, attempts in stored), log  # no finished run was ever run twice
-    verdicts = {n: v["verdict"] for n, v in json.loads((out / "verdicts.json").read_text()).items()}
-    expected = {n: v["verdict"] for n, v in json.loads((reference / "verdicts.json").read_text()).items()}
+    verdicts = {n: v["verdict"] for n, v in json.loads((out / "verdicts.json").read_text())["claims"].items()}
+    expected = {n: v["verdict"] for n, v in json.loads((reference / "verdicts.json").read_text())["claims"].items()}
     assert verdicts == expected, log
