@@ -1,0 +1,62 @@
+"""The sequential design: its intervals, its checks, and its error rates under optional stopping by simulation."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from bnlab.study.sequential import Design, false_decision_rate, repeated_95, simulate, single, t_interval_at
+
+
+def test_design_checks_its_looks_and_its_budget():
+    with pytest.raises(ValueError, match="one alpha per look"):
+        Design((6, 10), (0.05,))
+    with pytest.raises(ValueError, match="increasing"):
+        Design((10, 6), (0.02, 0.03))
+    with pytest.raises(ValueError, match="more than the 0.05 budget"):
+        Design((6, 10), (0.05, 0.05))
+
+
+def test_design_levels_and_next_look():
+    d = Design((6, 10, 14), (0.01, 0.015, 0.025))
+    assert [d.look(n) for n in (3, 6, 9, 10, 14, 20)] == [0, 0, 0, 1, 2, 2]
+    assert d.confidence(6) == pytest.approx(0.99) and d.confidence(12) == pytest.approx(0.985)
+    assert [d.next_seeds(n) for n in (6, 10, 14)] == [10, 14, 14]
+    assert single(6).confidence(6) == pytest.approx(0.95)
+
+
+def test_the_interval_is_students_t():
+    values = [0.3, 1.1, -0.2, 0.8, 0.5]
+    mean, low, high = t_interval_at(values, 0.98)
+    x = np.array(values)
+    expected = stats.t.interval(0.98, df=4, loc=x.mean(), scale=x.std(ddof=1) / math.sqrt(5))
+    assert mean == pytest.approx(x.mean()) and (low, high) == pytest.approx(expected)
+
+
+def test_one_look_holds_falsely_at_the_nominal_rate():
+    # a true effect exactly at the threshold: the interval's low end exceeds it in 2.5% of studies
+    r = simulate(single(6), threshold=1.0, margin=0.3, effect=1.0, studies=40_000, seed=3)
+    assert 0.022 < r["holds"] < 0.028        # 2.5% ± 3 Monte-Carlo standard errors
+
+
+@pytest.mark.parametrize("noise", ["normal", "t3"])
+def test_split_budget_keeps_false_decisions_under_five_percent_with_optional_stopping(noise):
+    design = Design((6, 10, 14), (0.015, 0.015, 0.02))
+    r = false_decision_rate(design, threshold=1.0, margin=0.3, noise=noise, studies=20_000, seed=11)
+    assert r["false_holds"] <= 0.025 + 0.003 and r["false_refuted"] <= 0.025 + 0.003
+    assert r["false_decision"] <= 0.05
+
+
+def test_recomputing_a_95_percent_interval_at_every_look_is_caught():
+    """The simulation can fail: four looks that each use a fresh 95% interval hold falsely far more than 2.5%."""
+    r = false_decision_rate(repeated_95((6, 10, 14, 18)), threshold=1.0, margin=0.3, studies=20_000, seed=5)
+    assert r["false_holds"] > 0.045
+
+
+def test_a_clear_effect_stops_at_the_first_look():
+    design = Design((6, 10), (0.02, 0.03))
+    r = simulate(design, threshold=1.0, margin=0.3, effect=4.0, sd=1.0, studies=4_000, seed=2)
+    assert r["holds"] > 0.99 and r["mean_seeds"] < 6.1
+    near = simulate(design, threshold=1.0, margin=0.3, effect=2.0, sd=1.0, studies=4_000, seed=2)
+    assert 6 < near["mean_seeds"] < 10 and near["holds"] > r["holds"] - 0.5   # some need the second look
