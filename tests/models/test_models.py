@@ -258,3 +258,41 @@ def test_a_state_dict_with_numbered_branch_keys_still_loads(name, norm):
     x = torch.randn(2, 3, 16, 16)
     source.eval(), target.eval()
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# paired initial weights: init_seed
+# --------------------------------------------------------------------------------------------------
+
+def _weights(model):
+    return {k: v for k, v in model.state_dict().items()
+            if k.endswith("weight") and ("conv" in k or k.startswith(("stem.0", "fc", "shortcut")))}
+
+
+def test_without_init_seed_the_unnormalized_net_starts_from_other_weights():
+    """The defect init_seed fixes: the same global seed gives BN and no-norm nets different conv weights,
+    because the unnormalized net's conv biases draw random numbers before the weights are set."""
+    torch.manual_seed(0)
+    bn = models.create("resnet8", norm="bn", in_channels=1, width=0.5, dims=1)
+    torch.manual_seed(0)
+    none = models.create("resnet8", norm="none", in_channels=1, width=0.5, dims=1)
+    assert not torch.equal(bn.blocks[0].conv1.weight, none.blocks[0].conv1.weight)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_init_seed_gives_every_norm_the_same_initial_weights(dims):
+    nets = {}
+    for i, norm in enumerate(["bn", "none", "skipinit", "groupnorm", "torch_bn"]):
+        torch.manual_seed(100 + i)             # the global generator's state no longer matters
+        nets[norm] = models.create("resnet14", norm=norm, in_channels=2, width=0.5, dims=dims, init_seed=3)
+    reference = _weights(nets["bn"])
+    assert len(reference) > 10
+    for norm, net in nets.items():
+        weights = _weights(net)
+        assert weights.keys() == reference.keys(), norm
+        assert all(torch.equal(weights[k], reference[k]) for k in reference), norm
+    other = _weights(models.create("resnet14", norm="bn", in_channels=2, width=0.5, dims=dims, init_seed=4))
+    assert not torch.equal(other["blocks.0.branch.conv1.weight"], reference["blocks.0.branch.conv1.weight"])
+    w = reference["blocks.0.branch.conv1.weight"]
+    fan_out = w.shape[0] * math.prod(w.shape[2:])            # He et al. 2015's fan-out normal, std √(2/fan_out)
+    assert w.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.25)

@@ -176,13 +176,13 @@ class _Block(nn.Module):
         if norms:
             nn.init.zeros_(norms[-1].weight)
 
-    def fixup_init(self, num_branches: int) -> None:
+    def fixup_init(self, num_branches: int, generator: Optional[torch.Generator] = None) -> None:
         """Fixup (Zhang et al. 2019, Sec. 3): He-init convs scaled by L^(−1/(2m−2)), the last one zero."""
         convs = self.branch_convs()
         factor = num_branches ** (-1.0 / (2 * self.branch_layers - 2))
         for conv in convs[:-1]:
             fan_out = conv.weight.shape[0] * math.prod(conv.weight.shape[2:])
-            nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out) * factor)
+            nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out) * factor, generator=generator)
         nn.init.zeros_(convs[-1].weight)
 
 
@@ -313,6 +313,9 @@ class ResNet(nn.Module):
         stem: ``"cifar"`` (3×3 conv, stride 1) or ``"imagenet"`` (7×7/2 conv + 3×3/2 max-pool).
         zero_init_residual: zero the last norm γ of every branch (Goyal et al. 2017).
         fused: see :class:`BasicBlock`.
+        init_seed: draw the weights from a generator with this seed instead of the global one, so that
+            networks differing only in their norm (BN, none, GroupNorm, SkipInit) share their initial
+            convolution and classifier weights.
 
     Shape:
         input ``(N, in_channels, H, W)`` (or ``(N, in_channels, L)``), output ``(N, num_classes)``.
@@ -321,7 +324,7 @@ class ResNet(nn.Module):
     def __init__(self, block: type, stage_blocks: list[int], stage_widths: list[int], norm="bn",
                  in_channels: int = 3, num_classes: int = 10, dims: int = 2, plain: bool = False,
                  shortcut: str = "A", stem: str = "cifar", zero_init_residual: bool = False,
-                 fused: Optional[bool] = None, *, norm_layer=None) -> None:
+                 fused: Optional[bool] = None, *, norm_layer=None, init_seed: Optional[int] = None) -> None:
         super().__init__()
         norm = choose_norm(norm, norm_layer, "ResNet")
         if dims not in (1, 2):
@@ -359,18 +362,26 @@ class ResNet(nn.Module):
         self.head = nn.Sequential(*[m for m in head if not isinstance(m, nn.Identity)])
         self.pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
-        self._init(norm, zero_init_residual)
+        self._init(norm, zero_init_residual, init_seed)
         name_layers(self)   # warnings name a layer by its path, e.g. blocks.3.branch.bn1
 
-    def _init(self, norm: NormFactory, zero_init_residual: bool) -> None:
+    def _init(self, norm: NormFactory, zero_init_residual: bool, init_seed: Optional[int]) -> None:
+        # With init_seed, every weight is drawn from one generator in module order, so networks that differ
+        # only in their norm layers start from the same weights: without it the unnormalized net's conv
+        # biases (created, then zeroed) consume global random draws first and every later weight differs.
+        gen = None if init_seed is None else torch.Generator().manual_seed(int(init_seed))
         for m in self.modules():
             if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=gen)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if gen is not None:   # the classifier as nn.Linear initializes itself, from the same generator
+            nn.init.kaiming_uniform_(self.fc.weight, a=math.sqrt(5), generator=gen)
+            bound = 1 / math.sqrt(self.fc.in_features)
+            nn.init.uniform_(self.fc.bias, -bound, bound, generator=gen)
         if norm.scheme == "fixup":
             for b in self.blocks:
-                b.fixup_init(len(self.blocks))
+                b.fixup_init(len(self.blocks), gen)
             nn.init.zeros_(self.fc.weight)  # Fixup: the classification layer starts at zero too
             nn.init.zeros_(self.fc.bias)
         if zero_init_residual:
