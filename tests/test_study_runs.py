@@ -1,6 +1,7 @@
 """Runs: the validation split never touches the test set, the stability rule, and failed runs → no
 verdict with a non-zero exit naming the claim."""
 
+import dataclasses
 import json
 import math
 
@@ -9,7 +10,7 @@ import torch
 
 import bnlab.data
 from bnlab.cli import main
-from bnlab.study import get_profile, runs
+from bnlab.study import get_profile, kinds, runs
 from bnlab.study.common import train_spec
 from bnlab.study.metrics import is_stable
 
@@ -40,11 +41,11 @@ def test_nothing_chosen_depends_on_the_test_set():
     only the reported test accuracy (once, at the end) sees the poison."""
     spec = _spec()
     runs._load.cache_clear()
-    status, clean, _ = runs.execute(spec)
+    status, clean, _ = kinds.execute(spec)
     data = runs.load_data(spec)
     data.test_x.fill_(math.nan)  # the cached dataset every later run of this process reads
     try:
-        status_p, poisoned, _ = runs.execute(spec)
+        status_p, poisoned, _ = kinds.execute(spec)
     finally:
         runs._load.cache_clear()
     assert status == status_p == "done"
@@ -75,13 +76,13 @@ def test_stability_rule_on_a_chance_level_run():
 
 
 def test_failed_runs_give_no_verdict_and_a_non_zero_exit_naming_the_claim(tmp_path, monkeypatch, capsys):
-    real = runs._run_train
+    real = runs.run_train
 
     def broken(spec):
         if spec["norm"] == "groupnorm":
             raise RuntimeError("a broken run")
         return real(spec)
-    monkeypatch.setattr(runs, "_run_train", broken)
+    monkeypatch.setitem(kinds.KINDS, "train", dataclasses.replace(kinds.TRAIN, run=broken))
     out = tmp_path / "study"
     code = main(["study", "--profile", "tiny", "--claims", "3", "--jobs", "1", "--no-progress", "--out", str(out)])
     assert code != 0
@@ -101,8 +102,8 @@ def test_few_seeds_yield_no_verdict_not_a_firm_one(tmp_path, capsys):
 def test_eval_every_zero_evaluates_only_the_final_model():
     """Sweep runs (claims 4, 5) read only the final model: no evaluation during training, one at the end,
     and the same training trajectory as a run that evaluates every 2 steps."""
-    status, end_only, _ = runs.execute(_spec(eval_every=0))
-    _, curved, _ = runs.execute(_spec(eval_every=2))
+    status, end_only, _ = kinds.execute(_spec(eval_every=0))
+    _, curved, _ = kinds.execute(_spec(eval_every=2))
     assert status == "done" and end_only["curve"]["step"] == [8] and curved["curve"]["step"] == [2, 4, 6, 8]
     assert end_only["losses"] == curved["losses"] and end_only["final"]["val_acc"] == curved["final"]["val_acc"]
     with pytest.raises(ValueError, match="eval_every must be >= 0"):

@@ -26,8 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from bnlab.study.common import (data_fields, dataset_label, fmt_ci, lookup, paper_table, seed_list, tuned,
                                 tuning_caveat, tuning_seeds)
+from bnlab.study.kinds import ICS
 from bnlab.study.metrics import first_index_at_or_below, log_mean_ci, step_changes
-from bnlab.study.specs import make_spec, spec_key, unique_specs
+from bnlab.study.specs import spec_key, unique_specs
 from bnlab.study.style import LINESTYLES, arm_color, band, figure, legend_outside
 from bnlab.study.verdict import (NO_VERDICT, NOT_SUPPORTED, ClaimResult, Interval, Part, Rule, Verdict,
                                  paired_effect, t_interval)
@@ -205,8 +206,8 @@ def _spec(profile: dict, arm: str, lr: float, seed: int) -> dict:
     leaves the trajectory unchanged, so the same run also serves the accuracy comparison."""
     cfg = profile["ics"]
     measured = arm in ("bn", "none") and lr == cfg["ics_lr"]
-    return make_spec(
-        "ics", **data_fields(profile), device=profile.get("device", "cpu"), width=profile["width"],
+    return ICS.spec(
+        **data_fields(profile), device=profile.get("device", "cpu"), width=profile["width"],
         depth=profile["depth"], val_size=profile.get("val_size", 500), arm=arm,
         norm="none" if arm == "none" else "bn", noise=noise_strength(arm), lr=lr, seed=seed,
         steps=cfg["steps"], batch_size=cfg["batch_size"], measure_every=cfg["measure_every"] if measured else 0,

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, f
 from bnlab.study import claim_lr, style
 from bnlab.study.common import (analyze as _analyze, arm_label, by_seed, data_fields, dataset_label, final_pct,
                                 fmt_ci, lookup, mean_ci, paper_table, tuned, tuning_caveat)
-from bnlab.study.specs import make_spec
+from bnlab.study.kinds import SIGNAL
 from bnlab.study.verdict import SUPPORTED, ClaimResult, Part, Rule, Verdict, paired_effect
 
 NUMBER = 5
@@ -88,9 +88,8 @@ PRESETS = {
 
 def _signal_spec(profile, depth, norm, plain, seed) -> dict:
     cfg = profile["residual"]
-    return make_spec("signal", **data_fields(profile), device=profile.get("device", "cpu"),
-                     width=profile["width"], depth=depth, norm=norm, plain=plain,
-                     batch_size=cfg["signal_batch"], seed=seed)
+    return SIGNAL.spec(**data_fields(profile), device=profile.get("device", "cpu"), width=profile["width"],
+                       depth=depth, norm=norm, plain=plain, batch_size=cfg["signal_batch"], seed=seed)
 
 
 def _train_spec(profile, depth, norm, plain, lr, seed) -> dict:

@@ -8,8 +8,9 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from bnlab.study.kinds import TRAIN
 from bnlab.study.metrics import is_stable, mean_ci
-from bnlab.study.specs import make_spec, spec_key
+from bnlab.study.specs import spec_key
 from bnlab.study.verdict import NO_VERDICT, ClaimResult, Interval
 
 __all__ = ["data_fields", "dataset_label", "base_fields", "train_spec", "lookup", "count_failed", "final_loss",
@@ -68,10 +69,10 @@ def base_fields(profile: dict, dataset: Optional[str] = None) -> dict:
 
 
 def train_spec(profile: dict, **fields) -> dict:
-    """A ``train`` spec: the profile's shared settings, then ``fields`` (norm, lr, seed, …)."""
+    """A training run's spec: the profile's shared settings, then ``fields`` (norm, lr, seed, …)."""
     spec = base_fields(profile, fields.pop("dataset", None))
     spec.update(fields)
-    return make_spec("train", **spec)
+    return TRAIN.spec(**spec)
 
 
 def lookup(results: dict, spec: dict) -> Optional[dict]:

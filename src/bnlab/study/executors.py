@@ -13,7 +13,7 @@ received has no row (it is redone on resume).
 * :class:`RayExecutor` — one Ray task per run (``num_cpus=1`` each, a fraction of a GPU when the runs use
   CUDA) on a local Ray instance or an existing cluster. A task whose worker or node dies is submitted
   again, at most ``max_retries`` times, and the stored result says how many attempts it took
-  (``result["attempts"]``); a run that fails inside :func:`bnlab.study.runs.execute` returns status
+  (``result["attempts"]``); a run that fails inside :func:`bnlab.study.kinds.execute` returns status
   ``failed`` with its traceback like any other result, and is stored once, not retried.
 
 Every executor is fed lazily (at most :attr:`Executor.capacity` runs in flight), so stopping leaves no
@@ -59,7 +59,7 @@ FORWARDED_ENV = ("BNLAB_DATA",)  # the driver's settings a remote worker needs (
 def run_one(key: str, spec: dict, attempt: int = 1, env: Optional[dict] = None) -> RunOutcome:
     """Execute ``spec`` and describe where it ran; writes nothing to the store (the driver does).
     ``env``: environment variables to set first (a Ray worker on another machine has its own)."""
-    from bnlab.study.runs import execute
+    from bnlab.study.kinds import execute
     from bnlab.study.store import environment
 
     previous = {name: os.environ.get(name) for name in env or {}}

@@ -13,9 +13,10 @@ What it says:
 * **time** — from a short calibration: for each class of spec (kind, depth, width, dataset, batch size,
   device) one representative (the costliest by :func:`bnlab.study.runner.estimated_cost`) trains a few
   steps on one thread, as every run does (:func:`calibrate`). A run's estimate is its training steps ×
-  the class's step time, plus every example it evaluates × the class's forward time per example, plus, for
-  ICS runs, the measurement steps (:func:`estimate_seconds`). It is arithmetic on the calibration, so it
-  is linear in the steps; it leaves out data loading and process start-up (seconds per run).
+  the class's step time, plus every example it evaluates × the class's forward time per example, plus
+  its measurement steps (ICS runs'; each kind counts its own, :func:`estimate_seconds`). It is arithmetic
+  on the calibration, so it is linear in the steps; it leaves out data loading and process start-up
+  (seconds per run).
 * **wall time** — the runs spread over ``jobs`` slots longest-first, as the runner orders them.
 * **peak memory per run** — the peak resident-set increase of the calibration (``VmHWM``, reset before
   each class), dataset included; on CUDA ``torch.cuda.max_memory_allocated``.
@@ -37,7 +38,8 @@ import torch
 
 from bnlab.errors import UserError
 from bnlab.study.claims import CLAIMS
-from bnlab.study.specs import KINDS, spec_key
+from bnlab.study.kinds import KINDS, kind_of
+from bnlab.study.specs import spec_key
 
 __all__ = ["ClaimCount", "Calibration", "count_runs", "later_rounds", "spec_class", "calibrate", "steps_of",
            "estimate_seconds", "wall_seconds", "Plan", "make_plan", "format_plan"]
@@ -151,7 +153,7 @@ def calibrate(spec: dict, steps: int = 5, warmup: int = 2, budget: float = 3.0,
               baseline_mb: Optional[float] = None) -> Calibration:
     """Time ``steps`` SGD steps of ``spec``'s network on its data and batch size after ``warmup`` untimed
     ones (fewer of each once ``budget`` seconds are spent, at least one), and one forward pass in eval mode; on one
-    thread, as every run (:func:`bnlab.study.runs.execute`). Loads the data like the run does.
+    thread, as every run (:func:`bnlab.study.kinds.execute`). Loads the data like the run does.
 
     ``peak_mb``: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the peak resident set (``VmHWM``,
     reset first) minus ``baseline_mb`` (default: the resident set before loading the data). Memory freed
@@ -218,41 +220,19 @@ def calibrate(spec: dict, steps: int = 5, warmup: int = 2, budget: float = 3.0,
 
 def steps_of(spec: dict, train_size: int) -> int:
     """The optimizer steps the run takes: epochs × steps per epoch (full batches), capped by
-    ``max_steps``; an ICS run's ``steps``; a signal run's single forward/backward."""
-    if spec["kind"] == "signal":
-        return 1
-    if spec["kind"] == "ics":
-        return int(spec["steps"])
-    per_epoch = max(1, train_size // int(spec["batch_size"]))
-    if spec.get("max_steps") is not None:
-        return int(spec["max_steps"])
-    return int(spec.get("epochs", 1)) * per_epoch
-
-
-def _evaluated(spec: dict, steps: int, sizes: dict) -> int:
-    """Examples the run passes forward without training (evaluations, BN re-estimation)."""
-    val, test = sizes["val"], sizes["test"]
-    if spec["kind"] == "signal":
-        return 0
-    if spec["kind"] == "ics":
-        evals = steps // int(spec.get("eval_every") or 10 ** 9) + 1
-        recal = int(spec.get("recal_batches", 20)) * int(spec["batch_size"]) if spec.get("norm") != "none" else 0
-        return evals * (min(val, spec.get("val_eval_size") or val) + recal) + test
-    evals = steps // int(spec.get("eval_every", 10) or 10 ** 9) + 1
-    per_eval = min(val, spec.get("val_eval_size") or val) + min(sizes["train"], spec.get("train_eval_size") or 0)
-    return evals * per_eval + val + min(test, spec.get("test_eval_size") or test)
+    ``max_steps``; an ICS run's ``steps``; a signal run's single forward/backward (its kind's ``steps``)."""
+    return kind_of(spec).steps(spec, train_size)
 
 
 def estimate_seconds(spec: dict, calibration: Calibration, sizes: dict) -> float:
-    """The run's estimated seconds: steps × step time + evaluated examples × forward time (+ for ICS runs
-    every ``measure_every`` steps one step per measured layer and per smoothness step size). ``sizes``:
-    the number of ``train``, ``val`` and ``test`` examples the spec's data has."""
-    steps = steps_of(spec, sizes["train"])
-    train_steps = steps
-    if spec["kind"] == "ics" and spec.get("measure_every"):
-        extra = len(spec.get("ics_layers", [0.25, 0.5, 0.75])) + len(spec.get("step_sizes", [0.05, 0.1, 0.2, 0.4]))
-        train_steps += math.ceil(steps / int(spec["measure_every"])) * extra
-    return train_steps * calibration.step_seconds + _evaluated(spec, steps, sizes) * calibration.forward_seconds
+    """The run's estimated seconds: (steps + measurement steps) × step time + evaluated examples × forward
+    time, each as its kind counts them (an ICS run measures every ``measure_every`` steps, one step per
+    measured layer and per smoothness step size). ``sizes``: the number of ``train``, ``val`` and ``test``
+    examples the spec's data has."""
+    kind = kind_of(spec)
+    steps = kind.steps(spec, sizes["train"])
+    train_steps = steps + kind.measured_steps(spec, steps)
+    return train_steps * calibration.step_seconds + kind.evaluated(spec, steps, sizes) * calibration.forward_seconds
 
 
 def wall_seconds(seconds: Sequence[float], jobs: int) -> float:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from bnlab.errors import UserError
 from bnlab.study.claims import collect_specs, parse_claims
 from bnlab.study.executors import Executor, make_executor
+from bnlab.study.kinds import kind_of
 from bnlab.study.specs import spec_label
 from bnlab.study.store import STORE_NAME, Store
 
@@ -45,10 +46,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 def estimated_cost(spec: dict) -> float:
-    """A rough relative cost (steps × depth × per-step factor), to start the longest runs first so the
-    worker pool ends together."""
+    """A rough relative cost (steps × depth × the kind's per-step cost, doubled for a batch norm), to start
+    the longest runs first so the worker pool ends together."""
     steps = spec.get("max_steps") or spec.get("steps") or 100 * spec.get("epochs", 1)
-    factor = {"ics": 3.0, "signal": 0.02}.get(spec["kind"], 1.0)
+    factor = kind_of(spec).cost
     norm = str(spec.get("norm", ""))
     factor *= 2.0 if ("bn" in norm or norm.startswith("ghost")) else 1.0
     return steps * spec.get("depth", 8) * factor

@@ -1,14 +1,10 @@
-"""Executing one spec: build the data and model it names, run it, return (status, result).
+"""What every run is built from — its data and its network — and the training run itself.
 
-Three kinds of run (see :mod:`bnlab.study.specs`):
-
-* ``train`` — :func:`bnlab.train.train` with a :class:`Probe` callback that records the loss every step
-  and, every ``eval_every`` steps, the accuracy/loss on a fixed validation subset and on a training
-  subset (the curves claims 2–5 choose on); the test set is evaluated once, on the final model;
-* ``ics`` — claim 1's own SGD loop, which also measures distribution shift, gradient ICS and smoothness
-  (:mod:`bnlab.study.ics_loop`);
-* ``signal`` — one forward/backward at initialization recording per-block statistics
-  (:mod:`bnlab.study.signal`).
+:func:`load_data` and :func:`build_model` serve every kind of run (:mod:`bnlab.study.kinds`);
+:func:`run_train` is the ``train`` kind: :func:`bnlab.train.train` with a :class:`Probe` callback that
+records the loss every step and, every ``eval_every`` steps, the accuracy/loss on a fixed validation
+subset and on a training subset (the curves claims 2–5 choose on); the test set is evaluated once, on the
+final model.
 
 Everything is built from the same public pieces a user would call: :func:`bnlab.models.create`,
 :func:`bnlab.data.load`, :func:`bnlab.train.train`.
@@ -20,13 +16,12 @@ import dataclasses
 import functools
 import math
 import time
-import traceback
 from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ["execute", "load_data", "data_key", "build_model", "Probe", "model_dims"]
+__all__ = ["run_train", "load_data", "data_key", "build_model", "Probe", "model_dims"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -160,7 +155,9 @@ def _finite_or_none(value) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
-def _run_train(spec: dict) -> tuple[str, dict]:
+def run_train(spec: dict) -> tuple[str, dict]:
+    """One ``train`` run: (status, result) with the loss per step, the probe's curves and the final model's
+    validation, test and training accuracy."""
     from bnlab.train import TrainConfig, set_seed, train
     set_seed(spec["seed"])
     data = load_data(spec)
@@ -198,25 +195,3 @@ def _run_train(spec: dict) -> tuple[str, dict]:
               "reason": history.reason, "steps": len(losses), "chance": 1.0 / data.num_classes}
     return history.status, result
 
-
-def execute(spec: dict) -> tuple[str, dict, Optional[str]]:
-    """Run ``spec``; returns (status, result, error). Exceptions become status ``failed`` with the
-    traceback as the error, so one broken run never stops a study."""
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one core per run: --jobs N runs use N cores, and results are reproducible
-    try:
-        if spec["kind"] == "train":
-            status, result = _run_train(spec)
-        elif spec["kind"] == "ics":
-            from bnlab.study.ics_loop import run_ics
-            status, result = run_ics(spec, load_data(spec), build_model)
-        elif spec["kind"] == "signal":
-            from bnlab.study.signal import run_signal
-            status, result = run_signal(spec, load_data(spec), build_model)
-        else:
-            raise ValueError(f"unknown spec kind {spec['kind']!r}")
-        return status, result, None
-    except Exception:  # noqa: BLE001 — recorded in the store with its traceback
-        return "failed", {}, traceback.format_exc()
-    finally:
-        torch.set_num_threads(previous_threads)

@@ -1,9 +1,10 @@
 """Run specs: what one run is, as plain JSON-able data, with a key that identifies it.
 
-A spec is a flat ``dict`` (``kind`` plus the settings that change the result: dataset, model, norm,
-learning rate, seed, …). Two claims that need the same run declare equal dicts and so get the same
-:func:`spec_key`; the runner executes it once and both claims read the one stored result. Keeping specs
-as data (not objects) lets them go into SQLite as text and come back unchanged.
+A spec is a flat ``dict`` (``kind``, one of :data:`bnlab.study.kinds.KINDS`, plus the settings that
+change the result: dataset, model, norm, learning rate, seed, …). Two claims that need the same run
+declare equal dicts and so get the same :func:`spec_key`; the runner executes it once and both claims
+read the one stored result. Keeping specs as data (not objects) lets them go into SQLite as text and
+come back unchanged.
 """
 
 from __future__ import annotations
@@ -12,20 +13,16 @@ import hashlib
 import json
 from typing import Any, Iterable
 
-__all__ = ["KINDS", "make_spec", "spec_key", "unique_specs", "spec_label"]
+from bnlab.study.kinds import named
 
-KINDS = ("train", "ics", "signal")
+__all__ = ["make_spec", "spec_key", "unique_specs", "spec_label"]
 
 
 def make_spec(kind: str, **fields: Any) -> dict:
-    """A spec of ``kind`` (``train``: one training run; ``ics``: claim 1's measuring loop; ``signal``: a
-    forward/backward at initialization). Values must be JSON scalars, lists or dicts.
+    """A spec of the kind named ``kind`` (see :mod:`bnlab.study.kinds`; a claim calls the kind's own
+    ``spec``). Values must be JSON scalars, lists or dicts; an unknown kind raises :class:`ValueError`.
     """
-    if kind not in KINDS:
-        raise ValueError(f"spec kind must be one of {', '.join(KINDS)} (got {kind!r})")
-    spec = {"kind": kind, **fields}
-    json.dumps(spec)  # raises TypeError early for values that could not be stored
-    return spec
+    return named(kind).spec(**fields)
 
 
 def spec_key(spec: dict) -> str:

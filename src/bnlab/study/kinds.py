@@ -1,0 +1,147 @@
+"""Run kinds: what each kind of run is, declared once.
+
+A spec's ``kind`` names one of :data:`KINDS`. Its :class:`RunKind` says how a spec of that kind runs,
+how many optimizer steps it takes and how many examples it passes forward without training (what the
+plan multiplies its calibration by), and what a step costs beside a training step (the order the
+runner starts runs in). The specs, the runner, the plan and the executors read these records; nothing
+else branches on a kind.
+
+* ``train`` — :func:`bnlab.study.runs.run_train`: :func:`bnlab.train.train` with a probe recording the
+  loss every step and the validation/training accuracy every ``eval_every`` steps (claims 2–5);
+* ``ics`` — claim 1's own SGD loop, which also measures distribution shift, gradient ICS and smoothness
+  (:func:`bnlab.study.ics_loop.run_ics`);
+* ``signal`` — one forward/backward at initialization recording per-block statistics
+  (:func:`bnlab.study.signal.run_signal`).
+
+A claim builds its runs with the kind itself (``TRAIN.spec(norm="bn", lr=0.1, ...)``); adding a kind is
+one more record here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from bnlab.study import ics_loop, runs, signal
+
+__all__ = ["RunKind", "TRAIN", "ICS", "SIGNAL", "KINDS", "named", "kind_of", "execute"]
+
+
+def _no_measurements(spec: dict, steps: int) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class RunKind:
+    """One kind of run.
+
+    ``run(spec) -> (status, result)`` executes it; ``steps(spec, train_size)`` is its optimizer steps on
+    ``train_size`` training examples; ``evaluated(spec, steps, sizes)`` the examples it passes forward
+    without training (``sizes``: the ``train``, ``val`` and ``test`` examples of its data);
+    ``measured_steps(spec, steps)`` the extra forward/backward passes its measurements take; ``cost`` a
+    step's cost relative to a training step's (a rough guide for ordering runs, not an estimate).
+    """
+
+    name: str
+    run: Callable[[dict], tuple[str, dict]]
+    steps: Callable[[dict, int], int]
+    evaluated: Callable[[dict, int, dict], int]
+    measured_steps: Callable[[dict, int], int] = _no_measurements
+    cost: float = 1.0
+
+    def spec(self, **fields: Any) -> dict:
+        """A spec of this kind. Values must be JSON scalars, lists or dicts."""
+        spec = {"kind": self.name, **fields}
+        json.dumps(spec)  # raises TypeError early for values that could not be stored
+        return spec
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+def _train_steps(spec: dict, train_size: int) -> int:
+    """Epochs × steps per epoch (full batches), capped by ``max_steps``."""
+    per_epoch = max(1, train_size // int(spec["batch_size"]))
+    if spec.get("max_steps") is not None:
+        return int(spec["max_steps"])
+    return int(spec.get("epochs", 1)) * per_epoch
+
+
+def _train_evaluated(spec: dict, steps: int, sizes: dict) -> int:
+    """The probe's evaluations (validation and training subsets), then the final validation and test sets."""
+    val, test = sizes["val"], sizes["test"]
+    evals = steps // int(spec.get("eval_every", 10) or 10 ** 9) + 1
+    per_eval = min(val, spec.get("val_eval_size") or val) + min(sizes["train"], spec.get("train_eval_size") or 0)
+    return evals * per_eval + val + min(test, spec.get("test_eval_size") or test)
+
+
+# ------------------------------------------------------------------------------------------------ ics
+
+def _run_ics(spec: dict) -> tuple[str, dict]:
+    return ics_loop.run_ics(spec, runs.load_data(spec), runs.build_model)
+
+
+def _ics_steps(spec: dict, train_size: int) -> int:
+    return int(spec["steps"])
+
+
+def _ics_evaluated(spec: dict, steps: int, sizes: dict) -> int:
+    """Each evaluation re-estimates BN's statistics on clean batches first; the test set once at the end."""
+    val, test = sizes["val"], sizes["test"]
+    evals = steps // int(spec.get("eval_every") or 10 ** 9) + 1
+    recal = int(spec.get("recal_batches", 20)) * int(spec["batch_size"]) if spec.get("norm") != "none" else 0
+    return evals * (min(val, spec.get("val_eval_size") or val) + recal) + test
+
+
+def _ics_measured(spec: dict, steps: int) -> int:
+    """Every ``measure_every`` steps, one step per measured layer and per smoothness step size."""
+    if not spec.get("measure_every"):
+        return 0
+    extra = len(spec.get("ics_layers", [0.25, 0.5, 0.75])) + len(spec.get("step_sizes", [0.05, 0.1, 0.2, 0.4]))
+    return math.ceil(steps / int(spec["measure_every"])) * extra
+
+
+# ------------------------------------------------------------------------------------------------ signal
+
+def _run_signal(spec: dict) -> tuple[str, dict]:
+    return signal.run_signal(spec, runs.load_data(spec), runs.build_model)
+
+
+# ------------------------------------------------------------------------------------------------ the kinds
+
+TRAIN = RunKind("train", runs.run_train, _train_steps, _train_evaluated)
+ICS = RunKind("ics", _run_ics, _ics_steps, _ics_evaluated, _ics_measured, cost=3.0)
+SIGNAL = RunKind("signal", _run_signal, steps=lambda spec, train_size: 1, evaluated=lambda spec, steps, sizes: 0,
+                 cost=0.02)
+
+KINDS: dict[str, RunKind] = {kind.name: kind for kind in (TRAIN, ICS, SIGNAL)}
+
+
+def named(name: str) -> RunKind:
+    """The :class:`RunKind` called ``name``; raises :class:`ValueError` for any other name."""
+    if name not in KINDS:
+        raise ValueError(f"spec kind must be one of {', '.join(KINDS)} (got {name!r})")
+    return KINDS[name]
+
+
+def kind_of(spec: dict) -> RunKind:
+    """The :class:`RunKind` of ``spec`` (its ``kind``); raises :class:`ValueError` for an unknown one."""
+    return named(spec.get("kind"))
+
+
+def execute(spec: dict) -> tuple[str, dict, Optional[str]]:
+    """Run ``spec``; returns (status, result, error). Exceptions become status ``failed`` with the
+    traceback as the error, so one broken run never stops a study."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core per run: --jobs N runs use N cores, and results are reproducible
+    try:
+        status, result = kind_of(spec).run(spec)
+        return status, result, None
+    except Exception:  # noqa: BLE001 — recorded in the store with its traceback
+        return "failed", {}, traceback.format_exc()
+    finally:
+        torch.set_num_threads(previous_threads)
