@@ -1,6 +1,6 @@
 """The numbers the study measures, as small pure functions (NumPy/torch in, floats out).
 
-Each is simple enough to check by hand, which is what ``tests/test_study_metrics.py`` does; the claim
+Each is simple enough to check by hand, which is what ``tests/study/test_metrics.py`` does; the claim
 modules only combine them.
 """
 

@@ -15,8 +15,8 @@ from bnlab.study.claims import CLAIMS, collect_specs
 from bnlab.study.plan import count_runs
 from bnlab.study.profiles import validate
 
-from test_study_ics import PROFILE as ICS_PROFILE, _results as ics_results
-from test_study_verdict import (SEEDS, _claim2, _claim3, _claim4, _profile, _res_fake, _simulate,
+from test_ics_loop import PROFILE as ICS_PROFILE, _results as ics_results
+from test_claim_verdicts import (SEEDS, _claim2, _claim3, _claim4, _profile, _res_fake, _simulate,
                                 COMPLEMENT)
 
 FULL = get_profile("full")

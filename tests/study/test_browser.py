@@ -73,7 +73,7 @@ def test_every_in_page_link_resolves(tiny_report):
 
 
 def test_report_md_tables_render_as_tables(tiny_report):
-    from test_report_render import assert_markdown_tables_render
+    from test_report import assert_markdown_tables_render
     out, _ = tiny_report
     text = (out / "report.md").read_text(encoding="utf-8")
     assert_markdown_tables_render(text)
@@ -95,7 +95,7 @@ def test_report_command_writes_screenshots_at_both_sizes(tiny_report, tmp_path):
 def test_figures_are_shown_at_their_own_size_on_a_laptop(tmp_path):
     """Figures drawn with bnlab.study.style fit the text column, so a browser never scales their text down
     (a report of synthetic claim results: no training)."""
-    from test_report_render import PROFILE, STUDY, synthetic_results
+    from test_report import PROFILE, STUDY, synthetic_results
 
     from bnlab.study import style
     from bnlab.study.browser import inspect_report

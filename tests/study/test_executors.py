@@ -22,7 +22,7 @@ from bnlab.study.specs import make_spec, unique_specs
 from bnlab.study.store import Store
 from helpers import comparable, interruptible
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 SMALL = dict(dataset="synthetic", depth=8, width=0.25, norm="bn", batch_size=32)
 
 
