@@ -1,35 +1,22 @@
-"""Claim 1 (internal covariate shift): noise placement and statistics, clean re-estimation of BN statistics,
-the gradient-ICS measurement, the run design and every verdict outcome from synthetic results."""
+"""Claim 1's measuring loop (:mod:`bnlab.study.ics_loop`): noise placement and statistics, clean
+re-estimation of BN statistics, and the gradient-ICS measurement against a hand derivation."""
 
 import copy
 import math
 from types import SimpleNamespace
 
-import matplotlib.pyplot as plt
-import numpy as np
-import pydantic
 import pytest
 import torch
 from torch import nn
 
 import bnlab.models
 from bnlab.models.norms import is_batch_norm
-from bnlab.study import claim_ics, metrics
+from bnlab.study import metrics
 from bnlab.study.ics_loop import NoisyBatchNorm, clean_statistics, gradients_after_earlier_steps, noisy_layers
-from bnlab.study.specs import spec_key
-from bnlab.study.verdict import (HOLDS, INCONCLUSIVE, NO_VERDICT, NOT_SUPPORTED, PARTLY, REFUTED, SUPPORTED,
-                                 UNDECIDED)
 
 
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")  # analyze() draws the report's figures
+# ----------------------------------------------------------------------- where the noise goes, and what it is
 
-
-# --------------------------------------------------------------------------------------------------
-# where the noise goes, and what it is
-# --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, dims, shape", [("resnet", 2, (4, 3, 8, 8)), ("resnet1d", 1, (4, 1, 40))])
 def test_noise_goes_on_each_residual_branch_first_bn_only(name, dims, shape):
@@ -168,152 +155,3 @@ def test_gradient_ics_on_a_two_layer_linear_net_matches_the_hand_derivation():
     # the first layer has no earlier layer: G′ = G
     g_first = gradients_after_earlier_steps(model, xb, yb, grads, lr, "0.weight", loss_fn=mse)
     assert g_first.item() == pytest.approx(grads["0.weight"].item())
-
-
-# --------------------------------------------------------------------------------------------------
-# the design: runs, learning rates, profile section
-# --------------------------------------------------------------------------------------------------
-
-SEEDS = [0, 1, 2, 3, 4, 5]
-PROFILE = {"name": "synthetic", "dataset": "synthetic", "seeds": SEEDS, "width": 0.25, "depth": 8, "val_size": 64,
-           "ics": {**claim_ics.PRESETS["tiny"], "lrs": {"bn": [0.1, 0.3], "none": [0.03, 0.1],
-                                                        "noisy_bn": [0.1, 0.3]}, "ics_lr": 0.1}}
-
-
-def test_gradient_ics_is_measured_for_bn_and_none_at_one_common_learning_rate():
-    specs = claim_ics.measure(PROFILE)
-    measured = [s for s in specs if s["measure_every"] > 0]
-    assert {s["arm"] for s in measured} == {"bn", "none"}
-    assert {s["lr"] for s in measured} == {0.1}
-    for seed in SEEDS:  # paired: each seed has both arms, same lr, same steps and batch size
-        pair = [s for s in measured if s["seed"] == seed]
-        assert len(pair) == 2 and len({(s["lr"], s["steps"], s["batch_size"]) for s in pair}) == 1
-    # every arm runs over its whole grid for every seed; a common lr outside a grid adds its own runs
-    assert len(specs) == len(SEEDS) * 2 * 5
-    off_grid = copy.deepcopy(PROFILE)
-    off_grid["ics"]["ics_lr"] = 0.05
-    extra = [s for s in claim_ics.measure(off_grid) if s["lr"] == 0.05]
-    assert {s["arm"] for s in extra} == {"bn", "none"} and all(s["measure_every"] > 0 for s in extra)
-
-
-def test_noisy_arms_share_bn_and_differ_only_in_noise():
-    bn, noisy = claim_ics._spec(PROFILE, "bn", 0.1, 0), claim_ics._spec(PROFILE, "noisy_bn:2", 0.1, 0)
-    assert noisy["norm"] == "bn" and noisy["noise"] == 2.0 and bn["noise"] == 0.0
-    differing = {k for k in bn if bn[k] != noisy[k]}
-    assert differing == {"arm", "noise", "measure_every"}
-
-
-def test_presets_validate_and_bad_sections_are_rejected():
-    for name, preset in claim_ics.PRESETS.items():
-        claim_ics.Config(**preset)
-        assert len(claim_ics.noise_arms(preset["arms"])) >= 3, name
-    good = claim_ics.PRESETS["quick"]
-    for change, message in [({"arms": ["bn", "none", "noisy_bn:1"]}, "at least 3"),
-                            ({"arms": ["bn", "none", "noisy_bn:1", "noisy_bn:2", "groupnorm"]}, "unknown arm"),
-                            ({"ics_lr": -0.1}, "positive"),
-                            ({"steps": 0}, "greater than or equal to 1"),
-                            ({"lrs": {**good["lrs"], "none": [0.1, -1.0]}}, "positive"),
-                            ({"speed": 3}, "Extra inputs")]:
-        with pytest.raises(pydantic.ValidationError, match=message):
-            claim_ics.Config(**{**good, **change})
-
-
-# --------------------------------------------------------------------------------------------------
-# verdicts from synthetic results
-# --------------------------------------------------------------------------------------------------
-
-def _run(cos: float, val: float, test: float) -> dict:
-    steps = [0, 2, 4]
-    ema = [2.3, 1.5, 1.0]
-    return {"ics": {"step": steps, "ema_loss": ema, "cosine": [[cos, cos]] * 3, "distance": [[0.1, 0.1]] * 3},
-            "smooth": {"step": steps, "ema_loss": ema, "loss_range": [0.1] * 3, "grad_change": [0.1] * 3,
-                       "beta": [1.0] * 3},
-            "dist": {"step": steps, "p15": [0.0] * 3, "p50": [0.0, 0.1, 0.0], "p85": [1.0] * 3},
-            "curve": {"step": [3, 6], "val_acc": [val / 2, val], "val_loss": [1.0, 0.5]},
-            "final": {"val_acc": val, "test_acc": test, "chance": 0.25}, "layers": ["a.weight", "b.weight"]}
-
-
-def _results(cos: dict, test: dict, cost_by_seed=None, val_bonus=None, failed=()) -> dict:
-    """Every run of PROFILE: cos[arm] (BN and none, at ics_lr), test accuracy test[arm] (fraction) with a small
-    per-seed wiggle; noisy arms' accuracy is BN's minus ``cost_by_seed[seed]`` points when given. Validation
-    accuracy equals test accuracy plus ``val_bonus[(arm, lr)]``."""
-    results = {}
-    for spec in claim_ics.measure(PROFILE):
-        arm, lr, seed = spec["arm"], spec["lr"], spec["seed"]
-        acc = test.get("noisy" if arm.startswith("noisy") else arm, test["bn"]) + 0.001 * seed
-        if cost_by_seed is not None and arm.startswith("noisy"):
-            acc = test["bn"] + 0.001 * seed - cost_by_seed[seed] / 100
-        val = acc + (val_bonus or {}).get((arm, lr), 0.0)
-        status = "failed" if (arm, lr, seed) in failed else "done"
-        results[spec_key(spec)] = {"status": status, "result": _run(cos.get(arm, 0.0) + 0.002 * seed, val, acc)
-                                   if status == "done" else {}}
-    return results
-
-
-def test_supported_when_bn_lowers_ics_and_noise_costs_accuracy():
-    result = claim_ics.analyze(PROFILE, _results({"bn": 0.9, "none": 0.5}, {"bn": 0.95, "none": 0.8, "noisy": 0.85}))
-    assert [p.outcome for p in result.verdict.parts] == [HOLDS, HOLDS]
-    assert result.verdict.verdict == SUPPORTED and result.agrees_with_literature is False
-    assert result.verdict.parts[0].effect.interval.mean == pytest.approx(0.4)
-    assert result.verdict.parts[1].effect.interval.mean == pytest.approx(10.0)
-
-
-def test_not_supported_through_equivalence():
-    # BN's cosine equals none's within 0.01 and the noise costs 0.3 points: both effects absent
-    result = claim_ics.analyze(PROFILE, _results({"bn": 0.7, "none": 0.695}, {"bn": 0.95, "none": 0.8},
-                                                 cost_by_seed=[0.3, 0.2, 0.4, 0.3, 0.25, 0.35]))
-    assert [p.outcome for p in result.verdict.parts] == [REFUTED, REFUTED]
-    assert not result.verdict.parts[0].reversed
-    assert result.verdict.verdict == NOT_SUPPORTED and result.agrees_with_literature is True
-
-
-def test_partly_supported_and_inconclusive():
-    partly = claim_ics.analyze(PROFILE, _results({"bn": 0.9, "none": 0.5}, {"bn": 0.95, "none": 0.8},
-                                                 cost_by_seed=[0.1] * 6))
-    assert partly.verdict.verdict == PARTLY
-    # the cost straddles the threshold: mean 2.5, spread over seeds from −1 to 6 points
-    straddle = claim_ics.analyze(PROFILE, _results({"bn": 0.9, "none": 0.5}, {"bn": 0.95, "none": 0.8},
-                                                   cost_by_seed=[-1.0, 6.0, 0.5, 4.5, 1.0, 4.0]))
-    assert [p.outcome for p in straddle.verdict.parts] == [HOLDS, UNDECIDED]
-    assert straddle.verdict.verdict == INCONCLUSIVE and straddle.agrees_with_literature is None
-    assert "injected shift costs accuracy is undecided" in straddle.verdict.explanation
-
-
-def test_a_failed_run_means_no_verdict():
-    results = _results({"bn": 0.7, "none": 0.695}, {"bn": 0.95, "none": 0.8}, cost_by_seed=[0.3] * 6,
-                       failed={("noisy_bn:2", 0.3, 4)})
-    result = claim_ics.analyze(PROFILE, results)
-    assert result.failed_runs == 1 and result.verdict.verdict == NO_VERDICT
-    assert result.agrees_with_literature is None and "failed" in result.verdict.explanation
-
-
-def test_learning_rates_are_chosen_on_validation_and_reported_on_test():
-    # BN at lr 0.3 is better on validation (+5 points) while test accuracy is the same at both rates:
-    # the choice must be 0.3, and the noisy arm at 0.1 wins its validation by 3 points
-    bonus = {("bn", 0.3): 0.05, ("noisy_bn:1", 0.1): 0.03}
-    parts, facts = claim_ics.decide(PROFILE, _results({"bn": 0.9, "none": 0.5}, {"bn": 0.95, "none": 0.8,
-                                                                                 "noisy": 0.9}, val_bonus=bonus))
-    assert facts["chosen_lr"]["bn"] == 0.3 and facts["chosen_lr"]["noisy_bn:1"] == 0.1
-    assert facts["rule_arm"] == "noisy_bn:1"  # the middle of strengths 0.5, 1, 2
-    assert facts["test_acc"]["bn"][0] == pytest.approx(95.0)  # test accuracy, not the validation number
-
-
-def test_loss_levels_come_from_bn_and_none_only():
-    results = _results({"bn": 0.9, "none": 0.5}, {"bn": 0.95, "none": 0.8, "noisy": 0.85})
-    result = claim_ics.analyze(PROFILE, results)
-    # all BN/none runs start at 2.3 and bottom out at 1.0: three levels between, whatever the noisy arms did
-    assert result.numbers["loss_levels"] == pytest.approx(list(np.linspace(2.3, 1.0, 4)[1:]))
-
-
-def test_the_report_says_when_bn_is_still_rising_at_the_end():
-    """Part 2 compares accuracy after the budget; when BN's validation accuracy still rises by more than the
-    part's margin over the last third, the explanation says the comparison is not at convergence."""
-    results = _results({"bn": 0.9, "none": 0.5}, {"bn": 0.95, "none": 0.8, "noisy": 0.9})
-    rising = claim_ics.analyze(PROFILE, results).verdict.explanation  # _run's curve doubles: val/2 → val
-    assert "still rising" in rising and "not at convergence" in rising
-    for row in results.values():
-        if row["status"] == "done":
-            curve = row["result"]["curve"]
-            curve["val_acc"] = [curve["val_acc"][-1] - 0.005 * i for i in (1, 0)]  # +0.5 points: a plateau
-    flat = claim_ics.analyze(PROFILE, results).verdict.explanation
-    assert "Convergence: BN's validation accuracy changed by" in flat and "still rising" not in flat

@@ -93,8 +93,9 @@ def _gpus_per_run(args, profile: dict) -> float:
 
 
 def _datasets(profile: dict) -> set[str]:
-    """The datasets a profile's runs read (claim 3 may use its own)."""
-    return {profile["dataset"], profile["regularize"].get("dataset") or profile["dataset"]}
+    """The datasets a profile's runs read (a claim may name its own, e.g. claim 3's ``regularize.dataset``)."""
+    from bnlab.study.profiles import datasets
+    return datasets(profile)
 
 
 def _check_dataset_and_device(profile: dict, on_this_machine: bool = True) -> None:

@@ -2,9 +2,12 @@
 
 One module per claim (``claim_ics``, ``claim_speed``, ``claim_regularize``, ``claim_lr``,
 ``claim_residual``), each in three parts: ``measure`` (its runs, as specs), ``decide`` (its verdict
-rules, ``RULES``, fixed in code before any data) and ``render`` (tables, figures, prose). The registry
-is :mod:`bnlab.study.claims`; the runner executes the union of the claims' specs once each into a SQLite
-store; the report reads the store.
+rules, ``RULES``, fixed in code before any data, and every number its report shows, as findings) and
+``render`` (tables, figures, prose formatted from the findings). The registry is
+:mod:`bnlab.study.claims` (a claim is one module plus one line there); what several claims share is in
+:mod:`bnlab.study.common` and :mod:`bnlab.study.sweep` (the learning-rate sweep of claims 2, 4 and 5);
+the kinds of run are declared in :mod:`bnlab.study.kinds`. The runner executes the union of the claims'
+specs once each into a SQLite store; the report reads the store.
 
 Example::
 

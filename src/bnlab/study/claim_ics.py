@@ -12,25 +12,26 @@ on clean batches. Two parts, each a :class:`~bnlab.study.verdict.Rule` fixed her
 2. *that is why it helps* — test accuracy of BN minus noisy BN (the middle noise strength), each arm at the
    learning rate its validation accuracy chose: if shift were why BN helps, injecting it would cost accuracy.
 
-The module has three parts: :func:`measure` (the runs), :func:`decide` (the rule calls) and
-:func:`render` (tables, figures, prose); :func:`analyze` is ``render(decide(...))``.
+The module has three parts: :func:`measure` (the runs), :func:`decide` (the rule calls, and every number
+the report shows, as :class:`Findings`) and :func:`render` (tables, figures, prose).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from bnlab.study.common import (data_fields, dataset_label, fmt_ci, lookup, paper_table, seed_list, tuned,
+from bnlab.study.common import (Band, data_fields, dataset_label, fmt_ci, lookup, paper_table, seed_list, tuned,
                                 tuning_caveat, tuning_seeds)
 from bnlab.study.kinds import ICS
 from bnlab.study.metrics import first_index_at_or_below, log_mean_ci, step_changes
 from bnlab.study.specs import spec_key, unique_specs
 from bnlab.study.style import LINESTYLES, arm_color, band, figure, legend_outside
-from bnlab.study.verdict import (NO_VERDICT, NOT_SUPPORTED, ClaimResult, Interval, Part, Rule, Verdict,
+from bnlab.study.verdict import (NO_VERDICT, NOT_SUPPORTED, ClaimResult, Effect, Interval, Part, Rule, Verdict,
                                  paired_effect, t_interval)
 
 NUMBER = 1
@@ -175,6 +176,12 @@ PRESETS = {
              "val_eval_size": 2000, "recal_batches": 20},
 }
 
+# what the registry, the plan and the profiles read (see bnlab.study.claims)
+TUNED_ON_SEEDS = True  # every rate on the tuning seeds, then the other seeds at each arm's choice
+LATER_ROUNDS = None    # nothing more once the tuning seeds have chosen
+PROFILE_CHECKS = ()
+DATASET_FIELDS = ()
+
 
 # --------------------------------------------------------------------------------------------------
 # arms and runs
@@ -232,9 +239,6 @@ def _tuned(profile: dict, results: Optional[dict], arm: str):
     return tuned(profile, results, _grid(profile["ics"], arm), lambda lr, seed: _spec(profile, arm, lr, seed))
 
 
-specs = measure  # the runner's name
-
-
 def _runs(profile: dict, results: dict, arm: str, lr: float) -> dict:
     """seed → (status, result) of the finished runs of one cell."""
     rows = {s: lookup(results, _spec(profile, arm, lr, s)) for s in profile["seeds"]}
@@ -268,11 +272,61 @@ def _per_seed(profile, results, arm, lr, fn) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# decide: the rule calls
+# decide: the rule calls, and every number the report shows
 # --------------------------------------------------------------------------------------------------
 
-def decide(profile: dict, results: dict) -> tuple[list[Part], dict]:
-    cfg = profile["ics"]
+@dataclass
+class Arm:
+    """One arm at its validated learning rate (and over its grid on the tuning seeds)."""
+
+    lr: Optional[float]            # the validated rate (None until every tuning run finished)
+    runs: int                      # finished runs at that rate
+    diverged: int                  # of which diverged
+    val: Interval                  # validation accuracy %, over seeds
+    test: Interval                 # test accuracy %, over seeds
+    cost: Optional[Effect]         # test accuracy BN − this arm, paired by seed (points); None for BN
+    grid: dict[float, Interval]    # rate → validation accuracy % of the tuning seeds
+    shift: Interval                # mean change per record of the perturbed activations' median
+    curve: Optional[Band]          # validation accuracy % during training (None: no curve)
+    percentiles: Optional[tuple]   # (seed, its "dist" record): the first seed's activation percentiles
+
+
+@dataclass
+class Layer:
+    """Gradient ICS at one measured layer: BN and none at ``ics_lr``, over seeds."""
+
+    name: str
+    cos_bn: Interval
+    cos_none: Interval
+    gain: Interval       # cos BN − cos none, paired by seed
+    dist_bn: Interval
+    dist_none: Interval
+
+
+@dataclass
+class Findings:
+    """Everything claim 1's report shows."""
+
+    parts: list[Part]                      # BN reduces gradient ICS; injected shift costs accuracy
+    failed_runs: int                       # failed runs among the first round's
+    chosen_lr: dict[str, Optional[float]]  # arm → its validated rate (every arm of the profile)
+    test_acc: dict[str, dict]              # arm → seed → test accuracy % at the validated rate
+    cosine: dict[str, dict]                # BN, none → seed → mean cos(G, G′) at ics_lr
+    rule_arm: str                          # the noisy arm part 2 compares with BN
+    arms: dict[str, Arm]                   # BN, the noisy arms (weakest noise first), none
+    layers: list[Layer]                    # gradient ICS per measured layer
+    loss_levels: list[float]               # training losses every BN and none run at ics_lr reaches
+    matched_gain: Interval                 # Δcos BN − none at those losses (paired)
+    smoothness: Interval                   # loss range along the gradient, none / BN (geometric mean, ×)
+    plateau: Interval                      # BN's validation accuracy change over the last third (points)
+    at_edge: list[str]                     # arms whose validated rate is at an end of their grid
+    dose: Band                             # test accuracy % against noise strength (0: BN)
+    none_test: Interval                    # no normalization's test accuracy %, the dose figure's line
+    ics_curves: dict[str, dict[str, Band]]  # "cosine", "distance", "loss_range" → BN, none → over steps
+
+
+def decide(profile: dict, results: dict) -> Findings:
+    cfg, tune = profile["ics"], tuning_seeds(profile)
     chosen = {arm: validated_lr(profile, results, arm) for arm in cfg["arms"]}
     test_acc = {arm: _per_seed(profile, results, arm, chosen[arm], lambda r: _final(r, "test_acc"))
                 for arm in cfg["arms"]}
@@ -280,20 +334,88 @@ def decide(profile: dict, results: dict) -> tuple[list[Part], dict]:
     noisy = rule_arm(cfg["arms"])
     parts = [Part(RULES[0], paired_effect(cosine["bn"], cosine["none"], bounds=RULES[0].bounds)),
              Part(RULES[1], paired_effect(test_acc["bn"], test_acc[noisy], "points", RULES[1].bounds))]
-    return parts, {"chosen_lr": chosen, "test_acc": test_acc, "cosine": cosine, "rule_arm": noisy}
+    ordered = ["bn", *noise_arms(cfg["arms"]), "none"]
+    chosen_runs = {a: _runs(profile, results, a, chosen[a]) if chosen[a] is not None else {} for a in ordered}
+    ics_runs = {a: _runs(profile, results, a, cfg["ics_lr"]) for a in ("bn", "none")}
+    arms = {a: _arm(profile, results, a, chosen[a], chosen_runs[a], test_acc, tune) for a in ordered}
+
+    # gradient ICS per layer at the same lr, and the loss-matched secondary view
+    names = next((r["layers"] for st, r in ics_runs["bn"].values()), [])
+    layers = [_layer(j, name, ics_runs) for j, name in enumerate(names)]
+    levels = _loss_levels([run for a in ("bn", "none") for run in ics_runs[a].values()])
+    matched = {a: {s: _cos_at_levels(run, levels) for s, run in ics_runs[a].items()} for a in ("bn", "none")}
+
+    def loss_range(run):
+        st, r = run
+        return float(np.mean(r["smooth"]["loss_range"])) if st == "done" and r["smooth"]["loss_range"] else math.nan
+    ranges = {a: {s: loss_range(run) for s, run in ics_runs[a].items()} for a in ("bn", "none")}
+    smoother = Interval.of(log_mean_ci([ranges["none"][s] / ranges["bn"][s] for s in ranges["bn"]
+                                        if s in ranges["none"] and ranges["bn"][s] > 0]), "×")
+    at_edge = [a for a in ordered if chosen[a] is not None and len(_grid(cfg, a)) > 1
+               and chosen[a] in (min(_grid(cfg, a)), max(_grid(cfg, a)))]
+    doses = [a for a in ordered if a.startswith("noisy_bn:")]
+    return Findings(
+        parts, failed_runs(profile, results), chosen, test_acc, cosine, noisy, arms, layers, levels,
+        matched_gain=paired_effect(matched["bn"], matched["none"]).interval, smoothness=smoother,
+        plateau=_plateau_gain(chosen_runs["bn"], cfg["steps"]), at_edge=at_edge,
+        dose=Band.of([0.0] + [noise_strength(a) for a in doses],
+                     [t_interval(test_acc[a].values(), (0, 100)) for a in ["bn", *doses]]),
+        none_test=Interval.of(t_interval(test_acc["none"].values(), (0, 100))),
+        ics_curves={key: _ics_curves(ics_runs, key) for key in ("cosine", "distance", "loss_range")})
 
 
-# --------------------------------------------------------------------------------------------------
-# render: tables, figures, prose
-# --------------------------------------------------------------------------------------------------
+def _arm(profile, results, arm, lr, runs: dict, test_acc: dict, tune) -> Arm:
+    """The arm at its validated rate ``lr``: ``runs`` are its finished runs there (seed → (status, result))."""
+    cfg = profile["ics"]
+    grid = {rate: _ci([_final(r, "val_acc") for s, r in _runs(profile, results, arm, rate).items() if s in tune],
+                      (0, 100)) for rate in _grid(cfg, arm)}
+    curves = [r["curve"] for st, r in runs.values() if st == "done" and r["curve"]["step"]]
+    first_seed = min(runs) if runs else None
+    return Arm(lr, len(runs), sum(1 for st, _ in runs.values() if st == "diverged"),
+               val=_ci([_final(r, "val_acc") for r in runs.values()], (0, 100)),
+               test=_ci(test_acc[arm].values(), (0, 100)),
+               cost=paired_effect(test_acc["bn"], test_acc[arm], "points", (-100, 100)) if arm != "bn" else None,
+               grid=grid,
+               shift=_ci([float(np.mean(step_changes(r["dist"]["p50"]))) if len(r["dist"]["p50"]) > 1 else math.nan
+                          for _, r in runs.values()]),
+               curve=_band(curves[0]["step"], [[100 * v for v in c["val_acc"]] for c in curves], (0, 100))
+               if curves else None,
+               percentiles=(first_seed, runs[first_seed][1]["dist"]) if runs else None)
 
-def analyze(profile: dict, results: dict) -> ClaimResult:
-    parts, facts = decide(profile, results)
-    return render(profile, results, parts, facts)
+
+def _layer(j: int, name: str, ics_runs: dict) -> Layer:
+    def layer_mean(run, key):
+        st, r = run
+        values = [v[j] for v in r["ics"][key]]
+        return float(np.mean(values)) if st == "done" and values else math.nan
+    cos = {a: {s: layer_mean(run, "cosine") for s, run in ics_runs[a].items()} for a in ("bn", "none")}
+    dist = {a: {s: layer_mean(run, "distance") for s, run in ics_runs[a].items()} for a in ("bn", "none")}
+    return Layer(name, _ci(cos["bn"].values(), (-1, 1)), _ci(cos["none"].values(), (-1, 1)),
+                 paired_effect(cos["bn"], cos["none"], bounds=(-2, 2)).interval,
+                 _ci(dist["bn"].values(), (0, math.inf)), _ci(dist["none"].values(), (0, math.inf)))
 
 
-def _ci(values, digits: int = 1, bounds=None) -> str:
-    return fmt_ci(t_interval(list(values), bounds), digits)
+def _ics_curves(ics_runs: dict, key: str) -> dict[str, Band]:
+    """BN's and none's ``key`` (mean over layers, or the smoothness probe's loss range) over the
+    measurement steps, with its 95% band over seeds."""
+    section = "smooth" if key == "loss_range" else "ics"
+    out = {}
+    for a in ("bn", "none"):
+        runs = [r for st, r in ics_runs[a].values() if st == "done" and r[section]["step"]]
+        if runs:
+            out[a] = _band(runs[0][section]["step"], [[float(np.mean(v)) for v in r[section][key]] for r in runs],
+                           (-1, 1) if key == "cosine" else (0, math.inf))
+    return out
+
+
+def _ci(values, bounds=None) -> Interval:
+    return Interval.of(t_interval(list(values), bounds))
+
+
+def _band(steps, series: list[list[float]], bounds=None) -> Band:
+    """Mean and 95% interval over ``series`` at each step all of them reach."""
+    n = min(len(s) for s in series)
+    return Band.of(steps[:n], [t_interval([s[i] for s in series], bounds) for i in range(n)])
 
 
 def _loss_levels(runs: list) -> list[float]:
@@ -316,128 +438,6 @@ def _cos_at_levels(run, levels: list[float]) -> float:
         if any(i is not None for i in found) else math.nan
 
 
-def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> ClaimResult:
-    cfg, seeds = profile["ics"], profile["seeds"]
-    arms, chosen, test_acc = cfg["arms"], facts["chosen_lr"], facts["test_acc"]
-    ordered = ["bn", *noise_arms(arms), "none"]
-    failed = failed_runs(profile, results)
-    chosen_runs = {a: _runs(profile, results, a, chosen[a]) if chosen[a] is not None else {} for a in ordered}
-    ics_runs = {a: _runs(profile, results, a, cfg["ics_lr"]) for a in ("bn", "none")}
-
-    # accuracy at validated learning rates, and the dose-response
-    bn_acc = test_acc["bn"]
-    acc_rows = []
-    for a in ordered:
-        cost = paired_effect(bn_acc, test_acc[a], "points", (-100, 100)) if a != "bn" else None
-        val = [_final(r, "val_acc") for r in chosen_runs[a].values()]
-        diverged = sum(1 for st, _ in chosen_runs[a].values() if st == "diverged")
-        acc_rows.append([arm_label(a), f"{noise_strength(a):g}" if a != "none" else "—",
-                         f"{chosen[a]:g}" if chosen[a] is not None else "n/a", _ci(val, 1, (0, 100)),
-                         _ci(test_acc[a].values(), 1, (0, 100)), cost.interval.text(1) if cost else "—",
-                         f"{len(chosen_runs[a])} ({diverged} diverged)"])
-    grid_rows, tune = [], tuning_seeds(profile)
-    for a in ordered:
-        cells = {lr: [_final(r, "val_acc") for s, r in _runs(profile, results, a, lr).items() if s in tune]
-                 for lr in _grid(cfg, a)}
-        grid_rows.append([arm_label(a), "; ".join(f"lr {lr:g}: {_ci(v, 1, (0, 100))}" for lr, v in cells.items())])
-
-    # gradient ICS per layer at the same lr, and the loss-matched secondary view
-    layers = next((r["layers"] for st, r in ics_runs["bn"].values()), [])
-    ics_rows = []
-    for j, layer in enumerate(layers):
-        def layer_mean(run, key, j=j):
-            st, r = run
-            values = [v[j] for v in r["ics"][key]]
-            return float(np.mean(values)) if st == "done" and values else math.nan
-        cos = {a: {s: layer_mean(run, "cosine") for s, run in ics_runs[a].items()} for a in ("bn", "none")}
-        dist = {a: {s: layer_mean(run, "distance") for s, run in ics_runs[a].items()} for a in ("bn", "none")}
-        ics_rows.append([layer, _ci(cos["bn"].values(), 3, (-1, 1)), _ci(cos["none"].values(), 3, (-1, 1)),
-                         paired_effect(cos["bn"], cos["none"], bounds=(-2, 2)).interval.text(3),
-                         _ci(dist["bn"].values(), 4, (0, math.inf)), _ci(dist["none"].values(), 4, (0, math.inf))])
-    levels = _loss_levels([run for a in ("bn", "none") for run in ics_runs[a].values()])
-    matched = {a: {s: _cos_at_levels(run, levels) for s, run in ics_runs[a].items()} for a in ("bn", "none")}
-    matched_effect = paired_effect(matched["bn"], matched["none"])
-
-    def loss_range(run):
-        st, r = run
-        return float(np.mean(r["smooth"]["loss_range"])) if st == "done" and r["smooth"]["loss_range"] else math.nan
-    ranges = {a: {s: loss_range(run) for s, run in ics_runs[a].items()} for a in ("bn", "none")}
-    smoother = Interval.of(log_mean_ci([ranges["none"][s] / ranges["bn"][s] for s in ranges["bn"]
-                                        if s in ranges["none"] and ranges["bn"][s] > 0]), "×")
-    shift = {a: _ci([float(np.mean(step_changes(r["dist"]["p50"]))) if len(r["dist"]["p50"]) > 1 else math.nan
-                     for _, r in chosen_runs[a].values()], 4) for a in ordered}
-    plateau = _plateau_gain(chosen_runs["bn"], cfg["steps"])
-    at_edge = [arm_label(a) for a in ordered if chosen[a] is not None and len(_grid(cfg, a)) > 1
-               and chosen[a] in (min(_grid(cfg, a)), max(_grid(cfg, a)))]
-
-    # the verdict and its prose
-    verdict = Verdict.from_parts(parts, key_number=(f"Δcos(G, G′) BN − none {parts[0].effect.interval.text(3)}; "
-                                                    f"noisy-BN cost {parts[1].effect.interval.text(1)}"),
-                                 explanation="")
-    if failed:
-        verdict.verdict = NO_VERDICT
-    noisy = facts["rule_arm"]
-    verdict.explanation = " ".join([
-        (f"{failed} of this claim's runs failed, so there is no verdict; rerun `bnlab study` to retry them."
-         if failed else ""),
-        f"Part 1: {parts[0].text(3)}. Part 2: {parts[1].text(1)}.",
-        PLACEMENT,
-        f"Noise strengths {', '.join(f'{noise_strength(a):g}' for a in noise_arms(arms))}: test accuracy "
-        + ", ".join(f"{_ci(test_acc[a].values(), 1, (0, 100))}%" for a in noise_arms(arms))
-        + f" against BN's {_ci(bn_acc.values(), 1, (0, 100))}% (each arm at its own validated learning rate, "
-        f"BN statistics re-estimated on clean training batches before evaluation); part 2 uses {arm_label(noisy)}.",
-        f"The injected noise moves the median of the perturbed activations by {shift[noisy]} per record against "
-        f"{shift['bn']} with BN.",
-        f"Gradient ICS is compared at one learning rate ({cfg['ics_lr']:g}) and at the same steps (every "
-        f"{cfg['measure_every']}) at {len(layers)} layers; at matched training losses "
-        f"({', '.join(f'{v:.3f}' for v in levels)}, levels every BN and no-norm run reaches), Δcos BN − none is "
-        f"{matched_effect.interval.text(3)} (secondary view).",
-        f"Smoothness: along the gradient the loss varies {smoother.text()} times as much without BN as with it.",
-        (f"Convergence: BN's validation accuracy changed by {plateau.text(1)} over the last third of its "
-         f"{cfg['steps']} steps" + (f": still rising (by more than part 2's {RULES[1].margin:g}-point margin), so "
-                                    f"part 2 compares the arms after this budget, not at convergence; more "
-                                    f"`ics.steps` would." if plateau.low > RULES[1].margin else ".")
-         if plateau.finite else ""),
-        (f"Learning rates at the edge of their grid (a wider grid might do better): {', '.join(at_edge)}."
-         if at_edge else ""),
-    ]).strip()
-
-    tables = [
-        {"title": "Accuracy at each arm's validated learning rate (test set, once at the end)",
-         "columns": ["arm", "noise strength", "validated lr", "validation acc %", "test acc %",
-                     "cost vs BN (paired, points)", "runs"], "rows": acc_rows},
-        {"title": f"Validation accuracy over the learning-rate grid, tuning seeds {seed_list(tune)} (the choice above)",
-         "columns": ["arm", "validation acc % per lr"], "rows": grid_rows},
-        {"title": f"Gradient ICS per layer at the same learning rate ({cfg['ics_lr']:g}) and steps",
-         "columns": ["layer", "cos(G, G′) BN", "cos(G, G′) none", "Δcos BN − none (paired)", "‖G − G′‖ BN",
-                     "‖G − G′‖ none"], "rows": ics_rows},
-        paper_table(PAPER, {key: (text, f"width-{profile['width']:g} ResNet-{profile['depth']} on "
-                                        f"{dataset_label(profile)}, {cfg['steps']} plain-SGD steps at batch "
-                                        f"{cfg['batch_size']}; {STAND_IN}")
-                            for key, text in (("cosine", f"{parts[0].effect.interval.text(3)} at lr {cfg['ics_lr']:g}"),
-                                              ("noisy_cost", f"{parts[1].effect.interval.text(1)} ({arm_label(noisy)})"),
-                                              ("smoothness", smoother.text()))}),
-    ]
-    return ClaimResult(
-        number=NUMBER, title=TITLE, verdict=verdict, literature=LITERATURE, rule=RULE, expected=EXPECTED,
-        finding=FINDING, failed_runs=failed, tables=tables,
-        caveats=[tuning_caveat(profile),
-                 f"{cfg['steps']} plain-SGD steps of a width-{profile['width']} ResNet-{profile['depth']} on "
-                 f"{dataset_label(profile)}, {len(seeds)} seeds; Santurkar et al. used VGG and deep linear nets on "
-                 f"CIFAR-10: {STAND_IN}.",
-                 "Gradient ICS is measured with plain SGD at one common learning rate, not at each arm's best; "
-                 "at other rates the difference can change sign.",
-                 "The noise is one family (log-normal scale, Gaussian shift, parameters redrawn every step) at "
-                 f"{len(noise_arms(arms))} strengths; stronger noise eventually hurts any network."],
-        figures=[_accuracy_figure(profile, results, ordered, chosen, test_acc, chosen_runs),
-                 _distribution_figure(ordered, chosen_runs), _ics_figure(ics_runs, cfg["ics_lr"])],
-        numbers={"parts": [p.to_dict() for p in parts], "chosen_lr": chosen, "rule_arm": noisy,
-                 "test_acc": {a: {str(s): v for s, v in test_acc[a].items()} for a in ordered},
-                 "loss_levels": levels, "matched_cos_gain": matched_effect.interval.to_dict(),
-                 "smoothness_ratio": smoother.to_dict(), "bn_plateau_gain": plateau.to_dict(),
-                 "lr_at_grid_edge": at_edge, "failed_runs": failed})
-
-
 def _plateau_gain(runs: dict, steps: int) -> Interval:
     """Change of validation accuracy (points) from the evaluation nearest 2/3 of the run to its end."""
     gains = []
@@ -449,33 +449,110 @@ def _plateau_gain(runs: dict, steps: int) -> Interval:
     return Interval.of(t_interval(gains), "points")
 
 
-def _mean_band(series: list[list[float]], bounds=None):
-    n = min(len(s) for s in series)
-    stats = [t_interval([s[i] for s in series], bounds) for i in range(n)]
-    return [m for m, _, _ in stats], [lo for _, lo, _ in stats], [hi for _, _, hi in stats]
+# --------------------------------------------------------------------------------------------------
+# render: tables, figures, prose
+# --------------------------------------------------------------------------------------------------
+
+def render(profile: dict, findings: Findings) -> ClaimResult:
+    cfg, seeds, f = profile["ics"], profile["seeds"], findings
+    parts, arms, failed, noisy = f.parts, f.arms, f.failed_runs, f.rule_arm
+    acc_rows = [[arm_label(a), f"{noise_strength(a):g}" if a != "none" else "—",
+                 f"{arm.lr:g}" if arm.lr is not None else "n/a", fmt_ci(arm.val, 1), fmt_ci(arm.test, 1),
+                 arm.cost.interval.text(1) if arm.cost else "—", f"{arm.runs} ({arm.diverged} diverged)"]
+                for a, arm in arms.items()]
+    grid_rows = [[arm_label(a), "; ".join(f"lr {lr:g}: {fmt_ci(v, 1)}" for lr, v in arm.grid.items())]
+                 for a, arm in arms.items()]
+    ics_rows = [[layer.name, fmt_ci(layer.cos_bn, 3), fmt_ci(layer.cos_none, 3), layer.gain.text(3),
+                 fmt_ci(layer.dist_bn, 4), fmt_ci(layer.dist_none, 4)] for layer in f.layers]
+    doses = noise_arms(cfg["arms"])
+    at_edge = [arm_label(a) for a in f.at_edge]
+
+    # the verdict and its prose
+    verdict = Verdict.from_parts(parts, key_number=(f"Δcos(G, G′) BN − none {parts[0].effect.interval.text(3)}; "
+                                                    f"noisy-BN cost {parts[1].effect.interval.text(1)}"),
+                                 explanation="")
+    if failed:
+        verdict.verdict = NO_VERDICT
+    verdict.explanation = " ".join([
+        (f"{failed} of this claim's runs failed, so there is no verdict; rerun `bnlab study` to retry them."
+         if failed else ""),
+        f"Part 1: {parts[0].text(3)}. Part 2: {parts[1].text(1)}.",
+        PLACEMENT,
+        f"Noise strengths {', '.join(f'{noise_strength(a):g}' for a in doses)}: test accuracy "
+        + ", ".join(f"{fmt_ci(arms[a].test, 1)}%" for a in doses)
+        + f" against BN's {fmt_ci(arms['bn'].test, 1)}% (each arm at its own validated learning rate, "
+        f"BN statistics re-estimated on clean training batches before evaluation); part 2 uses {arm_label(noisy)}.",
+        f"The injected noise moves the median of the perturbed activations by {fmt_ci(arms[noisy].shift, 4)} per "
+        f"record against {fmt_ci(arms['bn'].shift, 4)} with BN.",
+        f"Gradient ICS is compared at one learning rate ({cfg['ics_lr']:g}) and at the same steps (every "
+        f"{cfg['measure_every']}) at {len(f.layers)} layers; at matched training losses "
+        f"({', '.join(f'{v:.3f}' for v in f.loss_levels)}, levels every BN and no-norm run reaches), Δcos BN − none "
+        f"is {f.matched_gain.text(3)} (secondary view).",
+        f"Smoothness: along the gradient the loss varies {f.smoothness.text()} times as much without BN as with it.",
+        (f"Convergence: BN's validation accuracy changed by {f.plateau.text(1)} over the last third of its "
+         f"{cfg['steps']} steps" + (f": still rising (by more than part 2's {RULES[1].margin:g}-point margin), so "
+                                    f"part 2 compares the arms after this budget, not at convergence; more "
+                                    f"`ics.steps` would." if f.plateau.low > RULES[1].margin else ".")
+         if f.plateau.finite else ""),
+        (f"Learning rates at the edge of their grid (a wider grid might do better): {', '.join(at_edge)}."
+         if at_edge else ""),
+    ]).strip()
+
+    tables = [
+        {"title": "Accuracy at each arm's validated learning rate (test set, once at the end)",
+         "columns": ["arm", "noise strength", "validated lr", "validation acc %", "test acc %",
+                     "cost vs BN (paired, points)", "runs"], "rows": acc_rows},
+        {"title": f"Validation accuracy over the learning-rate grid, tuning seeds {seed_list(tuning_seeds(profile))} "
+                  f"(the choice above)",
+         "columns": ["arm", "validation acc % per lr"], "rows": grid_rows},
+        {"title": f"Gradient ICS per layer at the same learning rate ({cfg['ics_lr']:g}) and steps",
+         "columns": ["layer", "cos(G, G′) BN", "cos(G, G′) none", "Δcos BN − none (paired)", "‖G − G′‖ BN",
+                     "‖G − G′‖ none"], "rows": ics_rows},
+        paper_table(PAPER, {key: (text, f"width-{profile['width']:g} ResNet-{profile['depth']} on "
+                                        f"{dataset_label(profile)}, {cfg['steps']} plain-SGD steps at batch "
+                                        f"{cfg['batch_size']}; {STAND_IN}")
+                            for key, text in (("cosine", f"{parts[0].effect.interval.text(3)} at lr {cfg['ics_lr']:g}"),
+                                              ("noisy_cost", f"{parts[1].effect.interval.text(1)} ({arm_label(noisy)})"),
+                                              ("smoothness", f.smoothness.text()))}),
+    ]
+    return ClaimResult(
+        number=NUMBER, title=TITLE, verdict=verdict, literature=LITERATURE, rule=RULE, expected=EXPECTED,
+        finding=FINDING, failed_runs=failed, tables=tables,
+        caveats=[tuning_caveat(profile),
+                 f"{cfg['steps']} plain-SGD steps of a width-{profile['width']} ResNet-{profile['depth']} on "
+                 f"{dataset_label(profile)}, {len(seeds)} seeds; Santurkar et al. used VGG and deep linear nets on "
+                 f"CIFAR-10: {STAND_IN}.",
+                 "Gradient ICS is measured with plain SGD at one common learning rate, not at each arm's best; "
+                 "at other rates the difference can change sign.",
+                 "The noise is one family (log-normal scale, Gaussian shift, parameters redrawn every step) at "
+                 f"{len(doses)} strengths; stronger noise eventually hurts any network."],
+        figures=[_accuracy_figure(f), _distribution_figure(f), _ics_figure(f, cfg["ics_lr"])],
+        numbers={"parts": [p.to_dict() for p in parts], "chosen_lr": f.chosen_lr, "rule_arm": noisy,
+                 "test_acc": {a: {str(s): v for s, v in f.test_acc[a].items()} for a in arms},
+                 "loss_levels": f.loss_levels, "matched_cos_gain": f.matched_gain.to_dict(),
+                 "smoothness_ratio": f.smoothness.to_dict(), "bn_plateau_gain": f.plateau.to_dict(),
+                 "lr_at_grid_edge": at_edge, "failed_runs": failed})
 
 
-def _accuracy_figure(profile, results, ordered, chosen, test_acc, chosen_runs) -> dict:
+def _color(arm: str, arms) -> str:
+    """The arm's colour: the noisy arms in shades of one hue, by strength."""
+    doses = [a for a in arms if a.startswith("noisy_bn:")]
+    return arm_color(arm, doses.index(arm), len(doses)) if arm in doses else arm_color(arm)
+
+
+def _accuracy_figure(findings: Findings) -> dict:
     fig, (ax_dose, ax_curve) = figure(ncols=2)
-    noisy = [a for a in ordered if a.startswith("noisy_bn:")]
-    xs = [0.0] + [noise_strength(a) for a in noisy]
-    stats = [t_interval(test_acc[a].values(), (0, 100)) for a in ["bn", *noisy]]
-    band(ax_dose, xs, [m for m, _, _ in stats], [lo for _, lo, _ in stats], [hi for _, _, hi in stats],
-         arm_color("noisy_bn"), "BN → noisy BN (test)")
-    none = t_interval(test_acc["none"].values(), (0, 100))
-    if math.isfinite(none[0]):
-        ax_dose.axhline(none[0], color=arm_color("none"), linestyle="--", label=arm_label("none") + " (test)")
-        ax_dose.axhspan(none[1], none[2], color=arm_color("none"), alpha=0.12, linewidth=0)
+    band(ax_dose, *findings.dose, arm_color("noisy_bn"), "BN → noisy BN (test)")
+    none = findings.none_test
+    if math.isfinite(none.mean):
+        ax_dose.axhline(none.mean, color=arm_color("none"), linestyle="--", label=arm_label("none") + " (test)")
+        ax_dose.axhspan(none.low, none.high, color=arm_color("none"), alpha=0.12, linewidth=0)
     ax_dose.set_xlabel("noise strength (0 = BN)")
     ax_dose.set_ylabel("test accuracy % (validated lr)")
     ax_dose.set_title("Dose-response: accuracy against injected noise")
-    for a in ordered:
-        curves = [r["curve"] for st, r in chosen_runs[a].values() if st == "done" and r["curve"]["step"]]
-        if curves:
-            mean, low, high = _mean_band([[100 * v for v in c["val_acc"]] for c in curves], (0, 100))
-            steps = curves[0]["step"][:len(mean)]
-            color = arm_color(a, noisy.index(a), len(noisy)) if a in noisy else arm_color(a)
-            band(ax_curve, steps, mean, low, high, color, arm_label(a))
+    for a, arm in findings.arms.items():
+        if arm.curve is not None:
+            band(ax_curve, *arm.curve, _color(a, findings.arms), arm_label(a))
     ax_curve.set_xlabel("step")
     ax_curve.set_ylabel("validation accuracy % (clean statistics)")
     ax_curve.set_title("Validation accuracy during training")
@@ -486,18 +563,16 @@ def _accuracy_figure(profile, results, ordered, chosen, test_acc, chosen_runs) -
                                       "BN statistics re-estimated without noise, showing where training plateaus."}
 
 
-def _distribution_figure(ordered, chosen_runs) -> dict:
-    shown = [a for a in ordered if chosen_runs[a]]
+def _distribution_figure(findings: Findings) -> dict:
+    shown = [a for a, arm in findings.arms.items() if arm.percentiles is not None]
     fig, axes = figure(ncols=max(1, len(shown)), width=3.0)
-    noisy = [a for a in ordered if a.startswith("noisy_bn:")]
     for ax, a in zip(axes, shown):
-        color = arm_color(a, noisy.index(a), len(noisy)) if a in noisy else arm_color(a)
-        first_seed = min(chosen_runs[a])
-        run = chosen_runs[a][first_seed][1]
+        color = _color(a, findings.arms)
+        first_seed, dist = findings.arms[a].percentiles
         for key, style, name in (("p15", LINESTYLES[2], "15th percentile"), ("p50", LINESTYLES[0], "median"),
                                  ("p85", LINESTYLES[1], "85th percentile")):
-            if run["dist"]["step"]:  # one seed: averaging seeds would smooth away the step-to-step shift
-                ax.plot(run["dist"]["step"], run["dist"][key], color=color, linestyle=style, label=name)
+            if dist["step"]:  # one seed: averaging seeds would smooth away the step-to-step shift
+                ax.plot(dist["step"], dist[key], color=color, linestyle=style, label=name)
         ax.set_title(f"{arm_label(a)}, seed {first_seed}")
         ax.set_xlabel("step")
     axes[0].set_ylabel("first BN output, middle block")
@@ -508,19 +583,13 @@ def _distribution_figure(ordered, chosen_runs) -> dict:
                                       "during training; one seed, each arm at its validated learning rate."}
 
 
-def _ics_figure(ics_runs: dict, lr: float) -> dict:
+def _ics_figure(findings: Findings, lr: float) -> dict:
     fig, axes = figure(ncols=3)
     panels = (("cosine", "cos(G, G′) (mean over layers)"), ("distance", "‖G − G′‖ (mean over layers)"),
               ("loss_range", "loss range along −η·g"))
     for ax, (key, ylabel) in zip(axes, panels):
-        for a in ("bn", "none"):
-            section = "smooth" if key == "loss_range" else "ics"
-            runs = [r for st, r in ics_runs[a].values() if st == "done" and r[section]["step"]]
-            if not runs:
-                continue
-            series = [[float(np.mean(v)) for v in r[section][key]] for r in runs]
-            mean, low, high = _mean_band(series, (-1, 1) if key == "cosine" else (0, math.inf))
-            band(ax, runs[0][section]["step"][:len(mean)], mean, low, high, arm_color(a), arm_label(a))
+        for a, curve in findings.ics_curves[key].items():
+            band(ax, *curve, arm_color(a), arm_label(a))
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.set_title({"cosine": "Gradient ICS: direction", "distance": "Gradient ICS: size",

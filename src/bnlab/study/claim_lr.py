@@ -1,9 +1,9 @@
 """Claim 4: "BN allows higher learning rates, and hence better models."
 
-A log-spaced learning-rate grid × {BN, none, SkipInit, Fixup} × batch sizes × seeds (one-cycle schedule:
-20% linear warm-up, then linear decay). The grid is *extended* upwards while an arm is stable at its top
-(the runner collects specs again after each round), up to ``max_extensions`` extra rates, so that each
-arm's largest stable rate is interior; an arm still stable at the top is reported as censored. A run is
+The learning-rate sweep of :mod:`bnlab.study.sweep`: a log-spaced grid × {BN, none, SkipInit, Fixup} ×
+batch sizes × seeds (one-cycle schedule: 20% linear warm-up, then linear decay), the grid *extended*
+upwards while an arm is stable at its top, up to ``max_extensions`` extra rates, so that each arm's
+largest stable rate is interior; an arm still stable at the top is reported as censored. A run is
 stable when it did not diverge, ended at ≤ half its initial training loss and reached validation
 accuracy ≥ chance + 10 points (:func:`bnlab.study.metrics.is_stable`). The "better models" half compares
 the test accuracy of each arm at the rate its *validation* accuracy chose.
@@ -12,18 +12,20 @@ the test accuracy of each arm at the rate its *validation* accuracy chose.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
 
-from bnlab.study import style
-from bnlab.study.common import (DIFF_BOUNDS, analyze as _analyze, arm_label, by_seed, choose_lr, dataset_label,
-                                final_pct, fmt, fmt_ci, lookup, mean_ci, paper_table, stable, train_spec)
-from bnlab.study.verdict import HOLDS, NO_DATA, SUPPORTED, UNDECIDED, ClaimResult, Part, Rule, Verdict, paired_effect
+from bnlab.study import style, sweep
+from bnlab.study.common import (DIFF_BOUNDS, Band, LaterRounds, arm_label, by_seed, ci, dataset_label, fmt, fmt_ci,
+                                paper_table)
+from bnlab.study.verdict import (HOLDS, NO_DATA, SUPPORTED, UNDECIDED, ClaimResult, Interval, Part, Rule, Verdict,
+                                 paired_effect)
 
 NUMBER = 4
-SLUG = "lr"
+SLUG = sweep.SECTION  # this claim's section holds the sweep's settings, which claims 2 and 5 read too
 TITLE = "BN allows higher learning rates, and hence better models"
 LITERATURE = ("Bjorck et al. 2018 (https://arxiv.org/abs/1806.02375): ResNet-110 on CIFAR-10 trains at lr 0.1 "
               "with BN (≈93%); without BN only ≈1e-4 was stable (≈81%). Both halves held there.")
@@ -98,129 +100,103 @@ PRESETS = {
              "batch_sizes": [128], "epochs": 20, "max_extensions": 1, "weight_decay": 1e-4, "momentum": 0.9},
 }
 
+# what the registry, the plan and the profiles read (see bnlab.study.claims)
+TUNED_ON_SEEDS = False  # every seed runs every rate of the grid
+LATER_ROUNDS = LaterRounds(
+    "grid extensions while an arm is stable at the top; bounded by lr.max_extensions",
+    lambda profile: sweep.extension_runs(profile, sweep.settings(profile)["batch_sizes"]),
+    none=" (its extensions at the first batch size are counted with claim 2).")
+PROFILE_CHECKS = ()
+DATASET_FIELDS = ()
+
 
 # ------------------------------------------------------------------------------------------------ measure
 
-def sweep_spec(profile: dict, norm: str, lr: float, batch_size: int, seed: int) -> dict:
-    """One run of the sweep (claims 2 and 5 reuse these exact specs, so they run once)."""
-    cfg = profile["lr"]
-    fields = {"norm": norm, "lr": lr, "batch_size": batch_size, "seed": seed,
-              "eval_every": 0}  # every choice reads the final model only: no curve is evaluated
-    if cfg.get("epochs") is not None:
-        fields["epochs"] = cfg["epochs"]
-    if cfg.get("max_steps") is not None:
-        fields["max_steps"] = cfg["max_steps"]
-    if cfg.get("weight_decay"):  # only when set, so profiles without it keep their runs' keys
-        fields["weight_decay"] = cfg["weight_decay"]
-    if cfg.get("momentum", 0.9) != 0.9:
-        fields["momentum"] = cfg["momentum"]
-    return train_spec(profile, **fields)
-
-
-def grid(profile: dict, results: Optional[dict], batch_size: int, norm: str) -> tuple[list[float], bool]:
-    """(the arm's learning rates, whether they are final): the profile's grid, extended by its top ratio
-    while any seed is stable at the top, at most ``max_extensions`` times. Final means every run of the
-    grid has finished and no extension is pending (so choices made on it will not change)."""
-    cfg, seeds = profile["lr"], profile["seeds"]
-    lrs = [float(v) for v in cfg["lrs"]]
-    ratio = lrs[-1] / lrs[-2]
-
-    def rows(lr):
-        return [lookup(results, sweep_spec(profile, norm, lr, batch_size, s)) for s in seeds]
-    complete = all(r is not None for lr in lrs for r in rows(lr))
-    for _ in range(cfg.get("max_extensions", 0)):
-        top = rows(lrs[-1])
-        if not complete or not any(stable(r) for r in top):
-            break
-        lrs.append(float(f"{lrs[-1] * ratio:.3g}"))
-        complete = all(r is not None for r in rows(lrs[-1]))
-    return lrs, complete
-
-
 def measure(profile: dict, results: Optional[dict] = None) -> list[dict]:
-    cfg = profile["lr"]
-    return [sweep_spec(profile, norm, lr, b, seed) for b in cfg["batch_sizes"] for norm in cfg["arms"]
-            for lr in grid(profile, results, b, norm)[0] for seed in profile["seeds"]]
-
-
-specs = measure
-
-
-def sweep_table(profile: dict, results: dict, batch_size: int, norm: str) -> dict:
-    """Per lr: per-seed validation/test accuracy and stability; the validated lr; per-seed largest stable lr
-    with its censoring (``"above"``: stable at the top of the final grid; ``"below"``: nothing stable)."""
-    seeds = profile["seeds"]
-    lrs, complete = grid(profile, results, batch_size, norm)
-    rows = {lr: [lookup(results, sweep_spec(profile, norm, lr, batch_size, s)) for s in seeds] for lr in lrs}
-    val = {lr: [final_pct(r, "val_acc") for r in rows[lr]] for lr in lrs}
-    test = {lr: [final_pct(r, "test_acc") for r in rows[lr]] for lr in lrs}
-    ok = {lr: [stable(r) for r in rows[lr]] for lr in lrs}
-    best = choose_lr(val)
-    limits, censored = [], []
-    for i in range(len(seeds)):
-        good = [lr for lr in lrs if ok[lr][i]]
-        finished = all(rows[lr][i] is not None for lr in lrs)
-        limits.append(max(good) if good and finished else math.nan)
-        censored.append("above" if good and max(good) == lrs[-1] else ("below" if finished and not good else ""))
-    return {"lrs": lrs, "complete": complete, "val": val, "test": test, "stable": ok, "best_lr": best,
-            "best_test": test[best] if best is not None else [math.nan] * len(seeds),
-            "best_val": val[best] if best is not None else [math.nan] * len(seeds),
-            "max_stable_lr": limits, "censored": censored}
+    """The sweep: every arm, batch size and seed over the grid, extended while an arm is stable at its top."""
+    cfg = sweep.settings(profile)
+    return [sweep.spec(profile, norm, lr, b, seed) for b in cfg["batch_sizes"] for norm in cfg["arms"]
+            for lr in sweep.grid(profile, results, b, norm)[0] for seed in profile["seeds"]]
 
 
 # ------------------------------------------------------------------------------------------------ decide
 
-def _log_limit(table: dict, i: int) -> float:
+@dataclass
+class ArmSweep:
+    """One arm's sweep at one batch size, with the intervals the report shows."""
+
+    table: sweep.Table
+    val: Interval            # validation accuracy % at the validated rate, over seeds
+    test: Interval           # test accuracy % at the validated rate
+    by_lr: Band              # validation accuracy % with its 95% CI at each rate of the final grid
+    stable_pct: list[float]  # % of seeds stable at each rate of the final grid
+
+
+@dataclass
+class Findings:
+    """Everything claim 4's report shows."""
+
+    parts: list[Part]                         # higher learning rates, better models
+    arms: dict[tuple[int, str], ArmSweep]     # (batch size, arm) → its sweep, in the profile's order
+    censoring: list[str]                      # "bn:above", "none:below", …: censored limits of BN and none
+
+
+def _log_limit(table: sweep.Table, i: int) -> float:
     """log10 of seed i's largest stable lr; "nothing stable" counts one grid step below the grid."""
-    lrs = table["lrs"]
-    if table["censored"][i] == "below":
+    lrs = table.lrs
+    if table.censored[i] == "below":
         return math.log10(lrs[0] * lrs[0] / lrs[1])
-    return math.log10(table["max_stable_lr"][i]) if math.isfinite(table["max_stable_lr"][i]) else math.nan
+    return math.log10(table.max_stable_lr[i]) if math.isfinite(table.max_stable_lr[i]) else math.nan
 
 
-def decide(profile: dict, results: dict) -> tuple[list[Part], dict]:
-    cfg, seeds = profile["lr"], profile["seeds"]
-    tables = {(b, a): sweep_table(profile, results, b, a) for b in cfg["batch_sizes"] for a in cfg["arms"]}
+def _arm(table: sweep.Table) -> ArmSweep:
+    return ArmSweep(table, ci(table.best_val, (0, 100)), ci(table.best_test, (0, 100)),
+                    Band.of(table.lrs, [ci(table.val[lr], (0, 100)) for lr in table.lrs]),
+                    [100 * np.mean(table.stable[lr]) for lr in table.lrs])
+
+
+def decide(profile: dict, results: dict) -> Findings:
+    cfg, seeds = sweep.settings(profile), profile["seeds"]
+    tables = {(b, a): sweep.table(profile, results, b, a) for b in cfg["batch_sizes"] for a in cfg["arms"]}
     decades = {s: float(np.mean([_log_limit(tables[(b, "bn")], i) - _log_limit(tables[(b, "none")], i)
                                  for b in cfg["batch_sizes"]])) for i, s in enumerate(seeds)}
     higher = Part(RULES[0], paired_effect(decades, {s: 0.0 for s in seeds}, "decades"))
     censoring = {c for b in cfg["batch_sizes"] for a in ("bn", "none") for c in
-                 (f"{a}:{x}" for x in tables[(b, a)]["censored"] if x)}
+                 (f"{a}:{x}" for x in tables[(b, a)].censored if x)}
     if censoring and higher.outcome != NO_DATA:
         only_larger = censoring <= {"bn:above", "none:below"}  # the true effect can only be larger
         if not (only_larger and higher.outcome == HOLDS):
             higher = Part(RULES[0], higher.effect, UNDECIDED)
     b0 = cfg["batch_sizes"][0]
-    better = Part(RULES[1], paired_effect(by_seed(seeds, tables[(b0, "bn")]["best_test"]),
-                                          by_seed(seeds, tables[(b0, "none")]["best_test"]), "points", DIFF_BOUNDS))
-    return [higher, better], {"tables": tables, "censoring": sorted(censoring)}
+    better = Part(RULES[1], paired_effect(by_seed(seeds, tables[(b0, "bn")].best_test),
+                                          by_seed(seeds, tables[(b0, "none")].best_test), "points", DIFF_BOUNDS))
+    return Findings([higher, better], {key: _arm(t) for key, t in tables.items()}, sorted(censoring))
 
 
 # ------------------------------------------------------------------------------------------------ render
 
-def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> ClaimResult:
-    cfg = profile["lr"]
-    tables, b0 = facts["tables"], cfg["batch_sizes"][0]
-    higher, better = parts
+def render(profile: dict, findings: Findings) -> ClaimResult:
+    cfg, arms, b0 = sweep.settings(profile), findings.arms, sweep.first_batch_size(profile)
+    higher, better = parts = findings.parts
     rows = []
-    for (b, a), t in tables.items():
-        rows.append([arm_label(a), b, f"{t['lrs'][0]:g}–{t['lrs'][-1]:g} ({len(t['lrs'])})",
-                     _lr_text(t["max_stable_lr"], t["censored"]), fmt(t["best_lr"], 3),
-                     fmt_ci(mean_ci(t["best_val"], (0, 100)), 1), fmt_ci(mean_ci(t["best_test"], (0, 100)), 1)])
+    for (b, a), arm in arms.items():
+        t = arm.table
+        rows.append([arm_label(a), b, f"{t.lrs[0]:g}–{t.lrs[-1]:g} ({len(t.lrs)})",
+                     _lr_text(t.max_stable_lr, t.censored), fmt(t.best_lr, 3), fmt_ci(arm.val, 1), fmt_ci(arm.test, 1)])
     table = {"title": "Largest stable learning rate and validated accuracy per arm",
              "columns": ["arm", "batch size", "grid (rates)", "largest stable lr per seed (≥: censored above, "
                          "<: nothing stable)", "validated lr", "validation acc %", "test acc % [95% CI]"],
              "rows": rows}
-    censor_text = (f" Censored limits: {', '.join(facts['censoring'])} (stable at the top of the extended grid, "
-                   f"or nothing stable at its bottom)." if facts["censoring"] else
+    censor_text = (f" Censored limits: {', '.join(findings.censoring)} (stable at the top of the extended grid, "
+                   f"or nothing stable at its bottom)." if findings.censoring else
                    " Every arm's largest stable rate is interior to its grid.")
     explanation = (f"{higher.text()}.{censor_text} {better.text(1)}.")
-    others = [a for a in ("skipinit", "fixup") if (b0, a) in tables]
+    others = [a for a in ("skipinit", "fixup") if (b0, a) in arms]
     if others:
         explanation += " Without any normalization, " + "; ".join(
-            f"{arm_label(a)} reaches {fmt_ci(mean_ci(tables[(b0, a)]['best_test'], (0, 100)), 1)}% at its validated "
-            f"lr {fmt(tables[(b0, a)]['best_lr'], 3)}" for a in others) + (
-            f" (BN: {fmt_ci(mean_ci(tables[(b0, 'bn')]['best_test'], (0, 100)), 1)}%).")
+            f"{arm_label(a)} reaches {fmt_ci(arms[(b0, a)].test, 1)}% at its validated "
+            f"lr {fmt(arms[(b0, a)].table.best_lr, 3)}" for a in others) + (
+            f" (BN: {fmt_ci(arms[(b0, 'bn')].test, 1)}%).")
     verdict = Verdict.from_parts(parts, f"log10 max stable lr BN/none: {higher.effect.interval.text()}; "
                                         f"accuracy gain {better.effect.interval.text(1)}", explanation)
     return ClaimResult(
@@ -233,30 +209,27 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
                  f"{cfg['lrs'][-1] / cfg['lrs'][-2]:.3g}).",
                  "Every arm warms up linearly over 20% of its steps (one-cycle); a schedule without warm-up or "
                  "gradient clipping would move the unnormalized arms' limits."],
-        tables=[table, paper_table(PAPER, _ours(profile, tables, higher))],
-        figures=[_accuracy_figure(profile, tables)],
+        tables=[table, paper_table(PAPER, _ours(profile, findings))],
+        figures=[_accuracy_figure(profile, arms)],
         numbers={"log10_lr_ratio": higher.effect.interval.to_dict(), "accuracy_gain": better.effect.interval.to_dict(),
-                 "parts": [p.to_dict() for p in parts], "censoring": facts["censoring"],
-                 "validated_lr": {f"{a}@{b}": t["best_lr"] for (b, a), t in tables.items()}})
+                 "parts": [p.to_dict() for p in parts], "censoring": findings.censoring,
+                 "validated_lr": {f"{a}@{b}": arm.table.best_lr for (b, a), arm in arms.items()}})
 
 
-def _ours(profile: dict, tables: dict, higher: Part) -> dict:
+def _ours(profile: dict, findings: Findings) -> dict:
     """Our numbers for :data:`PAPER`'s quantities, each with our setting in words."""
-    cfg, b0 = profile["lr"], profile["lr"]["batch_sizes"][0]
+    cfg, b0 = sweep.settings(profile), sweep.first_batch_size(profile)
     setting = (f"width-{profile['width']:g} ResNet-{profile['depth']} on {dataset_label(profile)}, batch {b0}, "
                f"{cfg.get('epochs') or cfg.get('max_steps')} {'epochs' if cfg.get('epochs') else 'steps'} "
                f"one-cycle, Nesterov momentum {cfg.get('momentum', 0.9):g}, weight decay "
                f"{cfg.get('weight_decay', 0.0):g}, no augmentation; each arm at the rate its validation accuracy "
                f"chose on a grid {cfg['lrs'][0]:g}–{cfg['lrs'][-1]:g}")
-    out = {a: (f"{fmt_ci(mean_ci(tables[(b0, a)]['best_test'], (0, 100)), 1)} at lr {tables[(b0, a)]['best_lr']:g}"
-               if tables[(b0, a)]["best_lr"] is not None else "n/a", setting) for a in ("bn", "none")}
-    out["decades"] = (f"{higher.effect.interval.text(2)} (largest stable rates, mean over batch sizes)", setting)
+    arms = {a: findings.arms[(b0, a)] for a in ("bn", "none")}
+    out = {a: (f"{fmt_ci(arm.test, 1)} at lr {arm.table.best_lr:g}" if arm.table.best_lr is not None else "n/a",
+               setting) for a, arm in arms.items()}
+    out["decades"] = (f"{findings.parts[0].effect.interval.text(2)} (largest stable rates, mean over batch sizes)",
+                      setting)
     return out
-
-
-def analyze(profile: dict, results: dict) -> ClaimResult:
-    import sys
-    return _analyze(sys.modules[__name__], profile, results)
 
 
 def _lr_text(values, censored) -> str:
@@ -267,19 +240,17 @@ def _lr_text(values, censored) -> str:
     return ", ".join(out)
 
 
-def _accuracy_figure(profile, tables) -> dict:
-    cfg = profile["lr"]
+def _accuracy_figure(profile, arms: dict) -> dict:
+    cfg = sweep.settings(profile)
     fig, axes = style.figure(ncols=2)
     ax_val, ax_ok = axes
     for j, b in enumerate(cfg["batch_sizes"]):
         ls = style.LINESTYLES[j % len(style.LINESTYLES)]
         for a in cfg["arms"]:
-            t = tables[(b, a)]
-            stats = [mean_ci(t["val"][lr], (0, 100)) for lr in t["lrs"]]
-            style.band(ax_val, t["lrs"], [s[0] for s in stats], [s[1] for s in stats], [s[2] for s in stats],
-                       style.arm_color(a), f"{arm_label(a)}, batch {b}", linestyle=ls)
-            ax_ok.plot(t["lrs"], [100 * np.mean(t["stable"][lr]) for lr in t["lrs"]], color=style.arm_color(a),
-                       linestyle=ls, marker="o", ms=3, label=f"{arm_label(a)}, batch {b}")
+            arm = arms[(b, a)]
+            style.band(ax_val, *arm.by_lr, style.arm_color(a), f"{arm_label(a)}, batch {b}", linestyle=ls)
+            ax_ok.plot(arm.table.lrs, arm.stable_pct, color=style.arm_color(a), linestyle=ls, marker="o", ms=3,
+                       label=f"{arm_label(a)}, batch {b}")
     for ax, ylabel, title in ((ax_val, "final validation accuracy (%)", "Validation accuracy by rate"),
                               (ax_ok, "stable runs (% of seeds)", "Stability by rate")):
         ax.set_xscale("log")

@@ -13,15 +13,15 @@ runs that did not fit the subset are flagged and excluded, with a count.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from bnlab.study import style
-from bnlab.study.common import (DIFF_BOUNDS, analyze as _analyze, arm_label, dataset_label, final_pct, fmt,
-                                fmt_ci, lookup, mean_ci, paper_table, train_spec,
-                                tuned, tuning_caveat)
-from bnlab.study.verdict import SUPPORTED, ClaimResult, Part, Rule, Verdict, paired_effect
+from bnlab.study.common import (DIFF_BOUNDS, Band, arm_label, ci, dataset_label, final_pct, fmt, fmt_ci, lookup,
+                                paper_table, train_spec, tuned, tuning_caveat)
+from bnlab.study.verdict import SUPPORTED, ClaimResult, Effect, Interval, Part, Rule, Verdict, paired_effect
 
 NUMBER = 3
 SLUG = "regularize"
@@ -95,6 +95,12 @@ PRESETS = {
              "lrs": [0.03, 0.1, 0.3], "weight_decay": 2e-3, "fit_threshold": 99.0, "eval_every": 200},
 }
 
+# what the registry, the plan and the profiles read (see bnlab.study.claims)
+TUNED_ON_SEEDS = True  # every rate on the tuning seeds, then the other seeds at each arm's choice
+LATER_ROUNDS = None    # nothing more once the tuning seeds have chosen
+PROFILE_CHECKS = ()
+DATASET_FIELDS = ("dataset",)  # --dataset sets this section's own dataset too
+
 
 # ------------------------------------------------------------------------------------------------ measure
 
@@ -130,64 +136,92 @@ def measure(profile: dict, results: Optional[dict] = None) -> list[dict]:
     return [spec for _, norm, wd in arms(profile) for spec in _tuned(profile, results, norm, wd)[0]]
 
 
-specs = measure
-
-
 # ------------------------------------------------------------------------------------------------ decide
 
-def _arm(profile, results, norm, wd) -> dict:
+@dataclass
+class Arm:
+    """One arm at its validated rate. Per-seed lists follow the profile's seeds (NaN: not run)."""
+
+    lr: Optional[float]
+    gap: dict                  # seed → train − test accuracy (points), the seeds that fitted and did not diverge
+    train: list[float]         # training accuracy % on the whole subset
+    test: list[float]          # test accuracy %
+    norm_change: list[float]   # change of the weight norm over training, %
+    diverged: int              # seeds excluded: diverged
+    unfit: int                 # seeds excluded: below the fit threshold
+    train_ci: Interval         # the intervals the report shows, over seeds
+    test_ci: Interval
+    gap_ci: Interval
+    norm_change_ci: Interval
+    error_ci: Interval         # test error % (100 − test accuracy)
+
+
+@dataclass
+class Findings:
+    """Everything claim 3's report shows."""
+
+    parts: list[Part]            # BN shrinks the gap, through batch noise
+    arms: dict[str, Arm]         # arm key → the arm, in the order of :func:`arms`
+    controls: dict[str, Effect]  # "groupnorm", "none+wd" → the gap they shrink, none − it (points, paired)
+    smallest: str                # the smallest ghost batch's arm key
+    ghost_curve: Band            # gap against the examples per statistic: ghost batches, then the full batch
+
+
+def _arm(profile, results, norm, wd) -> Arm:
     """The arm at its validated lr: per-seed gap, training accuracy, test accuracy, weight-norm change,
     and which seeds are excluded (diverged, or did not fit the subset)."""
     cfg, seeds = profile["regularize"], profile["seeds"]
     lr = _tuned(profile, results, norm, wd)[1]
     chosen = [lookup(results, _spec(profile, norm, wd, lr, s)) if lr is not None else None for s in seeds]
-    out = {"lr": lr, "gap": {}, "train": [], "test": [], "norm_change": [], "diverged": 0, "unfit": 0}
+    gap, trains, tests, norm_change, diverged, unfit = {}, [], [], [], 0, 0
     for s, row in zip(seeds, chosen):
         train, test = final_pct(row, "train_acc"), final_pct(row, "test_acc")
-        out["train"].append(train), out["test"].append(test)
+        trains.append(train), tests.append(test)
         w = ((row or {}).get("result") or {}).get("weight_norm") or {}
-        out["norm_change"].append(100 * (w["final"] / w["initial"] - 1) if w.get("final") and w.get("initial")
-                                  else math.nan)
+        norm_change.append(100 * (w["final"] / w["initial"] - 1) if w.get("final") and w.get("initial") else math.nan)
         if row is None:
             continue
         if row["status"] == "diverged":
-            out["diverged"] += 1
+            diverged += 1
         elif train < cfg["fit_threshold"]:
-            out["unfit"] += 1
+            unfit += 1
         else:
-            out["gap"][s] = train - test
-    return out
+            gap[s] = train - test
+    return Arm(lr, gap, trains, tests, norm_change, diverged, unfit, ci(trains, (0, 100)), ci(tests, (0, 100)),
+               ci(gap.values(), DIFF_BOUNDS), ci(norm_change), ci([100 - t for t in tests], (0, 100)))
 
 
-def decide(profile: dict, results: dict) -> tuple[list[Part], dict]:
+def decide(profile: dict, results: dict) -> Findings:
+    cfg = profile["regularize"]
     per_arm = {key: _arm(profile, results, norm, wd) for key, norm, wd in arms(profile)}
-    smallest = f"ghost:{min(profile['regularize']['ghost_sizes'])}"
-    parts = [Part(RULES[0], paired_effect(per_arm["none"]["gap"], per_arm["bn"]["gap"], "points", DIFF_BOUNDS)),
-             Part(RULES[1], paired_effect(per_arm["bn"]["gap"], per_arm[smallest]["gap"], "points", DIFF_BOUNDS))]
-    controls = {"groupnorm": paired_effect(per_arm["none"]["gap"], per_arm["groupnorm"]["gap"], "points", DIFF_BOUNDS),
-                "none+wd": paired_effect(per_arm["none"]["gap"], per_arm["none+wd"]["gap"], "points", DIFF_BOUNDS)}
-    return parts, {"arms": per_arm, "controls": controls, "smallest": smallest}
+    smallest = f"ghost:{min(cfg['ghost_sizes'])}"
+    parts = [Part(RULES[0], paired_effect(per_arm["none"].gap, per_arm["bn"].gap, "points", DIFF_BOUNDS)),
+             Part(RULES[1], paired_effect(per_arm["bn"].gap, per_arm[smallest].gap, "points", DIFF_BOUNDS))]
+    controls = {"groupnorm": paired_effect(per_arm["none"].gap, per_arm["groupnorm"].gap, "points", DIFF_BOUNDS),
+                "none+wd": paired_effect(per_arm["none"].gap, per_arm["none+wd"].gap, "points", DIFF_BOUNDS)}
+    keys = [f"ghost:{g}" for g in sorted(cfg["ghost_sizes"])] + ["bn"]
+    curve = Band.of(sorted(cfg["ghost_sizes"]) + [cfg["batch_size"]], [per_arm[k].gap_ci for k in keys])
+    return Findings(parts, per_arm, controls, smallest, curve)
 
 
 # ------------------------------------------------------------------------------------------------ render
 
-def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> ClaimResult:
-    cfg, per_arm = profile["regularize"], facts["arms"]
-    rows = [[arm_label(k), fmt(a["lr"], 3), fmt_ci(mean_ci(a["train"], (0, 100)), 1),
-             fmt_ci(mean_ci(a["test"], (0, 100)), 1), fmt_ci(mean_ci(list(a["gap"].values()), DIFF_BOUNDS), 1),
-             fmt_ci(mean_ci(a["norm_change"]), 1), f"{a['diverged']} / {a['unfit']}"] for k, a in per_arm.items()]
+def render(profile: dict, findings: Findings) -> ClaimResult:
+    cfg, per_arm, parts = profile["regularize"], findings.arms, findings.parts
+    rows = [[arm_label(k), fmt(a.lr, 3), fmt_ci(a.train_ci, 1), fmt_ci(a.test_ci, 1), fmt_ci(a.gap_ci, 1),
+             fmt_ci(a.norm_change_ci, 1), f"{a.diverged} / {a.unfit}"] for k, a in per_arm.items()]
     table = {"title": f"Generalization gap after {cfg['max_steps']} steps on {cfg['subset']} training examples",
              "columns": ["arm", "validated lr", "train acc %", "test acc %", "gap (points)",
                          "weight-norm change %", "excluded: diverged / did not fit"], "rows": rows}
-    gn, wd = facts["controls"]["groupnorm"].interval, facts["controls"]["none+wd"].interval
+    gn, wd = findings.controls["groupnorm"].interval, findings.controls["none+wd"].interval
     explanation = (
         f"{parts[0].text(1)}. {parts[1].text(1)}. Controls: GroupNorm, which normalizes without batch noise, "
         f"shrinks the unnormalized gap by {gn.text(1)} (if as much as BN, normalization rather than batch noise "
         f"does the work); weight decay {cfg['weight_decay']:g} shrinks it by {wd.text(1)} and changes the weight "
-        f"norm by {fmt_ci(mean_ci(per_arm['none+wd']['norm_change']), 1)}% (against "
-        f"{fmt_ci(mean_ci(per_arm['none']['norm_change']), 1)}% without it). Excluded seeds (diverged / did not "
+        f"norm by {fmt_ci(per_arm['none+wd'].norm_change_ci, 1)}% (against "
+        f"{fmt_ci(per_arm['none'].norm_change_ci, 1)}% without it). Excluded seeds (diverged / did not "
         f"reach {cfg['fit_threshold']:g}% training accuracy): " + ", ".join(
-            f"{arm_label(k)} {a['diverged']}/{a['unfit']}" for k, a in per_arm.items()) + ".")
+            f"{arm_label(k)} {a.diverged}/{a.unfit}" for k, a in per_arm.items()) + ".")
     return ClaimResult(
         number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING, expected=EXPECTED,
         verdict=Verdict.from_parts(parts, f"gap none − BN: {parts[0].effect.interval.text(1)}", explanation),
@@ -198,11 +232,11 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
                  "No data augmentation or dropout: the gaps are those of the architectures alone.",
                  "Ghost batches split each batch into independent normalization groups (Hoffer et al.'s "
                  "implementation); the statistics of the smallest ghost batch are the noisiest."],
-        tables=[table, paper_table(PAPER, _ours(profile, per_arm))], figures=[_gap_figure(profile, facts)],
+        tables=[table, paper_table(PAPER, _ours(profile, per_arm))], figures=[_gap_figure(profile, findings)],
         numbers={"gap_reduction": parts[0].effect.interval.to_dict(), "noise_effect": parts[1].effect.interval.to_dict(),
                  "groupnorm_reduction": gn.to_dict(), "weight_decay_reduction": wd.to_dict(),
                  "parts": [p.to_dict() for p in parts],
-                 "excluded": {k: {"diverged": a["diverged"], "unfit": a["unfit"]} for k, a in per_arm.items()}})
+                 "excluded": {k: {"diverged": a.diverged, "unfit": a.unfit} for k, a in per_arm.items()}})
 
 
 def _ours(profile: dict, per_arm: dict) -> dict:
@@ -213,31 +247,24 @@ def _ours(profile: dict, per_arm: dict) -> dict:
                f"width-{profile['width']:g} ResNet-{profile['depth']}, {cfg['max_steps']} steps at batch "
                f"{cfg['batch_size']} (an overfitting regime: errors sit far above the paper's and the claim's quantity "
                f"is the gap)")
-    return {key: (fmt_ci(mean_ci([100 - t for t in arm["test"]], (0, 100)), 1) + (f" at lr {arm['lr']:g}"
-                  if arm["lr"] is not None else ""), setting + ("; GroupNorm at the full batch" if key == "groupnorm"
-                                                                 else f"; ghost batches of {key[6:]}"))
+    return {key: (fmt_ci(arm.error_ci, 1) + (f" at lr {arm.lr:g}" if arm.lr is not None else ""),
+                  setting + ("; GroupNorm at the full batch" if key == "groupnorm"
+                             else f"; ghost batches of {key[6:]}"))
             for key, arm in per_arm.items() if key == "groupnorm" or key.startswith("ghost:")}
 
 
-def analyze(profile: dict, results: dict) -> ClaimResult:
-    import sys
-    return _analyze(sys.modules[__name__], profile, results)
-
-
-def _gap_figure(profile, facts) -> dict:
-    per_arm = facts["arms"]
-    sizes = sorted(profile["regularize"]["ghost_sizes"]) + [profile["regularize"]["batch_size"]]
-    keys = [f"ghost:{g}" for g in sorted(profile["regularize"]["ghost_sizes"])] + ["bn"]
+def _gap_figure(profile, findings: Findings) -> dict:
+    per_arm, curve = findings.arms, findings.ghost_curve
     fig, axes = style.figure()
     ax = axes[0]
-    stats = [mean_ci(list(per_arm[k]["gap"].values()), DIFF_BOUNDS) for k in keys]
-    style.band(ax, sizes, *zip(*stats), color=style.arm_color("bn"), label="BN, statistics over this many examples")
+    style.band(ax, *curve, color=style.arm_color("bn"), label="BN, statistics over this many examples")
     for j, key in enumerate(("groupnorm", "none", "none+wd")):
-        m, lo, hi = mean_ci(list(per_arm[key]["gap"].values()), DIFF_BOUNDS)
-        if math.isfinite(m):
-            ax.axhline(m, color=style.arm_color(key.split("+")[0]), linestyle=style.LINESTYLES[1 + j % 3],
+        gap = per_arm[key].gap_ci
+        if math.isfinite(gap.mean):
+            ax.axhline(gap.mean, color=style.arm_color(key.split("+")[0]), linestyle=style.LINESTYLES[1 + j % 3],
                        label=arm_label(key))
-            ax.axhspan(lo, hi, color=style.arm_color(key.split("+")[0]), alpha=0.08, linewidth=0)
+            ax.axhspan(gap.low, gap.high, color=style.arm_color(key.split("+")[0]), alpha=0.08, linewidth=0)
+    sizes = curve.x
     ax.set_xscale("log", base=2)
     ax.set_xlim(min(sizes) / 1.5, max(sizes) * 1.5)  # also when no seed fitted (nothing drawn)
     ax.set(xlabel="examples per normalization statistic (ghost batch size)", ylabel="train − test accuracy (points)",

@@ -12,16 +12,17 @@ and Fixup are drawn beside them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
-from bnlab.study import claim_lr, style
-from bnlab.study.common import (analyze as _analyze, arm_label, by_seed, data_fields, dataset_label, final_pct,
-                                fmt_ci, lookup, mean_ci, paper_table, tuned, tuning_caveat)
+from bnlab.study import style, sweep
+from bnlab.study.common import (Band, arm_label, by_seed, ci, data_fields, dataset_label, final_pct, fmt_ci, lookup,
+                                paper_table, tuned, tuning_caveat)
 from bnlab.study.kinds import SIGNAL
-from bnlab.study.verdict import SUPPORTED, ClaimResult, Part, Rule, Verdict, paired_effect
+from bnlab.study.verdict import SUPPORTED, ClaimResult, Interval, Part, Rule, Verdict, paired_effect
 
 NUMBER = 5
 SLUG = "residual"
@@ -85,6 +86,12 @@ PRESETS = {
              "lrs": [0.03, 0.1, 0.3]},
 }
 
+# what the registry, the plan and the profiles read (see bnlab.study.claims)
+TUNED_ON_SEEDS = True  # every rate on the tuning seeds, then the other seeds at each cell's choice
+LATER_ROUNDS = None    # nothing more once the tuning seeds have chosen
+PROFILE_CHECKS = ()
+DATASET_FIELDS = ()
+
 
 def _signal_spec(profile, depth, norm, plain, seed) -> dict:
     cfg = profile["residual"]
@@ -95,7 +102,7 @@ def _signal_spec(profile, depth, norm, plain, seed) -> dict:
 def _train_spec(profile, depth, norm, plain, lr, seed) -> dict:
     """Claim 4's sweep run at another depth and/or without shortcuts: at the profile's depth with
     shortcuts it *is* claim 4's run, so it runs once for both claims."""
-    spec = claim_lr.sweep_spec(profile, norm, lr, profile["lr"]["batch_sizes"][0], seed)
+    spec = sweep.spec(profile, norm, lr, sweep.first_batch_size(profile), seed)
     spec["depth"] = depth
     if plain:
         spec["plain"] = True
@@ -112,9 +119,6 @@ def _tuned(profile: dict, results: Optional[dict], depth: int, norm: str, plain:
     """A cell's rates on the tuning seeds, then its validated rate on the other seeds."""
     return tuned(profile, results, profile["residual"]["lrs"],
                  lambda lr, s: _train_spec(profile, depth, norm, plain, lr, s))
-
-
-specs = measure
 
 
 def _exponent(blocks: list[dict]) -> float:
@@ -134,11 +138,74 @@ def _cell(profile, results, depth, norm, plain) -> tuple[Optional[float], list[f
                 if lr is not None else math.nan for s in profile["seeds"]]
 
 
-def decide(profile: dict, results: dict) -> tuple[list[Part], dict]:
+@dataclass
+class Cell:
+    """One cell of the factorial at one depth, at its validated rate."""
+
+    lr: Optional[float]
+    test: list[float]   # per seed: test accuracy %
+    test_ci: Interval   # over seeds
+    error_ci: Interval  # test error % (100 − test accuracy), over seeds
+
+
+@dataclass
+class Signal:
+    """One arm at initialization at one depth, averaged over seeds (the seeds whose run finished)."""
+
+    last_var: float                # variance of the residual stream after the last block (NaN: no run)
+    exponents: Optional[list]      # per seed: the slope k (None for plain nets: no shortcut, no ratio)
+    exponent_ci: Optional[Interval]
+    stream_sq_mean: Optional[list]  # per block (the figure's depth only; None: no finished run)
+    stream_var: Optional[list]
+    ratio: Optional[list]          # per block: Var(branch) / Var(skip); None for plain nets
+    grad_norms: Optional[list]     # per layer, forward order
+
+
+@dataclass
+class Findings:
+    """Everything claim 5's report shows."""
+
+    parts: list[Part]                             # BN × residual interaction, blocks biased to the identity
+    cells: dict[tuple[int, str, bool], Cell]      # (depth, norm, plain) → the cell, every trained depth
+    deepest: int                                  # the deepest trained depth: where the interaction is taken
+    signal: dict[tuple[int, str, bool], Signal]   # (depth, norm, plain) → at initialization, every signal depth
+    deepest_signal: int                           # the signal figure's depth
+    depth_curves: dict[tuple[str, bool], Band]    # (norm, plain) → test accuracy % against depth
+    plain_degradation: Interval                   # BN plain nets: deepest − shallowest test error (paired)
+
+
+def _cell(profile, results, depth, norm, plain) -> Cell:
+    """The cell's validated lr and per-seed final test accuracy at it."""
+    lr = _tuned(profile, results, depth, norm, plain)[1]
+    test = [final_pct(lookup(results, _train_spec(profile, depth, norm, plain, lr, s)), "test_acc")
+            if lr is not None else math.nan for s in profile["seeds"]]
+    return Cell(lr, test, ci(test, (0, 100)), ci([100 - a for a in test], (0, 100)))
+
+
+def _signal(rows: list, exponents: Optional[list], drawn: bool) -> Signal:
+    """An arm's signal runs (None: not finished) summarized; ``drawn``: with the per-block means the figure
+    draws."""
+    rows = [r for r in rows if r]
+    last = [r["result"]["blocks"][-1].get("stream_var", math.nan) for r in rows]
+    last_var = float(np.mean([v for v in last if v is not None and math.isfinite(v)] or [math.nan]))
+    out = Signal(last_var, exponents, ci(exponents) if exponents else None, None, None, None, None)
+    if drawn and rows:
+        blocks = [r["result"]["blocks"] for r in rows]
+        out.stream_var = np.nanmean([[b.get("stream_var", math.nan) for b in bl] for bl in blocks], axis=0).tolist()
+        out.stream_sq_mean = np.nanmean([[b.get("stream_sq_mean", math.nan) for b in bl] for bl in blocks],
+                                        axis=0).tolist()
+        if exponents is not None:
+            out.ratio = np.nanmean([[b["ratio"] if b.get("ratio") is not None else math.nan for b in bl]
+                                    for bl in blocks], axis=0).tolist()
+        out.grad_norms = np.nanmean([r["result"]["grad_norms"] for r in rows], axis=0).tolist()
+    return out
+
+
+def decide(profile: dict, results: dict) -> Findings:
     cfg, seeds = profile["residual"], profile["seeds"]
-    trained = {(d, n, p): _cell(profile, results, d, n, p) for d in cfg["train_depths"] for n, p in CELLS}
+    cells = {(d, n, p): _cell(profile, results, d, n, p) for d in cfg["train_depths"] for n, p in CELLS}
     deepest = max(cfg["train_depths"])
-    acc = {(n, p): trained[(deepest, n, p)][1] for n, p in CELLS}
+    acc = {(n, p): cells[(deepest, n, p)].test for n, p in CELLS}
     with_res = by_seed(seeds, [a - b for a, b in zip(acc[("bn", False)], acc[("none", False)])])
     plain = by_seed(seeds, [a - b for a, b in zip(acc[("bn", True)], acc[("none", True)])])
     signal = {(d, n, p): [lookup(results, _signal_spec(profile, d, n, p, s)) for s in seeds]
@@ -149,15 +216,21 @@ def decide(profile: dict, results: dict) -> tuple[list[Part], dict]:
     parts = [Part(RULES[0], paired_effect(with_res, plain, "points", RULES[0].bounds)),
              Part(RULES[1], paired_effect(by_seed(seeds, exponents[(deepest_signal, "none")]),
                                           by_seed(seeds, exponents[(deepest_signal, "bn")])))]
-    return parts, {"trained": trained, "deepest": deepest, "signal": signal, "deepest_signal": deepest_signal,
-                   "exponents": exponents}
+    shallow = min(cfg["train_depths"])
+    degradation = ci([(100 - d) - (100 - s) for d, s in zip(cells[(deepest, "bn", True)].test,
+                                                              cells[(shallow, "bn", True)].test)], (-100, 100))
+    return Findings(parts, cells, deepest,
+                    {(d, n, p): _signal(rows, None if p else exponents.get((d, n), []), d == deepest_signal)
+                     for (d, n, p), rows in signal.items()}, deepest_signal,
+                    {(n, p): Band.of(cfg["train_depths"], [cells[(d, n, p)].test_ci for d in cfg["train_depths"]])
+                     for n, p in CELLS}, degradation)
 
 
-def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> ClaimResult:
-    cfg = profile["residual"]
-    trained, deepest, signal = facts["trained"], facts["deepest"], facts["signal"]
-    acc_rows = [[arm_label(n, p)] + [f"{fmt_ci(mean_ci(trained[(d, n, p)][1], (0, 100)), 1)} (lr "
-                                     f"{trained[(d, n, p)][0] if trained[(d, n, p)][0] is not None else 'n/a'})"
+def render(profile: dict, findings: Findings) -> ClaimResult:
+    cfg, parts = profile["residual"], findings.parts
+    cells, deepest, signal = findings.cells, findings.deepest, findings.signal
+    acc_rows = [[arm_label(n, p)] + [f"{fmt_ci(cells[(d, n, p)].test_ci, 1)} (lr "
+                                     f"{cells[(d, n, p)].lr if cells[(d, n, p)].lr is not None else 'n/a'})"
                                      for d in cfg["train_depths"]] for n, p in CELLS]
     acc_table = {"title": "Test accuracy (%) by depth, each cell at its validated learning rate",
                  "columns": ["cell"] + [f"depth {d}" for d in cfg["train_depths"]], "rows": acc_rows}
@@ -165,16 +238,15 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
     for n, p in SIGNAL_ARMS:
         row = [arm_label(n, p)]
         for d in cfg["signal_depths"]:
-            rows = [r for r in signal[(d, n, p)] if r]
-            last_var = [r["result"]["blocks"][-1].get("stream_var", math.nan) for r in rows]
-            k = facts["exponents"].get((d, n), []) if not p else []
-            row.append(f"{_g(last_var)} / " + (fmt_ci(mean_ci(k), 2) if k else "—"))
+            arm = signal[(d, n, p)]
+            var = f"{arm.last_var:.3g}" if math.isfinite(arm.last_var) else "n/a"
+            row.append(f"{var} / " + (fmt_ci(arm.exponent_ci, 2) if arm.exponents else "—"))
         sig_rows.append(row)
     sig_table = {"title": "At initialization: variance of the residual stream after the last block / slope k of "
                           "log(Var branch / Var skip) against log(block index)",
                  "columns": ["arm"] + [f"depth {d}" for d in cfg["signal_depths"]], "rows": sig_rows}
-    edge = [f"{arm_label(n, p)} at depth {d} ({lr:g})" for (d, n, p), (lr, _) in trained.items()
-            if lr is not None and lr in (min(cfg["lrs"]), max(cfg["lrs"]))]
+    edge = [f"{arm_label(n, p)} at depth {d} ({cell.lr:g})" for (d, n, p), cell in cells.items()
+            if cell.lr is not None and cell.lr in (min(cfg["lrs"]), max(cfg["lrs"]))]
     explanation = (f"{parts[0].text(1)}. {parts[1].text()}. " + (
         f"Validated rates at the edge of the grid (a wider grid might move them): {', '.join(edge)}. " if edge else "")
         + f"We take the interaction at the deepest trained depth "
@@ -191,66 +263,47 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
                  "The width is reduced; narrow networks propagate signals more noisily.",
                  f"Each cell chooses among {len(cfg['lrs'])} rates ({cfg['lrs']}); a plain deep net might prefer a "
                  f"rate outside them."],
-        tables=[acc_table, sig_table, paper_table(PAPER, _ours(profile, trained))],
-        figures=[_signal_figure(profile, signal, facts["deepest_signal"]), _depth_figure(profile, trained)],
+        tables=[acc_table, sig_table, paper_table(PAPER, _ours(profile, findings))],
+        figures=[_signal_figure(findings), _depth_figure(profile, findings)],
         numbers={"interaction": parts[0].effect.interval.to_dict(), "exponent_gap": parts[1].effect.interval.to_dict(),
                  "parts": [p.to_dict() for p in parts]})
 
 
-def _ours(profile: dict, trained: dict) -> dict:
+def _ours(profile: dict, findings: Findings) -> dict:
     """Our numbers for :data:`PAPER`'s quantities (test error = 100 − test accuracy, mean [95% CI] over
     seeds, each cell at its validated rate), each with our setting in words."""
-    cfg, sweep = profile["residual"], profile["lr"]
-    budget = f"{sweep['epochs']} epochs" if sweep.get("epochs") else f"{sweep.get('max_steps')} steps"
+    cfg, settings = profile["residual"], sweep.settings(profile)
+    budget = f"{settings['epochs']} epochs" if settings.get("epochs") else f"{settings.get('max_steps')} steps"
     setting = (f"{dataset_label(profile)}, width {profile['width']:g}, {budget} one-cycle at the validated rate among "
-               f"{cfg['lrs']}, batch {sweep['batch_sizes'][0]}, weight decay {sweep.get('weight_decay', 0.0):g}, "
-               f"Nesterov momentum {sweep.get('momentum', 0.9):g}, {profile['val_size']} held out, no augmentation")
-
-    def error(depth, plain):
-        lr, acc = trained[(depth, "bn", plain)]
-        return [100 - a for a in acc], lr
+               f"{cfg['lrs']}, batch {settings['batch_sizes'][0]}, weight decay {settings.get('weight_decay', 0.0):g}, "
+               f"Nesterov momentum {settings.get('momentum', 0.9):g}, {profile['val_size']} held out, no augmentation")
     out = {}
     for depth in cfg["train_depths"]:
-        values, lr = error(depth, False)
-        out[f"error@{depth}"] = (f"{fmt_ci(mean_ci(values, (0, 100)), 2)} at lr {lr if lr is not None else 'n/a'}",
+        cell = findings.cells[(depth, "bn", False)]
+        out[f"error@{depth}"] = (f"{fmt_ci(cell.error_ci, 2)} at lr {cell.lr if cell.lr is not None else 'n/a'}",
                                  setting)
     deep, shallow = max(cfg["train_depths"]), min(cfg["train_depths"])
-    gap = mean_ci([d - s for d, s in zip(error(deep, True)[0], error(shallow, True)[0])], (-100, 100))
-    out["plain_degradation"] = (f"{fmt_ci(gap, 2)} (depth {deep} − depth {shallow}, paired by seed)", setting)
+    out["plain_degradation"] = (f"{fmt_ci(findings.plain_degradation, 2)} (depth {deep} − depth {shallow}, paired "
+                                f"by seed)", setting)
     return out
 
 
-def analyze(profile: dict, results: dict) -> ClaimResult:
-    import sys
-    return _analyze(sys.modules[__name__], profile, results)
-
-
-def _g(values) -> str:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return f"{float(np.mean(finite)):.3g}" if finite else "n/a"
-
-
-def _signal_figure(profile, signal, depth) -> dict:
+def _signal_figure(findings: Findings) -> dict:
+    depth = findings.deepest_signal
     fig, axes = style.figure(ncols=4, width=3.4)
     ax_mean, ax_var, ax_ratio, ax_grad = axes
     idx = np.arange(1, 2)
     for n, p in SIGNAL_ARMS:
-        rows = [r for r in signal[(depth, n, p)] if r]
-        if not rows:
+        arm = findings.signal[(depth, n, p)]
+        if arm.stream_var is None:
             continue
         color, ls = style.arm_color(n), style.LINESTYLES[1 if p else 0]
-        blocks = [r["result"]["blocks"] for r in rows]
-        idx = np.arange(1, len(blocks[0]) + 1)
-        var = np.nanmean([[b.get("stream_var", math.nan) for b in bl] for bl in blocks], axis=0)
-        sq_mean = np.nanmean([[b.get("stream_sq_mean", math.nan) for b in bl] for bl in blocks], axis=0)
-        ax_mean.plot(idx, sq_mean, color=color, ls=ls, label=arm_label(n, p))
-        ax_var.plot(idx, var, color=color, ls=ls, label=arm_label(n, p))
+        idx = np.arange(1, len(arm.stream_var) + 1)
+        ax_mean.plot(idx, arm.stream_sq_mean, color=color, ls=ls, label=arm_label(n, p))
+        ax_var.plot(idx, arm.stream_var, color=color, ls=ls, label=arm_label(n, p))
         if not p:
-            ratio = np.nanmean([[b["ratio"] if b.get("ratio") is not None else math.nan for b in bl]
-                                for bl in blocks], axis=0)
-            ax_ratio.plot(idx, ratio, color=color, label=arm_label(n, p))
-        grads = np.nanmean([r["result"]["grad_norms"] for r in rows], axis=0)
-        ax_grad.plot(np.arange(1, len(grads) + 1), grads, color=color, ls=ls, label=arm_label(n, p))
+            ax_ratio.plot(idx, arm.ratio, color=color, label=arm_label(n, p))
+        ax_grad.plot(np.arange(1, len(arm.grad_norms) + 1), arm.grad_norms, color=color, ls=ls, label=arm_label(n, p))
     ax_ratio.plot(idx, 1 / idx, color="k", lw=0.8, ls=":", label="1/ℓ (De & Smith)")
     for ax, title, ylabel in ((ax_mean, "Stream: squared channel mean", "avg channel squared mean"),
                               (ax_var, "Stream: channel variance", "avg channel variance"),
@@ -268,13 +321,11 @@ def _signal_figure(profile, signal, depth) -> dict:
                        "and do not show on the log scales."}
 
 
-def _depth_figure(profile, trained) -> dict:
-    depths = profile["residual"]["train_depths"]
+def _depth_figure(profile, findings: Findings) -> dict:
     fig, axes = style.figure()
     ax = axes[0]
     for n, p in CELLS:
-        stats = [mean_ci(trained[(d, n, p)][1], (0, 100)) for d in depths]
-        style.band(ax, depths, *zip(*stats), color=style.arm_color(n), label=arm_label(n, p),
+        style.band(ax, *findings.depth_curves[(n, p)], color=style.arm_color(n), label=arm_label(n, p),
                    linestyle=style.LINESTYLES[1 if p else 0])
     ax.set(xlabel="depth", ylabel="test accuracy (%)", title="Accuracy against depth")
     ax.grid(alpha=0.3)

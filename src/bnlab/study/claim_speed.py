@@ -15,17 +15,18 @@ reported as the fraction of BN's speed-up (in log steps) they recover, with a pa
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
 from scipy import stats
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-from bnlab.study import claim_lr, style
-from bnlab.study.common import (analyze as _analyze, arm_label, by_seed, dataset_label, fmt_ci, lookup, mean_ci,
+from bnlab.study import style, sweep
+from bnlab.study.common import (Band, LaterRounds, arm_label, by_seed, ci, dataset_label, fmt_ci, lookup,
                                 paper_table, train_spec)
 from bnlab.study.metrics import loss_curve_area, steps_to_target
-from bnlab.study.verdict import SUPPORTED, ClaimResult, Part, Rule, Verdict, paired_effect
+from bnlab.study.verdict import SUPPORTED, ClaimResult, Interval, Part, Rule, Verdict, paired_effect
 
 NUMBER = 2
 SLUG = "speed"
@@ -92,10 +93,36 @@ PRESETS = {
 }
 
 
+def _arms_are_swept(profile) -> None:
+    """The longer runs' arms are among the sweep's (``profile``: the profile being validated)."""
+    speed, swept = getattr(profile, SLUG, None), getattr(profile, sweep.SECTION, None)
+    if speed is not None and swept is not None and speed.arms and not set(speed.arms) <= set(swept.arms):
+        raise ValueError(f"speed.arms {speed.arms} must be among lr.arms {swept.arms} (claim 2 trains each arm "
+                         f"at the rate claim 4's sweep validated)")
+
+
+def _later_runs(profile: dict) -> dict[str, int]:
+    """The sweep's extensions at the first batch size, and the longer runs: at worst every rate of the
+    extended grid, and every arm but none run again for the plateau budget in every seed."""
+    cfg, seeds = sweep.settings(profile), len(profile["seeds"])
+    again = (len(arms(profile)) - 1) * seeds if plateau_epochs(profile) > profile["speed"]["epochs"] else 0
+    longer = len(arms(profile)) * (len(cfg["lrs"]) + cfg.get("max_extensions", 0)) * seeds + again
+    return {**sweep.extension_runs(profile, [sweep.first_batch_size(profile)]), "claim 2's longer runs": longer}
+
+
+# what the registry, the plan and the profiles read (see bnlab.study.claims)
+TUNED_ON_SEEDS = False  # each arm's rate comes from claim 4's sweep, where every seed ran every rate
+LATER_ROUNDS = LaterRounds("claim 4's grid extensions at the first batch size, the longer runs at each arm's "
+                           "validated rate, and the reruns for the plateau budget; bounded by lr.max_extensions",
+                           _later_runs)
+PROFILE_CHECKS = (_arms_are_swept,)
+DATASET_FIELDS = ()
+
+
 # ------------------------------------------------------------------------------------------------ measure
 
 def arms(profile: dict) -> list[str]:
-    return list(profile["speed"].get("arms") or profile["lr"]["arms"])
+    return list(profile["speed"].get("arms") or sweep.settings(profile)["arms"])
 
 
 def plateau_epochs(profile: dict) -> int:
@@ -112,17 +139,17 @@ def _spec(profile: dict, norm: str, lr: float, seed: int, epochs: Optional[int] 
     rate stays constant."""
     cfg = profile["speed"]
     epochs = epochs or _epochs(profile, norm)
-    return train_spec(profile, norm=norm, lr=lr, batch_size=profile["lr"]["batch_sizes"][0], seed=seed,
+    return train_spec(profile, norm=norm, lr=lr, batch_size=sweep.first_batch_size(profile), seed=seed,
                       epochs=epochs, schedule="constant",
                       warmup_fraction=cfg["warmup_fraction"] * cfg["epochs"] / epochs)
 
 
 def _validated(profile: dict, results: Optional[dict], norm: str) -> Optional[float]:
     """The arm's validated lr from claim 4's sweep, once that arm's grid is final (else ``None``)."""
-    b0 = profile["lr"]["batch_sizes"][0]
-    if not claim_lr.grid(profile, results, b0, norm)[1]:
+    b0 = sweep.first_batch_size(profile)
+    if not sweep.grid(profile, results, b0, norm)[1]:
         return None
-    return claim_lr.sweep_table(profile, results, b0, norm)["best_lr"]
+    return sweep.table(profile, results, b0, norm).best_lr
 
 
 def _rates(profile: dict, results: Optional[dict], norm: str) -> list[float]:
@@ -131,7 +158,7 @@ def _rates(profile: dict, results: Optional[dict], norm: str) -> list[float]:
     best = _validated(profile, results, norm)
     if best is None:
         return []
-    grid = [lr for lr in claim_lr.grid(profile, results, profile["lr"]["batch_sizes"][0], norm)[0] if lr <= best]
+    grid = [lr for lr in sweep.grid(profile, results, sweep.first_batch_size(profile), norm)[0] if lr <= best]
     tried = []
     for lr in reversed(grid):
         tried.append(lr)
@@ -143,9 +170,9 @@ def _rates(profile: dict, results: Optional[dict], norm: str) -> list[float]:
 
 def measure(profile: dict, results: Optional[dict] = None) -> list[dict]:
     """Claim 4's sweep at the first batch size, then (in later rounds) the longer runs."""
-    b0 = profile["lr"]["batch_sizes"][0]
-    out = [claim_lr.sweep_spec(profile, a, lr, b0, s) for a in profile["lr"]["arms"]
-           for lr in claim_lr.grid(profile, results, b0, a)[0] for s in profile["seeds"]]
+    b0 = sweep.first_batch_size(profile)
+    out = [sweep.spec(profile, a, lr, b0, s) for a in sweep.settings(profile)["arms"]
+           for lr in sweep.grid(profile, results, b0, a)[0] for s in profile["seeds"]]
     for a in arms(profile):
         out += [_spec(profile, a, lr, s) for lr in _rates(profile, results, a) for s in profile["seeds"]]
     return out + [spec for a in arms(profile) if a != "none" for spec in _extensions(profile, results, a).values()]
@@ -174,9 +201,6 @@ def _extensions(profile: dict, results: Optional[dict], arm: str) -> dict:
     return out
 
 
-specs = measure
-
-
 # ------------------------------------------------------------------------------------------------ decide
 
 def _runs(profile, results, arm) -> tuple[Optional[float], list]:
@@ -189,7 +213,37 @@ def _curve(row) -> dict:
     return ((row or {}).get("result") or {}).get("curve", {})
 
 
-def decide(profile: dict, results: dict) -> tuple[list[Part], dict]:
+@dataclass
+class Curves:
+    """One arm's longer runs at its rate, averaged over seeds, as the figure draws them."""
+
+    lr: float
+    val: Band          # validation accuracy % with its 95% CI at each evaluated step
+    loss_steps: list   # steps of the training loss below
+    loss: list         # training loss: mean over seeds, then a running mean over ≈ 1/50 of the steps
+
+
+@dataclass
+class Findings:
+    """Everything claim 2's report shows. Per-seed lists follow the profile's seeds."""
+
+    parts: list[Part]                       # fewer steps, lower training loss
+    lrs: dict[str, Optional[float]]         # arm → its longer runs' rate (validated; lower if it diverged)
+    targets: list[float]                    # per seed: the target validation accuracy (a fraction)
+    steps: dict[str, list[float]]           # arm → per seed: steps to the target (never reached: the budget)
+    areas: dict[str, list[float]]           # arm → per seed: mean training loss over the first common_steps
+    censored: dict[str, int]                # arm → runs that never reached the target, even run longer
+    extended: dict[str, list]               # arm → the seeds that ran again for the plateau budget
+    recovery: dict[str, tuple[float, float, float]]  # SkipInit, Fixup → fraction of BN's speed-up, 95% CI
+    common_steps: int                       # steps every finished run has
+    target_pct: Interval                    # the target in %, over seeds
+    steps_ci: dict[str, Interval]           # arm → steps to the target, over seeds
+    areas_ci: dict[str, Interval]           # arm → mean training loss, over seeds
+    curves: dict[str, Curves]               # arm → its curves (arms with any)
+    target_line: Optional[float]            # the mean target in % (None: no seed has one)
+
+
+def decide(profile: dict, results: dict) -> Findings:
     seeds, arms_ = profile["seeds"], arms(profile)
     runs = {a: _runs(profile, results, a) for a in arms_}
     targets = [_target(profile, row) for row in runs["none"][1]]
@@ -223,9 +277,29 @@ def decide(profile: dict, results: dict) -> tuple[list[Part], dict]:
              Part(RULES[1], paired_effect(logs(areas["none"]), logs(areas["bn"]), "decades"))]
     none_l, bn_l = logs(steps["none"]), logs(steps["bn"])
     recovery = {a: _recovery(none_l, logs(steps[a]), bn_l) for a in ("skipinit", "fixup") if a in arms_}
-    return parts, {"runs": runs, "targets": targets, "steps": steps, "areas": areas, "censored": censored,
-                   "recovery": recovery, "common_steps": common,
-                   "extended": {a: sorted(e) for a, e in extended.items()}}
+    finite = [t for t in targets if math.isfinite(t)]
+    curves = {a: _curves(lr, rows) for a, (lr, rows) in runs.items()}
+    return Findings(parts, {a: lr for a, (lr, _) in runs.items()}, targets, steps, areas, censored,
+                    {a: sorted(e) for a, e in extended.items()}, recovery, common,
+                    target_pct=ci([100 * t for t in targets], (0, 100)),
+                    steps_ci={a: ci(v) for a, v in steps.items()}, areas_ci={a: ci(v) for a, v in areas.items()},
+                    curves={a: c for a, c in curves.items() if c is not None},
+                    target_line=100 * float(np.mean(finite)) if finite else None)
+
+
+def _curves(lr: Optional[float], rows: list) -> Optional[Curves]:
+    """The arm's validation curve over seeds (to the steps every run evaluated), and its smoothed training loss."""
+    rows = [r for r in rows if r is not None and _curve(r).get("step")]
+    if not rows:
+        return None
+    n = min(len(_curve(r)["step"]) for r in rows)
+    val = Band.of(_curve(rows[0])["step"][:n],
+                  [ci([100 * (_curve(r)["val_acc"][i] or math.nan) for r in rows], (0, 100)) for i in range(n)])
+    m = min(len(r["result"]["losses"]) for r in rows)
+    mean = np.nanmean([[v if v is not None else math.nan for v in r["result"]["losses"][:m]] for r in rows], axis=0)
+    k = max(1, m // 50)
+    smooth = np.convolve(mean, np.ones(k) / k, mode="valid")
+    return Curves(lr, val, (np.arange(len(smooth)) + k).tolist(), smooth.tolist())
 
 
 def _recovery(none_l: dict, arm_l: dict, bn_l: dict) -> tuple[float, float, float]:
@@ -248,32 +322,31 @@ def _recovery(none_l: dict, arm_l: dict, bn_l: dict) -> tuple[float, float, floa
 
 # ------------------------------------------------------------------------------------------------ render
 
-def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> ClaimResult:
-    steps = facts["steps"]
+def render(profile: dict, findings: Findings) -> ClaimResult:
+    f = findings
     rows = []
     for a in arms(profile):
-        lr = facts["runs"][a][0]
-        rows.append([arm_label(a), "n/a" if lr is None else f"{lr:g}", fmt_ci(mean_ci(steps[a]), 0),
-                     str(facts["censored"][a]), fmt_ci(mean_ci(facts["areas"][a]), 3),
-                     fmt_ci(facts["recovery"][a], 2) if a in facts["recovery"] else "—"])
+        lr = f.lrs[a]
+        rows.append([arm_label(a), "n/a" if lr is None else f"{lr:g}", fmt_ci(f.steps_ci[a], 0),
+                     str(f.censored[a]), fmt_ci(f.areas_ci[a], 3),
+                     fmt_ci(f.recovery[a], 2) if a in f.recovery else "—"])
     table = {"title": "Steps to the target (a fraction of the unnormalized arm's validation plateau)",
              "columns": ["arm", "lr (validated; lower if it diverged)", "steps to target",
                          "runs that never reached it (even run longer)",
-                         f"mean training loss (first {facts['common_steps']} steps)",
+                         f"mean training loss (first {f.common_steps} steps)",
                          "fraction of BN's speed-up recovered"], "rows": rows}
-    speed, area = parts
+    speed, area = parts = f.parts
     ratio = 10 ** speed.effect.interval.mean if speed.effect.interval.finite else math.nan
     explanation = (
         f"The target is {profile['speed']['target_fraction']:g} × the unnormalized network's best validation "
-        f"accuracy in a {plateau_epochs(profile)}-epoch run: "
-        f"{fmt_ci(mean_ci([100 * t for t in facts['targets']], (0, 100)), 1)}%. "
-        f"BN reached it in {fmt_ci(mean_ci(steps['bn']), 0)} steps against {fmt_ci(mean_ci(steps['none']), 0)} "
+        f"accuracy in a {plateau_epochs(profile)}-epoch run: {fmt_ci(f.target_pct, 1)}%. "
+        f"BN reached it in {fmt_ci(f.steps_ci['bn'], 0)} steps against {fmt_ci(f.steps_ci['none'], 0)} "
         f"without normalization (≈{ratio:.3g}× fewer). {speed.text()}. {area.text(3)}. " + " ".join(
             f"{arm_label(a)} recovers {fmt_ci(v, 2)} of BN's speed-up (1 = all of it, 0 = none)."
-            for a, v in facts["recovery"].items())
+            for a, v in f.recovery.items())
         + "".join(f" {arm_label(a)} had not reached the target after {profile['speed']['epochs']} epochs in seed(s) "
                   f"{', '.join(map(str, e))}, which ran again for {plateau_epochs(profile)} epochs."
-                  for a, e in facts["extended"].items() if e)
+                  for a, e in f.extended.items() if e)
         + ("" if "skipinit" in arms(profile) and "fixup" in arms(profile) else
            " SkipInit and Fixup are not among this profile's arms for the longer runs (speed.arms)."))
     return ClaimResult(
@@ -292,12 +365,12 @@ def render(profile: dict, results: dict, parts: list[Part], facts: dict) -> Clai
             f"{_times(speed.effect.interval)} (each arm at its own validated rate)",
             f"width-{profile['width']:g} ResNet-{profile['depth']} on {dataset_label(profile)}, target "
             f"{profile['speed']['target_fraction']:g} × the unnormalized net's plateau in a "
-            f"{plateau_epochs(profile)}-epoch constant-rate run, batch {profile['lr']['batch_sizes'][0]}")})],
-        figures=[_curve_figure(profile, facts)],
+            f"{plateau_epochs(profile)}-epoch constant-rate run, batch {sweep.first_batch_size(profile)}")})],
+        figures=[_curve_figure(f)],
         numbers={"log10_speedup": speed.effect.interval.to_dict(), "log10_loss_ratio": area.effect.interval.to_dict(),
                  "parts": [p.to_dict() for p in parts],
-                 "recovery": {a: dict(zip(("mean", "low", "high"), map(_clean, v))) for a, v in facts["recovery"].items()},
-                 "target_pct": [_clean(100 * t) for t in facts["targets"]]})
+                 "recovery": {a: dict(zip(("mean", "low", "high"), map(_clean, v))) for a, v in f.recovery.items()},
+                 "target_pct": [_clean(100 * t) for t in f.targets]})
 
 
 def _times(interval) -> str:
@@ -307,33 +380,17 @@ def _times(interval) -> str:
     return f"{10 ** interval.mean:.3g}× [{10 ** interval.low:.3g}×, {10 ** interval.high:.3g}×]"
 
 
-def analyze(profile: dict, results: dict) -> ClaimResult:
-    import sys
-    return _analyze(sys.modules[__name__], profile, results)
-
-
 def _clean(v):
     return float(v) if v is not None and math.isfinite(v) else None
 
 
-def _curve_figure(profile, facts) -> dict:
+def _curve_figure(findings: Findings) -> dict:
     fig, (ax_acc, ax_loss) = style.figure(ncols=2)
-    for a, (lr, rows) in facts["runs"].items():
-        rows = [r for r in rows if r is not None and _curve(r).get("step")]
-        if not rows:
-            continue
-        n = min(len(_curve(r)["step"]) for r in rows)
-        steps = _curve(rows[0])["step"][:n]
-        stats = [mean_ci([100 * (_curve(r)["val_acc"][i] or math.nan) for r in rows], (0, 100)) for i in range(n)]
-        style.band(ax_acc, steps, *zip(*stats), color=style.arm_color(a), label=f"{arm_label(a)} (lr {lr:g})")
-        m = min(len(r["result"]["losses"]) for r in rows)
-        mean = np.nanmean([[v if v is not None else math.nan for v in r["result"]["losses"][:m]] for r in rows], axis=0)
-        k = max(1, m // 50)
-        smooth = np.convolve(mean, np.ones(k) / k, mode="valid")
-        ax_loss.plot(np.arange(len(smooth)) + k, smooth, color=style.arm_color(a))
-    finite = [t for t in facts["targets"] if math.isfinite(t)]
-    if finite:
-        ax_acc.axhline(100 * float(np.mean(finite)), ls=":", color="k", lw=0.8, label="target (mean over seeds)")
+    for a, curves in findings.curves.items():
+        style.band(ax_acc, *curves.val, color=style.arm_color(a), label=f"{arm_label(a)} (lr {curves.lr:g})")
+        ax_loss.plot(curves.loss_steps, curves.loss, color=style.arm_color(a))
+    if findings.target_line is not None:
+        ax_acc.axhline(findings.target_line, ls=":", color="k", lw=0.8, label="target (mean over seeds)")
     ax_acc.set(xlabel="step", ylabel="validation accuracy (%)", title="Validation accuracy")
     ax_loss.set(xlabel="step", ylabel="training loss (running mean)", title="Training loss", yscale="log")
     for ax in (ax_acc, ax_loss):

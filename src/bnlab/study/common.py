@@ -1,23 +1,23 @@
 """Pieces the claim modules share: building specs from a profile, reading rows back, choosing on
-validation, and the step every claim's ``analyze`` ends with (no verdict from failed runs)."""
+validation, the intervals and curves their findings hold, formatting, and :class:`LaterRounds` (what a
+claim may add once it sees results)."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
 from bnlab.study.kinds import TRAIN
 from bnlab.study.metrics import is_stable, mean_ci
 from bnlab.study.specs import spec_key
-from bnlab.study.verdict import NO_VERDICT, ClaimResult, Interval
+from bnlab.study.verdict import Interval
 
 __all__ = ["data_fields", "dataset_label", "base_fields", "train_spec", "lookup", "count_failed", "final_loss",
-           "final_pct", "stable",
-           "choose_lr", "tuning_seeds", "tuned", "tuning_caveat", "seed_list", "by_seed", "analyze", "ARM_LABELS",
-           "arm_label", "fmt", "fmt_ci",
-           "ACC_BOUNDS", "DIFF_BOUNDS"]
+           "final_pct", "stable", "choose_lr", "tuning_seeds", "tuned", "tuning_caveat", "seed_list", "by_seed",
+           "ci", "Band", "LaterRounds", "ARM_LABELS", "arm_label", "fmt", "fmt_ci", "ACC_BOUNDS", "DIFF_BOUNDS"]
 
 ACC_BOUNDS = (0.0, 100.0)       # an accuracy in percent
 DIFF_BOUNDS = (-100.0, 100.0)   # a difference of two accuracies
@@ -174,24 +174,45 @@ def by_seed(seeds: Sequence, values: Sequence[float]) -> dict:
     return dict(zip(seeds, values))
 
 
-def analyze(module, profile: dict, results: dict) -> ClaimResult:
-    """``module.render(profile, results, *module.decide(profile, results))``, then :func:`mark_failures`."""
-    parts, facts = module.decide(profile, results)
-    return mark_failures(module, profile, results, module.render(profile, results, parts, facts))
+def ci(values: Iterable[float], bounds: Optional[tuple[float, float]] = None, unit: str = "") -> Interval:
+    """The mean of the finite ``values`` with its 95% interval (:func:`bnlab.study.metrics.mean_ci`), as
+    an :class:`~bnlab.study.verdict.Interval`."""
+    return Interval.of(mean_ci(list(values), bounds), unit)
 
 
-def mark_failures(module, profile: dict, results: dict, result: ClaimResult) -> ClaimResult:
-    """If any of the claim's runs failed, its verdict is ``no verdict`` and the failures are counted (the
-    CLI then exits non-zero naming the claim). Idempotent."""
-    failed = count_failed(results, module.measure(profile, results))
-    result.numbers = json_safe(result.numbers)
-    if failed and not result.failed_runs:
-        result.failed_runs = failed
-        result.verdict.verdict = NO_VERDICT
-        result.verdict.explanation = (f"{failed} of this claim's runs failed, so it gets no verdict (rerun "
-                                      f"`bnlab study` with the same --out to retry them). "
-                                      + result.verdict.explanation)
-    return result
+@dataclass
+class Band:
+    """A curve with its 95% band, as a figure draws it: ``x`` and, at each x, the mean and the interval's
+    ends. Unpacks as ``(x, mean, low, high)``, the arguments of :func:`bnlab.study.style.band`."""
+
+    x: list
+    mean: list
+    low: list
+    high: list
+
+    @classmethod
+    def of(cls, x: Sequence, intervals: Iterable[Sequence[float]]) -> "Band":
+        """From ``x`` and one (mean, low, high) per x."""
+        intervals = [(i.mean, i.low, i.high) if isinstance(i, Interval) else tuple(i) for i in intervals]
+        return cls(list(x), [m for m, _, _ in intervals], [lo for _, lo, _ in intervals],
+                   [hi for _, _, hi in intervals])
+
+    def __iter__(self):
+        return iter((self.x, self.mean, self.low, self.high))
+
+
+@dataclass(frozen=True)
+class LaterRounds:
+    """What a claim may add after the runner's first round, once it sees results (its ``LATER_ROUNDS``).
+
+    ``runs(profile)`` maps what adds runs to the most it may add. What two claims both name (claim 4's grid
+    extensions at one batch size, which claim 2 trains too) are the same runs: the dry-run plan counts them
+    once, with the first of the claims. ``what`` says what they are in the plan's note, ``none`` ends the
+    note of a claim that adds none here."""
+
+    what: str
+    runs: Callable[[dict], dict[str, int]]
+    none: str = "."
 
 
 def fmt(value: float, digits: int = 2) -> str:
@@ -231,4 +252,4 @@ def paper_table(paper: list[dict], ours: dict) -> dict:
                      "settings differ)", "columns": ["quantity", "ours", "paper", "setting"], "rows": rows}
 
 
-__all__ += ["json_safe", "mean_ci", "mark_failures", "paper_table"]
+__all__ += ["json_safe", "mean_ci", "paper_table"]

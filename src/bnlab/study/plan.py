@@ -2,14 +2,15 @@
 
 What it says:
 
-* **runs** — per claim, per kind (train / ics / signal): each distinct run is counted once, with the first
-  claim (in number order) that declares it, and the other claims show how many of their runs they share
-  with it. Counted: the runner's first round, and the runs claims 1, 3 and 5 add once their tuning seeds
-  have chosen each rate (the other seeds at one rate per arm: their number does not depend on the
-  results). Claims 2 and 4 may add runs in later rounds (claim 4 extends
-  its learning-rate grid while an arm is stable at the top, at most ``lr.max_extensions`` times; claim 2
-  trains each arm at the rate claim 4's sweep validated, falling back a rate while a seed diverges); their
-  upper bounds follow from the profile (:func:`later_rounds`).
+* **runs** — per claim, per kind (:mod:`bnlab.study.kinds`): each distinct run is counted once, with the
+  first claim (in number order) that declares it, and the other claims show how many of their runs they
+  share with it. Counted: the runner's first round, and the runs a claim tuned on seeds
+  (``TUNED_ON_SEEDS``) adds once its tuning seeds have chosen each rate (the other seeds at one rate per
+  arm: their number does not depend on the results). A claim that may add runs in later rounds declares
+  what they are and their upper bound, which follows from the profile (``LATER_ROUNDS``, see
+  :class:`bnlab.study.common.LaterRounds`): claim 4 extends its learning-rate grid while an arm is stable
+  at the top, at most ``lr.max_extensions`` times; claim 2 trains each arm at the rate claim 4's sweep
+  validated, falling back a rate while a seed diverges (:func:`later_rounds`).
 * **time** — from a short calibration: for each class of spec (kind, depth, width, dataset, batch size,
   device) one representative (the costliest by :func:`bnlab.study.runner.estimated_cost`) trains a few
   steps on one thread, as every run does (:func:`calibrate`). A run's estimate is its training steps ×
@@ -66,15 +67,14 @@ class ClaimCount:
         return {k: v for k, v in counts.items() if v}
 
 
-TUNED = (1, 3, 5)  # claims that choose rates on the tuning seeds, then run the other seeds at the choice
 _FINISHED = {"status": "done", "result": {"final": {"val_acc": 0.5, "test_acc": 0.5, "train_acc": 1.0},
                                           "losses": [2.0, 2.0], "initial_loss": 2.0, "chance": 0.1}}
 
 
 def count_runs(profile: dict, claims: Sequence[int]) -> dict[int, ClaimCount]:
-    """claim → :class:`ClaimCount` for the first round plus the tuned claims' second round (found by
-    answering every first-round run with a finished placeholder: which rate wins does not change how
-    many runs follow). Without the tuned claims the ``own`` runs are exactly
+    """claim → :class:`ClaimCount` for the first round plus the second round of the claims tuned on seeds
+    (found by answering every first-round run with a finished placeholder: which rate wins does not
+    change how many runs follow). Without those claims the ``own`` runs are exactly
     :func:`bnlab.study.claims.collect_specs` (the claims are taken in number order, as there)."""
     owner: dict[str, int] = {}
     out: dict[int, ClaimCount] = {}
@@ -82,7 +82,7 @@ def count_runs(profile: dict, claims: Sequence[int]) -> dict[int, ClaimCount]:
     finished = {spec_key(spec): _FINISHED for specs in first.values() for spec in specs}
     for number in sorted(claims):
         count = out[number] = ClaimCount(number, CLAIMS[number].TITLE)
-        specs = CLAIMS[number].measure(profile, finished) if number in TUNED else first[number]
+        specs = CLAIMS[number].measure(profile, finished) if CLAIMS[number].TUNED_ON_SEEDS else first[number]
         for spec in specs:
             key = spec_key(spec)
             if key not in owner:
@@ -95,19 +95,19 @@ def count_runs(profile: dict, claims: Sequence[int]) -> dict[int, ClaimCount]:
 
 
 def later_rounds(profile: dict, claims: Sequence[int]) -> dict[int, int]:
-    """claim → the most runs it may add after the first round (only claims 2 and 4 add any), counted like
-    :func:`count_runs`: grid extensions at the first batch size go to claim 2 when it is chosen."""
-    cfg, seeds = profile["lr"], len(profile["seeds"])
-    per_batch = len(cfg["arms"]) * cfg.get("max_extensions", 0) * seeds  # extra rates of claim 4's sweep
+    """claim → the most runs it may add after the first round (for the claims that declare
+    ``LATER_ROUNDS``), counted like :func:`count_runs`: what two claims may both add (claim 4's grid
+    extensions at the first batch size, which claim 2 trains too) is counted once, with the first."""
+    owner: dict[str, int] = {}
     out = {}
-    if 2 in claims:  # its sweep's extensions + the longer runs: at worst every rate of the extended grid, and
-        # every arm but none run again for the plateau budget in every seed
-        speed = CLAIMS[2]
-        arms = speed.arms(profile)
-        again = (len(arms) - 1) * seeds if speed.plateau_epochs(profile) > profile["speed"]["epochs"] else 0
-        out[2] = per_batch + len(arms) * (len(cfg["lrs"]) + cfg.get("max_extensions", 0)) * seeds + again
-    if 4 in claims:
-        out[4] = per_batch * (len(cfg["batch_sizes"]) - (1 if 2 in claims else 0))
+    for number in sorted(claims):
+        later = CLAIMS[number].LATER_ROUNDS
+        if later is None:
+            continue
+        out[number] = 0
+        for what, most in later.runs(profile).items():
+            if owner.setdefault(what, number) == number:
+                out[number] += most
     return out
 
 
@@ -347,15 +347,13 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
 
 def _notes(plan: Plan, later: dict, cuda_wanted: bool, on: str, gpus_per_run: Optional[float]) -> None:
     notes = plan.notes
-    notes.append("The first round and the tuned claims' second round (1, 3, 5); shared runs are counted once, with "
-                 "the first claim that declares them.")
+    tuned = ", ".join(str(n) for n, claim in CLAIMS.items() if claim.TUNED_ON_SEEDS)
+    notes.append(f"The first round and the tuned claims' second round ({tuned}); shared runs are counted once, "
+                 f"with the first claim that declares them.")
     for number, most in later.items():
-        what = ("claim 4's grid extensions at the first batch size, the longer runs at each arm's "
-                "validated rate, and the reruns for the plateau budget" if number == 2
-                else "grid extensions while an arm is stable at the top")
-        notes.append(f"Claim {number} may add up to {most} runs in later rounds ({what}; bounded by "
-                     f"lr.max_extensions)." if most else f"Claim {number} adds no runs in later rounds here"
-                     + (" (its extensions at the first batch size are counted with claim 2)." if number == 4 else "."))
+        rounds = CLAIMS[number].LATER_ROUNDS
+        notes.append(f"Claim {number} may add up to {most} runs in later rounds ({rounds.what})." if most
+                     else f"Claim {number} adds no runs in later rounds here{rounds.none}")
     if plan.calibrated_on is None:
         notes.append("Not calibrated (--no-calibrate): run counts only.")
         return

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 from bnlab.errors import UserError
 from bnlab.study.claims import SECTIONS
 
-__all__ = ["PROFILES", "Profile", "Shared", "get_profile", "validate", "with_overrides"]
+__all__ = ["PROFILES", "Profile", "Shared", "get_profile", "validate", "with_overrides", "datasets"]
 
 SIZES = ("tiny", "quick", "standard", "full")
 
@@ -94,11 +94,10 @@ class Shared(BaseModel):
         return device
 
     @model_validator(mode="after")
-    def _speed_arms_are_swept(self):
-        speed, sweep = getattr(self, "speed", None), getattr(self, "lr", None)
-        if speed is not None and sweep is not None and speed.arms and not set(speed.arms) <= set(sweep.arms):
-            raise ValueError(f"speed.arms {speed.arms} must be among lr.arms {sweep.arms} (claim 2 trains each arm "
-                             f"at the rate claim 4's sweep validated)")
+    def _claims_agree(self):
+        for claim in SECTIONS.values():  # checks across sections, each declared by the claim that needs it
+            for check in claim.PROFILE_CHECKS:
+                check(self)
         return self
 
     @model_validator(mode="after")
@@ -141,6 +140,11 @@ _SHARED = {
              "depth": 110, "device": "cuda", "requires_cuda": True, "val_size": 5000, "val_eval_size": 2000,
              "eval_every": 100},
 }
+
+_NO_PRESET = [f"{m.__name__} has no {size!r} preset" for m in SECTIONS.values() for size in SIZES
+              if size not in m.PRESETS]
+if _NO_PRESET:
+    raise TypeError(f"every claim's PRESETS has one section per profile size: {'; '.join(_NO_PRESET)}")
 
 PROFILES: dict[str, dict] = {size: {"name": size, **_SHARED[size], **{slug: copy.deepcopy(m.PRESETS[size])
                                                                       for slug, m in SECTIONS.items()}}
@@ -190,7 +194,9 @@ def with_overrides(profile: dict, dataset: Optional[str] = None, device: Optiona
     profile = copy.deepcopy(profile)
     if dataset:
         profile["dataset"] = dataset
-        profile["regularize"]["dataset"] = dataset
+        for slug, claim in SECTIONS.items():  # a claim whose section names a dataset of its own
+            for name in claim.DATASET_FIELDS:
+                profile[slug][name] = dataset
     if device:
         profile["device"] = device
     if seeds is not None:
@@ -200,3 +206,9 @@ def with_overrides(profile: dict, dataset: Optional[str] = None, device: Optiona
     given = [f"--{k} {v}" for k, v in (("dataset", dataset), ("device", device), ("seeds", seeds)) if v is not None]
     return validate(profile, f"profile {profile.get('name', '')} with {' '.join(given)}" if given else
                     f"profile {profile.get('name', '')}")
+
+
+def datasets(profile: dict) -> set[str]:
+    """The datasets a profile's runs read: its own, and any a claim's section names (``DATASET_FIELDS``)."""
+    return {profile["dataset"]} | {profile[slug].get(name) or profile["dataset"] for slug, claim in SECTIONS.items()
+                                   for name in claim.DATASET_FIELDS}

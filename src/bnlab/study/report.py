@@ -1,5 +1,8 @@
 """The report: read the store, ask each claim for its verdict, write report.md (+ PNGs) and report.html.
 
+Each claim is analyzed by :func:`analyze`: its ``decide`` turns the stored runs into findings, its
+``render`` formats them, and a claim with failed runs gets no verdict (:func:`mark_failures`).
+
 Nothing here trains: ``bnlab report DIR`` regenerates the files from ``DIR/study.sqlite``, opened read-only,
 into ``DIR`` or another directory (``out``). The HTML embeds every figure as a base64 palette PNG so the one
 file opens offline; the Markdown links the PNG files in ``figures/``. ``verdicts.json`` holds the verdicts,
@@ -27,17 +30,36 @@ from markupsafe import Markup, escape
 
 from bnlab.errors import UserError
 from bnlab.study.claims import CLAIMS
-from bnlab.study.common import dataset_label, mark_failures
+from bnlab.study.common import count_failed, dataset_label, json_safe
 from bnlab.study.runner import STORE_NAME
 from bnlab.study.store import Store
 from bnlab.study.style import png_bytes
 from bnlab.study.templates import HTML, MARKDOWN
-from bnlab.study.verdict import NO_VERDICT, SUPPORTED, ClaimResult, Interval, Verdict
+from bnlab.study.verdict import NO_VERDICT, ClaimResult, Interval, Verdict
 
-__all__ = ["SCHEMA_VERSION", "build_report", "analyze_claims", "render", "md_cell", "inline_html",
-           "inline_markdown", "json_clean"]
+__all__ = ["SCHEMA_VERSION", "build_report", "analyze", "mark_failures", "analyze_claims", "render", "md_cell",
+           "inline_html", "inline_markdown", "json_clean"]
 
 SCHEMA_VERSION = 2  # of verdicts.json: 2 = {"schema_version", "study": {...}, "claims": {"1": {...}, ...}}
+
+
+def analyze(claim, profile: dict, results: dict) -> ClaimResult:
+    """``claim.render(profile, claim.decide(profile, results))``, then :func:`mark_failures`."""
+    return mark_failures(claim, profile, results, claim.render(profile, claim.decide(profile, results)))
+
+
+def mark_failures(claim, profile: dict, results: dict, result: ClaimResult) -> ClaimResult:
+    """If any of the claim's runs failed, its verdict is ``no verdict`` and the failures are counted (the
+    CLI then exits non-zero naming the claim). Idempotent."""
+    failed = count_failed(results, claim.measure(profile, results))
+    result.numbers = json_safe(result.numbers)
+    if failed and not result.failed_runs:
+        result.failed_runs = failed
+        result.verdict.verdict = NO_VERDICT
+        result.verdict.explanation = (f"{failed} of this claim's runs failed, so it gets no verdict (rerun "
+                                      f"`bnlab study` with the same --out to retry them). "
+                                      + result.verdict.explanation)
+    return result
 
 
 def analyze_claims(profile: dict, results: dict, claims) -> list[ClaimResult]:
@@ -49,16 +71,16 @@ def analyze_claims(profile: dict, results: dict, claims) -> list[ClaimResult]:
         try:
             with warnings.catch_warnings():  # all-NaN slices (e.g. a diverged arm) are expected, not news
                 warnings.simplefilter("ignore", RuntimeWarning)
-                result = module.analyze(profile, results)
+                result = analyze(module, profile, results)
             result.error = None
         except Exception as error:  # noqa: BLE001 — the report must still be written
             nan = Interval(math.nan, math.nan, math.nan)
             result = ClaimResult(n, module.TITLE, Verdict(NO_VERDICT, "n/a", nan, "The analysis failed; see below."),
-                                 module.LITERATURE, module.RULE, expected=getattr(module, "EXPECTED", SUPPORTED),
-                                 caveats=["No verdict could be computed from the runs."],
-                                 finding=getattr(module, "FINDING", ""))
+                                 module.LITERATURE, module.RULE, expected=module.EXPECTED,
+                                 caveats=["No verdict could be computed from the runs."], finding=module.FINDING)
             result.error = f"{type(error).__name__}: {error} — {traceback.format_exc(limit=-1).strip()}"
-        out.append(mark_failures(module, profile, results, result))
+            result = mark_failures(module, profile, results, result)
+        out.append(result)
     return out
 
 

@@ -284,7 +284,7 @@ class Verdict:
 
 @dataclass
 class ClaimResult:
-    """What a claim module's ``analyze`` returns and the report renders."""
+    """What a claim module's ``render`` returns (from its findings) and the report writes out."""
 
     number: int
     title: str

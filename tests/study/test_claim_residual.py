@@ -1,0 +1,71 @@
+"""Claim 5 (BN complements residual connections): every outcome of its rules on synthetic results (the
+BN × residual interaction and the exponents at initialization), and its "ours | paper" table beside He et
+al."""
+
+import pytest
+
+from bnlab.study import claim_residual
+from bnlab.study.report import analyze
+from bnlab.study.verdict import INCONCLUSIVE, NOT_SUPPORTED, PARTLY, SUPPORTED, UNDECIDED
+from synthetic import make_profile, make_row, paper_rows, simulate
+
+
+def _res_fake(acc, exponent):
+    """Train runs: test = validation accuracy ``acc[(norm, plain)]`` at lr 0.1 (5 points less elsewhere),
+    at every depth; signal runs: Var(branch)/Var(skip) at block ℓ is ℓ^exponent(norm)."""
+    def fake(spec):
+        if spec["kind"] == "signal":
+            blocks = [{"ratio": (i + 1) ** exponent(spec["norm"]), "stream_var": 1.0, "stream_sq_mean": 0.1}
+                      for i in range((spec["depth"] - 2) // 2)]
+            return {"status": "done", "result": {"blocks": blocks, "grad_norms": [1.0, 1.0, 1.0]}}
+        a = acc[(spec["norm"], bool(spec.get("plain")))] + 0.002 * spec["seed"] - (0 if spec["lr"] == 0.1 else 0.05)
+        return make_row(val=a, test=a)
+    return fake
+
+
+def _claim5(acc, exponent):
+    profile = make_profile(residual={"lrs": [0.01, 0.1, 1.0]})
+    return analyze(claim_residual, profile, simulate(profile, [5], _res_fake(acc, exponent)))
+
+
+COMPLEMENT = {("bn", False): 0.9, ("none", False): 0.6, ("bn", True): 0.6, ("none", True): 0.55}
+ADDITIVE = {("bn", False): 0.9, ("none", False): 0.7, ("bn", True): 0.7, ("none", True): 0.5}
+
+
+def test_claim5_supported_by_the_interaction_and_the_exponents():
+    result = _claim5(COMPLEMENT, lambda n: -1.0 if n == "bn" else 0.0)
+    assert result.verdict.verdict == SUPPORTED
+    assert result.numbers["interaction"]["mean"] == pytest.approx(25.0)   # (90 − 60) − (60 − 55)
+    assert result.numbers["exponent_gap"]["mean"] == pytest.approx(1.0)   # 0 − (−1)
+
+
+def test_claim5_main_effects_without_interaction_are_not_supported():
+    result = _claim5(ADDITIVE, lambda n: 0.0)
+    assert result.numbers["interaction"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert result.verdict.verdict == NOT_SUPPORTED
+
+
+def test_claim5_partly_when_the_mechanism_is_absent():
+    result = _claim5(COMPLEMENT, lambda n: 0.0)
+    assert result.verdict.verdict == PARTLY
+
+
+def test_claim5_straddle_is_inconclusive():
+    def exponent_by_seed(n):
+        return -0.4 if n == "bn" else 0.0  # gap 0.4: between margin 0.2 and threshold 0.5, zero spread
+    result = _claim5(COMPLEMENT, exponent_by_seed)
+    assert result.numbers["parts"][1]["outcome"] == UNDECIDED and result.verdict.verdict == INCONCLUSIVE
+
+
+def test_claim5_paper_table_beside_he_et_al():
+    profile = make_profile(residual={"lrs": [0.01, 0.1, 1.0], "train_depths": [8, 20]})
+    result = analyze(claim_residual, profile, simulate(profile, [5], _res_fake(COMPLEMENT, lambda n: 0.0)))
+    rows = paper_rows(result)
+    # BN residual: test accuracy 90 + 0.2·seed points at lr 0.1 → error 10 − 0.2·mean(seeds) = 9.5
+    at20 = rows["test error % of the BN ResNet-20"]
+    assert at20[1].startswith("9.50") and at20[1].endswith("at lr 0.1") and at20[2].startswith("8.75")
+    assert rows["test error % of the BN ResNet-110"][1] == "not measured by this profile"
+    assert rows["test error % of the BN ResNet-110"][2].startswith("6.43")
+    # the fake's accuracy does not depend on depth: the plain nets do not degrade
+    assert rows["test error % of the deepest BN plain net − of the shallowest"][1].startswith("0.00")
+    assert "64k iterations" in at20[3] and "synthetic" in at20[3]
