@@ -185,6 +185,47 @@ def test_doctor_bad_input_is_one_line(tmp_path, capsys):
                    f"--data-dir {tmp_path / 'no'}: no such directory")
 
 
+def test_a_stdout_that_cannot_be_written_is_one_line(capsys, monkeypatch):
+    """Issue 21 item 5: `bnlab datasets >/dev/full` was a bug traceback (No space left on device)."""
+    import errno
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", Full())
+    status = cli.main(["datasets"])
+    err = capsys.readouterr().err
+    assert status == 1 and err.splitlines() == [
+        "bnlab datasets: error: cannot write to standard output: No space left on device (errno 28)"], err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+@pytest.mark.parametrize("argv", [["datasets"], ["models", "--json"], ["--help"]])
+def test_a_full_stdout_ends_in_one_line_and_a_non_zero_status(argv):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "bnlab.cli", *argv], env=ENV, stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"{'bnlab ' + argv[0] if argv[0] != '--help' else 'bnlab'}: error: cannot write to standard output: "
+        f"No space left on device (errno 28)"]
+
+
+def test_python_dash_m_bnlab_is_the_bnlab_command():
+    """Issue 21 item 12: `python -m bnlab` said "No module named bnlab.__main__"."""
+    result = subprocess.run([sys.executable, "-m", "bnlab", "--version"], env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().startswith("bnlab "), result.stderr
+    result = subprocess.run([sys.executable, "-m", "bnlab", "doctor", "resnet8", "--shape", "x"], env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("bnlab doctor: error: --shape expects"), result.stderr
+
+
 # ------------------------------------------------------------------------------------------ process level
 @pytest.mark.parametrize("argv", [["datasets"], ["models", "--json"]])
 def test_a_closed_stdout_ends_quietly(argv):
