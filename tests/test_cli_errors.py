@@ -185,6 +185,37 @@ def test_doctor_bad_input_is_one_line(tmp_path, capsys):
                    f"--data-dir {tmp_path / 'no'}: no such directory")
 
 
+def _fake_fashion_copy(directory: Path) -> Path:
+    """The four Fashion-MNIST file names, the first one a gzip file whose CRC does not match its content."""
+    import gzip
+    from bnlab.data import fashion_mnist
+    directory.mkdir(parents=True)
+    for stem in fashion_mnist.FILES:
+        (directory / f"{stem}.gz").write_bytes(gzip.compress(b"\0" * 64))
+    first = directory / f"{next(iter(fashion_mnist.FILES))}.gz"
+    damaged = bytearray(first.read_bytes())
+    damaged[-8] ^= 0xFF   # the CRC-32 field of the gzip trailer
+    first.write_bytes(bytes(damaged))
+    return first
+
+
+def test_a_damaged_copy_in_bnlab_data_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    """Issue 21 item 3: with BNLAB_DATA pointing at a corrupt .gz, `bnlab study` started and all 24 runs failed
+    (CRC check failed); the same directory as --data-dir was refused at once. Now both are, naming the setting."""
+    damaged = _fake_fashion_copy(tmp_path / "data")
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "data"))
+    out = tmp_path / "study"
+    assert_one_line_error(capsys, ["study", "--profile", "tiny", "--dataset", "fashion-mnist", "--out", out],
+                          f"$BNLAB_DATA {tmp_path / 'data'}: {damaged}", "CRC check failed")
+    assert not out.exists()
+    for argv in (["train", "--model", "resnet8", "--dataset", "fashion-mnist", "--out", tmp_path / "run"],
+                 ["doctor", "resnet8", "--dataset", "fashion-mnist"]):
+        assert_one_line_error(capsys, argv, f"$BNLAB_DATA {tmp_path / 'data'}: {damaged}", "cannot decompress")
+    monkeypatch.delenv("BNLAB_DATA")
+    assert_one_line_error(capsys, ["study", "--profile", "tiny", "--dataset", "fashion-mnist", "--out", out,
+                                   "--data-dir", tmp_path / "data"], f"--data-dir {tmp_path / 'data'}: {damaged}")
+
+
 def test_a_stdout_that_cannot_be_written_is_one_line(capsys, monkeypatch):
     """Issue 21 item 5: `bnlab datasets >/dev/full` was a bug traceback (No space left on device)."""
     import errno
