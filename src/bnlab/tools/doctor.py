@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional, Union
 
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 from bnlab import functional as F
 from bnlab import protocol
 from bnlab.tools.fold import find_conv_bn_pairs, output_tensors
-from bnlab.tools.recalibrate import model_inputs
+from bnlab.tools.recalibrate import batch_inputs
 
 __all__ = ["diagnose", "DoctorReport", "Finding", "LayerHealth"]
 
@@ -227,8 +228,10 @@ def diagnose(model: nn.Module, batches: Union[Tensor, Iterable, None] = None, *,
 
     Args:
         model: the network, in the state it is used in (its mode matters for ``train_mode``).
-        batches: one input tensor, a list of tensors or ``(input, target)`` pairs, or a loader; without
-            them only the checks that need no data run.
+        batches: one input tensor or mapping, a list of tensors, ``(input, target)`` pairs or mappings
+            (``{"pixel_values": ...}`` is called as ``model(**batch)``; see
+            :func:`bnlab.tools.recalibrate.batch_inputs`), or a loader; without them only the checks that need
+            no data run.
         num_batches: use at most this many batches.
         for_inference: the model is meant for inference as it is (``False`` skips ``train_mode``).
         gap_tol: relative RMS output gap (batch vs running statistics) above which to report.
@@ -258,13 +261,13 @@ def diagnose(model: nn.Module, batches: Union[Tensor, Iterable, None] = None, *,
 
 @torch.no_grad()
 def _data_checks(model, layers, batches, num_batches, report, gap_tol, mean_tol, var_tol, min_values) -> None:
-    if isinstance(batches, Tensor):
+    if isinstance(batches, (Tensor, Mapping)):
         batches = [batches]
     inputs = []
     for batch in batches:
         if len(inputs) >= num_batches:
             break
-        inputs.append(model_inputs(batch))
+        inputs.append(batch_inputs(batch))
     if not inputs:
         raise ValueError("doctor: the batches gave no input")
     report.batches = len(inputs)
@@ -275,7 +278,7 @@ def _data_checks(model, layers, batches, num_batches, report, gap_tol, mean_tol,
     def record(name):
         return lambda module, args: seen[name].append(args[0].detach())
     hooks = [probe_layers[name].register_forward_pre_hook(record(name)) for name in layers]
-    eval_out = [output_tensors(probe(*args)) for args in inputs]
+    eval_out = [output_tensors(probe(*args, **kwargs)) for args, kwargs in inputs]
     for h in hooks:
         h.remove()
     # the same batches with every BN normalizing by batch statistics (as in training), the rest in eval mode
@@ -285,7 +288,7 @@ def _data_checks(model, layers, batches, num_batches, report, gap_tol, mean_tol,
             layer.train()
             if "use_batch_stats" in layer.__dict__ or hasattr(type(layer), "use_batch_stats"):
                 layer.use_batch_stats = None
-    train_out = [output_tensors(probe(*args)) for args in inputs]
+    train_out = [output_tensors(probe(*args, **kwargs)) for args, kwargs in inputs]
     if all(eval_out) and all(train_out):
         report.model_gap = _relative_gap([t for ts in train_out for t in ts], [t for ts in eval_out for t in ts])
         if report.model_gap > gap_tol:
