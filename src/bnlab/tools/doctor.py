@@ -123,12 +123,38 @@ class DoctorReport:
             lines.append("no findings: every batch-norm layer looks healthy")
         else:
             counts = {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES}
-            lines.append(f"{len(self.findings)} finding(s): " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
-            lines += [str(f) for f in self.findings]
+            groups = self.grouped()
+            lines.append(f"{len(self.findings)} finding(s): " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+                         + (f" (in {len(groups)} groups of identical findings)" if len(groups) < len(self.findings)
+                            else ""))
+            lines += [_format_group(group) for group in groups]
         return "\n".join(lines)
+
+    def grouped(self) -> list[list[Finding]]:
+        """The findings with the same check, severity, evidence and fix (differing only in the layer, e.g.
+        every layer of a model built with Keras's momentum) as one group each, in the order of their first
+        member; :meth:`format` prints a group as one finding with its count and layers."""
+        groups: dict[tuple, list[Finding]] = {}
+        for f in self.findings:
+            groups.setdefault((f.check, f.severity, f.evidence, f.fix), []).append(f)
+        return list(groups.values())
 
     def __str__(self) -> str:
         return self.format()
+
+
+SHOWN_LAYERS = 4   # layers named in a group's line; the rest are counted
+
+
+def _format_group(group: list[Finding]) -> str:
+    first = group[0]
+    if len(group) == 1:
+        return str(first)
+    names = [f.layer for f in group]
+    shown = ", ".join(names[:SHOWN_LAYERS]) + (f" and {len(names) - SHOWN_LAYERS} more"
+                                               if len(names) > SHOWN_LAYERS else "")
+    return (f"[{first.severity}] {len(group)} layers ({shown}): {first.check} — {first.evidence}\n"
+            f"    fix: {first.fix}")
 
 
 # --------------------------------------------------------------------------------------------------
