@@ -185,6 +185,42 @@ def test_doctor_bad_input_is_one_line(tmp_path, capsys):
                    f"--data-dir {tmp_path / 'no'}: no such directory")
 
 
+def test_doctor_input_that_does_not_fit_the_model_is_one_line(capsys):
+    """Issue 21 item 1: a shape the model does not take was a RuntimeError traceback from conv2d."""
+    assert_one_line_error(capsys, ["doctor", "resnet8", "--shape", "8,5,32,32"], "--shape 8,5,32,32",
+                          "does not take inputs of shape (8, 5, 32, 32)", "takes 3 input channels",
+                          "--shape 8,3,32,32")
+    assert_one_line_error(capsys, ["doctor", "resnet8", "--shape", "8,3,32"], "--shape 8,3,32",
+                          "expected 4D input")
+
+
+def _small_net():
+    """conv 3→4 (3x3, padding 1), BN(4), ReLU, conv 4→2 (1x1), BN(2): at 8x8 a BN input per example is
+    4·64·4 = 1024 bytes and 2·64·4 = 512 bytes."""
+    from torch import nn
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1),
+                         nn.BatchNorm2d(2))
+
+
+def test_doctor_refuses_inputs_larger_than_the_memory_before_allocating(capsys, monkeypatch):
+    """Issue 21 item 1: --shape 100000,3,1000,1000 was an allocation traceback (1.2 TB per batch)."""
+    assert_one_line_error(capsys, ["doctor", "resnet8", "--shape", "100000,3,1000,1000"],
+                          "--shape 100000,3,1000,1000", "4.8 TB of memory", "available")
+    from bnlab.commands import doctor
+    # what the doctor keeps, derived by hand for _small_net on 2 batches of (5, 3, 8, 8), 10 examples:
+    # the BN inputs, 1024 + 512 bytes per example, plus a float64 copy of the largest, 2 · 1024
+    kept = 10 * (1024 + 512 + 2 * 1024)
+    argv = ["doctor", "test_cli_errors:_small_net", "--shape", "5,3,8,8", "--batches", "2", "--json"]
+    monkeypatch.setattr(doctor, "available_memory", lambda: kept)
+    assert cli.main(argv) == 0 and json.loads(capsys.readouterr().out)["batches"] == 2
+    monkeypatch.setattr(doctor, "available_memory", lambda: kept - 1)
+    assert_one_line_error(capsys, argv, "--shape 5,3,8,8", "batch-norm inputs of 2 batch(es)", "35.8 KB")
+    inputs = 2 * 5 * 3 * 8 * 8 * 4             # float32 random inputs, refused before they are made
+    monkeypatch.setattr(doctor, "available_memory", lambda: inputs - 1)
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("allocated before checking"))
+    assert_one_line_error(capsys, argv, "--shape 5,3,8,8", "2 random batch(es) of shape (5, 3, 8, 8)", "7.68 KB")
+
+
 def _fake_fashion_copy(directory: Path) -> Path:
     """The four Fashion-MNIST file names, the first one a gzip file whose CRC does not match its content."""
     import gzip

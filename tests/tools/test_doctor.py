@@ -167,3 +167,27 @@ def test_identical_findings_are_one_line_with_the_layers_and_json_keeps_each():
     net[1].momentum, net[3].momentum = 0.9, 0.8
     lines = diagnose(net.eval()).format().splitlines()
     assert sum("momentum_convention" in line for line in lines) == 3
+
+
+def test_cli_imports_a_factory_from_the_current_directory(tmp_path, monkeypatch, capsys):
+    """Issue 21 item 12: `bnlab doctor mypkg.models:build` from the directory holding mypkg said
+    "No module named 'mypkg'" (the bnlab script's own directory is on the path, not the user's)."""
+    import sys
+    package = tmp_path / "doctor_factory_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "models.py").write_text("from torch import nn\n\ndef build(width=4):\n"
+                                       "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width))\n")
+    monkeypatch.chdir(tmp_path)
+    cwd = str(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", cwd)])
+    monkeypatch.delitem(sys.modules, "doctor_factory_pkg", raising=False)
+    monkeypatch.delitem(sys.modules, "doctor_factory_pkg.models", raising=False)
+    status = cli.main(["doctor", "doctor_factory_pkg.models:build", "--arg", "width=5", "--shape", "4,3,6,6",
+                       "--json"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert [layer["num_features"] for layer in json.loads(captured.out)["layers"]] == [5]
+    status = cli.main(["doctor", "no_such_pkg_here.models:build", "--shape", "4,3,6,6"])
+    err = capsys.readouterr().err
+    assert status == 2 and "No module named 'no_such_pkg_here'" in err and f"current directory {cwd}" in err
