@@ -185,6 +185,114 @@ def test_doctor_bad_input_is_one_line(tmp_path, capsys):
                    f"--data-dir {tmp_path / 'no'}: no such directory")
 
 
+def test_doctor_input_that_does_not_fit_the_model_is_one_line(capsys):
+    """Issue 21 item 1: a shape the model does not take was a RuntimeError traceback from conv2d."""
+    assert_one_line_error(capsys, ["doctor", "resnet8", "--shape", "8,5,32,32"], "--shape 8,5,32,32",
+                          "does not take inputs of shape (8, 5, 32, 32)", "takes 3 input channels",
+                          "--shape 8,3,32,32")
+    assert_one_line_error(capsys, ["doctor", "resnet8", "--shape", "8,3,32"], "--shape 8,3,32",
+                          "expected 4D input")
+
+
+def _small_net():
+    """conv 3→4 (3x3, padding 1), BN(4), ReLU, conv 4→2 (1x1), BN(2): at 8x8 a BN input per example is
+    4·64·4 = 1024 bytes and 2·64·4 = 512 bytes."""
+    from torch import nn
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1),
+                         nn.BatchNorm2d(2))
+
+
+def test_doctor_refuses_inputs_larger_than_the_memory_before_allocating(capsys, monkeypatch):
+    """Issue 21 item 1: --shape 100000,3,1000,1000 was an allocation traceback (1.2 TB per batch)."""
+    assert_one_line_error(capsys, ["doctor", "resnet8", "--shape", "100000,3,1000,1000"],
+                          "--shape 100000,3,1000,1000", "4.8 TB of memory", "available")
+    from bnlab.commands import doctor
+    # what the doctor keeps, derived by hand for _small_net on 2 batches of (5, 3, 8, 8), 10 examples:
+    # the BN inputs, 1024 + 512 bytes per example, plus a float64 copy of the largest, 2 · 1024
+    kept = 10 * (1024 + 512 + 2 * 1024)
+    argv = ["doctor", "test_cli_errors:_small_net", "--shape", "5,3,8,8", "--batches", "2", "--json"]
+    monkeypatch.setattr(doctor, "available_memory", lambda: kept)
+    assert cli.main(argv) == 0 and json.loads(capsys.readouterr().out)["batches"] == 2
+    monkeypatch.setattr(doctor, "available_memory", lambda: kept - 1)
+    assert_one_line_error(capsys, argv, "--shape 5,3,8,8", "batch-norm inputs of 2 batch(es)", "35.8 KB")
+    inputs = 2 * 5 * 3 * 8 * 8 * 4             # float32 random inputs, refused before they are made
+    monkeypatch.setattr(doctor, "available_memory", lambda: inputs - 1)
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("allocated before checking"))
+    assert_one_line_error(capsys, argv, "--shape 5,3,8,8", "2 random batch(es) of shape (5, 3, 8, 8)", "7.68 KB")
+
+
+def _fake_fashion_copy(directory: Path) -> Path:
+    """The four Fashion-MNIST file names, the first one a gzip file whose CRC does not match its content."""
+    import gzip
+    from bnlab.data import fashion_mnist
+    directory.mkdir(parents=True)
+    for stem in fashion_mnist.FILES:
+        (directory / f"{stem}.gz").write_bytes(gzip.compress(b"\0" * 64))
+    first = directory / f"{next(iter(fashion_mnist.FILES))}.gz"
+    damaged = bytearray(first.read_bytes())
+    damaged[-8] ^= 0xFF   # the CRC-32 field of the gzip trailer
+    first.write_bytes(bytes(damaged))
+    return first
+
+
+def test_a_damaged_copy_in_bnlab_data_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    """Issue 21 item 3: with BNLAB_DATA pointing at a corrupt .gz, `bnlab study` started and all 24 runs failed
+    (CRC check failed); the same directory as --data-dir was refused at once. Now both are, naming the setting."""
+    damaged = _fake_fashion_copy(tmp_path / "data")
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "data"))
+    out = tmp_path / "study"
+    assert_one_line_error(capsys, ["study", "--profile", "tiny", "--dataset", "fashion-mnist", "--out", out],
+                          f"$BNLAB_DATA {tmp_path / 'data'}: {damaged}", "CRC check failed")
+    assert not out.exists()
+    for argv in (["train", "--model", "resnet8", "--dataset", "fashion-mnist", "--out", tmp_path / "run"],
+                 ["doctor", "resnet8", "--dataset", "fashion-mnist"]):
+        assert_one_line_error(capsys, argv, f"$BNLAB_DATA {tmp_path / 'data'}: {damaged}", "cannot decompress")
+    monkeypatch.delenv("BNLAB_DATA")
+    assert_one_line_error(capsys, ["study", "--profile", "tiny", "--dataset", "fashion-mnist", "--out", out,
+                                   "--data-dir", tmp_path / "data"], f"--data-dir {tmp_path / 'data'}: {damaged}")
+
+
+def test_a_stdout_that_cannot_be_written_is_one_line(capsys, monkeypatch):
+    """Issue 21 item 5: `bnlab datasets >/dev/full` was a bug traceback (No space left on device)."""
+    import errno
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", Full())
+    status = cli.main(["datasets"])
+    err = capsys.readouterr().err
+    assert status == 1 and err.splitlines() == [
+        "bnlab datasets: error: cannot write to standard output: No space left on device (errno 28)"], err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+@pytest.mark.parametrize("argv", [["datasets"], ["models", "--json"], ["--help"]])
+def test_a_full_stdout_ends_in_one_line_and_a_non_zero_status(argv):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "bnlab.cli", *argv], env=ENV, stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"{'bnlab ' + argv[0] if argv[0] != '--help' else 'bnlab'}: error: cannot write to standard output: "
+        f"No space left on device (errno 28)"]
+
+
+def test_python_dash_m_bnlab_is_the_bnlab_command():
+    """Issue 21 item 12: `python -m bnlab` said "No module named bnlab.__main__"."""
+    result = subprocess.run([sys.executable, "-m", "bnlab", "--version"], env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().startswith("bnlab "), result.stderr
+    result = subprocess.run([sys.executable, "-m", "bnlab", "doctor", "resnet8", "--shape", "x"], env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("bnlab doctor: error: --shape expects"), result.stderr
+
+
 # ------------------------------------------------------------------------------------------ process level
 @pytest.mark.parametrize("argv", [["datasets"], ["models", "--json"]])
 def test_a_closed_stdout_ends_quietly(argv):

@@ -187,3 +187,46 @@ def test_bnlab_data_is_also_the_cache_where_downloads_go(tmp_path, monkeypatch):
     with pytest.raises(data.DatasetNotFoundError, match="--data-dir"):
         data.load("fashion-mnist", data_dir=tmp_path / "env")
     assert len(fetched) == 1
+
+
+def test_a_changed_type_byte_is_named_not_called_truncated(tmp_path):
+    """Issue 21 item 5: Fashion-MNIST labels whose type byte went from 0x08 to 0x0b (int16) were reported as
+    "truncated"; what is wrong is the type byte."""
+    raw = bytearray(write_idx(tmp_path / "good", np.arange(6, dtype=np.uint8)))
+    raw[2] = 0x0B
+    bad = tmp_path / "t10k-labels-idx1-ubyte"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"t10k-labels-idx1-ubyte: wrong IDX type byte \(offset 2\): 0x0b "
+                                        r"\(big-endian int16\), expected 0x08 \(unsigned byte\)"):
+        data.read_idx(bad, type_code=0x08)
+    # a reader that does not know the type still says the type byte is the likely damage
+    with pytest.raises(UserError, match=r"truncated.*the size fits type byte 0x08 \(unsigned byte\)"):
+        data.read_idx(bad)
+    # and the dataset's own files are read expecting unsigned bytes
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for stem in fashion_mnist.FILES:
+        write_idx(copy / stem, np.zeros(3, np.uint8))
+    raw = bytearray((copy / "train-images-idx3-ubyte").read_bytes())
+    raw[2] = 0x0D
+    (copy / "train-images-idx3-ubyte").write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=f"--data-dir {copy}: .*train-images-idx3-ubyte: wrong IDX type byte.*0x0d"):
+        data.load("fashion-mnist", data_dir=copy, download=False)
+
+
+def test_check_data_dir_reads_what_an_explicit_directory_holds(tmp_path, monkeypatch):
+    """Issue 21 item 3: the up-front check of `bnlab study`, for --data-dir and for $BNLAB_DATA."""
+    monkeypatch.delenv("BNLAB_DATA", raising=False)
+    data.check_data_dir(["fashion-mnist", "synthetic"])                 # no explicit directory: nothing to do
+    with pytest.raises(UserError, match=f"--data-dir {tmp_path / 'none'}: no such directory"):
+        data.check_data_dir(["fashion-mnist"], tmp_path / "none")
+    data.check_data_dir(["synthetic", "digits"], tmp_path / "none")     # generated: nothing read from files
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "empty"))
+    data.check_data_dir(["fashion-mnist"])        # the cache holds no copy yet: downloaded on first use, as before
+    copy = tmp_path / "env"
+    copy.mkdir()
+    for stem in fashion_mnist.FILES:   # well-formed IDX files of two bytes each: not Fashion-MNIST's content
+        (copy / f"{stem}.gz").write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\x02ab"))
+    monkeypatch.setenv("BNLAB_DATA", str(copy))
+    with pytest.raises(UserError, match=rf"\$BNLAB_DATA {copy}: .*train-images-idx3-ubyte.gz: checksum mismatch"):
+        data.check_data_dir(["fashion-mnist"])

@@ -6,7 +6,9 @@ the module docstring is the command's long help (examples first).
 One error path for every command (:func:`main`): a :class:`bnlab.errors.UserError` (bad argument,
 profile, path or file) and argparse's own errors are one line on stderr, ``bnlab CMD: error: ...``,
 exit status 2; Ctrl-C is one line and status 130; a closed stdout (``bnlab models | head``) ends
-quietly; anything else is a bug and keeps its traceback, followed by a line saying how to report it.
+quietly; a stdout that cannot be written (a full disk, ``>/dev/full``, an I/O error) is one line and
+status 1, as coreutils report a write error; anything else is a bug and keeps its traceback, followed by
+a line saying how to report it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import bnlab.commands
 from bnlab.errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_OUTPUT_FAILED = 1  # as `echo x >/dev/full`: the command ran, its output could not be written
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C'd program
 
 
@@ -59,6 +62,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OutputFailed(Exception):
+    """Writing or flushing stdout failed with ``error`` (not a broken pipe: the reader is still there)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _CheckedStdout:
+    """``sys.stdout`` while a command runs: a failed write or flush becomes :class:`_OutputFailed`, so that
+    :func:`main` tells a full disk on stdout from an ``OSError`` elsewhere (a bug, or a file's own error)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise _OutputFailed(error) from error
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise _OutputFailed(error) from error
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _discard_stdout(stream) -> None:
+    """Point the process's stdout at /dev/null, so the interpreter's final flush of what is still buffered
+    does not fail again (https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):   # not a real file (a test's capture): nothing to flush at exit
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def _prog(argv: list[str]) -> str:
     command = next((a for a in argv if not a.startswith("-")), None)
     return f"bnlab {command}" if command else "bnlab"
@@ -67,6 +117,26 @@ def _prog(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (see the module docstring for errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    stdout = sys.stdout
+    sys.stdout = checked = _CheckedStdout(stdout)
+    try:
+        status = _run(argv)
+        checked.flush()   # short output is still buffered: a full disk or a closed pipe shows here
+        return status
+    except BrokenPipeError:   # the reader went away (`bnlab models | head`): end quietly
+        _discard_stdout(stdout)
+        return 1
+    except _OutputFailed as failed:
+        _discard_stdout(stdout)
+        error = failed.error
+        reason = f"{error.strerror} (errno {error.errno})" if error.strerror else str(error)
+        print(f"{_prog(argv)}: error: cannot write to standard output: {reason}", file=sys.stderr)
+        return EXIT_OUTPUT_FAILED
+    finally:
+        sys.stdout = stdout
+
+
+def _run(argv: list[str]) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -81,17 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         newline = "\n" if sys.stderr.isatty() else ""  # off the line where the terminal echoed ^C
         print(f"{newline}{_prog(argv)}: {str(interrupt) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # the reader went away (`bnlab models | head`): point stdout at /dev/null so the interpreter's
-        # final flush does not fail again, and end quietly (https://docs.python.org/3/library/signal.html)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
 
 
 def console_main() -> None:
-    """Entry point of the ``bnlab`` script and ``python -m bnlab.cli``: a bug keeps its traceback and
-    says where to report it."""
+    """Entry point of the ``bnlab`` script, ``python -m bnlab`` and ``python -m bnlab.cli``: a bug keeps its
+    traceback and says where to report it."""
     try:
         code = main()
     except SystemExit:

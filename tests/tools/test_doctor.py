@@ -145,3 +145,49 @@ def test_cli_with_a_model_name_and_a_dataset(capsys):
     net = models.create("resnet8", in_channels=1, num_classes=4)
     assert status == 0 and len(out["layers"]) == sum(FZ.is_batch_norm(m) for m in net.modules())
     assert all(f["check"] != "train_mode" for f in out["findings"])      # --training
+
+
+def test_identical_findings_are_one_line_with_the_layers_and_json_keeps_each():
+    """Issue 21 item 11: Hugging Face's MobileNetV2 (momentum 0.997 in all 52 layers) printed the same warning
+    52 times."""
+    torch.manual_seed(0)
+    net = nn.Sequential(*[m for _ in range(6)
+                          for m in (nn.Conv2d(3, 3, 1, bias=False), nn.BatchNorm2d(3, momentum=0.997))])
+    names = [name for name, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    report = diagnose(net.eval())
+    assert sum(f.check == "momentum_convention" for f in report.findings) == 6          # every layer, as data
+    assert [f["layer"] for f in report.to_dict()["findings"] if f["check"] == "momentum_convention"] == names
+    lines = report.format().splitlines()
+    momentum = [line for line in lines if "momentum_convention" in line]
+    assert len(momentum) == 1, "\n".join(lines)
+    assert momentum[0].startswith(f"[warning] 6 layers ({', '.join(names[:4])} and 2 more): momentum_convention")
+    assert sum(line.strip().startswith("fix: use momentum=0.003") for line in lines) == 1
+    assert "12 finding(s): 12 warning (in 2 groups of identical findings)" in lines   # + initial_statistics
+    # findings that differ (the evidence names the layer's own numbers) stay one per layer
+    net[1].momentum, net[3].momentum = 0.9, 0.8
+    lines = diagnose(net.eval()).format().splitlines()
+    assert sum("momentum_convention" in line for line in lines) == 3
+
+
+def test_cli_imports_a_factory_from_the_current_directory(tmp_path, monkeypatch, capsys):
+    """Issue 21 item 12: `bnlab doctor mypkg.models:build` from the directory holding mypkg said
+    "No module named 'mypkg'" (the bnlab script's own directory is on the path, not the user's)."""
+    import sys
+    package = tmp_path / "doctor_factory_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "models.py").write_text("from torch import nn\n\ndef build(width=4):\n"
+                                       "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width))\n")
+    monkeypatch.chdir(tmp_path)
+    cwd = str(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", cwd)])
+    monkeypatch.delitem(sys.modules, "doctor_factory_pkg", raising=False)
+    monkeypatch.delitem(sys.modules, "doctor_factory_pkg.models", raising=False)
+    status = cli.main(["doctor", "doctor_factory_pkg.models:build", "--arg", "width=5", "--shape", "4,3,6,6",
+                       "--json"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert [layer["num_features"] for layer in json.loads(captured.out)["layers"]] == [5]
+    status = cli.main(["doctor", "no_such_pkg_here.models:build", "--shape", "4,3,6,6"])
+    err = capsys.readouterr().err
+    assert status == 2 and "No module named 'no_such_pkg_here'" in err and f"current directory {cwd}" in err

@@ -103,3 +103,54 @@ def test_recalibrate_refuses_bad_input():
         recalibrate_bn(nn.Linear(2, 2), [torch.randn(2, 2)])
     with pytest.raises(TypeError, match="cannot find the input"):
         recalibrate_bn(model, [object()])
+
+
+class _KeywordModel(nn.Module):
+    """A Hugging Face style model: called as model(pixel_values=...), no labels argument."""
+
+    def __init__(self, bn2d, bn1d):
+        super().__init__()
+        self.net = _model(bn2d, bn1d)
+
+    def forward(self, pixel_values):
+        return self.net(pixel_values)
+
+
+@pytest.mark.parametrize("form", ["mapping", "mapping_with_labels", "tuple_of_mapping", "list", "tuple"])
+def test_recalibration_takes_the_batch_forms_of_other_libraries(form):
+    """Issue 21 item 10: {"pixel_values": x} batches needed a custom forward=. Every form gives the exact
+    statistics of the layers' inputs (computed by hand, as above)."""
+    wrapper = _KeywordModel(nn.BatchNorm2d, nn.BatchNorm1d).double().eval()
+    batches = [b.double() for b in _batches()]
+    labels = [torch.zeros(len(b), dtype=torch.long) for b in batches]
+    loader = {"mapping": [{"pixel_values": b} for b in batches],
+              "mapping_with_labels": [{"pixel_values": b, "labels": y} for b, y in zip(batches, labels)],
+              "tuple_of_mapping": [({"pixel_values": b}, y) for b, y in zip(batches, labels)],
+              "list": [[b, y] for b, y in zip(batches, labels)],
+              "tuple": [(b, y, "extra") for b, y in zip(batches, labels)]}[form]
+    if form in ("list", "tuple"):   # positional: the inner network itself
+        model, layers = wrapper.net, wrapper.net
+    else:
+        model, layers = wrapper, wrapper.net
+    with torch.no_grad():
+        per_layer = list(zip(*[_layer_inputs(layers, b) for b in batches]))
+    recalibrate_bn(model, loader, num_batches=None)
+    for layer, inputs in zip((layers[1], layers[5], layers[8]), per_layer):
+        dims = [0] + list(range(2, inputs[0].dim()))
+        torch.testing.assert_close(layer.running_mean, torch.stack([t.mean(dims) for t in inputs]).mean(0))
+        torch.testing.assert_close(layer.running_var, torch.stack([t.var(dims) for t in inputs]).mean(0))
+
+
+def test_batch_inputs_rules():
+    from bnlab.tools.recalibrate import batch_inputs
+    x, y = torch.randn(2, 3), torch.zeros(2)
+    assert batch_inputs(x)[0][0] is x
+    assert batch_inputs({"input": x, "target": y})[0][0] is x and batch_inputs({"input": x})[1] == {}
+    args, kwargs = batch_inputs({"pixel_values": x, "attention_mask": y, "labels": y, "label_ids": y})
+    assert args == () and set(kwargs) == {"pixel_values", "attention_mask"}
+    pair = [x, x]
+    assert batch_inputs((pair, y))[0][0] is pair                   # as torch.optim.swa_utils.update_bn
+    with pytest.raises(TypeError, match="holds only targets"):
+        batch_inputs({"labels": y})
+    with pytest.raises(TypeError, match="cannot find the input"):
+        batch_inputs(("a string", y))

@@ -178,6 +178,8 @@ def run(args) -> int:
         return _dry_run(args, profile, claims, jobs)  # --gpus-per-run was checked above
     if args.executor == "ray" and args.address is not None and args.jobs is None:
         jobs = None  # the cluster's CPUs, known once connected
+    from bnlab.data import check_data_dir  # --data-dir or $BNLAB_DATA: the copies there verified before any run
+    check_data_dir(_datasets(profile), args.data_dir)
     check_out(args.out)
     if args.data_dir:
         _check_data_dir(profile, args.data_dir)

@@ -73,14 +73,22 @@ def _how_to_get(name: str) -> str:
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_TYPE_NAMES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "big-endian int16", 0x0C: "big-endian int32",
+                   0x0D: "big-endian float32", 0x0E: "big-endian float64"}
+FASHION_TYPE_CODE = 0x08   # every Fashion-MNIST file holds unsigned bytes (pixels 0-255, labels 0-9)
 
 
-def read_idx(path: PathLike, expected_sha256: Optional[str] = None, dataset: str = "fashion-mnist") -> np.ndarray:
+def _type_name(code: int) -> str:
+    return f"0x{code:02x} ({_IDX_TYPE_NAMES.get(code, 'not an IDX type')})"
+
+
+def read_idx(path: PathLike, expected_sha256: Optional[str] = None, dataset: str = "fashion-mnist",
+             type_code: Optional[int] = None) -> np.ndarray:
     """Read an IDX file (gzip-compressed or raw) into a NumPy array.
 
     The header is two zero bytes, a type code, the number of dimensions ``d``, then ``d`` big-endian
-    int32 sizes; the data follow. Raises ``ValueError`` naming the file for a wrong magic number, a
-    truncated file or a checksum mismatch.
+    int32 sizes; the data follow. Raises ``ValueError`` naming the file for a wrong magic number, a type
+    code other than ``type_code`` (when given), a truncated file or a checksum mismatch.
     """
     path = Path(path)
     try:
@@ -92,6 +100,11 @@ def read_idx(path: PathLike, expected_sha256: Optional[str] = None, dataset: str
             raise DatasetNotFoundError(f"{path}: no such file; {_how_to_get(dataset)}") from err
         raise UserError(f"{path}: cannot decompress ({err}); the file is truncated or corrupt. Delete it and "
                          f"{_how_to_get(dataset)}") from err
+    if len(raw) >= 4 and raw[0] == 0 and raw[1] == 0 and type_code is not None and raw[2] != type_code:
+        # checked before the size: a changed type byte changes the size the header implies
+        raise UserError(f"{path}: wrong IDX type byte (offset 2): {_type_name(raw[2])}, expected "
+                         f"{_type_name(type_code)}; the file is corrupt or not a {dataset} file. Delete it and "
+                         f"{_how_to_get(dataset)}")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise UserError(f"{path}: not an IDX file (magic number {raw[:4].hex() or 'missing'}; expected 0000 then a "
                          f"type code 08/09/0b/0c/0d/0e and the number of dimensions). {_how_to_get(dataset)}")
@@ -103,8 +116,12 @@ def read_idx(path: PathLike, expected_sha256: Optional[str] = None, dataset: str
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = header + math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
+        fits = [code for code, other in _IDX_DTYPES.items()
+                if header + math.prod(shape) * np.dtype(other).itemsize == len(raw)]
+        hint = (f" (the size fits type byte {_type_name(fits[0])}: the type byte {_type_name(raw[2])} may be what "
+                f"is damaged)" if fits else "")
         raise UserError(f"{path}: {'truncated' if len(raw) < expected else 'trailing data'}: header says shape "
-                         f"{shape} ({expected} bytes), file holds {len(raw)} bytes. {_how_to_get(dataset)}")
+                         f"{shape} ({expected} bytes), file holds {len(raw)} bytes{hint}. {_how_to_get(dataset)}")
     if expected_sha256 is not None:
         digest = hashlib.sha256(raw).hexdigest()
         if digest != expected_sha256:
@@ -209,7 +226,8 @@ def load_arrays(data_dir: Optional[PathLike] = None, download: bool = True) -> t
     key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     if key not in _PARSED:  # parse and verify once per process; a changed file is read again
         _PARSED.clear()
-        _PARSED[key] = {stem: read_idx(f, sha) for f, (stem, (_, sha)) in zip(files, FILES.items())}
+        _PARSED[key] = {stem: read_idx(f, sha, type_code=FASHION_TYPE_CODE)
+                        for f, (stem, (_, sha)) in zip(files, FILES.items())}
     arrays = _PARSED[key]
     return {"train_x": arrays["train-images-idx3-ubyte"][:, None], "train_y": arrays["train-labels-idx1-ubyte"],
             "test_x": arrays["t10k-images-idx3-ubyte"][:, None], "test_y": arrays["t10k-labels-idx1-ubyte"]}, str(directory)

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, Iterable, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
 
 from bnlab.data import cifar, fashion_mnist, generated
 from bnlab.data.dataset import Dataset, balanced_subset
-from bnlab.data.dirs import PathLike
+from bnlab.data.dirs import DatasetNotFoundError, PathLike, explicit_data_dir
 from bnlab.errors import UserError
 
 __all__ = ["canonical_name", "from_files", "available", "locate", "example_shape", "split_sizes", "is_image",
-           "load"]
+           "load", "check_data_dir"]
 
 Arrays = tuple[dict, str]  # ({"train_x", "train_y", "test_x", "test_y"}: NumPy arrays, where they came from)
 
@@ -119,7 +119,15 @@ def load(name: str, data_dir: Optional[PathLike] = None, subset: Optional[int] =
     """
     key = canonical_name(name)
     entry = _ENTRIES[key]
-    arrays, source = entry.read(data_dir, download)
+    try:
+        arrays, source = entry.read(data_dir, download)
+    except DatasetNotFoundError:
+        raise   # it names the directory already
+    except UserError as error:   # a damaged copy: say which setting pointed at it
+        explicit = explicit_data_dir(data_dir)
+        if explicit is None or entry.locate is None or str(error).startswith(explicit[1]):
+            raise
+        raise UserError(f"{explicit[1]} {explicit[0]}: {error}") from error
     train_x = torch.from_numpy(np.ascontiguousarray(arrays["train_x"])).float()
     test_x = torch.from_numpy(np.ascontiguousarray(arrays["test_x"])).float()
     train_y = torch.from_numpy(np.asarray(arrays["train_y"]).astype(np.int64))
@@ -135,3 +143,24 @@ def load(name: str, data_dir: Optional[PathLike] = None, subset: Optional[int] =
     ds = Dataset(key, train_x, train_y, test_x, test_y, entry.classes, train_x.shape[1], source, entry.augment,
                  entry.crop_padding)
     return ds.to(device)
+
+
+def check_data_dir(names: Iterable[str], data_dir: Optional[PathLike] = None) -> None:
+    """Read and verify, before any work starts, each dataset of ``names`` that comes from files, in the
+    directory named explicitly: ``data_dir`` (``--data-dir``) or else ``$BNLAB_DATA``.
+
+    In ``data_dir`` every such dataset must be present and intact. ``$BNLAB_DATA`` is also the cache, so a
+    copy missing there is left to be downloaded on first use as usual, but a copy that is there must be
+    intact. Nothing happens without an explicit directory. Raises :class:`UserError` naming the setting,
+    the directory and the file (a missing, truncated or corrupt one), so that a study refuses up front
+    instead of failing every run.
+    """
+    explicit = explicit_data_dir(data_dir)
+    if explicit is None:
+        return
+    for name in names:
+        if not from_files(name):
+            continue
+        if explicit[1] == "$BNLAB_DATA" and locate(name, data_dir) is None:
+            continue   # not there yet: downloaded into the cache when first loaded
+        load(name, data_dir=data_dir, download=False)

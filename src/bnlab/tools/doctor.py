@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional, Union
 
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 from bnlab import functional as F
 from bnlab import protocol
 from bnlab.tools.fold import find_conv_bn_pairs, output_tensors
-from bnlab.tools.recalibrate import model_inputs
+from bnlab.tools.recalibrate import batch_inputs
 
 __all__ = ["diagnose", "DoctorReport", "Finding", "LayerHealth"]
 
@@ -122,12 +123,38 @@ class DoctorReport:
             lines.append("no findings: every batch-norm layer looks healthy")
         else:
             counts = {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES}
-            lines.append(f"{len(self.findings)} finding(s): " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
-            lines += [str(f) for f in self.findings]
+            groups = self.grouped()
+            lines.append(f"{len(self.findings)} finding(s): " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+                         + (f" (in {len(groups)} groups of identical findings)" if len(groups) < len(self.findings)
+                            else ""))
+            lines += [_format_group(group) for group in groups]
         return "\n".join(lines)
+
+    def grouped(self) -> list[list[Finding]]:
+        """The findings with the same check, severity, evidence and fix (differing only in the layer, e.g.
+        every layer of a model built with Keras's momentum) as one group each, in the order of their first
+        member; :meth:`format` prints a group as one finding with its count and layers."""
+        groups: dict[tuple, list[Finding]] = {}
+        for f in self.findings:
+            groups.setdefault((f.check, f.severity, f.evidence, f.fix), []).append(f)
+        return list(groups.values())
 
     def __str__(self) -> str:
         return self.format()
+
+
+SHOWN_LAYERS = 4   # layers named in a group's line; the rest are counted
+
+
+def _format_group(group: list[Finding]) -> str:
+    first = group[0]
+    if len(group) == 1:
+        return str(first)
+    names = [f.layer for f in group]
+    shown = ", ".join(names[:SHOWN_LAYERS]) + (f" and {len(names) - SHOWN_LAYERS} more"
+                                               if len(names) > SHOWN_LAYERS else "")
+    return (f"[{first.severity}] {len(group)} layers ({shown}): {first.check} — {first.evidence}\n"
+            f"    fix: {first.fix}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,8 +254,10 @@ def diagnose(model: nn.Module, batches: Union[Tensor, Iterable, None] = None, *,
 
     Args:
         model: the network, in the state it is used in (its mode matters for ``train_mode``).
-        batches: one input tensor, a list of tensors or ``(input, target)`` pairs, or a loader; without
-            them only the checks that need no data run.
+        batches: one input tensor or mapping, a list of tensors, ``(input, target)`` pairs or mappings
+            (``{"pixel_values": ...}`` is called as ``model(**batch)``; see
+            :func:`bnlab.tools.recalibrate.batch_inputs`), or a loader; without them only the checks that need
+            no data run.
         num_batches: use at most this many batches.
         for_inference: the model is meant for inference as it is (``False`` skips ``train_mode``).
         gap_tol: relative RMS output gap (batch vs running statistics) above which to report.
@@ -258,13 +287,13 @@ def diagnose(model: nn.Module, batches: Union[Tensor, Iterable, None] = None, *,
 
 @torch.no_grad()
 def _data_checks(model, layers, batches, num_batches, report, gap_tol, mean_tol, var_tol, min_values) -> None:
-    if isinstance(batches, Tensor):
+    if isinstance(batches, (Tensor, Mapping)):
         batches = [batches]
     inputs = []
     for batch in batches:
         if len(inputs) >= num_batches:
             break
-        inputs.append(model_inputs(batch))
+        inputs.append(batch_inputs(batch))
     if not inputs:
         raise ValueError("doctor: the batches gave no input")
     report.batches = len(inputs)
@@ -275,7 +304,7 @@ def _data_checks(model, layers, batches, num_batches, report, gap_tol, mean_tol,
     def record(name):
         return lambda module, args: seen[name].append(args[0].detach())
     hooks = [probe_layers[name].register_forward_pre_hook(record(name)) for name in layers]
-    eval_out = [output_tensors(probe(*args)) for args in inputs]
+    eval_out = [output_tensors(probe(*args, **kwargs)) for args, kwargs in inputs]
     for h in hooks:
         h.remove()
     # the same batches with every BN normalizing by batch statistics (as in training), the rest in eval mode
@@ -285,7 +314,7 @@ def _data_checks(model, layers, batches, num_batches, report, gap_tol, mean_tol,
             layer.train()
             if "use_batch_stats" in layer.__dict__ or hasattr(type(layer), "use_batch_stats"):
                 layer.use_batch_stats = None
-    train_out = [output_tensors(probe(*args)) for args in inputs]
+    train_out = [output_tensors(probe(*args, **kwargs)) for args, kwargs in inputs]
     if all(eval_out) and all(train_out):
         report.model_gap = _relative_gap([t for ts in train_out for t in ts], [t for ts in eval_out for t in ts])
         if report.model_gap > gap_tol:

@@ -15,6 +15,7 @@ variance of all values seen (``mode="population"``, which also counts the spread
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from bnlab import functional as F
 from bnlab import protocol
 
-__all__ = ["recalibrate_bn", "LayerShift", "model_inputs"]
+__all__ = ["recalibrate_bn", "LayerShift", "batch_inputs", "model_inputs"]
 
 
 @dataclass
@@ -66,19 +67,62 @@ class _Moments:
         return self.total.mean, self.total.m2 / (self.total.count - 1)
 
 
-def model_inputs(batch) -> tuple:
-    """The model inputs of one loader item: ``x``, ``(x, y)`` → ``x``, a dict → its ``"x"``/``"input"``."""
+INPUT_KEYS = ("x", "input", "inputs", "image")   # a mapping holding one of these: that value is the input
+TARGET_KEYS = ("labels", "label", "label_ids")    # left out of a keyword call: targets never reach a batch norm
+
+
+def batch_inputs(batch) -> tuple[tuple, dict]:
+    """How the model is called on one loader item, as ``(args, kwargs)``:
+
+    * a tensor ``x``: ``model(x)``;
+    * a tuple or list ``(x, y, ...)``: its first element, read by these rules (as
+      ``torch.optim.swa_utils.update_bn`` does; a first element that is a list of tensors is passed as is);
+    * a mapping with an ``"x"``, ``"input"``, ``"inputs"`` or ``"image"`` key: ``model(that value)``;
+    * any other mapping, such as a Hugging Face batch ``{"pixel_values": ..., "labels": ...}``:
+      ``model(**batch)`` without the target keys ``labels``, ``label`` and ``label_ids`` (a model that takes
+      them would only compute a loss; one that does not would fail).
+
+    Raises ``TypeError`` for anything else.
+    """
     if isinstance(batch, Tensor):
-        return (batch,)
-    if isinstance(batch, dict):
-        for key in ("x", "input", "inputs", "image"):
+        return (batch,), {}
+    if isinstance(batch, Mapping):
+        for key in INPUT_KEYS:
             if key in batch:
-                return (batch[key],)
-        raise TypeError(f"recalibrate_bn: a dict batch needs an 'x' or 'input' key (got keys {sorted(batch)})")
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-        return (batch[0],)
-    raise TypeError(f"recalibrate_bn: cannot find the input in a batch of type {type(batch).__name__}; "
-                    f"pass a loader of tensors or (input, target) pairs, or a custom forward=")
+                return (batch[key],), {}
+        kwargs = {key: value for key, value in batch.items() if key not in TARGET_KEYS}
+        if not kwargs:
+            raise TypeError(f"cannot find the input in a mapping batch that holds only targets (keys "
+                            f"{sorted(map(str, batch))}); pass a custom forward=")
+        return (), kwargs
+    if isinstance(batch, (list, tuple)) and batch:
+        first = batch[0]
+        if isinstance(first, (Tensor, Mapping)):
+            return batch_inputs(first)
+        if isinstance(first, (list, tuple)) and first and all(isinstance(t, Tensor) for t in first):
+            return (first,), {}
+    raise TypeError(f"cannot find the input in a batch of type {type(batch).__name__}; pass a loader of tensors, "
+                    f"(input, target) pairs or mappings (a Hugging Face batch is called as model(**batch)), or a "
+                    f"custom forward=")
+
+
+def model_inputs(batch) -> tuple:
+    """The positional model inputs of one loader item (see :func:`batch_inputs`, which also gives the keyword
+    inputs of a mapping such as ``{"pixel_values": ...}``)."""
+    args, kwargs = batch_inputs(batch)
+    if kwargs:
+        raise TypeError(f"this batch is passed as keyword arguments ({', '.join(kwargs)}); use batch_inputs")
+    return args
+
+
+def _to(value, device):
+    if device is None:
+        return value
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    return value
 
 
 @torch.no_grad()
@@ -93,7 +137,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: Optional[int
 
     Args:
         model: the network (e.g. after SWA/EMA weight averaging).
-        loader: an iterable of batches: tensors, ``(input, target, ...)`` tuples or dicts with ``"x"``.
+        loader: an iterable of batches: tensors, ``(input, target, ...)`` tuples, dicts with ``"x"`` or
+            Hugging Face style mappings (``model(**batch)`` without ``labels``); see :func:`batch_inputs`.
         num_batches: how many batches to use (``None``: the whole loader).
         mode: ``"batch_average"`` (fvcore's precise BN) or ``"population"`` (exact statistics of all values).
         forward: ``forward(model, batch)`` to call instead of ``model(input)``.
@@ -131,8 +176,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: Optional[int
             if forward is not None:
                 forward(model, batch)
             else:
-                inputs = model_inputs(batch)
-                model(*(t.to(device) if device is not None else t for t in inputs))
+                args, kwargs = batch_inputs(batch)
+                model(*(_to(a, device) for a in args), **{k: _to(v, device) for k, v in kwargs.items()})
             seen += 1
     finally:
         for h in hooks:
