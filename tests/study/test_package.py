@@ -21,7 +21,9 @@ LAYERS = [
     ("sweep",),                                                # the learning-rate sweep claims 2, 4 and 5 read
     CLAIM_MODULES,
     ("claims",),                                               # the registry
-    ("profiles", "runner"),
+    ("profiles",),
+    ("scope",),                                                # settings and sequential looks
+    ("runner",),
     ("plan", "report"),
 ]
 

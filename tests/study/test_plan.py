@@ -166,3 +166,23 @@ def test_a_dataset_missing_from_disk_is_one_line_and_nothing_is_downloaded(tmp_p
     dataset = get_profile("full")["dataset"]  # read from files (CIFAR-10)
     assert status == 2 and lines[-1].startswith(f"bnlab study: error: --dry-run: dataset {dataset}")
     assert "--no-calibrate" in lines[-1] and list(empty.iterdir()) == [] and not (tmp_path / "o").exists()
+
+
+def test_plan_counts_the_first_look_in_every_setting_and_bounds_the_later_looks():
+    from bnlab.study.plan import later_looks
+    from bnlab.study.profiles import validate
+    base = get_profile("tiny")
+    base["seeds"] = [0, 1, 2, 3, 4]
+    three = validate({**base, "seeds": [0, 1, 2]})
+    looked = validate({**base, "looks": [3, 5], "look_alphas": [0.02, 0.03]})
+    claims = [1, 2, 3, 4, 5]
+    first = {n: set(c.own) for n, c in count_runs(looked, claims).items()}
+    assert first == {n: set(c.own) for n, c in count_runs(three, claims).items()}   # only the first look's seeds
+    every = count_runs(validate(base), claims)
+    assert later_looks(looked, claims) == {n: len(every[n].own) - len(first[n]) for n in claims}
+    assert later_looks(validate(base), claims) == {}
+    two = validate({**base, "settings": [{}, {"depth": 14}]})
+    union = set(collect_specs(validate(base), claims)) | set(collect_specs(validate({**base, "depth": 14}), claims))
+    counted = {k for c in count_runs(two, claims).values() for k in c.own}
+    assert union <= counted   # both settings' first rounds, each run once (plus the tuned claims' second round)
+    assert {s["depth"] for c in count_runs(two, claims).values() for s in c.own.values()} >= {8, 14}

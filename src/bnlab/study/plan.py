@@ -40,6 +40,7 @@ import torch
 from bnlab.errors import UserError
 from bnlab.study.claims import CLAIMS
 from bnlab.study.kinds import KINDS, kind_of
+from bnlab.study.scope import design as scope_design, settings
 from bnlab.study.specs import spec_key
 
 __all__ = ["ClaimCount", "Calibration", "count_runs", "later_rounds", "spec_class", "calibrate", "steps_of",
@@ -71,17 +72,16 @@ _FINISHED = {"status": "done", "result": {"final": {"val_acc": 0.5, "test_acc": 
                                           "losses": [2.0, 2.0], "initial_loss": 2.0, "chance": 0.1}}
 
 
-def count_runs(profile: dict, claims: Sequence[int]) -> dict[int, ClaimCount]:
-    """claim → :class:`ClaimCount` for the first round plus the second round of the claims tuned on seeds
-    (found by answering every first-round run with a finished placeholder: which rate wins does not
-    change how many runs follow). Without those claims the ``own`` runs are exactly
-    :func:`bnlab.study.claims.collect_specs` (the claims are taken in number order, as there)."""
-    owner: dict[str, int] = {}
-    out: dict[int, ClaimCount] = {}
+def _first_look(profile: dict) -> dict:
+    looks = profile.get("looks")
+    return {**profile, "seeds": list(profile["seeds"][:looks[0]])} if looks else profile
+
+
+def _count_into(out: dict[int, ClaimCount], owner: dict[str, int], profile: dict, claims: Sequence[int]) -> None:
     first = {number: CLAIMS[number].measure(profile, None) for number in sorted(claims)}
     finished = {spec_key(spec): _FINISHED for specs in first.values() for spec in specs}
     for number in sorted(claims):
-        count = out[number] = ClaimCount(number, CLAIMS[number].TITLE)
+        count = out.setdefault(number, ClaimCount(number, CLAIMS[number].TITLE))
         specs = CLAIMS[number].measure(profile, finished) if CLAIMS[number].TUNED_ON_SEEDS else first[number]
         for spec in specs:
             key = spec_key(spec)
@@ -90,24 +90,49 @@ def count_runs(profile: dict, claims: Sequence[int]) -> dict[int, ClaimCount]:
                 count.own[key] = spec
             elif owner[key] != number and key not in count.own:
                 count.shared.setdefault(owner[key], set()).add(key)
+
+
+def count_runs(profile: dict, claims: Sequence[int], all_looks: bool = False) -> dict[int, ClaimCount]:
+    """claim → :class:`ClaimCount` for the first round plus the second round of the claims tuned on seeds
+    (found by answering every first-round run with a finished placeholder: which rate wins does not
+    change how many runs follow), in every setting of the profile (:mod:`bnlab.study.scope`), on the seeds
+    of the first look (``all_looks``: on every seed, as if every look ran). Without those claims, settings
+    or looks the ``own`` runs are exactly :func:`bnlab.study.claims.collect_specs` (the claims are taken in
+    number order, as there)."""
+    owner: dict[str, int] = {}
+    out: dict[int, ClaimCount] = {}
+    for setting in settings(profile):
+        _count_into(out, owner, setting.profile if all_looks else _first_look(setting.profile), claims)
+    for count in out.values():
         count.shared = {n: len(keys) for n, keys in count.shared.items()}
     return out
 
 
+def later_looks(profile: dict, claims: Sequence[int]) -> dict[int, int]:
+    """claim → the most runs its later looks may add (seeds beyond the first look while a part is
+    undecided), counted like :func:`count_runs`; empty without ``looks``."""
+    if not profile.get("looks"):
+        return {}
+    first, every = count_runs(profile, claims), count_runs(profile, claims, all_looks=True)
+    return {n: len(every[n].own) - len(first[n].own) for n in every}
+
+
 def later_rounds(profile: dict, claims: Sequence[int]) -> dict[int, int]:
     """claim → the most runs it may add after the first round (for the claims that declare
-    ``LATER_ROUNDS``), counted like :func:`count_runs`: what two claims may both add (claim 4's grid
-    extensions at the first batch size, which claim 2 trains too) is counted once, with the first."""
-    owner: dict[str, int] = {}
+    ``LATER_ROUNDS``), in every setting, counted like :func:`count_runs`: what two claims may both add
+    (claim 4's grid extensions at the first batch size, which claim 2 trains too) is counted once, with the
+    first."""
     out = {}
-    for number in sorted(claims):
-        later = CLAIMS[number].LATER_ROUNDS
-        if later is None:
-            continue
-        out[number] = 0
-        for what, most in later.runs(profile).items():
-            if owner.setdefault(what, number) == number:
-                out[number] += most
+    for setting in settings(profile):
+        owner: dict[str, int] = {}
+        for number in sorted(claims):
+            later = CLAIMS[number].LATER_ROUNDS
+            if later is None:
+                continue
+            out.setdefault(number, 0)
+            for what, most in later.runs(_first_look(setting.profile)).items():
+                if owner.setdefault(what, number) == number:
+                    out[number] += most
     return out
 
 
@@ -287,6 +312,7 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
     from bnlab.study.runs import data_key
     counts = count_runs(profile, claims)
     later = later_rounds(profile, claims)
+    looks = later_looks(profile, claims)
     device = str(profile.get("device", "cpu"))
     cuda_wanted = device.startswith("cuda")
     on = device if (not cuda_wanted or torch.cuda.is_available()) else "cpu"
@@ -327,7 +353,7 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
     all_seconds = []
     for number, count in counts.items():
         row = {"claim": number, "title": count.title, "runs": len(count.own), "kinds": count.kinds(),
-               "shared": count.shared, "later_max": later.get(number)}
+               "shared": count.shared, "later_max": later.get(number), "looks_max": looks.get(number)}
         if calibration:
             own = [seconds[k] for k in count.own]
             all_seconds += own
@@ -336,12 +362,21 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
         plan.claims.append(row)
     plan.total = {"runs": sum(r["runs"] for r in plan.claims),
                   "kinds": {k: sum(r["kinds"].get(k, 0) for r in plan.claims) for k in KINDS},
-                  "later_max": sum(later.values())}
+                  "later_max": sum(later.values()), "looks_max": sum(looks.values())}
     plan.total["kinds"] = {k: v for k, v in plan.total["kinds"].items() if v}
     if calibration:
         plan.total.update(hours=sum(all_seconds) / 3600, wall_hours=wall_seconds(all_seconds, jobs) / 3600,
                           peak_mb=max(peaks.values(), default=0.0))
     _notes(plan, later, cuda_wanted, on, gpus_per_run)
+    places = settings(profile)
+    if len(places) > 1:
+        plan.notes.insert(0, f"Every claim in {len(places)} settings: {'; '.join(p.label for p in places)} "
+                             f"(a run two settings share is counted once).")
+    if looks:
+        design = scope_design(profile)
+        plan.notes.append(f"Sequential seeds: {design.text()}; the counts are the first look's, and later looks "
+                          f"may add up to {sum(looks.values())} runs (a claim runs them only while a part of it "
+                          f"is undecided).")
     return plan
 
 
@@ -401,6 +436,8 @@ def format_plan(plan: Plan) -> str:
         extra = [f"shared with claim {n}: {k}" for n, k in sorted(row["shared"].items())]
         if row.get("later_max"):
             extra.append(f"later rounds: up to +{row['later_max']}")
+        if row.get("looks_max"):
+            extra.append(f"later looks: up to +{row['looks_max']}")
         if extra:
             lines.append(f"{'':<5}{'; '.join(extra)}")
     lines += ["-" * len(head), line("total (counted rounds)", plan.total), ""]

@@ -40,9 +40,29 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 from bnlab.errors import UserError
 from bnlab.study.claims import SECTIONS
 
-__all__ = ["PROFILES", "Profile", "Shared", "get_profile", "validate", "with_overrides", "datasets"]
+__all__ = ["PROFILES", "Profile", "Shared", "Setting", "get_profile", "validate", "with_overrides", "with_dataset",
+           "datasets"]
 
 SIZES = ("tiny", "quick", "standard", "full")
+
+
+def _resnet_depth_ok(depth: int) -> int:
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"must be 6n+2 with n >= 1 (8, 14, 20, 32, ...), got {depth}")
+    return depth
+
+
+class Setting(BaseModel):
+    """One setting every claim is judged in: the profile with this dataset and/or network depth."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset: Optional[str] = Field(None, description="the dataset (unset: the profile's)")
+    depth: Optional[PositiveInt] = Field(None, description="the ResNet depth, 6n+2 (unset: the profile's)")
+
+    @field_validator("depth")
+    @classmethod
+    def _resnet_depth(cls, depth):
+        return None if depth is None else _resnet_depth_ok(depth)
 
 
 class Shared(BaseModel):
@@ -71,6 +91,16 @@ class Shared(BaseModel):
         None, description="on an image dataset, train on a class-balanced subset of at most this many of the "
                           "training examples left after the validation split (unset: all of them; sequence "
                           "datasets ignore it)")
+    settings: list[Setting] = Field(
+        default_factory=list, description="the settings (dataset × depth) each claim is judged in; the report "
+                                          "gives a verdict per setting and a robust answer across them (empty: "
+                                          "the profile's own dataset and depth only)")
+    looks: Optional[list[PositiveInt]] = Field(
+        None, description="sequential seeds: a claim first runs the first looks[0] seeds, and while a part of it "
+                          "is undecided the next block, up to looks[-1] = len(seeds) (unset: one look, every seed)")
+    look_alphas: Optional[list[float]] = Field(
+        None, description="the two-sided error spent at each look (summing to at most 0.05, so a false decision "
+                          "stays under 5% whatever the stopping: bnlab.study.sequential)")
 
     @field_validator("seeds")
     @classmethod
@@ -82,9 +112,25 @@ class Shared(BaseModel):
     @field_validator("depth")
     @classmethod
     def _resnet_depth(cls, depth):
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"must be 6n+2 with n >= 1 (8, 14, 20, 32, ...), got {depth}")
-        return depth
+        return _resnet_depth_ok(depth)
+
+    @model_validator(mode="after")
+    def _looks(self):
+        if (self.looks is None) != (self.look_alphas is None):
+            raise ValueError("looks and look_alphas go together: give both or neither")
+        if self.looks is not None:
+            from bnlab.study.sequential import Design
+            Design(tuple(self.looks), tuple(self.look_alphas))   # raises ValueError naming what is wrong
+            if self.looks[-1] != len(self.seeds):
+                raise ValueError(f"the last look ({self.looks[-1]}) must be the number of seeds ({len(self.seeds)})")
+        return self
+
+    @model_validator(mode="after")
+    def _settings(self):
+        seen = [(s.dataset or self.dataset, s.depth or self.depth) for s in self.settings]
+        if len(set(seen)) != len(seen):
+            raise ValueError(f"settings repeat (dataset, depth): {seen}")
+        return self
 
     @field_validator("device")
     @classmethod
@@ -191,12 +237,7 @@ def with_overrides(profile: dict, dataset: Optional[str] = None, device: Optiona
                    seeds: Optional[int] = None) -> dict:
     """The profile with ``--dataset``/``--device``/``--seeds`` applied (a new, validated dict). Fewer than
     3 seeds are allowed but every claim then gets "no verdict" (no interval from 1–2 seeds is trusted)."""
-    profile = copy.deepcopy(profile)
-    if dataset:
-        profile["dataset"] = dataset
-        for slug, claim in SECTIONS.items():  # a claim whose section names a dataset of its own
-            for name in claim.DATASET_FIELDS:
-                profile[slug][name] = dataset
+    profile = with_dataset(profile, dataset) if dataset else copy.deepcopy(profile)
     if device:
         profile["device"] = device
     if seeds is not None:
@@ -208,7 +249,19 @@ def with_overrides(profile: dict, dataset: Optional[str] = None, device: Optiona
                     f"profile {profile.get('name', '')}")
 
 
+def with_dataset(profile: dict, dataset: str) -> dict:
+    """A copy of ``profile`` on ``dataset``: its own and every claim section's dataset field
+    (``DATASET_FIELDS``, e.g. claim 3's), as ``--dataset`` sets them."""
+    profile = copy.deepcopy(profile)
+    profile["dataset"] = dataset
+    for slug, claim in SECTIONS.items():  # a claim whose section names a dataset of its own
+        for name in claim.DATASET_FIELDS:
+            profile[slug][name] = dataset
+    return profile
+
+
 def datasets(profile: dict) -> set[str]:
     """The datasets a profile's runs read: its own, and any a claim's section names (``DATASET_FIELDS``)."""
-    return {profile["dataset"]} | {profile[slug].get(name) or profile["dataset"] for slug, claim in SECTIONS.items()
-                                   for name in claim.DATASET_FIELDS}
+    own = {profile["dataset"]} | {s["dataset"] for s in profile.get("settings") or [] if s.get("dataset")}
+    return own | {profile[slug].get(name) or profile["dataset"] for slug, claim in SECTIONS.items()
+                  for name in claim.DATASET_FIELDS}

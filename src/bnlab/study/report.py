@@ -32,15 +32,18 @@ from bnlab.errors import UserError
 from bnlab.study.claims import CLAIMS
 from bnlab.study.common import count_failed, dataset_label, json_safe
 from bnlab.study.runner import STORE_NAME
+from bnlab.study.scope import at_look, robust, settings
 from bnlab.study.store import Store
 from bnlab.study.style import png_bytes
 from bnlab.study.templates import HTML, MARKDOWN
-from bnlab.study.verdict import NO_VERDICT, ClaimResult, Interval, Verdict
+from bnlab.study.verdict import NO_VERDICT, ClaimResult, Interval, Verdict, at_confidence
 
 __all__ = ["SCHEMA_VERSION", "build_report", "analyze", "mark_failures", "analyze_claims", "render", "md_cell",
            "inline_html", "inline_markdown", "json_clean"]
 
-SCHEMA_VERSION = 2  # of verdicts.json: 2 = {"schema_version", "study": {...}, "claims": {"1": {...}, ...}}
+# of verdicts.json: {"schema_version", "study": {...}, "claims": {"1": {...}, ...}}; 3 added per claim "scope"
+# (setting, seeds, look, confidence), "settings" (one verdict per setting) and "robust" (the answer across them)
+SCHEMA_VERSION = 3
 
 
 def analyze(claim, profile: dict, results: dict) -> ClaimResult:
@@ -62,25 +65,50 @@ def mark_failures(claim, profile: dict, results: dict, result: ClaimResult) -> C
     return result
 
 
+def _analyze_one(module, profile: dict, results: dict) -> ClaimResult:
+    """One claim in one setting's profile; a failed analysis becomes a "no verdict" placeholder naming the error."""
+    try:
+        with warnings.catch_warnings():  # all-NaN slices (e.g. a diverged arm) are expected, not news
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = analyze(module, profile, results)
+        result.error = None
+    except Exception as error:  # noqa: BLE001 — the report must still be written
+        nan = Interval(math.nan, math.nan, math.nan)
+        result = ClaimResult(module.NUMBER, module.TITLE, Verdict(NO_VERDICT, "n/a", nan, "The analysis failed; see below."),
+                             module.LITERATURE, module.RULE, expected=module.EXPECTED,
+                             caveats=["No verdict could be computed from the runs."], finding=module.FINDING)
+        result.error = f"{type(error).__name__}: {error} — {traceback.format_exc(limit=-1).strip()}"
+        result = mark_failures(module, profile, results, result)
+    return result
+
+
 def analyze_claims(profile: dict, results: dict, claims) -> list[ClaimResult]:
-    """Each claim's :class:`ClaimResult`; a claim whose analysis fails gets a placeholder with verdict
-    "no verdict" naming the error. A claim with failed runs gets "no verdict" either way."""
+    """Each claim's :class:`ClaimResult` in the profile's first setting, with its verdict in every setting
+    (``across``) and the answer across them (``robust``, :func:`bnlab.study.scope.robust`); each judged at
+    the look it reached. A claim whose analysis fails gets "no verdict" naming the error; a claim with failed
+    runs in any setting gets "no verdict" there, and its failed runs are counted over all settings."""
     out = []
+    places = settings(profile)
     for n in claims:
         module = CLAIMS[n]
-        try:
-            with warnings.catch_warnings():  # all-NaN slices (e.g. a diverged arm) are expected, not news
-                warnings.simplefilter("ignore", RuntimeWarning)
-                result = analyze(module, profile, results)
-            result.error = None
-        except Exception as error:  # noqa: BLE001 — the report must still be written
-            nan = Interval(math.nan, math.nan, math.nan)
-            result = ClaimResult(n, module.TITLE, Verdict(NO_VERDICT, "n/a", nan, "The analysis failed; see below."),
-                                 module.LITERATURE, module.RULE, expected=module.EXPECTED,
-                                 caveats=["No verdict could be computed from the runs."], finding=module.FINDING)
-            result.error = f"{type(error).__name__}: {error} — {traceback.format_exc(limit=-1).strip()}"
-            result = mark_failures(module, profile, results, result)
-        out.append(result)
+        per_setting = []
+        for place in places:
+            look = at_look(module, place.profile, results)
+            with at_confidence(look.level):
+                result = _analyze_one(module, look.profile, results)
+            result.scope = {"setting": place.label, "dataset": place.dataset, "depth": place.depth,
+                            "seeds": len(look.seeds), "max_seeds": len(place.profile["seeds"]),
+                            "look": look.index + 1, "looks": look.count, "confidence": look.level}
+            per_setting.append(result)
+        primary = per_setting[0]
+        primary.across = [{**r.scope, "verdict": r.verdict.verdict, "key_number": r.verdict.key_number,
+                           "key_interval": r.verdict.key_interval, "parts": [p.text() for p in r.verdict.parts],
+                           "outcomes": [p.outcome for p in r.verdict.parts], "failed_runs": r.failed_runs,
+                           "error": r.error} for r in per_setting]
+        answer, text = robust([(r.scope["setting"], r.verdict.verdict) for r in per_setting])
+        primary.robust = {"answer": answer, "text": text}
+        primary.failed_runs = sum(r.failed_runs for r in per_setting)
+        out.append(primary)
     return out
 
 
@@ -212,7 +240,26 @@ def _claim_view(c: ClaimResult, figures: list[dict]) -> dict:
             "tables": [{"title": t["title"], "columns": list(t["columns"]),
                         "rows": [list(r) + [""] * (len(t["columns"]) - len(r)) for r in t["rows"]],
                         "markdown": _md_table(t["columns"], t["rows"])} for t in c.tables],
-            "figures": figures, "error": c.error}
+            "figures": figures, "error": c.error, "scope": _scope_text(c.scope),
+            "across": [{**a, "css": _css_class(a["verdict"]), "seeds_text": _seeds_text(a)} for a in c.across],
+            "robust": c.robust, "robust_css": _css_class(c.robust.get("answer", "")), "across_markdown": _md_table(
+                ["setting", "verdict", "key number", "seeds"],
+                [[a["setting"], f"**{a['verdict']}**", a["key_number"], _seeds_text(a)] for a in c.across])}
+
+
+def _seeds_text(scope: dict) -> str:
+    if not scope:
+        return ""
+    text = f"{scope['seeds']}"
+    if scope.get("looks", 1) > 1:
+        text += (f" of up to {scope['max_seeds']} (look {scope['look']} of {scope['looks']}, "
+                 f"{100 * scope['confidence']:.1f}".rstrip("0").rstrip(".") + "% intervals)")
+    return text
+
+
+def _scope_text(scope: dict) -> str:
+    """"Judged on mnist1d, ResNet-8, 6 seeds" (and the look, under a sequential design)."""
+    return f"Judged on {scope['setting']} with {_seeds_text(scope)} seeds." if scope else ""
 
 
 def render(results: list[ClaimResult], study: dict, out: str | Path, profile: dict | None = None,
@@ -263,7 +310,8 @@ def render(results: list[ClaimResult], study: dict, out: str | Path, profile: di
                         "agrees_with_literature": c.agrees_with_literature, "key_number": c.verdict.key_number,
                         "key_interval": c.verdict.key_interval,
                         "parts": [{**p.to_dict(), "text": p.text()} for p in c.verdict.parts],
-                        "failed_runs": c.failed_runs, "error": c.error, "numbers": c.numbers} for c in results}}
+                        "failed_runs": c.failed_runs, "error": c.error, "numbers": c.numbers,
+                        "scope": c.scope, "settings": c.across, "robust": c.robust} for c in results}}
     (out / "verdicts.json").write_text(json.dumps(json_clean(verdicts), indent=2, ensure_ascii=False,
                                                   allow_nan=False) + "\n", encoding="utf-8")
     return out / "report.html"

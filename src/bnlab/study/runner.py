@@ -29,9 +29,10 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from bnlab.errors import UserError
-from bnlab.study.claims import collect_specs, parse_claims
+from bnlab.study.claims import parse_claims
 from bnlab.study.executors import Executor, make_executor
 from bnlab.study.kinds import kind_of
+from bnlab.study.scope import collect as collect_specs
 from bnlab.study.specs import spec_label
 from bnlab.study.store import STORE_NAME, Store
 
@@ -202,7 +203,8 @@ def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progre
         started = time.perf_counter()
         statuses: dict[str, str] = {}
         specs: dict[str, dict] = {}
-        while True:  # rounds: a claim may ask for more runs once it sees results (see bnlab.study.claims)
+        while True:  # rounds: a claim may ask for more runs once it sees results (bnlab.study.claims),
+                     # and a claim with an undecided part the next look's seeds (bnlab.study.scope)
             new = collect_specs(profile, numbers, store.results())
             if set(new) <= set(specs):
                 break

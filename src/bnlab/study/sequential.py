@@ -53,8 +53,8 @@ class Design:
         looks, alphas = tuple(self.looks), tuple(self.alphas)
         if not looks or len(looks) != len(alphas):
             raise ValueError(f"sequential design: need one alpha per look (got looks {looks}, alphas {alphas})")
-        if any(n < 2 for n in looks) or any(b <= a for a, b in zip(looks, looks[1:])):
-            raise ValueError(f"sequential design: looks must be increasing seed counts >= 2 (got {looks})")
+        if any(n < 1 for n in looks) or any(b <= a for a, b in zip(looks, looks[1:])):
+            raise ValueError(f"sequential design: looks must be increasing positive seed counts (got {looks})")
         if any(not 0 < a < 1 for a in alphas):
             raise ValueError(f"sequential design: every alpha must lie in (0, 1) (got {alphas})")
         if sum(alphas) > TOTAL_ALPHA + 1e-12:

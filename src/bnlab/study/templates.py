@@ -21,6 +21,12 @@ Every number below is a mean over seeds with its 95% confidence interval in brac
 rerun the same `bnlab study` command to retry them){% elif c.error %}the analysis failed (the error is at the end of this \
 section){% else %}too few seeds finished{% endif %}.
 {% endif %}
+{{ c.scope | md }}
+{% if c.across | length > 1 %}
+**In every setting — {{ c.robust.answer }}:** {{ c.robust.text | md }}.
+
+{{ c.across_markdown }}
+{% endif %}
 {{ c.explanation | md }}
 {% if c.parts %}
 {% for p in c.parts %}- {{ p | md }}
@@ -91,6 +97,7 @@ caption { text-align: left; padding: 0.2em 0; }
 .verdict-inconclusive { background: #4d4d4d; color: #fff; }
 .verdict-no-verdict { background: #fff; color: #1a1a1a; border: 1px dashed #1a1a1a; }
 .verdict-supported-with-caveats { background: #8a4b00; color: #fff; }
+.verdict-depends-on-the-setting { background: #5a3d8a; color: #fff; }
 .no-verdict { border-left: 3px solid #b00020; padding: 0.4em 1em; background: #fff5f5; }
 figure { margin: 1.5em 0; } img { max-width: 100%; height: auto; }
 figcaption { font-size: 0.85em; color: #444; }
@@ -117,6 +124,12 @@ what was run is in the <a href="#appendix">appendix</a>.</p>
 in the appendix</a>{% else %}listed in the store{% endif %}; rerun the same <code>bnlab study</code> command to retry
 them){% elif c.error %}the analysis failed (the error is at the end of this section){% else %}too few seeds
 finished{% endif %}.</p>{% endif %}
+<p class="scope">{{ c.scope | rich }}</p>
+{% if c.across | length > 1 %}<p><b>In every setting — <span class="badge {{ c.robust_css }}">{{ c.robust.answer }}</span>:</b>
+{{ c.robust.text | rich }}.</p>
+<div class="scroll"><table class="across"><tr><th>setting</th><th>verdict</th><th>key number</th><th>seeds</th></tr>
+{% for a in c.across %}<tr><td>{{ a.setting | rich }}</td><td><span class="badge {{ a.css }}">{{ a.verdict }}</span></td>
+<td>{{ a.key_number | rich }}</td><td>{{ a.seeds_text }}</td></tr>{% endfor %}</table></div>{% endif %}
 <p>{{ c.explanation | rich }}</p>
 {% if c.parts %}<ul class="parts">{% for p in c.parts %}<li>{{ p | rich }}</li>{% endfor %}</ul>{% endif %}
 <p class="rule"><b>Verdict rule (fixed before the data):</b> {{ c.rule | rich }}</p>

@@ -30,6 +30,8 @@ Each claim module also declares what the literature found (``EXPECTED``, one of 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
@@ -40,7 +42,7 @@ from scipy import stats
 __all__ = ["SUPPORTED", "PARTLY", "NOT_SUPPORTED", "INCONCLUSIVE", "NO_VERDICT", "VERDICTS",
            "HOLDS", "REFUTED", "UNDECIDED", "NO_DATA", "MIN_SEEDS", "CONFIDENCE",
            "Interval", "Rule", "Effect", "Part", "Verdict", "ClaimResult",
-           "t_interval", "paired_effect", "combine", "agrees", "seeds_to_decide"]
+           "t_interval", "paired_effect", "combine", "agrees", "seeds_to_decide", "confidence", "at_confidence"]
 
 SUPPORTED = "supported"
 PARTLY = "partly supported"
@@ -52,7 +54,27 @@ VERDICTS = (SUPPORTED, PARTLY, NOT_SUPPORTED, INCONCLUSIVE, NO_VERDICT)
 HOLDS, REFUTED, UNDECIDED, NO_DATA = "holds", "refuted", "undecided", "no data"
 
 MIN_SEEDS = 3       # fewer finished (paired) seeds than this: no verdict for the part
-CONFIDENCE = 0.95   # two-sided level of every interval in the study
+CONFIDENCE = 0.95   # two-sided level of every interval in the study, unless a sequential design's look sets another
+
+_LEVEL = contextvars.ContextVar("confidence", default=CONFIDENCE)
+
+
+def confidence() -> float:
+    """The two-sided level intervals are computed at now: :data:`CONFIDENCE`, or the level a sequential
+    design gives the current look (:func:`at_confidence`, :mod:`bnlab.study.sequential`)."""
+    return _LEVEL.get()
+
+
+@contextlib.contextmanager
+def at_confidence(level: float):
+    """Compute every interval (and every part's decision) inside the block at ``level``."""
+    if not 0 < level < 1:
+        raise ValueError(f"confidence level must lie in (0, 1) (got {level})")
+    token = _LEVEL.set(float(level))
+    try:
+        yield
+    finally:
+        _LEVEL.reset(token)
 
 
 @dataclass
@@ -87,8 +109,9 @@ class Interval:
 
 
 def t_interval(values: Sequence[float], bounds: Optional[tuple[float, float]] = None,
-               confidence: float = CONFIDENCE) -> tuple[float, float, float]:
-    """(mean, low, high): the mean of the finite ``values`` and its two-sided Student-t interval.
+               level: Optional[float] = None) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of the finite ``values`` and its two-sided Student-t interval at
+    ``level`` (default: :func:`confidence`).
 
     One value gives a zero-width interval, none gives NaNs (callers decide what too few seeds mean:
     :func:`paired_effect` marks them as no data). ``bounds`` clips the interval to the quantity's range
@@ -102,7 +125,8 @@ def t_interval(values: Sequence[float], bounds: Optional[tuple[float, float]] = 
     if x.size == 1:
         low = high = mean
     else:
-        half = float(stats.t.ppf(0.5 + confidence / 2, df=x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
+        level = confidence() if level is None else level
+        half = float(stats.t.ppf(0.5 + level / 2, df=x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
         low, high = mean - half, mean + half
     if bounds is not None:
         low, high = max(low, bounds[0]), min(high, bounds[1])
@@ -131,7 +155,8 @@ class Rule:
 
     def text(self) -> str:
         unit = f" {self.unit}" if self.unit else ""
-        return (f"{self.name}: holds when the 95% CI of {self.effect} lies above {self.threshold:g}{unit}; "
+        return (f"{self.name}: holds when the {_percent(confidence())} CI of {self.effect} lies above "
+                f"{self.threshold:g}{unit}; "
                 f"refuted (absent) when it lies below {self.margin:g}{unit}; otherwise undecided")
 
     def decide(self, effect: "Effect") -> str:
@@ -175,7 +200,7 @@ def _finite(v) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def seeds_to_decide(rule: Rule, effect: Effect, limit: int = 1000) -> Optional[int]:
+def seeds_to_decide(rule: Rule, effect: Effect, limit: int = 1000, level: Optional[float] = None) -> Optional[int]:
     """Roughly how many seeds would decide an undecided part, if its mean and spread stayed as observed:
     the smallest n whose interval half-width leaves the mean clear of the threshold (mean above it) or of
     the margin (mean below it). ``None`` when the mean sits between margin and threshold (more seeds would
@@ -191,8 +216,9 @@ def seeds_to_decide(rule: Rule, effect: Effect, limit: int = 1000) -> Optional[i
         return None
     if sd == 0:
         return max(MIN_SEEDS, effect.n)
+    level = confidence() if level is None else level
     for n in range(max(2, effect.n), limit + 1):
-        if float(stats.t.ppf(0.5 + CONFIDENCE / 2, df=n - 1)) * sd / math.sqrt(n) < gap:
+        if float(stats.t.ppf(0.5 + level / 2, df=n - 1)) * sd / math.sqrt(n) < gap:
             return max(n, MIN_SEEDS)
     return None
 
@@ -204,10 +230,13 @@ class Part:
     rule: Rule
     effect: Effect
     outcome: str = ""
+    level: float = 0.0          # the interval's confidence level (set from :func:`confidence` when made)
 
     def __post_init__(self) -> None:
         if not self.outcome:
             self.outcome = self.rule.decide(self.effect)
+        if not self.level:
+            self.level = confidence()
 
     @property
     def reversed(self) -> bool:
@@ -219,20 +248,26 @@ class Part:
         outcome = "is refuted (reversed)" if self.reversed else {
             HOLDS: "holds", REFUTED: "is refuted (absent)", UNDECIDED: "is undecided",
             NO_DATA: "has no verdict (too few finished seeds)"}[self.outcome]
+        level = "" if self.level == CONFIDENCE else f", {_percent(self.level)} interval"
         text = (f"{self.rule.name} {outcome}: {self.rule.effect} = {self.effect.interval.text(digits)} "
-                f"(threshold {self.rule.threshold:g}, margin {self.rule.margin:g}; {self.effect.n} seeds)")
+                f"(threshold {self.rule.threshold:g}, margin {self.rule.margin:g}; {self.effect.n} seeds{level})")
         if self.outcome == UNDECIDED:
-            n = seeds_to_decide(self.rule, self.effect)
+            n = seeds_to_decide(self.rule, self.effect, level=self.level)
             text += (f"; about {n} seeds would decide it at the observed spread" if n is not None else
                      "; its mean lies between margin and threshold, so more seeds would not decide it")
         return text
 
     def to_dict(self) -> dict:
         return {"name": self.rule.name, "effect": self.rule.effect, "threshold": self.rule.threshold,
-                "margin": self.rule.margin, "unit": self.rule.unit, "outcome": self.outcome,
+                "margin": self.rule.margin, "unit": self.rule.unit, "outcome": self.outcome, "confidence": self.level,
                 "reversed": self.reversed, "interval": self.effect.interval.to_dict(), "n": self.effect.n,
                 "values": [float(v) for v in self.effect.values],
-                "seeds_to_decide": seeds_to_decide(self.rule, self.effect) if self.outcome == UNDECIDED else None}
+                "seeds_to_decide": seeds_to_decide(self.rule, self.effect, level=self.level)
+                if self.outcome == UNDECIDED else None}
+
+
+def _percent(level: float) -> str:
+    return f"{100 * level:.1f}".rstrip("0").rstrip(".") + "%"
 
 
 def combine(outcomes: Sequence[str]) -> str:
@@ -299,6 +334,9 @@ class ClaimResult:
     numbers: dict = field(default_factory=dict)         # raw numbers, saved as JSON beside the report
     error: Optional[str] = None                         # why the analysis failed, if it did
     failed_runs: int = 0                                # runs of this claim that failed (no verdict if > 0)
+    scope: dict = field(default_factory=dict)           # the setting and look it was judged at (bnlab.study.scope)
+    across: list[dict] = field(default_factory=list)    # one summary per setting, when the profile names several
+    robust: dict = field(default_factory=dict)          # {"answer", "text"}: the verdict across the settings
 
     @property
     def agrees_with_literature(self) -> Optional[bool]:
