@@ -149,3 +149,20 @@ def test_image_settings_reach_image_specs_only():
     assert dataset_label(with_overrides(quick, dataset="digits")) == "digits"  # 8×8, 937 left: nothing shrunk
     full = get_profile("full")
     assert full["image_size"] is None and full["image_train_size"] is None  # CIFAR-10 whole, at 32×32
+
+
+def test_the_arms_of_a_seed_start_from_the_same_weights():
+    """Every spec pairs initial weights by seed: BN, no normalization and GroupNorm arms of one seed share
+    their convolution and classifier weights (the unnormalized net's conv biases no longer shift them)."""
+    from bnlab.study.kinds import TRAIN
+    data = runs.load_data(TRAIN.spec(dataset="synthetic", val_size=64, seed=0))
+    nets = {norm: runs.build_model(TRAIN.spec(dataset="synthetic", val_size=64, norm=norm, seed=3, depth=8,
+                                              width=0.5), data) for norm in ("bn", "none", "groupnorm")}
+    weights = {norm: {f"{name}.weight": m.weight for name, m in net.named_modules()
+                      if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear))}
+               for norm, net in nets.items()}
+    assert weights["bn"].keys() == weights["none"].keys() == weights["groupnorm"].keys()
+    for key, value in weights["bn"].items():
+        assert torch.equal(value, weights["none"][key]) and torch.equal(value, weights["groupnorm"][key]), key
+    other = runs.build_model(TRAIN.spec(dataset="synthetic", val_size=64, norm="bn", seed=4, depth=8, width=0.5), data)
+    assert not torch.equal(other.fc.weight, nets["bn"].fc.weight)

@@ -55,8 +55,11 @@ class RunKind:
     cost: float = 1.0
 
     def spec(self, **fields: Any) -> dict:
-        """A spec of this kind. Values must be JSON scalars, lists or dicts."""
-        spec = {"kind": self.name, **fields}
+        """A spec of this kind. Values must be JSON scalars, lists or dicts. Every spec has ``init:
+        "paired"``: its network's weights come from a generator seeded with the run's seed, so the arms of a
+        seed start from the same weights wherever their architectures allow (see ``init_seed`` of
+        :class:`bnlab.models.resnet.ResNet`); a stored spec without it was built from the global generator."""
+        spec = {"kind": self.name, "init": "paired", **fields}
         json.dumps(spec)  # raises TypeError early for values that could not be stored
         return spec
 

@@ -90,7 +90,8 @@ def build_model(spec: dict, data) -> nn.Module:
     name = "resnet1d" if dims == 1 else "resnet"
     model = bnlab.models.create(name, norm=_norm(spec, dims), in_channels=data.in_channels,
                                 num_classes=data.num_classes, width=spec.get("width", 1.0),
-                                plain=spec.get("plain", False), depth=spec.get("depth", 8), fused=False)
+                                plain=spec.get("plain", False), depth=spec.get("depth", 8), fused=False,
+                                init_seed=spec["seed"] if spec.get("init") == "paired" else None)
     return model.to(spec.get("device", "cpu"))
 
 
