@@ -44,8 +44,8 @@ def test_gradient_ics_is_measured_for_bn_and_none_at_one_common_learning_rate():
 def test_noisy_arms_share_bn_and_differ_only_in_noise():
     bn, noisy = claim_ics._spec(PROFILE, "bn", 0.1, 0), claim_ics._spec(PROFILE, "noisy_bn:2", 0.1, 0)
     assert noisy["norm"] == "bn" and noisy["noise"] == 2.0 and bn["noise"] == 0.0
-    differing = {k for k in bn if bn[k] != noisy[k]}
-    assert differing == {"arm", "noise", "measure_every"}
+    differing = {k for k in set(bn) | set(noisy) if bn.get(k) != noisy.get(k)}
+    assert differing == {"arm", "noise", "measure_every", "probe_steps"}   # only BN measures gradient ICS here
 
 
 def test_presets_validate_and_bad_sections_are_rejected():
@@ -66,10 +66,27 @@ def test_presets_validate_and_bad_sections_are_rejected():
 # ---------------------------------------------------------------------------- verdicts from synthetic results
 
 
-def _run(cos: float, val: float, test: float) -> dict:
+ETAS = PROFILE["ics"]["probe_steps"]   # [0.01, 0.1]: the tiny preset's probe steps (ics_lr 0.1 among them)
+
+
+def _run(cos: float, val: float, test: float, relative=0.1, descent=True, spike_at=None) -> dict:
+    """A claim-1 run with three gradient-ICS measurements (steps 0, 2, 4). ``relative`` and ``descent``: the
+    relative gradient change ‖G − G′‖/‖G‖ and whether the probe step lowers the loss, per probe step (a dict
+    η → value) or the same at every η. ``spike_at``: a step whose batch loss spikes (training unstable there)."""
     steps = [0, 2, 4]
     ema = [2.3, 1.5, 1.0]
-    return {"ics": {"step": steps, "ema_loss": ema, "cosine": [[cos, cos]] * 3, "distance": [[0.1, 0.1]] * 3},
+    losses = [2.3, 2.0, 1.5, 1.2, 1.0, 0.9]
+    if spike_at is not None:
+        losses[spike_at] = 50.0
+    ema_losses = [2.3, 2.2, 2.0, 1.8, 1.6, 1.5]
+    at = (lambda v, eta: v[eta] if isinstance(v, dict) else v)
+    probe = {"etas": ETAS, "step": steps, "loss": [losses[i] for i in steps],
+             "relative": [[[at(relative, eta)] * 2 for eta in ETAS] for _ in steps],
+             "cosine": [[[cos] * 2 for _ in ETAS] for _ in steps], "distance": [[[0.1] * 2 for _ in ETAS] for _ in steps],
+             "descent": [[at(descent, eta) for eta in ETAS] for _ in steps]}
+    return {"ics": {"step": steps, "ema_loss": ema, "cosine": [[cos, cos]] * 3, "distance": [[0.1, 0.1]] * 3,
+                    "probe": probe},
+            "losses": losses, "ema_losses": ema_losses,
             "smooth": {"step": steps, "ema_loss": ema, "loss_range": [0.1] * 3, "grad_change": [0.1] * 3,
                        "beta": [1.0] * 3},
             "dist": {"step": steps, "p15": [0.0] * 3, "p50": [0.0, 0.1, 0.0], "p85": [1.0] * 3},
@@ -77,10 +94,14 @@ def _run(cos: float, val: float, test: float) -> dict:
             "final": {"val_acc": val, "test_acc": test, "chance": 0.25}, "layers": ["a.weight", "b.weight"]}
 
 
-def _results(cos: dict, test: dict, cost_by_seed=None, val_bonus=None, failed=()) -> dict:
+def _results(cos: dict, test: dict, cost_by_seed=None, val_bonus=None, failed=(), relative=None, descent=None,
+             spike=None) -> dict:
     """Every run of PROFILE: cos[arm] (BN and none, at ics_lr), test accuracy test[arm] (fraction) with a small
     per-seed wiggle; noisy arms' accuracy is BN's minus ``cost_by_seed[seed]`` points when given. Validation
-    accuracy equals test accuracy plus ``val_bonus[(arm, lr)]``."""
+    accuracy equals test accuracy plus ``val_bonus[(arm, lr)]``. ``relative[arm]`` (× a per-seed wiggle),
+    ``descent[arm]`` and ``spike[arm]`` are passed to :func:`_run` (defaults: BN 0.05, none 0.2, every step
+    a descent step, no spike)."""
+    relative = relative or {"bn": 0.05, "none": 0.2}
     results = {}
     for spec in claim_ics.measure(PROFILE):
         arm, lr, seed = spec["arm"], spec["lr"], spec["seed"]
@@ -89,23 +110,28 @@ def _results(cos: dict, test: dict, cost_by_seed=None, val_bonus=None, failed=()
             acc = test["bn"] + 0.001 * seed - cost_by_seed[seed] / 100
         val = acc + (val_bonus or {}).get((arm, lr), 0.0)
         status = "failed" if (arm, lr, seed) in failed else "done"
-        results[spec_key(spec)] = {"status": status, "result": _run(cos.get(arm, 0.0) + 0.002 * seed, val, acc)
-                                   if status == "done" else {}}
+        rel = relative.get(arm, 0.1)
+        rel = {eta: v * (1 + 0.01 * seed) for eta, v in rel.items()} if isinstance(rel, dict) else rel * (1 + 0.01 * seed)
+        run = _run(cos.get(arm, 0.0) + 0.002 * seed, val, acc, rel, (descent or {}).get(arm, True),
+                   (spike or {}).get(arm))
+        results[spec_key(spec)] = {"status": status, "result": run if status == "done" else {}}
     return results
 
 
 def test_supported_when_bn_lowers_ics_and_noise_costs_accuracy():
+    # the gradient changes 4× less with BN at every probe step: log10(0.2 / 0.05) = 0.602 decades
     result = analyze(claim_ics, PROFILE, _results({"bn": 0.9, "none": 0.5}, {"bn": 0.95, "none": 0.8, "noisy": 0.85}))
     assert [p.outcome for p in result.verdict.parts] == [HOLDS, HOLDS]
     assert result.verdict.verdict == SUPPORTED and result.agrees_with_literature is False
-    assert result.verdict.parts[0].effect.interval.mean == pytest.approx(0.4)
+    assert result.verdict.parts[0].effect.interval.mean == pytest.approx(np.log10(4.0))
     assert result.verdict.parts[1].effect.interval.mean == pytest.approx(10.0)
 
 
 def test_not_supported_through_equivalence():
-    # BN's cosine equals none's within 0.01 and the noise costs 0.3 points: both effects absent
+    # the same relative gradient change with and without BN, and the noise costs 0.3 points: both effects absent
     result = analyze(claim_ics, PROFILE, _results({"bn": 0.7, "none": 0.695}, {"bn": 0.95, "none": 0.8},
-                                                  cost_by_seed=[0.3, 0.2, 0.4, 0.3, 0.25, 0.35]))
+                                                  cost_by_seed=[0.3, 0.2, 0.4, 0.3, 0.25, 0.35],
+                                                  relative={"bn": 0.1, "none": 0.105}))
     assert [p.outcome for p in result.verdict.parts] == [REFUTED, REFUTED]
     assert not result.verdict.parts[0].reversed
     assert result.verdict.verdict == NOT_SUPPORTED and result.agrees_with_literature is True
@@ -142,11 +168,38 @@ def test_learning_rates_are_chosen_on_validation_and_reported_on_test():
     assert findings.test_acc["bn"][0] == pytest.approx(95.0)  # test accuracy, not the validation number
 
 
-def test_loss_levels_come_from_bn_and_none_only():
-    results = _results({"bn": 0.9, "none": 0.5}, {"bn": 0.95, "none": 0.8, "noisy": 0.85})
-    result = analyze(claim_ics, PROFILE, results)
-    # all BN/none runs start at 2.3 and bottom out at 1.0: three levels between, whatever the noisy arms did
-    assert result.numbers["loss_levels"] == pytest.approx(list(np.linspace(2.3, 1.0, 4)[1:]))
+def test_an_overshooting_probe_step_leaves_the_stable_range_and_is_reported_as_instability():
+    """Without BN the probe step at the training rate raises the loss (no descent): that η leaves the stable
+    range, and part 1 is decided at the smaller one alone, where the gradient changes alike with and without
+    BN (refuted), however much larger the change is at the overshooting step."""
+    results = _results({"bn": 0.9, "none": 0.5}, {"bn": 0.95, "none": 0.8}, cost_by_seed=[0.3] * 6,
+                       relative={"bn": {0.01: 0.01, 0.1: 0.05}, "none": {0.01: 0.0101, 0.1: 0.5}},
+                       descent={"none": {0.01: True, 0.1: False}})
+    findings = claim_ics.decide(PROFILE, results)
+    assert findings.stable_etas == [0.01] and not findings.changes
+    assert [p.outcome for p in findings.probes] == [REFUTED, HOLDS]      # at η = 0.1 alone it would hold
+    assert findings.parts[0].outcome == REFUTED
+    assert findings.probes[1].descent == {"bn": 1.0, "none": 0.0}
+    explanation = analyze(claim_ics, PROFILE, results).verdict.explanation
+    assert "overshoots" in explanation and "100% of the unnormalized net's measurements" in explanation
+
+
+def test_an_outcome_that_changes_inside_the_stable_range_is_undecided():
+    results = _results({"bn": 0.9, "none": 0.5}, {"bn": 0.95, "none": 0.8}, cost_by_seed=[0.3] * 6,
+                       relative={"bn": {0.01: 0.01, 0.1: 0.05}, "none": {0.01: 0.0101, 0.1: 0.5}})
+    findings = claim_ics.decide(PROFILE, results)
+    assert findings.stable_etas == [0.01, 0.1] and findings.changes
+    assert findings.parts[0].outcome == UNDECIDED
+    assert "depends on the probe step" in analyze(claim_ics, PROFILE, results).verdict.explanation
+
+
+def test_measurements_at_an_unstable_step_count_for_neither_arm():
+    # a loss spike at step 2 in the unnormalized runs: that measurement is left out of both arms
+    results = _results({"bn": 0.9, "none": 0.5}, {"bn": 0.95, "none": 0.8}, spike={"none": 2})
+    findings = claim_ics.decide(PROFILE, results)
+    assert all(p.counted == 2 * len(SEEDS) for p in findings.probes)
+    assert claim_ics.decide(PROFILE, _results({"bn": 0.9, "none": 0.5},
+                                              {"bn": 0.95, "none": 0.8})).probes[0].counted == 3 * len(SEEDS)
 
 
 def test_the_report_says_when_bn_is_still_rising_at_the_end():
@@ -167,8 +220,8 @@ def test_claim1_paper_table_beside_santurkar():
     result = analyze(claim_ics, PROFILE, _results({"bn": 0.9, "none": 0.5},
                                                          {"bn": 0.95, "none": 0.8, "noisy": 0.85}))
     rows = paper_rows(result)
-    cosine = rows["gradient ICS: cos(G, G′) with BN − without"]
-    assert cosine[1].startswith("0.400") and "Santurkar et al. 2018" in cosine[2]   # 0.9 − 0.5
+    ics = rows["gradient ICS with BN against without (their Fig. 5: ‖G − G′‖ and cos(G, G′))"]
+    assert ics[1].startswith("ratio none ÷ BN 0.60") and "Santurkar et al. 2018" in ics[2]   # log10(0.2 / 0.05)
     noisy = rows["test accuracy, BN − noisy BN (points)"]
     assert noisy[1].startswith("10.0")                                               # 95% − 85%
     assert "stands in for their VGG" in noisy[3] and "VGG network on CIFAR-10" in noisy[3]

@@ -5,6 +5,7 @@ import copy
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -155,3 +156,43 @@ def test_gradient_ics_on_a_two_layer_linear_net_matches_the_hand_derivation():
     # the first layer has no earlier layer: G′ = G
     g_first = gradients_after_earlier_steps(model, xb, yb, grads, lr, "0.weight", loss_fn=mse)
     assert g_first.item() == pytest.approx(grads["0.weight"].item())
+
+
+def test_a_run_measures_gradient_ics_at_every_probe_step_on_the_same_checkpoints():
+    """One claim-1 run with probe steps: per measurement, per η and layer, the relative change ‖G − G′‖/‖G‖
+    and cos(G, G′); at the training step the probe's numbers are the run's own gradient ICS; and whether the
+    probe step lowers the batch loss, checked here against the loss recomputed at θ − η·G by hand."""
+    from bnlab.study import claim_ics, kinds, runs
+    from bnlab.study.profiles import get_profile
+    profile = get_profile("tiny")
+    spec = claim_ics._spec(profile, "none", profile["ics"]["ics_lr"], 0)
+    assert spec["probe_steps"] == [0.01, 0.1]
+    status, result = kinds.ICS.run(spec)
+    probe = result["ics"]["probe"]
+    n = len(result["ics"]["step"])
+    assert status == "done" and probe["step"] == result["ics"]["step"] and n >= 2
+    assert [len(probe[k]) for k in ("relative", "cosine", "descent", "loss")] == [n] * 4
+    assert all(len(m) == 2 and all(len(layer) == len(result["layers"]) for layer in m) for m in probe["relative"])
+    at_lr = spec["probe_steps"].index(spec["lr"])
+    assert [m[at_lr] for m in probe["cosine"]] == result["ics"]["cosine"]
+    assert [m[at_lr] for m in probe["distance"]] == result["ics"]["distance"]
+    assert all(0 < r < 10 for m in probe["relative"] for eta in m for r in eta)
+    # smaller probe steps move the later layers' gradients less
+    assert np.mean([np.mean(m[0]) for m in probe["relative"]]) < np.mean([np.mean(m[1]) for m in probe["relative"]])
+
+    # the descent flag, recomputed: the first measurement (step 0) from the same initial weights and batch
+    data = runs.load_data(spec)
+    torch.manual_seed(spec["seed"])
+    model = runs.build_model(spec, data).train()
+    x, y = next(iter(__import__("bnlab.data", fromlist=["Loader"]).Loader(
+        data.train_x, data.train_y, spec["batch_size"], shuffle=True, drop_last=True, seed=spec["seed"])))
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    for k, eta in enumerate(spec["probe_steps"]):
+        moved = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, g in zip(moved.parameters(), grads):
+                p -= eta * g
+            after = nn.functional.cross_entropy(moved(x), y).item()
+        assert probe["descent"][0][k] == (after < loss.item())
+    assert probe["loss"][0] == pytest.approx(loss.item())

@@ -7,8 +7,16 @@ residual branch's first BN, where the branch's second BN renormalizes it. Every 
 :func:`bnlab.study.ics_loop.run_ics` (plain SGD); every BN arm is evaluated with statistics re-estimated
 on clean batches. Two parts, each a :class:`~bnlab.study.verdict.Rule` fixed here before any data:
 
-1. *BN reduces gradient ICS* — cos(G, G′) with BN minus without, at the same steps and the same learning
-   rate (``ics_lr``), averaged over early/middle/late layers and the measurement steps, paired by seed;
+1. *BN reduces gradient ICS* — how much a layer's gradient G changes when every earlier layer takes its step
+   −η·G first (G′), relative to G: log10 of ‖G − G′‖/‖G‖ without BN over with BN, both trained at the same
+   rate (``ics_lr``), at the same steps, averaged over early/middle/late layers and the measurement steps,
+   paired by seed. The probe step η is not the training rate alone: the part is measured at every η of
+   ``probe_steps`` on the same checkpoints, and decided over the *stable range* — the η at which the probe step
+   is a descent step (it lowers the batch's loss) in at least 95% of the measurements of both arms, at steps
+   where both arms' training is stable (:data:`STABLE_RISE`, :data:`STABLE_SPIKE`). An overshooting probe step
+   measures instability, not the shift of a layer's inputs: that share is reported on its own, as the
+   stability effect it is. The part holds (or is refuted) only when it does at every η of the stable range; an
+   outcome that changes inside it is undecided, and the report says so;
 2. *that is why it helps* — test accuracy of BN minus noisy BN (the middle noise strength), each arm at the
    learning rate its validation accuracy chose: if shift were why BN helps, injecting it would cost accuracy.
 
@@ -28,11 +36,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from bnlab.study.common import (Band, data_fields, dataset_label, fmt_ci, lookup, paper_table, seed_list, tuned,
                                 tuning_caveat, tuning_seeds)
 from bnlab.study.kinds import ICS
-from bnlab.study.metrics import first_index_at_or_below, log_mean_ci, step_changes
+from bnlab.study.metrics import log_mean_ci, step_changes
 from bnlab.study.specs import spec_key, unique_specs
 from bnlab.study.style import LINESTYLES, arm_color, band, figure, legend_outside
-from bnlab.study.verdict import (NO_VERDICT, NOT_SUPPORTED, ClaimResult, Effect, Interval, Part, Rule, Verdict,
-                                 paired_effect, t_interval)
+from bnlab.study.verdict import (NO_DATA, NO_VERDICT, NOT_SUPPORTED, UNDECIDED, ClaimResult, Effect, Interval, Part,
+                                 Rule, Verdict, paired_effect, t_interval)
 
 NUMBER = 1
 SLUG = "ics"
@@ -45,26 +53,42 @@ FINDING = ("Santurkar et al. 2018: noisy BN trains as well; BN does not reduce g
 EXPECTED = NOT_SUPPORTED
 
 RULES = [
-    # cos(G, G′) lies in [−1, 1]; the seed-to-seed spread of a run's mean cosine is a few hundredths. A gain
-    # of 0.10 (e.g. 0.80 → 0.90: the part of G that earlier layers' steps rotate away halves) is a reduction
-    # worth the name; below 0.03 the two arms' gradients move alike.
-    Rule("BN reduces gradient ICS", "cos(G, G′) BN − none (same steps, same lr; mean over layers and steps)",
-         threshold=0.10, margin=0.03, bounds=(-2.0, 2.0)),
+    # log10 of the ratio of relative gradient changes ‖G − G′‖/‖G‖ without BN to with BN: 0.3 decades is a
+    # factor of 2 (half the gradient change with BN: a reduction of ICS worth the name); under 0.1 decades
+    # (≈ 26%) the two arms' gradients move alike. The ratio is scale-free (BN and no normalization have
+    # gradients of different sizes) and, to first order in η, independent of the probe step; cos(G, G′) is
+    # not: it tends to 1 for both arms as η → 0, so its difference would read "no reduction" at any small η.
+    Rule("BN reduces gradient ICS", "log10(‖G − G′‖/‖G‖ none ÷ with BN) at every probe step of the stable range "
+         "(same checkpoints, same training lr; mean over layers and stable steps)",
+         threshold=0.3, margin=0.1, unit="decades", bounds=(-20.0, 20.0)),
     # 2 points is twice the usual seed-to-seed spread of test accuracy here and a large share of what BN
     # gains over no normalization; a cost under 1 point is within what a rerun moves.
     Rule("injected shift costs accuracy", "test accuracy BN − noisy BN (middle strength, validated lrs, clean "
          "statistics)", threshold=2.0, margin=1.0, unit="points", bounds=(-100.0, 100.0)),
 ]
-RULE = (f"Part 1 — {RULES[0].text()}. Part 2 — {RULES[1].text()}. Both hold → supported; one holds and the other "
-        f"is refuted → partly supported; a part refuted and none holding → not supported; otherwise inconclusive; "
-        f"any failed run, or fewer than 3 finished seeds → no verdict. Thresholds: a cosine gain of 0.10 is a "
-        f"visible reduction of ICS, under 0.03 none; an accuracy cost of 2 points is about twice the seed-to-seed "
+# Fixed before any data: a measurement step counts when both arms of the seed are *stable* there — the
+# training loss's moving average is within STABLE_RISE of its lowest value so far (not climbing out of a
+# minimum) and the step's batch loss under STABLE_SPIKE times that average (no spike); a probe step η is in
+# the *stable range* when it lowers the batch's loss in at least DESCENT_SHARE of each arm's counted
+# measurements.
+STABLE_RISE = 1.1
+STABLE_SPIKE = 2.0
+DESCENT_SHARE = 0.95
+RULE = (f"Part 1 — {RULES[0].text()}; decided at each probe step η of the stable range (η at which the probe "
+        f"step lowers the batch loss in ≥ {DESCENT_SHARE:.0%} of both arms' measurements, at steps where both arms' "
+        f"loss average is within {STABLE_RISE - 1:.0%} of its minimum so far and the batch loss under "
+        f"{STABLE_SPIKE:g}× that average): it holds or is refuted only if it does at every such η. Part 2 — "
+        f"{RULES[1].text()}. Both hold → supported; one holds and the other is refuted → partly supported; a part "
+        f"refuted and none holding → not supported; otherwise inconclusive; any failed run, or fewer than 3 "
+        f"finished seeds → no verdict. Thresholds: half the relative gradient change (0.3 decades) is a visible "
+        f"reduction of ICS, under 0.1 decades none; an accuracy cost of 2 points is about twice the seed-to-seed "
         f"spread, under 1 point is what a rerun moves.")
 
 SANTURKAR_SETTING = "a VGG network on CIFAR-10 (and a 25-layer deep linear network for ICS), noise after every BN"
 PAPER = [
-    {"quantity": "gradient ICS: cos(G, G′) with BN − without", "paper": "Santurkar et al. 2018",
-     "value": "≤ 0 (BN does not raise it and often lowers it; plotted, no table)", "setting": SANTURKAR_SETTING,
+    {"quantity": "gradient ICS with BN against without (their Fig. 5: ‖G − G′‖ and cos(G, G′))",
+     "paper": "Santurkar et al. 2018",
+     "value": "not reduced by BN, often increased (plotted, no table)", "setting": SANTURKAR_SETTING,
      "ours_key": "cosine"},
     {"quantity": "test accuracy, BN − noisy BN (points)", "paper": "Santurkar et al. 2018",
      "value": "≈ 0 (noisy BN trains and generalizes about as well; plotted, no table)",
@@ -99,6 +123,8 @@ class Config(BaseModel):
     val_eval_size: int = Field(ge=1, description="validation examples evaluated during training")
     recal_batches: int = Field(ge=1, description="clean training batches that re-estimate BN statistics")
     step_sizes: list[float] = Field(min_length=1, description="η of the smoothness probe θ − η·g")
+    probe_steps: list[float] = Field(min_length=1, description="the probe steps η at which gradient ICS is measured "
+                                                               "on the same checkpoints (ics_lr among them)")
     ics_layers: list[float] = Field(min_length=1, description="depth fractions of the measured layers")
 
     @field_validator("arms")
@@ -125,7 +151,7 @@ class Config(BaseModel):
             raise ValueError(f"learning rates must be positive (got {lr})")
         return lr
 
-    @field_validator("step_sizes")
+    @field_validator("step_sizes", "probe_steps")
     @classmethod
     def _positive_steps(cls, sizes: list[float]) -> list[float]:
         if any(not s > 0 for s in sizes):
@@ -138,6 +164,15 @@ class Config(BaseModel):
         if any(not 0 <= f < 1 for f in fractions):
             raise ValueError(f"layer fractions must lie in [0, 1) (got {fractions})")
         return fractions
+
+    @model_validator(mode="after")
+    def _probe_at_lr(self) -> "Config":
+        if self.ics_lr not in self.probe_steps:
+            raise ValueError(f"probe_steps must include ics_lr {self.ics_lr} (Santurkar et al.'s own probe: the "
+                             f"training step), got {self.probe_steps}")
+        if sorted(set(self.probe_steps)) != self.probe_steps:
+            raise ValueError(f"probe_steps must be increasing and distinct (got {self.probe_steps})")
+        return self
 
     @model_validator(mode="after")
     def _grids(self) -> "Config":
@@ -157,13 +192,15 @@ def _positive(text: str) -> bool:
         return False
 
 
+# probe steps from 0.03× to 3× the training rate 0.1 (a pilot on seeds 100-103 put the unnormalized net's
+# overshooting probe steps at 0.1 and above)
 _COMMON = {"measure_every": 20, "record_every": 10, "eval_every": 100, "val_eval_size": 500, "recal_batches": 10,
-           "ics_layers": [0.25, 0.5, 0.75], "step_sizes": [0.1, 0.2, 0.4]}
+           "ics_layers": [0.25, 0.5, 0.75], "step_sizes": [0.1, 0.2, 0.4], "probe_steps": [0.003, 0.01, 0.03, 0.1, 0.3]}
 _ARMS = ["bn", "none", "noisy_bn:0.5", "noisy_bn:1", "noisy_bn:2"]
 PRESETS = {
     "tiny": {**_COMMON, "arms": _ARMS, "lrs": {"bn": [0.1], "none": [0.05, 0.1], "noisy_bn": [0.1]},
              "ics_lr": 0.1, "steps": 6, "batch_size": 32, "measure_every": 2, "record_every": 1, "eval_every": 3,
-             "val_eval_size": 64, "recal_batches": 2, "step_sizes": [0.1, 0.4]},
+             "val_eval_size": 64, "recal_batches": 2, "step_sizes": [0.1, 0.4], "probe_steps": [0.01, 0.1]},
     # BN's grid includes ics_lr: its runs there are the gradient-ICS runs every seed has anyway
     "quick": {**_COMMON, "arms": _ARMS, "lrs": {"bn": [0.1, 0.3, 1.0], "none": [0.03, 0.1], "noisy_bn": [0.3, 1.0]},
               "ics_lr": 0.1, "steps": 400, "batch_size": 64, "measure_every": 40},
@@ -219,7 +256,8 @@ def _spec(profile: dict, arm: str, lr: float, seed: int) -> dict:
         norm="none" if arm == "none" else "bn", noise=noise_strength(arm), lr=lr, seed=seed,
         steps=cfg["steps"], batch_size=cfg["batch_size"], measure_every=cfg["measure_every"] if measured else 0,
         record_every=cfg["record_every"], eval_every=cfg["eval_every"], val_eval_size=cfg["val_eval_size"],
-        recal_batches=cfg["recal_batches"], step_sizes=cfg["step_sizes"], ics_layers=cfg["ics_layers"])
+        recal_batches=cfg["recal_batches"], step_sizes=cfg["step_sizes"], ics_layers=cfg["ics_layers"],
+        **({"probe_steps": cfg["probe_steps"]} if measured else {}))
 
 
 def _grid(cfg: dict, arm: str) -> list[float]:
@@ -253,12 +291,6 @@ def failed_runs(profile: dict, results: dict) -> int:
 def _final(run, key: str) -> float:
     status, result = run
     return 100.0 * result["final"][key]
-
-
-def _mean_cosine(run) -> float:
-    status, result = run
-    cos = result["ics"]["cosine"]
-    return float(np.mean(cos)) if status == "done" and cos else math.nan
 
 
 def validated_lr(profile: dict, results: dict, arm: str) -> Optional[float]:
@@ -304,6 +336,21 @@ class Layer:
 
 
 @dataclass
+class Probe:
+    """Gradient ICS at one probe step η: BN and none trained at ``ics_lr``, measured on the same checkpoints."""
+
+    eta: float
+    effect: Effect                 # log10(relative change none ÷ BN), paired by seed, at the counted steps
+    outcome: str                   # RULES[0] decided at this η alone
+    stable: bool                   # in the stable range: a descent step in ≥ DESCENT_SHARE of both arms' steps
+    descent: dict[str, float]      # arm → share of counted measurements where the probe step lowers the loss
+    negative_cosine: dict[str, float]  # arm → share of counted measurements with mean cos(G, G′) < 0
+    relative: dict[str, Interval]  # arm → ‖G − G′‖/‖G‖ (mean over layers and counted steps), over seeds
+    cos_gain: Interval             # cos(G, G′) BN − none, paired (the scale the first version of the study used)
+    counted: int                   # measurements counted (both arms stable), over seeds
+
+
+@dataclass
 class Findings:
     """Everything claim 1's report shows."""
 
@@ -311,12 +358,12 @@ class Findings:
     failed_runs: int                       # failed runs among the first round's
     chosen_lr: dict[str, Optional[float]]  # arm → its validated rate (every arm of the profile)
     test_acc: dict[str, dict]              # arm → seed → test accuracy % at the validated rate
-    cosine: dict[str, dict]                # BN, none → seed → mean cos(G, G′) at ics_lr
+    probes: list[Probe]                    # gradient ICS at every probe step, smallest first
+    stable_etas: list[float]               # the probe steps of the stable range
+    changes: bool                          # part 1's outcome differs between probe steps of the stable range
     rule_arm: str                          # the noisy arm part 2 compares with BN
     arms: dict[str, Arm]                   # BN, the noisy arms (weakest noise first), none
-    layers: list[Layer]                    # gradient ICS per measured layer
-    loss_levels: list[float]               # training losses every BN and none run at ics_lr reaches
-    matched_gain: Interval                 # Δcos BN − none at those losses (paired)
+    layers: list[Layer]                    # gradient ICS per measured layer, at the training step (η = ics_lr)
     smoothness: Interval                   # loss range along the gradient, none / BN (geometric mean, ×)
     plateau: Interval                      # BN's validation accuracy change over the last third (points)
     at_edge: list[str]                     # arms whose validated rate is at an end of their grid
@@ -330,20 +377,26 @@ def decide(profile: dict, results: dict) -> Findings:
     chosen = {arm: validated_lr(profile, results, arm) for arm in cfg["arms"]}
     test_acc = {arm: _per_seed(profile, results, arm, chosen[arm], lambda r: _final(r, "test_acc"))
                 for arm in cfg["arms"]}
-    cosine = {arm: _per_seed(profile, results, arm, cfg["ics_lr"], _mean_cosine) for arm in ("bn", "none")}
     noisy = rule_arm(cfg["arms"])
-    parts = [Part(RULES[0], paired_effect(cosine["bn"], cosine["none"], bounds=RULES[0].bounds)),
-             Part(RULES[1], paired_effect(test_acc["bn"], test_acc[noisy], "points", RULES[1].bounds))]
     ordered = ["bn", *noise_arms(cfg["arms"]), "none"]
     chosen_runs = {a: _runs(profile, results, a, chosen[a]) if chosen[a] is not None else {} for a in ordered}
     ics_runs = {a: _runs(profile, results, a, cfg["ics_lr"]) for a in ("bn", "none")}
     arms = {a: _arm(profile, results, a, chosen[a], chosen_runs[a], test_acc, tune) for a in ordered}
 
-    # gradient ICS per layer at the same lr, and the loss-matched secondary view
+    # gradient ICS at every probe step, decided over the stable range
+    probes = [_probe(k, eta, ics_runs) for k, eta in enumerate(cfg["probe_steps"])]
+    stable = [p for p in probes if p.stable]
+    outcomes = {p.outcome for p in stable}
+    changes = len(outcomes) > 1
+    if not stable:
+        part1 = Part(RULES[0], probes[0].effect if probes else Effect([], Interval.of((math.nan,) * 3)), NO_DATA)
+    else:   # the effect shown is the largest stable probe step's, the one nearest the training step
+        part1 = Part(RULES[0], stable[-1].effect, UNDECIDED if changes else outcomes.pop())
+    parts = [part1, Part(RULES[1], paired_effect(test_acc["bn"], test_acc[noisy], "points", RULES[1].bounds))]
+
+    # gradient ICS per layer at the training step (the first version's view)
     names = next((r["layers"] for st, r in ics_runs["bn"].values()), [])
     layers = [_layer(j, name, ics_runs) for j, name in enumerate(names)]
-    levels = _loss_levels([run for a in ("bn", "none") for run in ics_runs[a].values()])
-    matched = {a: {s: _cos_at_levels(run, levels) for s, run in ics_runs[a].items()} for a in ("bn", "none")}
 
     def loss_range(run):
         st, r = run
@@ -355,8 +408,8 @@ def decide(profile: dict, results: dict) -> Findings:
                and chosen[a] in (min(_grid(cfg, a)), max(_grid(cfg, a)))]
     doses = [a for a in ordered if a.startswith("noisy_bn:")]
     return Findings(
-        parts, failed_runs(profile, results), chosen, test_acc, cosine, noisy, arms, layers, levels,
-        matched_gain=paired_effect(matched["bn"], matched["none"]).interval, smoothness=smoother,
+        parts, failed_runs(profile, results), chosen, test_acc, probes, [p.eta for p in stable], changes, noisy,
+        arms, layers, smoothness=smoother,
         plateau=_plateau_gain(chosen_runs["bn"], cfg["steps"]), at_edge=at_edge,
         dose=Band.of([0.0] + [noise_strength(a) for a in doses],
                      [t_interval(test_acc[a].values(), (0, 100)) for a in ["bn", *doses]]),
@@ -418,24 +471,47 @@ def _band(steps, series: list[list[float]], bounds=None) -> Band:
     return Band.of(steps[:n], [t_interval([s[i] for s in series], bounds) for i in range(n)])
 
 
-def _loss_levels(runs: list) -> list[float]:
-    """Three training losses every BN and none run at ``ics_lr`` reaches (between the lowest starting loss and
-    the highest floor); the noisy arms take no part in setting them."""
-    curves = [r["ics"]["ema_loss"] for status, r in runs if status == "done" and r["ics"]["ema_loss"]]
-    if not curves:
-        return []
-    start, floor = min(c[0] for c in curves), max(min(c) for c in curves)
-    return [floor] if floor >= start else [float(v) for v in np.linspace(start, floor, 4)[1:]]
+def stable_steps(result: dict) -> list[bool]:
+    """For each probe measurement of a run: whether its training was stable at that step (its loss average
+    within :data:`STABLE_RISE` of the lowest so far, the batch loss under :data:`STABLE_SPIKE` times it)."""
+    ema, losses = result["ema_losses"], result["losses"]
+    lowest = np.minimum.accumulate(np.asarray(ema, dtype=float)) if ema else np.array([])
+    return [step < len(ema) and bool(ema[step] <= STABLE_RISE * lowest[step] and losses[step] <= STABLE_SPIKE * ema[step])
+            for step in result["ics"]["probe"]["step"]]
 
 
-def _cos_at_levels(run, levels: list[float]) -> float:
-    status, result = run
-    ics = result["ics"]
-    if status != "done" or not ics["cosine"] or not levels:
-        return math.nan
-    found = [first_index_at_or_below(ics["ema_loss"], level) for level in levels]
-    return float(np.mean([np.mean(ics["cosine"][i]) for i in found if i is not None])) \
-        if any(i is not None for i in found) else math.nan
+def _probe(k: int, eta: float, ics_runs: dict) -> Probe:
+    """Gradient ICS at the k-th probe step: per seed, the measurements where both arms are stable."""
+    per_seed = {a: {} for a in ("bn", "none")}
+    cosine = {a: {} for a in ("bn", "none")}
+    descent = {a: [] for a in ("bn", "none")}
+    negative = {a: [] for a in ("bn", "none")}
+    counted = 0
+    for seed in sorted(set(ics_runs["bn"]) & set(ics_runs["none"])):
+        runs = {a: ics_runs[a][seed][1] for a in ("bn", "none")}
+        if any("probe" not in r["ics"] for r in runs.values()):
+            continue
+        n = min(len(r["ics"]["probe"]["step"]) for r in runs.values())
+        both = [sb and sn for sb, sn in zip(stable_steps(runs["bn"])[:n], stable_steps(runs["none"])[:n])]
+        keep = [i for i in range(n) if both[i]]
+        counted += len(keep)
+        for a, r in runs.items():
+            probe = r["ics"]["probe"]
+            rel = [float(np.mean(probe["relative"][i][k])) for i in keep]
+            cos = [float(np.mean(probe["cosine"][i][k])) for i in keep]
+            per_seed[a][seed] = float(np.mean(rel)) if rel else math.nan
+            cosine[a][seed] = float(np.mean(cos)) if cos else math.nan
+            descent[a] += [bool(probe["descent"][i][k]) for i in keep]
+            negative[a] += [c < 0 for c in cos]
+    ratio = {s: math.log10(per_seed["none"][s] / per_seed["bn"][s]) for s in per_seed["bn"]
+             if per_seed["bn"][s] > 0 and per_seed["none"][s] > 0}
+    effect = paired_effect(ratio, {s: 0.0 for s in ratio}, "decades", RULES[0].bounds)
+    shares = {a: float(np.mean(v)) if v else math.nan for a, v in descent.items()}
+    return Probe(eta, effect, RULES[0].decide(effect),
+                 stable=all(math.isfinite(v) and v >= DESCENT_SHARE for v in shares.values()),
+                 descent=shares, negative_cosine={a: float(np.mean(v)) if v else math.nan for a, v in negative.items()},
+                 relative={a: _ci(v.values(), (0, math.inf)) for a, v in per_seed.items()},
+                 cos_gain=paired_effect(cosine["bn"], cosine["none"], bounds=(-2, 2)).interval, counted=counted)
 
 
 def _plateau_gain(runs: dict, steps: int) -> Interval:
@@ -464,11 +540,21 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
                  for a, arm in arms.items()]
     ics_rows = [[layer.name, fmt_ci(layer.cos_bn, 3), fmt_ci(layer.cos_none, 3), layer.gain.text(3),
                  fmt_ci(layer.dist_bn, 4), fmt_ci(layer.dist_none, 4)] for layer in f.layers]
+    probe_rows = [[f"{p.eta:g}" + (" (training lr)" if p.eta == cfg["ics_lr"] else ""),
+                   "yes" if p.stable else "no", p.effect.interval.text(2), p.outcome,
+                   fmt_ci(p.relative["bn"], 3), fmt_ci(p.relative["none"], 3), p.cos_gain.text(3),
+                   f"{_share(p.descent['bn'])} / {_share(p.descent['none'])}",
+                   f"{_share(p.negative_cosine['bn'])} / {_share(p.negative_cosine['none'])}", str(p.counted)]
+                  for p in f.probes]
     doses = noise_arms(cfg["arms"])
     at_edge = [arm_label(a) for a in f.at_edge]
+    at_lr = next((p for p in f.probes if p.eta == cfg["ics_lr"]), None)
+    stable_text = (", ".join(f"{eta:g}" for eta in f.stable_etas) if f.stable_etas else "none")
 
     # the verdict and its prose
-    verdict = Verdict.from_parts(parts, key_number=(f"Δcos(G, G′) BN − none {parts[0].effect.interval.text(3)}; "
+    verdict = Verdict.from_parts(parts, key_number=(f"gradient change without BN ÷ with BN "
+                                                    f"{parts[0].effect.interval.text(2)} (η "
+                                                    f"{f.stable_etas[-1] if f.stable_etas else 'n/a'}); "
                                                     f"noisy-BN cost {parts[1].effect.interval.text(1)}"),
                                  explanation="")
     if failed:
@@ -476,7 +562,18 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
     verdict.explanation = " ".join([
         (f"{failed} of this claim's runs failed, so there is no verdict; rerun `bnlab study` to retry them."
          if failed else ""),
-        f"Part 1: {parts[0].text(3)}. Part 2: {parts[1].text(1)}.",
+        f"Part 1: {parts[0].text(2)}. Part 2: {parts[1].text(1)}.",
+        (f"Part 1 is decided over the probe steps of the stable range (η = {stable_text}), at each of them: "
+         + "; ".join(f"η {p.eta:g}: {p.effect.interval.text(2)}, {p.outcome}" for p in f.probes if p.stable)
+         + (". Its outcome changes across the stable range, so the part is undecided: whether BN reduces gradient "
+            "ICS here depends on the probe step." if f.changes else ".")),
+        (f"At the training step (η = {at_lr.eta:g}) the probe step overshoots — raises the batch's loss — in "
+         f"{_share(1 - at_lr.descent['none'])} of the unnormalized net's measurements against "
+         f"{_share(1 - at_lr.descent['bn'])} with BN, and cos(G, G′) is negative in {_share(at_lr.negative_cosine['none'])} "
+         f"against {_share(at_lr.negative_cosine['bn'])}: this is the stability (smoothness) effect of BN, "
+         f"reported on its own rather than as ICS (ratio there {at_lr.effect.interval.text(2)}; Δcos BN − none "
+         f"{at_lr.cos_gain.text(3)}, the first version of this study's measure)."
+         if at_lr is not None and math.isfinite(at_lr.descent["none"]) else ""),
         PLACEMENT,
         f"Noise strengths {', '.join(f'{noise_strength(a):g}' for a in doses)}: test accuracy "
         + ", ".join(f"{fmt_ci(arms[a].test, 1)}%" for a in doses)
@@ -484,10 +581,9 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
         f"BN statistics re-estimated on clean training batches before evaluation); part 2 uses {arm_label(noisy)}.",
         f"The injected noise moves the median of the perturbed activations by {fmt_ci(arms[noisy].shift, 4)} per "
         f"record against {fmt_ci(arms['bn'].shift, 4)} with BN.",
-        f"Gradient ICS is compared at one learning rate ({cfg['ics_lr']:g}) and at the same steps (every "
-        f"{cfg['measure_every']}) at {len(f.layers)} layers; at matched training losses "
-        f"({', '.join(f'{v:.3f}' for v in f.loss_levels)}, levels every BN and no-norm run reaches), Δcos BN − none "
-        f"is {f.matched_gain.text(3)} (secondary view).",
+        f"Both arms train at one learning rate ({cfg['ics_lr']:g}); gradient ICS is measured at the same steps "
+        f"(every {cfg['measure_every']}) at {len(f.layers)} layers, for probe steps "
+        f"{', '.join(f'{p.eta:g}' for p in f.probes)}.",
         f"Smoothness: along the gradient the loss varies {f.smoothness.text()} times as much without BN as with it.",
         (f"Convergence: BN's validation accuracy changed by {f.plateau.text(1)} over the last third of its "
          f"{cfg['steps']} steps" + (f": still rising (by more than part 2's {RULES[1].margin:g}-point margin), so "
@@ -505,13 +601,19 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
         {"title": f"Validation accuracy over the learning-rate grid, tuning seeds {seed_list(tuning_seeds(profile))} "
                   f"(the choice above)",
          "columns": ["arm", "validation acc % per lr"], "rows": grid_rows},
-        {"title": f"Gradient ICS per layer at the same learning rate ({cfg['ics_lr']:g}) and steps",
+        {"title": "Gradient ICS by probe step η (BN and none trained at the same rate; counted: the measurements "
+                  "where both arms' training is stable)",
+         "columns": ["η", "stable range", "log10 change none ÷ BN (paired)", "outcome at this η",
+                     "‖G − G′‖/‖G‖ BN", "‖G − G′‖/‖G‖ none", "Δcos BN − none", "descent steps BN / none",
+                     "cos < 0 BN / none", "counted"], "rows": probe_rows},
+        {"title": f"Gradient ICS per layer at the training step (η = {cfg['ics_lr']:g})",
          "columns": ["layer", "cos(G, G′) BN", "cos(G, G′) none", "Δcos BN − none (paired)", "‖G − G′‖ BN",
                      "‖G − G′‖ none"], "rows": ics_rows},
         paper_table(PAPER, {key: (text, f"width-{profile['width']:g} ResNet-{profile['depth']} on "
                                         f"{dataset_label(profile)}, {cfg['steps']} plain-SGD steps at batch "
                                         f"{cfg['batch_size']}; {STAND_IN}")
-                            for key, text in (("cosine", f"{parts[0].effect.interval.text(3)} at lr {cfg['ics_lr']:g}"),
+                            for key, text in (("cosine", f"ratio none ÷ BN {parts[0].effect.interval.text(2)} decades "
+                                                         f"(stable range η {stable_text}; part 1 {parts[0].outcome})"),
                                               ("noisy_cost", f"{parts[1].effect.interval.text(1)} ({arm_label(noisy)})"),
                                               ("smoothness", f.smoothness.text()))}),
     ]
@@ -523,15 +625,59 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
                  f"{dataset_label(profile)}, {len(seeds)} seeds; Santurkar et al. used VGG and deep linear nets on "
                  f"CIFAR-10: {STAND_IN}.",
                  "Gradient ICS is measured with plain SGD at one common learning rate, not at each arm's best; "
-                 "at other rates the difference can change sign.",
+                 "the probe steps vary the step the earlier layers take, not the training trajectory.",
                  "The noise is one family (log-normal scale, Gaussian shift, parameters redrawn every step) at "
                  f"{len(doses)} strengths; stronger noise eventually hurts any network."],
-        figures=[_accuracy_figure(f), _distribution_figure(f), _ics_figure(f, cfg["ics_lr"])],
+        figures=[_probe_figure(f, cfg["ics_lr"]), _accuracy_figure(f), _distribution_figure(f),
+                 _ics_figure(f, cfg["ics_lr"])],
         numbers={"parts": [p.to_dict() for p in parts], "chosen_lr": f.chosen_lr, "rule_arm": noisy,
                  "test_acc": {a: {str(s): v for s, v in f.test_acc[a].items()} for a in arms},
-                 "loss_levels": f.loss_levels, "matched_cos_gain": f.matched_gain.to_dict(),
+                 "probes": [{"eta": p.eta, "stable": p.stable, "outcome": p.outcome, "interval": p.effect.interval,
+                             "values": p.effect.values, "descent": p.descent, "negative_cosine": p.negative_cosine,
+                             "relative": p.relative, "cos_gain": p.cos_gain, "counted": p.counted} for p in f.probes],
+                 "stable_etas": f.stable_etas, "changes_within_stable_range": f.changes,
                  "smoothness_ratio": f.smoothness.to_dict(), "bn_plateau_gain": f.plateau.to_dict(),
                  "lr_at_grid_edge": at_edge, "failed_runs": failed})
+
+
+def _share(value: float) -> str:
+    return f"{100 * value:.0f}%" if math.isfinite(value) else "n/a"
+
+
+def _probe_figure(findings: Findings, lr: float) -> dict:
+    """Gradient ICS against the probe step: the dose-response part 1 is decided over."""
+    fig, (ax_ratio, ax_descent) = figure(ncols=2)
+    probes = findings.probes
+    etas = [p.eta for p in probes]
+    ax_ratio.plot(etas, [p.effect.interval.mean for p in probes], marker="o", color=arm_color("bn"),
+                  label="log10 change none ÷ BN")
+    ax_ratio.fill_between(etas, [p.effect.interval.low for p in probes], [p.effect.interval.high for p in probes],
+                          color=arm_color("bn"), alpha=0.2, linewidth=0)
+    for y, style, name in ((RULES[0].threshold, "--", "threshold"), (RULES[0].margin, ":", "margin"),
+                           (-RULES[0].margin, ":", None), (0.0, "-", None)):
+        ax_ratio.axhline(y, color="#555", linestyle=style, linewidth=0.8, label=name)
+    for ax in (ax_ratio, ax_descent):
+        ax.set_xscale("log")
+        ax.set_xlabel("probe step η (earlier layers step −η·G)")
+        ax.axvline(lr, color="#999", linestyle="-.", linewidth=0.8)
+        stable = [p.eta for p in probes if p.stable]
+        if stable:
+            ax.axvspan(min(stable) / 1.3, max(stable) * 1.3, color="#88c", alpha=0.12, linewidth=0)
+    ax_ratio.set_ylabel("decades (> 0: less gradient ICS with BN)")
+    ax_ratio.set_title("Gradient ICS, without BN ÷ with BN")
+    for arm in ("bn", "none"):
+        ax_descent.plot(etas, [100 * p.descent[arm] for p in probes], marker="o", color=arm_color(arm),
+                        label=arm_label(arm))
+    ax_descent.axhline(100 * DESCENT_SHARE, color="#555", linestyle="--", linewidth=0.8)
+    ax_descent.set_ylabel("% of measurements where the step lowers the loss")
+    ax_descent.set_title("Descent steps (the stable range: ≥ 95% for both)")
+    legend_outside(fig, [ax_ratio, ax_descent])
+    return {"name": "claim1_probe_steps", "title": "Gradient ICS against the probe step",
+            "figure": fig, "caption": "Left: log10 of the relative gradient change ‖G − G′‖/‖G‖ without BN over "
+                                      "with BN, paired by seed (band: interval over seeds), with the rule's "
+                                      "threshold and margin; the shaded probe steps form the stable range over "
+                                      "which part 1 is decided; the dash-dotted line is the training rate. Right: "
+                                      "how often the probe step lowers the batch loss, per arm."}
 
 
 def _color(arm: str, arms) -> str:

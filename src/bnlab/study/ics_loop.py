@@ -9,6 +9,9 @@ so "the step" is exactly −lr·G, as in their definition) and records:
     ``record_every`` steps;
 (b) gradient ICS (their Def. 2.1) at early/middle/late layers — G, a layer's gradient on the batch, and
     G′, its gradient on the *same* batch after every earlier layer took its SGD step: ‖G − G′‖, cos(G, G′);
+    with ``probe_steps`` the earlier layers' step is −η·G for each η of that grid as well (the training
+    learning rate among them), on the same checkpoints, with G′'s change relative to G (‖G − G′‖/‖G‖) and
+    whether the whole step θ − η·G lowers the batch's loss (a *descent* step, or an overshoot);
 (c) smoothness along the gradient — the loss and gradient at θ − η·g for several step sizes η;
 (d) validation accuracy every ``eval_every`` steps and, at the end, validation and test accuracy.
 
@@ -160,6 +163,27 @@ def gradients_after_earlier_steps(model: nn.Module, x, y, grads: dict, lr: float
     return torch.autograd.grad(loss, params[layer])[0]
 
 
+def _probe(model, x, y, grads: dict, layers: list[str], etas: list[float], loss: float) -> dict:
+    """Gradient ICS at each probe step η on one batch: for every η and measured layer, ‖G − G′‖, cos(G, G′)
+    and ‖G − G′‖/‖G‖ (G′ after every earlier layer stepped by −η·G); and for every η whether the whole
+    step θ − η·G lowers the batch's loss below ``loss`` (a descent step) — a step that raises it overshoots,
+    and its G′ measures the overshoot, not the shift of a layer's inputs."""
+    out = {"distance": [], "cosine": [], "relative": [], "descent": []}
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    for eta in etas:
+        pairs = [gradient_ics(grads[layer], gradients_after_earlier_steps(model, x, y, grads, eta, layer))
+                 for layer in layers]
+        norms = [float(torch.linalg.vector_norm(grads[layer].double())) for layer in layers]
+        out["distance"].append([d for d, _ in pairs])
+        out["cosine"].append([c for _, c in pairs])
+        out["relative"].append([d / n if n > 0 else math.nan for (d, _), n in zip(pairs, norms)])
+        with torch.no_grad():
+            moved = {n: (p - eta * grads[n]) if n in grads else p for n, p in base.items()}
+            after = float(_loss_fn(model, moved, dict(model.named_buffers()), x, y))
+        out["descent"].append(bool(math.isfinite(after) and after < loss))
+    return out
+
+
 def _smoothness(model, x, y, grads: dict, step_sizes) -> dict:
     base = {n: p.detach() for n, p in model.named_parameters()}
     names = [n for n in base if n in grads]
@@ -237,6 +261,9 @@ def run_ics(spec: dict, data, build_model) -> tuple[str, dict]:
     losses, ema_losses, ema = [], [], None
     curve = {"step": [], "val_acc": [], "val_loss": []}
     ics = {"step": [], "ema_loss": [], "distance": [], "cosine": []}
+    probe_steps = [float(eta) for eta in spec.get("probe_steps") or []]
+    probe = {"etas": probe_steps, "step": [], "loss": [], "distance": [], "cosine": [], "relative": [],
+             "descent": []}
     smooth = {"step": [], "ema_loss": [], "loss_range": [], "grad_change": [], "beta": []}
     status = "done"
     while state["step"] < total_steps and status == "done":
@@ -259,8 +286,16 @@ def run_ics(spec: dict, data, build_model) -> tuple[str, dict]:
             if measure_every and step % measure_every == 0:
                 state["record"] = False
                 grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-                pairs = [gradient_ics(grads[layer], gradients_after_earlier_steps(model, x, y, grads, lr, layer))
-                         for layer in measured]
+                if probe_steps:
+                    measured_probe = _probe(model, x, y, grads, measured, probe_steps, value)
+                    for key, value_ in (("step", step), ("loss", value), *measured_probe.items()):
+                        probe[key].append(value_)
+                    at_lr = probe_steps.index(lr) if lr in probe_steps else None
+                if probe_steps and at_lr is not None:   # the training step is one of the probe steps: reuse it
+                    pairs = list(zip(measured_probe["distance"][at_lr], measured_probe["cosine"][at_lr]))
+                else:
+                    pairs = [gradient_ics(grads[layer], gradients_after_earlier_steps(model, x, y, grads, lr, layer))
+                             for layer in measured]
                 for key, value_ in (("step", step), ("ema_loss", ema), ("distance", [d for d, _ in pairs]),
                                     ("cosine", [c for _, c in pairs])):
                     ics[key].append(value_)
@@ -287,6 +322,8 @@ def run_ics(spec: dict, data, build_model) -> tuple[str, dict]:
         final["test_loss"], final["test_acc"] = evaluate(model, data.test_x, data.test_y)  # once, at the end
     else:  # a diverged run scores chance level (its weights are not finite)
         final.update(val_acc=chance, test_acc=chance, val_loss=None, test_loss=None)
+    if probe_steps:
+        ics["probe"] = probe
     result = {"losses": losses, "ema_losses": ema_losses, "curve": curve, "dist": dist, "ics": ics,
               "smooth": smooth, "layers": measured, "distribution_layer": dist_name,
               "noisy_layers": [n for n, _ in noisy_layers(model)] if noise is not None else [],

@@ -104,7 +104,10 @@ def _ics_measured(spec: dict, steps: int) -> int:
     """Every ``measure_every`` steps, one step per measured layer and per smoothness step size."""
     if not spec.get("measure_every"):
         return 0
-    extra = len(spec.get("ics_layers", [0.25, 0.5, 0.75])) + len(spec.get("step_sizes", [0.05, 0.1, 0.2, 0.4]))
+    layers = len(spec.get("ics_layers", [0.25, 0.5, 0.75]))
+    extra = layers + len(spec.get("step_sizes", [0.05, 0.1, 0.2, 0.4]))
+    probes = [eta for eta in spec.get("probe_steps") or [] if eta != spec.get("lr")]   # the lr's is reused
+    extra += len(probes) * layers + len(spec.get("probe_steps") or []) // 2   # + a forward per probe: ½ a step
     return math.ceil(steps / int(spec["measure_every"])) * extra
 
 
