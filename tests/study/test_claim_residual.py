@@ -2,6 +2,8 @@
 BN × residual interaction and the exponents at initialization), and its "ours | paper" table beside He et
 al."""
 
+import math
+
 import pytest
 
 from bnlab.study import claim_residual
@@ -10,39 +12,66 @@ from bnlab.study.verdict import INCONCLUSIVE, NOT_SUPPORTED, PARTLY, SUPPORTED, 
 from synthetic import make_profile, make_row, paper_rows, simulate
 
 
-def _res_fake(acc, exponent):
+def _res_fake(acc, exponent, loss=None):
     """Train runs: test = validation accuracy ``acc[(norm, plain)]`` at lr 0.1 (5 points less elsewhere),
-    at every depth; signal runs: Var(branch)/Var(skip) at block ℓ is ℓ^exponent(norm)."""
+    final training loss ``loss[(norm, plain)]`` (× 1.01^seed), at every depth; signal runs: Var(branch)/Var(skip)
+    at block ℓ is ℓ^exponent(norm)."""
+    loss = loss or {cell: 1.0 - a for cell, a in acc.items()}
     def fake(spec):
         if spec["kind"] == "signal":
             blocks = [{"ratio": (i + 1) ** exponent(spec["norm"]), "stream_var": 1.0, "stream_sq_mean": 0.1}
                       for i in range((spec["depth"] - 2) // 2)]
             return {"status": "done", "result": {"blocks": blocks, "grad_norms": [1.0, 1.0, 1.0]}}
-        a = acc[(spec["norm"], bool(spec.get("plain")))] + 0.002 * spec["seed"] - (0 if spec["lr"] == 0.1 else 0.05)
-        return make_row(val=a, test=a)
+        cell = (spec["norm"], bool(spec.get("plain")))
+        a = acc[cell] + 0.002 * spec["seed"] - (0 if spec["lr"] == 0.1 else 0.05)
+        final = loss[cell] * 1.01 ** spec["seed"]
+        return make_row(val=a, test=a, losses=(2.3, 1.0, final, final))
     return fake
 
 
-def _claim5(acc, exponent):
+def _claim5(acc, exponent, loss=None):
     profile = make_profile(residual={"lrs": [0.01, 0.1, 1.0]})
-    return analyze(claim_residual, profile, simulate(profile, [5], _res_fake(acc, exponent)))
+    return analyze(claim_residual, profile, simulate(profile, [5], _res_fake(acc, exponent, loss or LOSS[id(acc)])))
 
 
 COMPLEMENT = {("bn", False): 0.9, ("none", False): 0.6, ("bn", True): 0.6, ("none", True): 0.55}
 ADDITIVE = {("bn", False): 0.9, ("none", False): 0.7, ("bn", True): 0.7, ("none", True): 0.5}
+# final training losses: BN lowers the residual net's 10× and the plain net's 2× (complement), or both 2×
+LOSS = {id(COMPLEMENT): {("bn", False): 0.01, ("none", False): 0.1, ("bn", True): 0.1, ("none", True): 0.2},
+        id(ADDITIVE): {("bn", False): 0.05, ("none", False): 0.1, ("bn", True): 0.1, ("none", True): 0.2}}
 
 
 def test_claim5_supported_by_the_interaction_and_the_exponents():
     result = _claim5(COMPLEMENT, lambda n: -1.0 if n == "bn" else 0.0)
     assert result.verdict.verdict == SUPPORTED
-    assert result.numbers["interaction"]["mean"] == pytest.approx(25.0)   # (90 − 60) − (60 − 55)
-    assert result.numbers["exponent_gap"]["mean"] == pytest.approx(1.0)   # 0 − (−1)
+    assert result.numbers["interaction"]["mean"] == pytest.approx(1.0 - math.log10(2))   # log10(10) − log10(2)
+    assert result.numbers["accuracy_interaction"]["mean"] == pytest.approx(25.0)         # (90 − 60) − (60 − 55)
+    assert result.numbers["exponent_gap"]["mean"] == pytest.approx(1.0)                  # 0 − (−1)
 
 
 def test_claim5_main_effects_without_interaction_are_not_supported():
     result = _claim5(ADDITIVE, lambda n: 0.0)
     assert result.numbers["interaction"]["mean"] == pytest.approx(0.0, abs=1e-9)
     assert result.verdict.verdict == NOT_SUPPORTED
+
+
+def test_claim5_a_diverged_run_counts_as_untrained_not_as_missing():
+    """A run that diverged at its cell's validated rate enters with its loss at initialization (it did not
+    train), so no seed is dropped on an outcome the treatment affects."""
+    from bnlab.study.common import lookup
+    profile = make_profile(residual={"lrs": [0.01, 0.1, 1.0]})
+    fake = _res_fake(COMPLEMENT, lambda n: 0.0, LOSS[id(COMPLEMENT)])
+
+    def diverging(spec):
+        row = fake(spec)
+        if spec["kind"] == "train" and spec["norm"] == "none" and spec.get("plain") and spec["seed"] == 4:
+            row["status"] = "diverged"
+        return row
+    results = simulate(profile, [5], diverging)
+    findings = claim_residual.decide(profile, results)
+    assert findings.parts[0].effect.n == len(profile["seeds"])
+    cell = findings.cells[(14, "none", True)]
+    assert cell.log_loss[4] == pytest.approx(math.log10(2.3))   # the run's first loss, its initial loss
 
 
 def test_claim5_partly_when_the_mechanism_is_absent():

@@ -19,8 +19,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
 from bnlab.study import style, sweep
-from bnlab.study.common import (Band, arm_label, by_seed, ci, data_fields, dataset_label, final_pct, fmt_ci, lookup,
-                                paper_table, tuned, tuning_caveat)
+from bnlab.study.common import (Band, arm_label, by_seed, ci, data_fields, dataset_label, final_loss, final_pct,
+                                fmt_ci, lookup, paper_table, tuned, tuning_caveat)
 from bnlab.study.kinds import SIGNAL
 from bnlab.study.verdict import SUPPORTED, ClaimResult, Interval, Part, Rule, Verdict, paired_effect
 
@@ -36,9 +36,15 @@ FINDING = ("He et al. 2016, De & Smith 2020: BN ResNets train at depth, plain on
            "to the identity (supported)")
 EXPECTED = SUPPORTED
 RULES = [
-    Rule("BN × residual interaction", "(BN+res − none+res) − (BN+plain − none+plain) in test accuracy at the "
-         "deepest trained depth, each cell at its validated rate", threshold=2.0, margin=1.0, unit="points",
-         bounds=(-200.0, 200.0)),
+    # The primary response is where "improves gradient flow" lives: how far each cell trains, log10 of its
+    # final training loss (accuracy is secondary, and bounded: three of its four cells spread 9-11 points
+    # between seeds in the first version of this study, so ±22 points at 6 seeds). Per seed, BN's reduction
+    # of the log loss with residual connections minus without: 0.3 decades means BN lowers the loss of the
+    # residual net by a factor of 2 more than that of the plain one — a complement worth the name; under 0.1
+    # decades (26%) BN does about the same for both.
+    Rule("BN × residual interaction", "(log10 L none+res − log10 L BN+res) − (log10 L none+plain − log10 L "
+         "BN+plain), L the final training loss at the deepest trained depth, each cell at its validated rate",
+         threshold=0.3, margin=0.1, unit="decades", bounds=(-20.0, 20.0)),
     Rule("blocks biased to the identity", "k(none) − k(BN), k the slope of log(Var branch / Var skip) against "
          "log(block index) at initialization in the deepest network", threshold=0.5, margin=0.2),
 ]
@@ -77,8 +83,9 @@ class Config(BaseModel):
 
 PRESETS = {
     "tiny": {"signal_depths": [8, 14], "train_depths": [8, 14], "signal_batch": 64, "lrs": [0.01, 0.1, 1.0]},
+    # 0.01 … 1: on Fashion-MNIST the unnormalized cells validated the lowest rate of 0.03 … 0.3 (censored)
     "quick": {"signal_depths": [8, 20, 56], "train_depths": [8, 14], "signal_batch": 64,
-              "lrs": [0.03, 0.1, 0.3]},
+              "lrs": [0.01, 0.03, 0.1, 0.3, 1.0]},
     "standard": {"signal_depths": [8, 20, 56, 110, 218], "train_depths": [8, 20, 44], "signal_batch": 256,
                  "lrs": [0.01, 0.03, 0.1, 0.3, 1.0]},
     # He et al.'s CIFAR-10 depths; rates around their 0.1 (with claim 4's batch 128, weight decay and momentum)
@@ -143,9 +150,11 @@ class Cell:
     """One cell of the factorial at one depth, at its validated rate."""
 
     lr: Optional[float]
-    test: list[float]   # per seed: test accuracy %
-    test_ci: Interval   # over seeds
-    error_ci: Interval  # test error % (100 − test accuracy), over seeds
+    test: list[float]      # per seed: test accuracy %
+    test_ci: Interval      # over seeds
+    error_ci: Interval     # test error % (100 − test accuracy), over seeds
+    log_loss: list[float]  # per seed: log10 of the final training loss (a diverged run: its initial loss)
+    log_loss_ci: Interval  # over seeds
 
 
 @dataclass
@@ -171,15 +180,31 @@ class Findings:
     signal: dict[tuple[int, str, bool], Signal]   # (depth, norm, plain) → at initialization, every signal depth
     deepest_signal: int                           # the signal figure's depth
     depth_curves: dict[tuple[str, bool], Band]    # (norm, plain) → test accuracy % against depth
+    loss_curves: dict[tuple[str, bool], Band]     # (norm, plain) → log10 training loss against depth
     plain_degradation: Interval                   # BN plain nets: deepest − shallowest test error (paired)
+    accuracy_interaction: Interval                # the interaction in test accuracy (points): secondary
+    censored: list[tuple[int, str, bool]]         # cells whose validated rate is an end of the grid
 
 
 def _cell(profile, results, depth, norm, plain) -> Cell:
     """The cell's validated lr and per-seed final test accuracy at it."""
     lr = _tuned(profile, results, depth, norm, plain)[1]
-    test = [final_pct(lookup(results, _train_spec(profile, depth, norm, plain, lr, s)), "test_acc")
-            if lr is not None else math.nan for s in profile["seeds"]]
-    return Cell(lr, test, ci(test, (0, 100)), ci([100 - a for a in test], (0, 100)))
+    rows = [lookup(results, _train_spec(profile, depth, norm, plain, lr, s)) if lr is not None else None
+            for s in profile["seeds"]]
+    test = [final_pct(row, "test_acc") for row in rows]
+    log_loss = [_log_loss(row) for row in rows]
+    return Cell(lr, test, ci(test, (0, 100)), ci([100 - a for a in test], (0, 100)), log_loss, ci(log_loss))
+
+
+def _log_loss(row: Optional[dict]) -> float:
+    """log10 of the run's final training loss; a diverged run did not train: its loss at initialization."""
+    if row is None:
+        return math.nan
+    result = row["result"]
+    loss = final_loss(result) if row["status"] == "done" else math.nan
+    if not (math.isfinite(loss) and loss > 0):
+        loss = result.get("initial_loss") or math.nan
+    return math.log10(loss) if loss and math.isfinite(loss) and loss > 0 else math.nan
 
 
 def _signal(rows: list, exponents: Optional[list], drawn: bool) -> Signal:
@@ -206,14 +231,18 @@ def decide(profile: dict, results: dict) -> Findings:
     cells = {(d, n, p): _cell(profile, results, d, n, p) for d in cfg["train_depths"] for n, p in CELLS}
     deepest = max(cfg["train_depths"])
     acc = {(n, p): cells[(deepest, n, p)].test for n, p in CELLS}
-    with_res = by_seed(seeds, [a - b for a, b in zip(acc[("bn", False)], acc[("none", False)])])
-    plain = by_seed(seeds, [a - b for a, b in zip(acc[("bn", True)], acc[("none", True)])])
+    loss = {(n, p): cells[(deepest, n, p)].log_loss for n, p in CELLS}
+    # BN's reduction of the log loss, with residual connections and without (positive: BN trains further)
+    with_res = by_seed(seeds, [b - a for a, b in zip(loss[("bn", False)], loss[("none", False)])])
+    plain = by_seed(seeds, [b - a for a, b in zip(loss[("bn", True)], loss[("none", True)])])
+    acc_res = by_seed(seeds, [a - b for a, b in zip(acc[("bn", False)], acc[("none", False)])])
+    acc_plain = by_seed(seeds, [a - b for a, b in zip(acc[("bn", True)], acc[("none", True)])])
     signal = {(d, n, p): [lookup(results, _signal_spec(profile, d, n, p, s)) for s in seeds]
               for d in cfg["signal_depths"] for n, p in SIGNAL_ARMS}
     deepest_signal = max(cfg["signal_depths"])
     exponents = {(d, n): [_exponent(r["result"]["blocks"]) if r else math.nan for r in signal[(d, n, False)]]
                  for d in cfg["signal_depths"] for n, _ in SIGNAL_ARMS}
-    parts = [Part(RULES[0], paired_effect(with_res, plain, "points", RULES[0].bounds)),
+    parts = [Part(RULES[0], paired_effect(with_res, plain, "decades", RULES[0].bounds)),
              Part(RULES[1], paired_effect(by_seed(seeds, exponents[(deepest_signal, "none")]),
                                           by_seed(seeds, exponents[(deepest_signal, "bn")])))]
     shallow = min(cfg["train_depths"])
@@ -223,7 +252,12 @@ def decide(profile: dict, results: dict) -> Findings:
                     {(d, n, p): _signal(rows, None if p else exponents.get((d, n), []), d == deepest_signal)
                      for (d, n, p), rows in signal.items()}, deepest_signal,
                     {(n, p): Band.of(cfg["train_depths"], [cells[(d, n, p)].test_ci for d in cfg["train_depths"]])
-                     for n, p in CELLS}, degradation)
+                     for n, p in CELLS},
+                    {(n, p): Band.of(cfg["train_depths"], [cells[(d, n, p)].log_loss_ci for d in cfg["train_depths"]])
+                     for n, p in CELLS}, degradation,
+                    accuracy_interaction=paired_effect(acc_res, acc_plain, "points", (-200.0, 200.0)).interval,
+                    censored=[key for key, cell in cells.items()
+                              if cell.lr is not None and cell.lr in (min(cfg["lrs"]), max(cfg["lrs"]))])
 
 
 def render(profile: dict, findings: Findings) -> ClaimResult:
@@ -234,6 +268,10 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
                                      for d in cfg["train_depths"]] for n, p in CELLS]
     acc_table = {"title": "Test accuracy (%) by depth, each cell at its validated learning rate",
                  "columns": ["cell"] + [f"depth {d}" for d in cfg["train_depths"]], "rows": acc_rows}
+    loss_table = {"title": "log10 final training loss by depth (the verdict's scale), each cell at its validated rate",
+                  "columns": ["cell"] + [f"depth {d}" for d in cfg["train_depths"]],
+                  "rows": [[arm_label(n, p)] + [fmt_ci(cells[(d, n, p)].log_loss_ci, 2) for d in cfg["train_depths"]]
+                           for n, p in CELLS]}
     sig_rows = []
     for n, p in SIGNAL_ARMS:
         row = [arm_label(n, p)]
@@ -245,17 +283,19 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
     sig_table = {"title": "At initialization: variance of the residual stream after the last block / slope k of "
                           "log(Var branch / Var skip) against log(block index)",
                  "columns": ["arm"] + [f"depth {d}" for d in cfg["signal_depths"]], "rows": sig_rows}
-    edge = [f"{arm_label(n, p)} at depth {d} ({cell.lr:g})" for (d, n, p), cell in cells.items()
-            if cell.lr is not None and cell.lr in (min(cfg["lrs"]), max(cfg["lrs"]))]
-    explanation = (f"{parts[0].text(1)}. {parts[1].text()}. " + (
-        f"Validated rates at the edge of the grid (a wider grid might move them): {', '.join(edge)}. " if edge else "")
+    edge = [f"{arm_label(n, p)} at depth {d} ({cells[(d, n, p)].lr:g})" for d, n, p in findings.censored]
+    explanation = (f"{parts[0].text(2)}. {parts[1].text()}. "
+                   f"In test accuracy (secondary, not a rule) the interaction is "
+                   f"{findings.accuracy_interaction.text(1)}. " + (
+        f"Censored: these cells validated an end of the rate grid {cfg['lrs']}, so their best rate may lie "
+        f"beyond it: {', '.join(edge)}. " if edge else "")
         + f"We take the interaction at the deepest trained depth "
                    f"({deepest}), where the literature says the complement matters most; the table shows every "
                    f"depth. De & Smith predict k ≈ −1 with BN and k ≈ 0 without.")
     return ClaimResult(
         number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING, expected=EXPECTED,
         verdict=Verdict.from_parts(parts, f"BN × residual interaction at depth {deepest}: "
-                                          f"{parts[0].effect.interval.text(1)}", explanation),
+                                          f"{parts[0].effect.interval.text(2)} in log10 training loss", explanation),
         caveats=[tuning_caveat(profile),
                  f"Depths {cfg['train_depths']} of a width-{profile['width']} ResNet on {dataset_label(profile)} "
                  f"trained with claim 4's budget, where He et al. train CIFAR ResNets to depth 110 to convergence: the "
@@ -263,9 +303,11 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
                  "The width is reduced; narrow networks propagate signals more noisily.",
                  f"Each cell chooses among {len(cfg['lrs'])} rates ({cfg['lrs']}); a plain deep net might prefer a "
                  f"rate outside them."],
-        tables=[acc_table, sig_table, paper_table(PAPER, _ours(profile, findings))],
+        tables=[loss_table, acc_table, sig_table, paper_table(PAPER, _ours(profile, findings))],
         figures=[_signal_figure(findings), _depth_figure(profile, findings)],
         numbers={"interaction": parts[0].effect.interval.to_dict(), "exponent_gap": parts[1].effect.interval.to_dict(),
+                 "accuracy_interaction": findings.accuracy_interaction.to_dict(),
+                 "censored": [f"{n}{'+plain' if p else ''}@{d}" for d, n, p in findings.censored],
                  "parts": [p.to_dict() for p in parts]})
 
 
