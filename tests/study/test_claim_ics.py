@@ -225,3 +225,12 @@ def test_claim1_paper_table_beside_santurkar():
     noisy = rows["test accuracy, BN − noisy BN (points)"]
     assert noisy[1].startswith("10.0")                                               # 95% − 85%
     assert "stands in for their VGG" in noisy[3] and "VGG network on CIFAR-10" in noisy[3]
+
+
+def test_without_the_premise_the_claim_is_not_supported_even_if_noise_costs_accuracy():
+    """BN does not reduce gradient ICS (part 1 refuted) while injected noise costs accuracy (part 2 holds):
+    the claim "BN reduces ICS, and that is why it helps" is not supported, not partly."""
+    result = analyze(claim_ics, PROFILE, _results({"bn": 0.7, "none": 0.695}, {"bn": 0.95, "none": 0.8, "noisy": 0.85},
+                                                  relative={"bn": 0.1, "none": 0.105}))
+    assert [p.outcome for p in result.verdict.parts] == [REFUTED, HOLDS]
+    assert result.verdict.verdict == NOT_SUPPORTED

@@ -84,3 +84,14 @@ def test_rule_and_verdict_validation():
         Verdict("maybe", "", None, "")
     v = Verdict.from_parts([Part(RULE, _effect([2.0, 2.2, 1.9])), Part(RULE, _effect([0.0, 0.1, -0.1]))], "k", "e")
     assert v.verdict == PARTLY and v.key_interval.low > 1.0
+
+
+def test_combine_with_premise():
+    from bnlab.study.verdict import (HOLDS, NO_DATA, NO_VERDICT, NOT_SUPPORTED, PARTLY, REFUTED, SUPPORTED,
+                                     UNDECIDED, INCONCLUSIVE, combine, combine_with_premise)
+    assert combine([REFUTED, HOLDS]) == PARTLY and combine_with_premise([REFUTED, HOLDS]) == NOT_SUPPORTED
+    assert combine_with_premise([HOLDS, REFUTED]) == PARTLY
+    assert combine_with_premise([REFUTED, UNDECIDED]) == NOT_SUPPORTED
+    assert combine_with_premise([HOLDS, HOLDS]) == SUPPORTED
+    assert combine_with_premise([UNDECIDED, HOLDS]) == INCONCLUSIVE
+    assert combine_with_premise([REFUTED, NO_DATA]) == NO_VERDICT

@@ -42,7 +42,7 @@ from scipy import stats
 __all__ = ["SUPPORTED", "PARTLY", "NOT_SUPPORTED", "INCONCLUSIVE", "NO_VERDICT", "VERDICTS",
            "HOLDS", "REFUTED", "UNDECIDED", "NO_DATA", "MIN_SEEDS", "CONFIDENCE",
            "Interval", "Rule", "Effect", "Part", "Verdict", "ClaimResult",
-           "t_interval", "paired_effect", "combine", "agrees", "seeds_to_decide", "confidence", "at_confidence"]
+           "t_interval", "paired_effect", "combine", "combine_with_premise", "agrees", "seeds_to_decide", "confidence", "at_confidence"]
 
 SUPPORTED = "supported"
 PARTLY = "partly supported"
@@ -286,6 +286,16 @@ def combine(outcomes: Sequence[str]) -> str:
     return INCONCLUSIVE
 
 
+def combine_with_premise(outcomes: Sequence[str]) -> str:
+    """For a claim "A, and that is why B" whose first part tests A: as :func:`combine`, except that A refuted
+    makes the claim **not supported** whatever the other parts say (without A there is nothing for them to
+    explain). Missing data still gives **no verdict**."""
+    verdict = combine(outcomes)
+    if verdict != NO_VERDICT and outcomes[0] == REFUTED:
+        return NOT_SUPPORTED
+    return verdict
+
+
 def agrees(verdict: str, expected: str) -> Optional[bool]:
     """Whether our verdict agrees with the literature's (``None``: we reached no conclusion)."""
     if expected not in VERDICTS[:3]:
@@ -311,10 +321,12 @@ class Verdict:
 
     @classmethod
     def from_parts(cls, parts: Sequence[Part], key_number: str, explanation: str,
-                   key: int = 0) -> "Verdict":
-        """The verdict :func:`combine` gives ``parts``; the key interval is that of ``parts[key]``."""
+                   key: int = 0, rule=None) -> "Verdict":
+        """The verdict ``rule`` (default :func:`combine`) gives ``parts``; the key interval is that of
+        ``parts[key]``."""
         parts = list(parts)
-        return cls(combine([p.outcome for p in parts]), key_number, parts[key].effect.interval, explanation, parts)
+        outcomes = [p.outcome for p in parts]
+        return cls((rule or combine)(outcomes), key_number, parts[key].effect.interval, explanation, parts)
 
 
 @dataclass
