@@ -84,3 +84,20 @@ def test_each_norm_builds_and_trains_a_step(norm, name):
     changed = sum(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert changed > 0
     assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("channels, k, groups", [(8, 4, 2), (16, 4, 4), (32, 4, 8), (64, 2, 32), (6, 4, 1),
+                                                 (12, 5, 2), (3, 4, 1)])
+def test_groupnorm_with_k_channels_per_group(channels, k, groups):
+    layer = get_norm_layer(f"groupnorm:{k}")(channels)
+    assert isinstance(layer, torch.nn.GroupNorm) and layer.num_groups == groups
+    assert channels % layer.num_groups == 0
+    assert channels // layer.num_groups >= min(k, channels)       # at least K per group where C allows
+    # the plain name would give a narrow layer one channel per group (InstanceNorm)
+    assert get_norm_layer("groupnorm")(8).num_groups == 8
+
+
+def test_groupnorm_k_must_be_a_positive_integer():
+    for bad in ("groupnorm:0", "groupnorm:x", "groupnorm:"):
+        with pytest.raises(ValueError, match="channels per group"):
+            get_norm_layer(bad)

@@ -1,5 +1,5 @@
-"""Claim 3 (BN regularizes): every outcome of its rules on synthetic results, the exclusion of diverged and
-unfitted runs, the choice among rates that fit, and its "ours | paper" table beside Wu & He."""
+"""Claim 3 (BN regularizes): every outcome of its rules on synthetic results, unfit and diverged runs counted
+as intervals, the choice among rates that fit, training to the fit, and its "ours | paper" table beside Wu & He."""
 
 import pytest
 
@@ -13,7 +13,8 @@ def _reg_fake(gap, train=lambda a, s: 1.0, status=lambda a, s: "done"):
     """Every arm fits (training accuracy ``train``); its test = validation accuracy is ``gap`` points lower
     (plus a per-seed jitter of 0.1 point), at every learning rate."""
     def fake(spec):
-        arm = "none+wd" if spec["norm"] == "none" and spec["weight_decay"] > 0 else spec["norm"]
+        arm = "none+wd" if spec["norm"] == "none" and spec["weight_decay"] > 0 else spec["norm"].split(":")[0] \
+            if spec["norm"].startswith("groupnorm") else spec["norm"]
         tr = train(arm, spec["seed"])
         test = tr - gap(arm, spec["seed"]) / 100 - 0.001 * spec["seed"]
         return make_row(status(arm, spec["seed"]), val=test, test=test, train=tr,
@@ -53,16 +54,22 @@ def test_claim3_straddle_is_inconclusive():
     assert result.numbers["parts"][0]["outcome"] == UNDECIDED and result.verdict.verdict == INCONCLUSIVE
 
 
-def test_claim3_excludes_and_counts_diverged_and_unfitted_runs():
+def test_claim3_counts_every_seed_unfit_and_diverged_runs_as_intervals():
+    """No seed is left out: a run below the fit threshold enters with its gap up to that gap plus the training
+    accuracy it lacks, a diverged one at chance (gap 0) up to what it lacks; the part is decided only when
+    both ends agree."""
     gaps = {"none": 20, "bn": 10, "ghost:4": 5}
-    result = _claim3(lambda a, s: gaps.get(a, 10), train=lambda a, s: 0.9 if a == "none" and s < 2 else 1.0,
-                     status=lambda a, s: "diverged" if a == "bn" and s == 5 else "done")
-    assert result.numbers["excluded"]["none"] == {"diverged": 0, "unfit": 2}
-    assert result.numbers["excluded"]["bn"] == {"diverged": 1, "unfit": 0}
-    assert result.numbers["parts"][0]["n"] == 3  # seeds 2, 3, 4: both runs fitted and finished
-    # with three seeds unfitted, the part has too few pairs: no verdict
-    result = _claim3(lambda a, s: gaps.get(a, 10), train=lambda a, s: 0.9 if a == "none" and s < 4 else 1.0)
-    assert result.verdict.verdict == NO_VERDICT
+    # none misses the fit by 1 point on seeds 0 and 1: the ends (gap 19 … 20) both hold
+    result = _claim3(lambda a, s: gaps.get(a, 10), train=lambda a, s: 0.98 if a == "none" and s < 2 else 1.0)
+    assert result.numbers["intervals"]["none"] == {"diverged": 0, "unfit": 2}
+    assert result.numbers["parts"][0]["n"] == 6 and result.numbers["parts"][0]["outcome"] == "holds"
+    low, high = result.numbers["ends"][0]["low"], result.numbers["ends"][0]["high"]
+    assert low["mean"] == pytest.approx(10.0) and high["mean"] == pytest.approx(10.0 + 2 * 2 / 6)
+    # a BN run that diverged (chance on both: gap 0, up to 100 − 10 = 90 points) makes the ends disagree
+    result = _claim3(lambda a, s: gaps.get(a, 10), status=lambda a, s: "diverged" if a == "bn" and s == 5 else "done")
+    assert result.numbers["intervals"]["bn"] == {"diverged": 1, "unfit": 0}
+    assert result.numbers["parts"][0]["n"] == 6 and result.numbers["parts"][0]["outcome"] == UNDECIDED
+    assert result.verdict.verdict == INCONCLUSIVE
 
 
 def test_claim3_chooses_among_the_rates_at_which_the_arm_fits():
@@ -78,6 +85,7 @@ def test_claim3_chooses_among_the_rates_at_which_the_arm_fits():
     results = simulate(profile, [3], fake)
     per_arm = claim_regularize.decide(profile, results).arms
     assert per_arm["none"].lr == 0.05 and per_arm["none"].unfit == 0 and len(per_arm["none"].gap) == 6
+    assert per_arm["none"].gap == per_arm["none"].gap_high   # every run fitted: no interval
     assert per_arm["bn"].lr == 0.2
 
 
@@ -91,3 +99,30 @@ def test_claim3_paper_table_beside_wu_and_he():
     assert leading_number(rows["test error % with GroupNorm"][1]) == pytest.approx(12.25, abs=0.051)
     assert rows["test error % with BN over 2 images (ours: ghost batches of 2)"][1] == "not measured by this profile"
     assert "overfitting regime" in rows["test error % with GroupNorm"][3]
+
+
+def test_claim3_runs_train_at_a_constant_rate_until_they_fit():
+    from bnlab.study import get_profile
+    profile = get_profile("quick")
+    specs = claim_regularize.measure(profile)
+    cfg = profile["regularize"]
+    assert {s["schedule"] for s in specs} == {"constant"}
+    assert {s["stop_at_train_acc"] for s in specs} == {cfg["fit_threshold"] / 100}
+    assert {s["max_steps"] for s in specs} == {cfg["max_steps"]}
+    assert {s["norm"] for s in specs} >= {"groupnorm:4", "bn", "ghost:4", "ghost:16", "none"}
+
+
+def test_a_run_stops_at_the_evaluation_where_it_fits(tmp_path):
+    """A real run on the synthetic dataset: it stops at the first evaluation with training accuracy at or
+    above the threshold, long before the cap, and its final model is the one that fitted."""
+    from bnlab.study import kinds, runs
+    spec = kinds.TRAIN.spec(dataset="synthetic", val_size=64, subset=64, norm="bn", lr=0.05, batch_size=32,
+                            max_steps=400, epochs=10 ** 6, weight_decay=0.0, seed=0, train_eval_size=64,
+                            schedule="constant", warmup_fraction=0.01, stop_at_train_acc=0.9, eval_every=4, depth=8,
+                            width=0.25)
+    status, result = runs.run_train(spec)
+    assert status == "done" and result["reason"].startswith("fitted")
+    assert result["steps"] < 400 and result["steps"] % 4 == 0
+    accs = result["curve"]["train_acc"]
+    assert accs[-1] >= 0.9 and all(a < 0.9 for a in accs[:-1])
+    assert result["final"]["train_acc"] == accs[-1]

@@ -12,6 +12,9 @@ Names:
 ``none``        :class:`torch.nn.Identity` (no normalization; convolutions get biases)
 ``groupnorm``   :class:`torch.nn.GroupNorm` with 32 groups, or the largest divisor of C below 32
                 (Wu & He 2018, https://arxiv.org/abs/1803.08494)
+``groupnorm:K`` GroupNorm with at least K channels per group: the most groups (at most 32) dividing C
+                that leave K or more channels each — in a narrow net, plain ``groupnorm`` would give one
+                channel per group (InstanceNorm)
 ``layernorm``   per-sample over (C, H, W): ``GroupNorm(1, C)``, with a per-channel γ and β
                 (Ba et al. 2016, https://arxiv.org/abs/1607.06450)
 ``skipinit``    no normalization; each residual branch ends in a learnable scalar α = 0
@@ -44,7 +47,8 @@ import bnlab.nn
 from bnlab.errors import UserError
 from bnlab.protocol import is_batch_norm
 
-__all__ = ["NormFactory", "get_norm_layer", "choose_norm", "available", "group_count", "is_batch_norm"]
+__all__ = ["NormFactory", "get_norm_layer", "choose_norm", "available", "group_count", "group_channels_count",
+           "is_batch_norm"]
 
 
 def group_count(num_channels: int, max_groups: int = 32) -> int:
@@ -120,6 +124,21 @@ def _from_callable(norm: Union[type, functools.partial]) -> NormFactory:
     return NormFactory(make, name, "norm", has_shift=True)
 
 
+def group_channels_count(num_channels: int, channels_per_group: int) -> int:
+    """The number of groups ``groupnorm:K`` uses for ``num_channels``: the largest divisor of C, at most 32
+    and at most C // K (one group when C < K), so every group holds at least K channels where C allows."""
+    return group_count(num_channels, max(1, min(32, num_channels // channels_per_group)))
+
+
+def _group_norm(key: str, given: str) -> NormFactory:
+    size = key.partition(":")[2]
+    if not size.isdigit() or int(size) < 1:
+        raise ValueError(f"unknown norm {given!r}: groupnorm:K needs K, the channels per group, a positive "
+                         f"integer (e.g. groupnorm:4)")
+    k = int(size)
+    return NormFactory(lambda c, dims=2: nn.GroupNorm(group_channels_count(c, k), c), key, "norm", has_shift=True)
+
+
 def get_norm_layer(norm: Union[str, type, functools.partial, NormFactory]) -> NormFactory:
     """A :class:`NormFactory` for ``norm``: a registry name, a class, or a ``functools.partial`` of a class
     that takes ``num_features`` as its first argument (e.g. ``partial(nn.BatchNorm2d, momentum=0.01)``).
@@ -132,6 +151,8 @@ def get_norm_layer(norm: Union[str, type, functools.partial, NormFactory]) -> No
         return norm
     if isinstance(norm, str):
         key = norm.lower().replace("-", "_")
+        if key.startswith("groupnorm:"):
+            return _group_norm(key, norm)
         if key not in _REGISTRY:
             raise ValueError(f"unknown norm {norm!r}: expected one of {', '.join(available())}, "
                              f"a class, or a functools.partial of a class taking num_features first")

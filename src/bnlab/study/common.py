@@ -27,7 +27,12 @@ ARM_LABELS = {"bn": "BN", "none": "no norm (He init)", "skipinit": "SkipInit", "
 
 
 def arm_label(norm: str, plain: bool = False) -> str:
-    label = f"ghost BN ({norm.split(':')[1]})" if norm.startswith("ghost:") else ARM_LABELS.get(norm, norm)
+    if norm.startswith("ghost:"):
+        label = f"ghost BN ({norm.split(':')[1]})"
+    elif norm.startswith("groupnorm:"):
+        label = f"GroupNorm ({norm.split(':')[1]}+ channels per group)"
+    else:
+        label = ARM_LABELS.get(norm, norm)
     return f"{label}, plain" if plain else label
 
 

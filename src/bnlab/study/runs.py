@@ -95,20 +95,27 @@ def build_model(spec: dict, data) -> nn.Module:
     return model.to(spec.get("device", "cpu"))
 
 
+class Fitted(Exception):
+    """Raised by :class:`Probe` to end a run whose training accuracy reached ``stop_at_train_acc``."""
+
+
 class Probe:
     """A :func:`bnlab.train.train` callback: the loss at every step, and every ``eval_every`` steps (never,
     when 0: the run then records only its final evaluation) the accuracy/loss on the first
     ``val_eval_size`` validation examples (a fixed subset) and on the first ``train_eval_size`` training
     examples, with the training wall time spent so far (evaluation time
-    excluded). It never sees the test set."""
+    excluded). It never sees the test set. With ``stop_at_train_acc`` it ends training (raising
+    :class:`Fitted`) at the first evaluation whose training accuracy reaches it."""
 
-    def __init__(self, data, eval_every: int, train_eval_size: int = 0, val_eval_size: Optional[int] = None) -> None:
+    def __init__(self, data, eval_every: int, train_eval_size: int = 0, val_eval_size: Optional[int] = None,
+                 stop_at_train_acc: Optional[float] = None) -> None:
         self.eval_every = int(eval_every)
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0: only at the end), got {eval_every}")
         self.val_x, self.val_y = data.val_x[:val_eval_size], data.val_y[:val_eval_size]
         self.train_x, self.train_y = data.train_x[:train_eval_size], data.train_y[:train_eval_size]
         self.losses: list[float] = []
+        self.stop_at_train_acc = stop_at_train_acc
         self.curve: dict[str, list] = {"step": [], "seconds": [], "val_acc": [], "val_loss": [],
                                        "train_acc": [], "train_loss": []}
         self._start = time.perf_counter()
@@ -118,6 +125,9 @@ class Probe:
         self.losses.append(float(loss))
         if self.eval_every and len(self.losses) % self.eval_every == 0:
             self.evaluate(model, len(self.losses))
+            fitted = self.curve["train_acc"][-1]
+            if self.stop_at_train_acc is not None and fitted is not None and fitted >= self.stop_at_train_acc:
+                raise Fitted(f"training accuracy {100 * fitted:.1f}% at step {len(self.losses)}")
 
     def evaluate(self, model, step: int) -> None:
         started = time.perf_counter()
@@ -176,12 +186,16 @@ def run_train(spec: dict) -> tuple[str, dict]:
                          device=spec.get("device", "cpu"), augment=False, max_steps=max_steps,
                          eval_every=0, log_steps=False)  # end only; the probe evaluates during training
     probe = Probe(data, spec.get("eval_every", 10), train_eval_size=spec.get("train_eval_size", 0),
-                  val_eval_size=spec.get("val_eval_size"))
+                  val_eval_size=spec.get("val_eval_size"), stop_at_train_acc=spec.get("stop_at_train_acc"))
     initial_norm = weight_norm(model)
     # train() evaluates its "test" split after the last epoch: hand it the validation subset, so the
     # test set is touched exactly once, below, on the final model
     seen = dataclasses.replace(data, test_x=probe.val_x, test_y=probe.val_y)
-    history = train(model, seen, config, callbacks=[probe], progress=False)
+    try:
+        history = train(model, seen, config, callbacks=[probe], progress=False)
+        status, reason = history.status, history.reason
+    except Fitted as fitted:   # stopped where it fits its training examples (the model is as it was then)
+        status, reason = "done", f"fitted: {fitted}"
     if not probe.curve["step"] or probe.curve["step"][-1] != len(probe.losses):
         probe.evaluate(model, len(probe.losses))  # always end with an evaluation of the final model
     losses = [_finite_or_none(v) for v in probe.losses]
@@ -193,6 +207,6 @@ def run_train(spec: dict) -> tuple[str, dict]:
     result = {"losses": losses, "curve": probe.curve, "initial_loss": losses[0] if losses else None,
               "final": {k: _finite_or_none(v) if v is not None else None for k, v in final.items()},
               "weight_norm": {"initial": initial_norm, "final": _finite_or_none(weight_norm(model))},
-              "reason": history.reason, "steps": len(losses), "chance": 1.0 / data.num_classes}
-    return history.status, result
+              "reason": reason, "steps": len(losses), "chance": 1.0 / data.num_classes}
+    return status, result
 
