@@ -60,3 +60,17 @@ def test_a_clear_effect_stops_at_the_first_look():
     assert r["holds"] > 0.99 and r["mean_seeds"] < 6.1
     near = simulate(design, threshold=1.0, margin=0.3, effect=2.0, sd=1.0, studies=4_000, seed=2)
     assert 6 < near["mean_seeds"] < 10 and near["holds"] > r["holds"] - 0.5   # some need the second look
+
+
+def test_power_against_the_noncentral_t():
+    """One look at n normal seeds: the chance the 95% interval's low end clears the threshold, for a true
+    effect δ above it, is P(T > t₀.₉₇₅) with T noncentral t (n − 1 degrees of freedom, noncentrality
+    (δ − threshold)·√n/sd) — checked against the simulation to 1 point."""
+    from bnlab.study.sequential import power
+    n, sd, delta = 10, 1.0, 1.8
+    got = power(single(n), threshold=1.0, margin=0.3, effect=delta, sd=sd, studies=40_000, seed=9)["power"]
+    t = stats.t.ppf(0.975, n - 1)
+    expected = stats.nct.sf(t, n - 1, (delta - 1.0) * math.sqrt(n) / sd)   # the exact noncentral-t answer
+    assert got == pytest.approx(expected, abs=0.01)
+    between = power(single(n), threshold=1.0, margin=0.3, effect=0.6, sd=sd, studies=4_000)
+    assert between["power"] == pytest.approx(between["undecided"])

@@ -206,14 +206,13 @@ PRESETS = {
     # measured every 80 steps (5 measurements): the probe steps cost ~20 passes a measurement
     "quick": {**_COMMON, "arms": _ARMS, "lrs": {"bn": [0.1, 0.3, 1.0], "none": [0.03, 0.1], "noisy_bn": [0.3, 1.0]},
               "ics_lr": 0.1, "steps": 400, "batch_size": 64, "measure_every": 80},
-    "standard": {**_COMMON, "arms": _ARMS, "lrs": {"bn": [0.1, 0.3, 1.0], "none": [0.03, 0.1, 0.3],
-                                                   "noisy_bn": [0.1, 0.3, 1.0]},
-                 "ics_lr": 0.1, "steps": 1200, "batch_size": 64, "measure_every": 40},
     "full": {**_COMMON, "arms": _ARMS, "lrs": {"bn": [0.1, 0.3, 1.0], "none": [0.03, 0.1, 0.3],
                                                "noisy_bn": [0.1, 0.3, 1.0]},
              "ics_lr": 0.1, "steps": 4000, "batch_size": 128, "measure_every": 100, "eval_every": 250,
              "val_eval_size": 2000, "recal_batches": 20},
 }
+# standard judges every claim in four settings (two datasets × two depths) at quick's budget per setting
+PRESETS["standard"] = dict(PRESETS["quick"])
 
 # what the registry, the plan and the profiles read (see bnlab.study.claims)
 TUNED_ON_SEEDS = True  # every rate on the tuning seeds, then the other seeds at each arm's choice

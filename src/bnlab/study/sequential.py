@@ -37,7 +37,8 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
-__all__ = ["Design", "single", "repeated_95", "t_interval_at", "simulate", "false_decision_rate", "TOTAL_ALPHA"]
+__all__ = ["Design", "single", "repeated_95", "t_interval_at", "simulate", "false_decision_rate", "power",
+           "TOTAL_ALPHA"]
 
 TOTAL_ALPHA = 0.05   # the two-sided error of one fixed-size 95% interval: the budget the looks share
 
@@ -182,3 +183,14 @@ def false_decision_rate(design, threshold: float, margin: float, sd: float = 1.0
     false_decision = max(r["holds"] + r["refuted"] for r in rows)
     return {"false_holds": false_holds, "false_refuted": false_refuted, "false_decision": false_decision,
             "rows": rows}
+
+
+def power(design, threshold: float, margin: float, effect: float, sd: float, studies: int = 20_000,
+          seed: int = 0) -> dict:
+    """How often ``design`` reaches the right decision for a true ``effect`` with per-seed spread ``sd``
+    (``holds`` when the effect exceeds the threshold, ``refuted`` when it lies below the margin; between the
+    two no decision is right, and ``power`` is how often it stays undecided), with the mean seeds used —
+    the calculation that sizes a profile's seeds."""
+    r = simulate(design, threshold, margin, effect, sd, studies=studies, seed=seed)
+    right = r["holds"] if effect > threshold else r["refuted"] if effect < margin else r["undecided"]
+    return {"power": right, **r}
