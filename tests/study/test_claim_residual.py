@@ -98,3 +98,18 @@ def test_claim5_paper_table_beside_he_et_al():
     # the fake's accuracy does not depend on depth: the plain nets do not degrade
     assert rows["test error % of the deepest BN plain net − of the shallowest"][1].startswith("0.00")
     assert "64k iterations" in at20[3] and "synthetic" in at20[3]
+
+
+def test_claim5_reports_the_interaction_at_every_depth_and_decides_at_the_deepest():
+    profile = make_profile(residual={"lrs": [0.01, 0.1, 1.0]})   # train depths 8 and 14
+    shallow, deep = LOSS[id(ADDITIVE)], LOSS[id(COMPLEMENT)]
+
+    def fake(spec):
+        loss = deep if spec.get("depth") == 14 else shallow
+        return _res_fake(COMPLEMENT, lambda n: -1.0 if n == "bn" else 0.0, loss)(spec)
+    result = analyze(claim_residual, profile, simulate(profile, [5], fake))
+    by_depth = result.numbers["by_depth"]
+    assert by_depth["8"]["interval"]["mean"] == pytest.approx(0.0, abs=1e-9) and by_depth["8"]["outcome"] == "refuted"
+    assert by_depth["14"]["interval"]["mean"] == pytest.approx(1 - math.log10(2)) and by_depth["14"]["outcome"] == "holds"
+    assert result.numbers["interaction"]["mean"] == pytest.approx(1 - math.log10(2))      # the deepest decides
+    assert "The outcome changes with depth" in result.verdict.explanation
