@@ -508,3 +508,28 @@ def test_the_report_shows_the_four_steps_from_the_chosen_run_or_says_there_is_no
     assert 'id="bn-steps"' not in without and "<svg" in without
     import html as html_text
     assert report_module.STEPS_MISSING.split("`")[0] in html_text.unescape(_without_glossary_links(without))
+
+
+def test_several_settings_put_the_answer_across_them_on_the_first_screen(tmp_path):
+    results = synthetic_results()
+    labels = ["mnist1d, ResNet-8", "mnist1d, ResNet-20"]
+    for r, verdicts in zip(results, [("supported", "supported"), ("no verdict", "inconclusive"),
+                                     ("partly supported", "not supported")]):
+        r.scope = {"setting": labels[0], "dataset": "mnist1d", "depth": 8, "seeds": 3, "max_seeds": 3, "look": 1,
+                   "looks": 1, "confidence": 0.95}
+        r.across = [{**r.scope, "setting": label, "verdict": v, "key_number": "k", "parts": [], "outcomes": []}
+                    for label, v in zip(labels, verdicts)]
+        answer, text = ("supported", "supported in all 2 settings") if len(set(verdicts)) == 1 else \
+            ("depends on the setting", "; ".join(f"{v} in {label}" for label, v in zip(labels, verdicts)))
+        r.robust = {"answer": answer, "text": text}
+    html = render(results, STUDY, tmp_path, PROFILE).read_text(encoding="utf-8")
+    screen = html[:html.index('<section id="steps">')]
+    assert "2 settings (mnist1d, ResNet-8; mnist1d, ResNet-20)" in _without_glossary_links(screen)
+    cards = dict(re.findall(r'<li class="card" id="answer(\d)">(.*?)</li>', screen, re.S))
+    assert '<span class="badge verdict-supported">supported</span>' in cards["1"]
+    assert '<span class="badge verdict-depends-on-the-setting">depends on the setting</span>' in cards["3"]
+    assert "In mnist1d, ResNet-8: " in _without_glossary_links(cards["3"])
+    table = screen[screen.index('<table id="settings">'):screen.index("</table>", screen.index('id="settings"'))]
+    assert table.count("<tr>") == 4 and table.count('class="badge') == 3 * 3  # claims × (settings + across them)
+    assert "| 3 | **partly supported** | **not supported** | **depends on the setting** |" in \
+        (tmp_path / "report.md").read_text(encoding="utf-8")

@@ -1,7 +1,10 @@
 """The report: read the store, ask each claim for its verdict, write report.md (+ PNGs) and report.html.
 
 Each claim is analyzed by :func:`analyze`: its ``decide`` turns the stored runs into findings, its
-``render`` formats them, and a claim with failed runs gets no verdict (:func:`mark_failures`).
+``render`` formats them (with its plain ``answer``), and a claim with failed runs gets no verdict
+(:func:`mark_failures`). The layout is :mod:`bnlab.study.templates`: the answers first, BN's four steps on
+a trained channel (:mod:`bnlab.study.steps`), one section per claim with its evidence table
+(:func:`evidence_rows`), and the glossary, whose terms :func:`link_glossary` links where first used.
 
 Nothing here trains: ``bnlab report DIR`` regenerates the files from ``DIR/study.sqlite``, opened read-only,
 into ``DIR`` or another directory (``out``). The HTML embeds every figure as a base64 palette PNG so the one
