@@ -362,13 +362,14 @@ def _first_screen_scope(profile: dict, study: dict, results: list[ClaimResult]) 
         except Exception:  # noqa: BLE001 — an unknown dataset name still gets a scope line
             kind = ""
         where = (f"{dataset_label(profile)}, {kind}ResNet-{profile.get('depth', '?')} at width "
-                 f"{profile.get('width', '?'):g}, {seeds_text}, one setting")
+                 f"{profile.get('width', '?')}, {seeds_text}, one setting")
     else:
         where = seeds_text[:1].upper() + seeds_text[1:]
     time = profile_time(profile.get("description") or "")
     text = where + (f"; the {profile.get('name')} profile takes {time}" if time else "")
     if study.get("run_seconds") is not None and study.get("last_run_count"):
-        text += f" (last run: {_duration(study['run_seconds'])})"
+        last = f"last run: {_duration(study['run_seconds'])}"
+        text += f"; {last}" if text.endswith(")") else f" ({last})"
     return text + "."
 
 
