@@ -434,6 +434,7 @@ def test_the_glossary_is_one_structure_both_reports_render(rendered):
     for href in set(re.findall(r'href="#(gloss-[a-z-]+)"', html)):
         assert f'id="{href}"' in html
     assert "[arm](#glossary)" in md and md.count("[arm](#glossary)") == 1 and '<a id="glossary"></a>' in md
+    assert not any("](#glossary)" in line for line in md.splitlines() if line.startswith("|"))  # tables plain
 
 
 # ---------------------------------------------------------------------------------- BN, step by step

@@ -542,14 +542,15 @@ _MD_OPAQUE = re.compile(r"(`[^`]*`|!?\[[^\]]*\]\([^)]*\)|<[^>]+>|https?://\S+)")
 
 def link_glossary_markdown(text: str) -> str:
     """report.md with the first use of every glossary term linked to the glossary (``[term](#glossary)``),
-    outside code blocks, headings, images and the glossary itself."""
+    outside code blocks, headings, images, tables (which stay plain text for scripts that read them) and
+    the glossary itself."""
     out, seen, fenced, in_glossary = [], set(), False, False
     for line in text.splitlines(keepends=True):
         if line.startswith("```"):
             fenced = not fenced
         if line.startswith("## "):
             in_glossary = line.strip() == "## Glossary"
-        if fenced or in_glossary or line.startswith(("#", "```", "![")):
+        if fenced or in_glossary or line.startswith(("#", "```", "![", "|")):
             out.append(line)
             continue
         pieces = _MD_OPAQUE.split(line)

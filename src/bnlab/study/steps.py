@@ -24,9 +24,9 @@ def pick(rows: Mapping[str, dict]) -> Optional[dict]:
     """The stored run whose snapshot the report draws: among finished ``train`` runs of plain BN with a
     ``bn_snapshot``, the lowest seed's longest run (claim 2's BN run of the first seed when claim 2 ran);
     ``None`` when no run has one (a store written before runs recorded it)."""
-    found = [(key, row) for key, row in rows.items()
+    found = [(key, row) for key, row in rows.items()  # only training runs of plain BN record a snapshot
              if row.get("status") == "done" and (row.get("result") or {}).get("bn_snapshot")
-             and row["spec"].get("kind") == "train" and row["spec"].get("norm", "bn") == "bn"]
+             and row["spec"].get("norm", "bn") == "bn"]
     if not found:
         return None
     key, row = min(found, key=lambda kr: (kr[1]["spec"].get("seed", 0), -int(kr[1]["result"].get("steps") or 0),
