@@ -1,6 +1,8 @@
 """The tiny profile's report, built through the public CLI and opened in a real headless Chromium (Playwright):
 what a reader sees on a laptop and on a phone. Skipped, saying why, only where no Chromium is installed."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -28,7 +30,10 @@ def tiny_report(tmp_path_factory):
     from filelock import FileLock
 
     from bnlab.study.browser import inspect_report
-    root = tmp_path_factory.getbasetemp().parent  # the same directory for all xdist workers
+    base = tmp_path_factory.getbasetemp()
+    # the session's directory, shared by its xdist workers (each has base = SESSION/popen-gwN); never one that
+    # other sessions share, where a report of other code may lie
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     out = root / "browser-study"
     with FileLock(str(root / "browser-study.lock")):
         if not (out / "report.html").is_file():
@@ -110,3 +115,47 @@ def test_figures_are_shown_at_their_own_size_on_a_laptop(tmp_path):
     images = views["desktop"].images
     assert len(images) == 3 and max(i["width"] for i in images) > 1000
     assert all(abs(i["shown"] - i["width"]) < 1 for i in images), images
+
+
+def test_the_first_screen_holds_every_answer_and_verdict_at_both_sizes(tiny_report):
+    out, views = tiny_report
+    claims = json.loads((out / "verdicts.json").read_text(encoding="utf-8"))["claims"]
+    assert len(claims) == 5
+    for view in views.values():
+        assert view.inner_height == VIEWPORTS[view.viewport][1]
+        cards = {c["id"]: c for c in view.cards}
+        assert sorted(cards) == sorted(f"answer{n}" for n in claims), view.viewport
+        for number, claim in claims.items():
+            card = cards[f"answer{number}"]
+            assert card["shown"] and 0 < card["bottom"] <= view.inner_height, (view.viewport, card)
+            assert card["verdict"] == claim["verdict"]
+            assert card["answer"] == claim["answer"].replace("`", "") != ""
+
+
+def test_no_paragraph_outside_details_has_more_than_80_words(tiny_report):
+    _, views = tiny_report
+    for view in views.values():
+        assert view.long_paragraphs == [], view.viewport
+
+
+def test_every_glossary_term_is_linked_where_it_is_first_used(tiny_report):
+    out, views = tiny_report
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.count('class="gloss"') >= 8  # terms are used, so the check below checks something
+    for view in views.values():
+        assert view.unlinked_terms == [], view.viewport
+
+
+def test_the_step_by_step_figure_decodes(tiny_report):
+    out, views = tiny_report
+    size = Image.open(out / "figures" / "bn_steps.png").size
+    for view in views.values():
+        figure = view.step_figure
+        assert figure is not None and figure["complete"] and (figure["width"], figure["height"]) == size
+
+
+def test_no_page_is_wider_than_its_viewport(tiny_report):
+    _, views = tiny_report
+    for view in views.values():
+        assert view.inner_width == VIEWPORTS[view.viewport][0]
+        assert view.scroll_width <= view.inner_width, view.viewport

@@ -13,7 +13,8 @@ CLAIM_MODULES = tuple(name.rsplit(".", 1)[1] for name in MODULES)
 # lowest first; a module may import its own layer or a lower one
 LAYERS = [
     ("__init__", "verdict", "sequential", "style", "store", "templates"),  # rules, figure style, store, templates
-    ("metrics", "browser"),
+    ("answers",),                                              # the claims' plain answers, from their parts
+    ("metrics", "browser", "steps"),
     ("signal", "ics_loop", "runs"),                            # what the runs execute
     ("kinds",),                                                # the run kinds, declared once
     ("specs", "executors"),

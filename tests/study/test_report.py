@@ -120,6 +120,11 @@ def assert_markdown_tables_render(text: str) -> None:
         assert rows and all(n == columns for n in rows), (rows, columns)
 
 
+def _without_glossary_links(html: str) -> str:
+    """The report's HTML with the glossary's links taken out (their words left), to look for text in it."""
+    return re.sub(r'<a class="gloss" href="#gloss-[a-z-]+">([^<]*)</a>', r"\1", html)
+
+
 def test_md_cell_escapes_pipes_and_line_breaks():
     assert md_cell("|Δ mean|") == r"\|Δ mean\|"
     assert md_cell("one\ntwo") == "one <br>two"
@@ -172,11 +177,13 @@ def test_unicode_is_written_as_is(rendered):
 
 def test_html_has_viewport_scroll_wrapped_tables_links_and_no_backticks(rendered):
     out, results = rendered
-    html = (out / "report.html").read_text(encoding="utf-8")
+    html = _without_glossary_links((out / "report.html").read_text(encoding="utf-8"))
     assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in html
     parsed = _tables(html)
-    assert len(parsed.tables) == 2 and all(parsed.wrapped)  # the summary and claim 1's table
+    # the key-number table, then per claim its evidence table (one row per part) and its own tables
+    assert len(parsed.tables) == 5 and all(parsed.wrapped)
     assert parsed.tables[0] == [6] * 4  # header + three claims, six columns
+    assert parsed.tables[1:] == [[5, 5], [3, 3, 3], [5, 5], [5, 5, 5]]  # claim 1: 1 part, its table; 2: 1; 3: 2
     assert "`" not in re.sub(r"<pre>.*?</pre>", "", html, flags=re.S)
     assert '<a href="https://arxiv.org/abs/1805.11604">' in html
     for href in re.findall(r'href="#([^"]+)"', html):
@@ -190,7 +197,7 @@ def test_html_has_viewport_scroll_wrapped_tables_links_and_no_backticks(rendered
 
 def test_html_shows_verdicts_parts_and_failed_runs(rendered):
     out, results = rendered
-    html = (out / "report.html").read_text(encoding="utf-8")
+    html = _without_glossary_links((out / "report.html").read_text(encoding="utf-8"))
     for verdict, css in (("supported", "verdict-supported"), ("no verdict", "verdict-no-verdict"),
                          ("partly supported", "verdict-partly-supported")):
         assert f'<span class="badge {css}">{verdict}</span>' in html
@@ -338,3 +345,192 @@ def test_report_on_a_read_only_filesystem(empty_study, tmp_path):
     assert f"{mount} is not writable; write the report elsewhere with --out OTHER" in done.stderr
     assert "rc=0" not in done.stdout
     assert (out / "report.html").is_file() and not (empty_study / "report.html").exists()
+
+
+# ---------------------------------------------------------------------------------- the first screen, in plain words
+def test_every_claim_has_a_plain_answer_in_verdicts_json_and_on_the_first_screen(rendered):
+    out, results = rendered
+    data = json.loads((out / "verdicts.json").read_text(encoding="utf-8"))
+    assert data["schema_version"] == 3  # answers are an added key: readers of schema 3 keep working
+    answers = {n: c["answer"] for n, c in data["claims"].items()}
+    assert all(answers.values())
+    html = (out / "report.html").read_text(encoding="utf-8")
+    cards = re.findall(r'<li class="card" id="answer(\d)">(.*?)</li>', html, re.S)
+    assert [n for n, _ in cards] == ["1", "2", "3"]
+    for (n, card), result in zip(cards, results):
+        assert f'<span class="badge {report_module._css_class(result.verdict.verdict)}">{result.verdict.verdict}' \
+               f'</span>' in card and f'href="#claim{n}"' in card
+        assert re.sub(r"<[^>]+>", "", card).count(answers[n].split(" (")[0][:40]) == 1
+    # the key numbers stay, folded under the answers
+    assert html.index('id="summary"') < html.index('<details id="key-numbers">') < html.index('id="verdicts"')
+
+
+def _part(values, rule):
+    return Part(rule, paired_effect(dict(enumerate(values)), {i: 0.0 for i in range(len(values))}, rule.unit,
+                                    rule.bounds))
+
+
+def test_answers_say_the_effect_in_plain_units_and_how_many_more_seeds_would_decide():
+    from bnlab.study import answers
+    from scipy import stats
+    faster = Rule("fewer steps", "log10 steps", 0.1, 0.04, unit="decades")
+    better = Rule("better models", "accuracy", 1.0, 0.5, unit="points", bounds=(-100, 100))
+    phrases = [answers.Phrase("BN took {x} fewer steps", "not fewer ({s})", "BN takes fewer steps", "{x} more"),
+               answers.Phrase("{x} more accurate", "not more accurate ({s})", "BN is more accurate")]
+    holds = _part([0.60, 0.62, 0.64], faster)                # 10^0.62 = 4.17: "about 4×"
+    wide = [0.0, 6.0, 0.5, 5.5, 1.0, 5.0]                     # mean 3.0, straddles the 1-point threshold
+    undecided = _part(wide, better)
+    sd, gap = float(np.std(wide, ddof=1)), 3.0 - 1.0
+    n = next(k for k in range(2, 1000) if stats.t.ppf(0.975, k - 1) * sd / math.sqrt(k) < gap)
+    text = answers.sentence([holds, undecided], phrases)
+    assert text == (f"BN took about 4× fewer steps, but we could not tell whether BN is more accurate (3.0 points so "
+                    f"far; about {n - 6} more seeds would decide it).")
+    assert answers.sentence([_part([1.42, 1.43, 1.44], faster), _part([36.0, 37.0, 38.0], better)], phrases) == \
+        "BN took about 27× fewer steps, and about 37 points more accurate."
+    assert answers.sentence([_part([-0.61, -0.60, -0.59], faster)], phrases) == "About 4× more."  # reversed
+    nothing = Part(better, Effect([], Interval(math.nan, math.nan, math.nan)))
+    assert answers.sentence([nothing, nothing], phrases) == \
+        "Too few seeds finished (0; at least 3 are needed) to tell whether BN takes fewer steps, or whether BN is " \
+        "more accurate."
+
+
+def test_the_evidence_table_gives_each_part_its_interval_rule_and_outcome():
+    faster = Rule("fewer steps", "log10 steps", 0.1, 0.04, unit="decades")
+    rows = report_module.evidence_rows([_part([0.5, 0.6, 0.7], faster)])
+    low, high = 0.6 - stats_t975(2) * 0.1 / math.sqrt(3), 0.6 + stats_t975(2) * 0.1 / math.sqrt(3)
+    assert rows == [["fewer steps", f"0.60 decades [{low:.2f}, {high:.2f}] (×{10 ** 0.6:.3g} [{10 ** low:.3g}, "
+                                    f"{10 ** high:.3g}])", "0.1 · 0.04 decades", "3", "holds"]]
+
+
+def stats_t975(df):
+    from scipy import stats
+    return float(stats.t.ppf(0.975, df))
+
+
+# ---------------------------------------------------------------------------------- the glossary
+def test_glossary_terms_are_linked_where_first_used_and_again_in_each_folded_block():
+    from bnlab.study.report import link_glossary
+    html = ("<p>Each arm, every arm.</p><p><code>arm</code> <a href='#x'>decades</a> two decades</p>"
+            "<details><summary>arm</summary><p>the arm</p><p>an arm</p></details><p>arms and SkipInit</p>")
+    linked = link_glossary(html)
+    assert linked == ('<p>Each <a class="gloss" href="#gloss-arm">arm</a>, every arm.</p><p><code>arm</code> '
+                      '<a href=\'#x\'>decades</a> two <a class="gloss" href="#gloss-decade">decades</a></p>'
+                      '<details><summary>arm</summary><p>the <a class="gloss" href="#gloss-arm">arm</a></p>'
+                      '<p>an arm</p></details><p>arms and <a class="gloss" href="#gloss-skipinit">SkipInit</a></p>')
+    # "gradient ICS" is its own term: the ICS inside it is not the first use of "ICS"
+    assert link_glossary("<p>gradient ICS, then ICS</p>") == (
+        '<p><a class="gloss" href="#gloss-gradient-ics">gradient ICS</a>, then '
+        '<a class="gloss" href="#gloss-ics">ICS</a></p>')
+
+
+def test_the_glossary_is_one_structure_both_reports_render(rendered):
+    from bnlab.study.templates import GLOSSARY
+    out, _ = rendered
+    html = (out / "report.html").read_text(encoding="utf-8")
+    md = (out / "report.md").read_text(encoding="utf-8")
+    for term, entry in GLOSSARY.items():
+        assert f'<dt id="gloss-{entry.slug}">{term}</dt>' in html
+        assert f"- **{term}**: " in md
+    for href in set(re.findall(r'href="#(gloss-[a-z-]+)"', html)):
+        assert f'id="{href}"' in html
+    assert "[arm](#glossary)" in md and md.count("[arm](#glossary)") == 1 and '<a id="glossary"></a>' in md
+    assert not any("](#glossary)" in line for line in md.splitlines() if line.startswith("|"))  # tables plain
+
+
+# ---------------------------------------------------------------------------------- BN, step by step
+def test_a_bn_snapshot_is_the_layers_own_numbers_on_one_channel():
+    """Oracle: the layer's input caught by a hook, and BN's formula in float64 NumPy."""
+    import torch
+
+    import bnlab.models
+    from bnlab.study.runs import bn_snapshot
+    torch.manual_seed(0)
+    model = bnlab.models.create("resnet1d", norm="bn", in_channels=1, num_classes=4, width=0.25, depth=8, fused=False)
+    for _ in range(3):  # some training steps, so the running statistics are not the initial ones
+        model(torch.randn(16, 1, 20) * 2 + 1).sum().backward()
+    layer = model.blocks[0].branch.bn1
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    x = torch.randn(40, 1, 20)
+    snap = bn_snapshot(model, x, channel=1, max_values=100)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    seen = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().double()))
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    values = seen[0][:, 1].reshape(-1).numpy()        # (N, L) of channel 1, flattened as (example, position)
+    keep = np.round(np.linspace(0, values.size - 1, 100)).astype(int)
+    gamma, beta = float(layer.weight[1]), float(layer.bias[1])
+    mean, var = values.mean(), values.var()
+    rm, rv = float(layer.running_mean[1]), float(layer.running_var[1])
+    assert snap["values"] == values.size == 40 * 20 and snap["examples"] == 40 and snap["layer"] == "blocks.0.branch.bn1"
+    assert snap["batch_mean"] == pytest.approx(mean) and snap["batch_var"] == pytest.approx(var)
+    assert (snap["weight"], snap["bias"], snap["running_mean"], snap["running_var"]) == \
+        pytest.approx((gamma, beta, rm, rv))
+    np.testing.assert_allclose(snap["x"], values[keep], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(snap["y_batch"], (values[keep] - mean) / np.sqrt(var + 1e-5) * gamma + beta,
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(snap["y_eval"], (values[keep] - rm) / np.sqrt(rv + 1e-5) * gamma + beta,
+                               rtol=1e-4, atol=1e-5)
+    from bnlab.study import steps
+    stages = steps.stages(snap)
+    assert abs(stages.normalized.mean()) < 0.3 and 0.7 < stages.normalized.std() < 1.3  # a sample of the channel
+    np.testing.assert_allclose(stages.difference, np.asarray(snap["y_eval"]) - np.asarray(snap["y_batch"]))
+    assert bn_snapshot(torch.nn.Sequential(torch.nn.Linear(3, 3)), torch.randn(4, 3)) is None  # no such layer
+
+
+def test_the_report_shows_the_four_steps_from_the_chosen_run_or_says_there_is_none(tmp_path):
+    import torch
+
+    import bnlab.models
+    from bnlab.study import steps
+    from bnlab.study.runs import bn_snapshot
+    torch.manual_seed(0)
+    model = bnlab.models.create("resnet1d", norm="bn", in_channels=1, num_classes=4, width=0.25, depth=8, fused=False)
+    snap = bn_snapshot(model, torch.randn(32, 1, 20))
+
+    def row(seed, steps_, norm="bn", snapshot=True):
+        return {"status": "done", "spec": {"kind": "train", "norm": norm, "seed": seed, "dataset": "synthetic",
+                                           "depth": 8, "lr": 0.1},
+                "result": {"steps": steps_, **({"bn_snapshot": snap} if snapshot else {})}}
+    rows = {"a": row(1, 500), "b": row(0, 100), "c": row(0, 300), "d": row(0, 900, norm="none"),
+            "e": row(0, 999, snapshot=False)}
+    assert steps.pick(rows) is rows["c"]  # the first seed's longest BN run with a snapshot
+    assert steps.pick({"e": rows["e"]}) is None
+    with_steps = render(synthetic_results(), STUDY, tmp_path / "with", PROFILE, snapshot=rows["c"])
+    html = with_steps.read_text(encoding="utf-8")
+    assert 'id="bn-steps"' in html and "<svg" in html and report_module.STEPS_MISSING not in html
+    assert (tmp_path / "with" / "figures" / "bn_steps.png").is_file()
+    assert (tmp_path / "with" / "figures" / "bn_in_block.svg").read_text().startswith("<svg")
+    assert "![Where BN sits in a residual block](figures/bn_in_block.svg)" in (tmp_path / "with" / "report.md").read_text()
+    without = render(synthetic_results(), STUDY, tmp_path / "without", PROFILE).read_text(encoding="utf-8")
+    assert 'id="bn-steps"' not in without and "<svg" in without
+    import html as html_text
+    assert report_module.STEPS_MISSING.split("`")[0] in html_text.unescape(_without_glossary_links(without))
+
+
+def test_several_settings_put_the_answer_across_them_on_the_first_screen(tmp_path):
+    results = synthetic_results()
+    labels = ["mnist1d, ResNet-8", "mnist1d, ResNet-20"]
+    for r, verdicts in zip(results, [("supported", "supported"), ("no verdict", "inconclusive"),
+                                     ("partly supported", "not supported")]):
+        r.scope = {"setting": labels[0], "dataset": "mnist1d", "depth": 8, "seeds": 3, "max_seeds": 3, "look": 1,
+                   "looks": 1, "confidence": 0.95}
+        r.across = [{**r.scope, "setting": label, "verdict": v, "key_number": "k", "parts": [], "outcomes": []}
+                    for label, v in zip(labels, verdicts)]
+        answer, text = ("supported", "supported in all 2 settings") if len(set(verdicts)) == 1 else \
+            ("depends on the setting", "; ".join(f"{v} in {label}" for label, v in zip(labels, verdicts)))
+        r.robust = {"answer": answer, "text": text}
+    html = render(results, STUDY, tmp_path, PROFILE).read_text(encoding="utf-8")
+    screen = html[:html.index('<section id="steps">')]
+    assert "2 settings (mnist1d, ResNet-8; mnist1d, ResNet-20)" in _without_glossary_links(screen)
+    cards = dict(re.findall(r'<li class="card" id="answer(\d)">(.*?)</li>', screen, re.S))
+    assert '<span class="badge verdict-supported">supported</span>' in cards["1"]
+    assert '<span class="badge verdict-depends-on-the-setting">depends on the setting</span>' in cards["3"]
+    assert "In mnist1d, ResNet-8: " in _without_glossary_links(cards["3"])
+    table = screen[screen.index('<table id="settings">'):screen.index("</table>", screen.index('id="settings"'))]
+    assert table.count("<tr>") == 4 and table.count('class="badge') == 3 * 3  # claims × (settings + across them)
+    assert "| 3 | **partly supported** | **not supported** | **depends on the setting** |" in \
+        (tmp_path / "report.md").read_text(encoding="utf-8")

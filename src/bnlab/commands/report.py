@@ -1,4 +1,5 @@
-"""Rebuild a study's report from its store, without training.
+"""Rebuild a study's report from its store, without training: the five answers first, BN's four steps on a
+trained channel, then each claim's evidence.
 
 Examples:
   bnlab report study-out                      # rewrites study-out/report.html, report.md, figures/, verdicts.json

@@ -1,7 +1,8 @@
-"""Measure each claimed effect of batch normalization in residual networks; write a report.
+"""Measure each claimed effect of batch normalization in residual networks; write a report that answers.
 
 Examples:
-  bnlab study                               # quick profile (about 7 min on 2 idle CPU cores) into study-out/
+  bnlab study                               # the quick profile into study-out/ (time: see Profiles below)
+  bnlab study --profile tiny --out /tmp/t   # a check of the whole pipeline (every verdict: no verdict)
   bnlab study --jobs 2 --out study-out      # two runs at a time; rerun the same command to resume
   bnlab study --claims 1,4 --profile standard
   bnlab study --profile full --device cuda --out study-full
@@ -9,6 +10,9 @@ Examples:
   bnlab report study-out                    # rebuild report.html / report.md without training
   bnlab study --executor ray --address auto # each run a task on a running Ray cluster (`ray start`)
   bnlab study --profile full --dry-run      # the plan: runs per claim, estimated hours, memory; trains nothing
+
+Profiles (--profile), each with the time its description states (the README and the report quote it):
+<profiles>
 
 Five claims, one verdict each (supported / partly supported / not supported / inconclusive / no
 verdict), computed from your own runs with paired 95% intervals over seeds by rules fixed in code
@@ -19,14 +23,16 @@ before the data (fewer than 3 seeds, or failed runs: no verdict, and failed runs
   4  BN allows higher learning rates, and hence better models
   5  BN complements residual connections
 
+The report, OUT/report.html (self-contained; OUT/report.md with OUT/figures/ has the same content),
+opens with one plain sentence per claim, shows BN's four steps on a channel of a network the study
+trained, then each claim's evidence; OUT/verdicts.json holds the verdicts and answers for scripts.
+
 Every run (spec, history, metrics, status, versions, hardware) goes into OUT/study.sqlite. Finished
 runs are reused when the command is rerun; interrupted or failed ones are redone. Ctrl-C stops the
 workers within seconds (runs in flight are abandoned, never half-stored) and exits with status 130;
 rerun the same command to resume. OUT is locked while a study runs in it. Only this process writes
 OUT/study.sqlite: workers (local processes, or Ray tasks with --executor ray) send each run back, and
-a Ray task whose worker or node dies is retried up to twice (result["attempts"] counts). The report is
-OUT/report.html (self-contained) and OUT/report.md with OUT/figures/*.png; OUT/verdicts.json holds
-the verdicts for scripts.
+a Ray task whose worker or node dies is retried up to twice (result["attempts"] counts).
 """
 
 from __future__ import annotations
@@ -44,9 +50,31 @@ NAME = "study"
 HELP = "measure BN's claimed effects (ICS, speed, regularization, learning rate, residuals) and report"
 
 
+PROFILES_MARK = "<profiles>"
+
+
+def profile_lines() -> str:
+    """One line per profile for the help: its name and the time its description states (the description's
+    text before ": ", :func:`bnlab.study.templates.profile_time`)."""
+    from bnlab.study.profiles import PROFILES  # only when the help is shown: it imports the claims
+    from bnlab.study.templates import profile_time
+    return "\n".join(f"  {name:<9} {profile_time(p['description'])}" for name, p in PROFILES.items())
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The command's help with the profiles' own descriptions filled in when the help is shown."""
+
+    def _fill_text(self, text, width, indent):
+        if PROFILES_MARK in text:
+            text = text.replace(PROFILES_MARK, profile_lines())
+        return super()._fill_text(text, width, indent)
+
+
 def add_arguments(parser) -> None:
+    parser.formatter_class = _HelpFormatter
     parser.add_argument("--profile", default="quick",
-                        help="tiny | quick (default) | standard | full, or a JSON file with the same sections")
+                        help="tiny | quick (default) | standard | full (see Profiles above), or a JSON file with "
+                             "the same sections")
     parser.add_argument("--claims", default="all", help="comma-separated claim numbers, e.g. 1,4 (default: all)")
     parser.add_argument("--dataset", default=None,
                         help="override the profile's dataset: mnist1d, fashion-mnist, digits, synthetic")

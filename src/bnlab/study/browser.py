@@ -31,20 +31,60 @@ VIEWPORTS = {"desktop": (1366, 900), "phone": (390, 844)}  # a common laptop; a 
 CHROMIUM_MISSING = "chromium not found: run make setup as root or install chromium"
 _CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
-# Measured in the page once it has loaded: images, widths, the summary table's place, in-page links.
-_MEASURE = """() => {
+# Measured in the page once it has loaded: images, widths, the answers' place, in-page links, paragraph lengths,
+# and the glossary terms whose first use is not linked (``forms``: [[key, regular expression], ...]).
+_MEASURE = """(forms) => {
   const table = document.getElementById("summary");
   const box = table ? table.getBoundingClientRect() : null;
   const links = [...document.querySelectorAll('a[href^="#"]')].map(a => a.getAttribute("href"));
+  const cards = [...document.querySelectorAll("#summary > li")].map(li => {
+    const answer = li.querySelector(".answer"), badge = li.querySelector(".badge");
+    const a = answer.getBoundingClientRect(), b = badge.getBoundingClientRect();
+    return {id: li.id, answer: answer.innerText.trim(), verdict: badge.innerText.trim(),
+            bottom: Math.max(a.bottom, b.bottom) + window.scrollY, shown: a.width > 0 && b.width > 0};
+  });
+  const long = [...document.querySelectorAll("p, li, dd, figcaption")].filter(e => !e.closest("details"))
+    .map(e => ({words: e.innerText.trim().split(/\s+/).filter(Boolean).length, text: e.innerText.trim().slice(0, 80)}))
+    .filter(p => p.words > 80);
+  const skip = new Set(["A", "CODE", "PRE", "SCRIPT", "STYLE", "TITLE", "SVG", "SUMMARY", "DL", "HEAD", "TEXTAREA"]);
+  const seen = new Map(), unlinked = [];
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    let gloss = false, skipped = false, scope = null;
+    for (let e = node.parentElement; e; e = e.parentElement) {
+      const tag = e.tagName.toUpperCase();
+      if (tag === "A" && e.classList.contains("gloss")) gloss = true;
+      else if (skip.has(tag)) skipped = true;
+      if (!scope && tag === "DETAILS") scope = e;
+    }
+    if (skipped) continue;
+    const key = scope || document.body;
+    if (!seen.has(key)) seen.set(key, new Set());
+    const done = seen.get(key);
+    for (const [name, source] of forms) {
+      if (done.has(name)) continue;
+      const m = new RegExp(source, "i").exec(node.data);
+      if (!m) continue;
+      done.add(name);
+      if (!gloss) unlinked.push(name + ": …" + node.data.slice(Math.max(0, m.index - 30), m.index + 30) + "…");
+    }
+  }
+  const steps = document.getElementById("bn-steps");
   return {
     images: [...document.images].map(img => ({alt: img.alt, complete: img.complete, width: img.naturalWidth,
                                                height: img.naturalHeight, shown: img.getBoundingClientRect().width})),
     scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
     innerHeight: window.innerHeight, summaryBottom: box ? box.bottom + window.scrollY : null,
     brokenLinks: links.filter(h => h.length < 2 || !document.getElementById(decodeURIComponent(h.slice(1)))),
-    links: links.length,
+    links: links.length, cards: cards, longParagraphs: long, unlinkedTerms: unlinked,
+    stepFigure: steps ? {complete: steps.complete, width: steps.naturalWidth, height: steps.naturalHeight} : null,
   };
 }"""
+
+
+def _forms() -> list[list[str]]:
+    from bnlab.study.templates import GLOSSARY
+    return [[f"{term} ({form})", form] for term, entry in GLOSSARY.items() for form in entry.forms]
 
 
 def find_chromium() -> Optional[str]:
@@ -90,9 +130,15 @@ class PageView:
     scroll_width: int = 0                               # document.documentElement.scrollWidth
     inner_width: int = 0
     inner_height: int = 0
-    summary_bottom: Optional[float] = None              # the verdict table's bottom edge, page coordinates
+    summary_bottom: Optional[float] = None              # the answers' bottom edge, page coordinates
     broken_links: list[str] = field(default_factory=list)  # href="#x" with no element id="x"
     links: int = 0
+    cards: list[dict] = field(default_factory=list)     # per answer card: "id", "answer", "verdict" (the badge's
+                                                        # text), "bottom" (page coordinates), "shown"
+    long_paragraphs: list[dict] = field(default_factory=list)  # p, li, dd, figcaption outside <details> over
+                                                               # 80 words: {"words", "text"}
+    unlinked_terms: list[str] = field(default_factory=list)  # glossary terms whose first use is not linked
+    step_figure: Optional[dict] = None                  # the step-by-step figure: "complete", "width", "height"
     screenshot: Optional[Path] = None
 
 
@@ -105,10 +151,12 @@ def _view(browser, html: Path, viewport: str, screenshot: Optional[Path] = None)
         page.on("pageerror", lambda e: view.console_errors.append(str(e)))
         page.on("requestfailed", lambda r: view.failed_requests.append(f"{r.url[:80]}: {r.failure}"))
         page.goto(Path(html).resolve().as_uri(), wait_until="load")
-        measured = page.evaluate(_MEASURE)
+        measured = page.evaluate(_MEASURE, _forms())
         view.images, view.links, view.broken_links = measured["images"], measured["links"], measured["brokenLinks"]
         view.scroll_width, view.inner_width = measured["scrollWidth"], measured["innerWidth"]
         view.inner_height, view.summary_bottom = measured["innerHeight"], measured["summaryBottom"]
+        view.cards, view.long_paragraphs = measured["cards"], measured["longParagraphs"]
+        view.unlinked_terms, view.step_figure = measured["unlinkedTerms"], measured["stepFigure"]
         if screenshot is not None:
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             # the first screen, as a reader first sees it; a palette PNG, small enough to commit or share

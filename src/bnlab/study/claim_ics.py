@@ -619,6 +619,7 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
                                               ("smoothness", f.smoothness.text()))}),
     ]
     return ClaimResult(
+        answer=answer(findings),
         number=NUMBER, title=TITLE, verdict=verdict, literature=LITERATURE, rule=RULE, expected=EXPECTED,
         finding=FINDING, failed_runs=failed, tables=tables,
         caveats=[tuning_caveat(profile),
@@ -746,3 +747,20 @@ def _ics_figure(findings: Findings, lr: float) -> dict:
     return {"name": "claim1_gradient_ics", "title": f"Gradient ICS and smoothness at learning rate {lr:g}",
             "figure": fig, "caption": "BN and no normalization at the same learning rate and steps; bands are 95% "
                                       "intervals over seeds (paired by seed in the verdict)."}
+
+
+# ------------------------------------------------------------------------------------------------ answer
+
+def answer(findings: Findings) -> str:
+    """The claim's answer in one plain sentence (the report's first screen), from its parts."""
+    from bnlab.study import answers  # only the answer reads the shared phrasing
+    return answers.sentence(findings.parts, [
+        answers.Phrase(holds="with BN, gradient ICS was lower (cos(G, G′) {x} higher)",
+                       refuted="BN did not lower gradient ICS (cos(G, G′) {s} against no normalization)",
+                       reversed="BN raised gradient ICS (cos(G, G′) {x} lower)",
+                       question="BN lowers gradient ICS"),
+        answers.Phrase(holds="injecting shift after BN cost {x} of test accuracy, as if shift mattered",
+                       refuted="injecting shift after BN cost no clear accuracy ({s}), so shift is not why BN helps",
+                       reversed="injecting shift after BN raised test accuracy by {x}",
+                       question="injected shift costs accuracy"),
+    ])

@@ -18,7 +18,7 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator
 
-from bnlab.study import style, sweep
+from bnlab.study import answers, style, sweep
 from bnlab.study.common import (DIFF_BOUNDS, Band, LaterRounds, arm_label, by_seed, ci, dataset_label, fmt, fmt_ci,
                                 paper_table)
 from bnlab.study.verdict import (HOLDS, NO_DATA, SUPPORTED, UNDECIDED, ClaimResult, Interval, Part, Rule, Verdict,
@@ -187,21 +187,28 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
              "columns": ["arm", "batch size", "grid (rates)", "largest stable lr per seed (≥: censored above, "
                          "<: nothing stable)", "validated lr", "validation acc %", "test acc % [95% CI]"],
              "rows": rows}
-    censor_text = (f" Censored limits: {', '.join(findings.censoring)} (stable at the top of the extended grid, "
-                   f"or nothing stable at its bottom)." if findings.censoring else
-                   " Every arm's largest stable rate is interior to its grid.")
-    explanation = (f"{higher.text()}.{censor_text} {better.text(1)}.")
     others = [a for a in ("skipinit", "fixup") if (b0, a) in arms]
+    paragraphs = [
+        f"Each arm trained at every learning rate of a grid from {cfg['lrs'][0]:g} to {cfg['lrs'][-1]:g}, extended "
+        f"upwards while it was still stable at the top. Stable means it did not diverge, halved its training loss "
+        f"and reached at least chance + 10 points on validation. Part 1 compares the largest stable rates, seed by "
+        f"seed.",
+        "Part 2 trains each arm at its validated learning rate, the one its validation accuracy chose, and compares "
+        "their test accuracy, measured once at the end.",
+        (f"Some limits are censored ({', '.join(findings.censoring)}): the arm was stable at the top of the "
+         f"extended grid, or nowhere. Part 1 is then undecided unless the censoring can only make the effect "
+         f"larger." if findings.censoring else "Every arm's largest stable rate lies inside its grid."),
+    ]
     if others:
-        explanation += " Without any normalization, " + "; ".join(
-            f"{arm_label(a)} reaches {fmt_ci(arms[(b0, a)].test, 1)}% at its validated "
-            f"lr {fmt(arms[(b0, a)].table.best_lr, 3)}" for a in others) + (
-            f" (BN: {fmt_ci(arms[(b0, 'bn')].test, 1)}%).")
-    verdict = Verdict.from_parts(parts, f"log10 max stable lr BN/none: {higher.effect.interval.text()}; "
-                                        f"accuracy gain {better.effect.interval.text(1)}", explanation)
+        paragraphs.append(f"{' and '.join(arm_label(a) for a in others)} train without normalization; the table "
+                          f"shows how close they come to BN.")
+    explanation = " ".join(paragraphs + [f"{higher.text()}.", f"{better.text(1)}."])
+    verdict = Verdict.from_parts(parts, f"largest stable lr {_factor(higher.effect.interval)} larger (log10 BN/none: "
+                                        f"{higher.effect.interval.text()}); accuracy gain "
+                                        f"{better.effect.interval.text(1)}", explanation)
     return ClaimResult(
         number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING, expected=EXPECTED,
-        verdict=verdict,
+        verdict=verdict, answer=answer(findings), paragraphs=paragraphs,
         caveats=[f"We use {dataset_label(profile)} and a width-{profile['width']} ResNet-{profile['depth']} where "
                  f"Bjorck et al. use CIFAR-10 and ResNet-110, so that a grid wide enough to bracket every arm's limit, "
                  f"with {len(profile['seeds'])} seeds, fits the budget; their runs are far longer.",
@@ -209,11 +216,18 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
                  f"{cfg['lrs'][-1] / cfg['lrs'][-2]:.3g}).",
                  "Every arm warms up linearly over 20% of its steps (one-cycle); a schedule without warm-up or "
                  "gradient clipping would move the unnormalized arms' limits."],
-        tables=[table, paper_table(PAPER, _ours(profile, findings))],
+        tables=[table, {**paper_table(PAPER, _ours(profile, findings)), "details": True}],
         figures=[_accuracy_figure(profile, arms)],
         numbers={"log10_lr_ratio": higher.effect.interval.to_dict(), "accuracy_gain": better.effect.interval.to_dict(),
                  "parts": [p.to_dict() for p in parts], "censoring": findings.censoring,
                  "validated_lr": {f"{a}@{b}": arm.table.best_lr for (b, a), arm in arms.items()}})
+
+
+def _factor(interval) -> str:
+    """A log10 ratio interval as a factor: "27× [6.3×, 112×]"."""
+    if not interval.finite:
+        return "n/a"
+    return f"{10 ** interval.mean:.3g}× [{10 ** interval.low:.3g}×, {10 ** interval.high:.3g}×]"
 
 
 def _ours(profile: dict, findings: Findings) -> dict:
@@ -262,3 +276,17 @@ def _accuracy_figure(profile, arms: dict) -> dict:
     return {"name": "claim4_lr_sweep", "title": "Validation accuracy and stability against learning rate",
             "figure": fig, "caption": "Mean over seeds with 95% CI (clipped to 0–100%); a diverged run counts as "
                                       "chance level. Stable: not diverged, loss halved, ≥ chance + 10 points."}
+
+
+# ------------------------------------------------------------------------------------------------ answer
+
+def answer(findings: Findings) -> str:
+    """The claim's answer in one plain sentence (the report's first screen), from its parts."""
+    return answers.sentence(findings.parts, [
+        answers.Phrase(holds="BN trained stably at learning rates {x} larger",
+                       refuted="BN did not train stably at clearly larger learning rates ({s})",
+                       reversed="BN trained stably only at learning rates {x} smaller",
+                       question="BN trains stably at larger learning rates"),
+        answers.Phrase(holds="its test accuracy was {x} higher", refuted="its test accuracy was not clearly higher ({s})",
+                       reversed="its test accuracy was {x} lower", question="BN gives more accurate models"),
+    ])

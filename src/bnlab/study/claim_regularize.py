@@ -258,6 +258,7 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
         f"not reach {cfg['fit_threshold']:g}% training accuracy by the cap): " + ", ".join(
             f"{arm_label(k)} {a.diverged}/{a.unfit}" for k, a in per_arm.items()) + ".")
     return ClaimResult(
+        answer=answer(findings),
         number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING, expected=EXPECTED,
         verdict=Verdict.from_parts(parts, f"gap none − BN: {parts[0].effect.interval.text(1)}", explanation),
         caveats=[tuning_caveat(profile),
@@ -311,3 +312,19 @@ def _gap_figure(profile, findings: Findings) -> dict:
             "figure": fig, "caption": "Mean over every seed (observed gaps), with its interval; horizontal lines and "
                                       "shading are the batch-independent arms."}
 
+
+# ------------------------------------------------------------------------------------------------ answer
+
+def answer(findings: Findings) -> str:
+    """The claim's answer in one plain sentence (the report's first screen), from its parts."""
+    from bnlab.study import answers  # only the answer reads the shared phrasing
+    return answers.sentence(findings.parts, [
+        answers.Phrase(holds="BN shrank the train − test accuracy gap by {x}",
+                       refuted="BN did not clearly shrink the train − test accuracy gap ({s})",
+                       reversed="BN widened the train − test accuracy gap by {x}",
+                       question="BN shrinks the train − test accuracy gap"),
+        answers.Phrase(holds="noisier batch statistics (smaller ghost batches) shrank it by {x} more",
+                       refuted="noisier batch statistics (smaller ghost batches) did not clearly shrink it ({s})",
+                       reversed="noisier batch statistics (smaller ghost batches) widened it by {x}",
+                       question="batch noise is what shrinks it"),
+    ])

@@ -311,6 +311,7 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
                    f"({deepest}), where the literature says the complement matters most; the table shows every "
                    f"depth. De & Smith predict k ≈ −1 with BN and k ≈ 0 without.")
     return ClaimResult(
+        answer=answer(findings),
         number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING, expected=EXPECTED,
         verdict=Verdict.from_parts(parts, f"BN × residual interaction at depth {deepest}: "
                                           f"{parts[0].effect.interval.text(2)} in log10 training loss", explanation),
@@ -394,3 +395,20 @@ def _depth_figure(profile, findings: Findings) -> dict:
     style.legend_outside(fig, axes)
     return {"name": "claim5_depth", "title": "The 2×2 factorial across depth", "figure": fig,
             "caption": "Each cell at its validated learning rate; mean over seeds with 95% CI."}
+
+
+# ------------------------------------------------------------------------------------------------ answer
+
+def answer(findings: Findings) -> str:
+    """The claim's answer in one plain sentence (the report's first screen), from its parts."""
+    from bnlab.study import answers  # only the answer reads the shared phrasing
+    return answers.sentence(findings.parts, [
+        answers.Phrase(holds="BN helped residual networks more than plain ones (by {x})",
+                       refuted="BN did not help residual networks clearly more than plain ones ({s})",
+                       reversed="BN helped plain networks more than residual ones (by {x})",
+                       question="BN helps residual networks more than plain ones"),
+        answers.Phrase(holds="at initialization BN biased residual blocks towards the identity",
+                       refuted="at initialization BN did not clearly bias blocks towards the identity ({s})",
+                       reversed="at initialization blocks were less biased towards the identity with BN",
+                       question="BN biases residual blocks towards the identity"),
+    ])

@@ -7,12 +7,15 @@ module that reads it (``ics``, ``lr``, ``speed``, ``regularize``, ``residual``).
 rejected, and every problem of a file is reported at once with its JSON path. The claim modules read
 their own section and never branch on the profile's name. Sizes:
 
-* ``tiny``     — seconds; drives the whole pipeline in the tests (2 seeds: every verdict is "no verdict");
-* ``quick``    — the default: 4–5 minutes on 2 idle CPU cores (340 runs); MNIST-1D, narrow 1-D ResNet-8s, 6 seeds;
-* ``standard`` — ≈ 20 minutes on 2 CPU cores (≤ 1 hour): longer runs, wider grids, depths to 44, 10 seeds;
+* ``tiny``     — drives the whole pipeline in the tests (2 seeds: every verdict is "no verdict");
+* ``quick``    — the default (340 runs): MNIST-1D, narrow 1-D ResNet-8s, 6 seeds;
+* ``standard`` — longer runs, wider grids, depths to 44, 10 seeds;
 * ``full``     — one CUDA GPU (``requires_cuda``), unattended for days: the papers' settings on CIFAR-10 —
   ResNet-110 for Bjorck et al.'s learning-rate comparison, He et al.'s depths 20–110 with their plain
-  twins, Wu & He's 32…2 images per batch as ghost batches, 10 seeds (see its ``description``).
+  twins, Wu & He's 32…2 images per batch as ghost batches, 10 seeds.
+
+How long each takes is stated once, in its ``description`` ("TIME: WHAT"), which ``bnlab study --help``, the
+README and the report quote.
 
 Units: ``steps`` are optimizer steps; ``lr`` is the SGD learning rate (Nesterov momentum 0.9; a
 one-cycle schedule for claim 4's sweep); ``width`` multiplies the base widths 16/32/64; ``eval_every`` is
@@ -158,7 +161,7 @@ class Shared(BaseModel):
 Profile = create_model("Profile", __base__=Shared, **{slug: (m.Config, ...) for slug, m in SECTIONS.items()})
 
 FULL_DESCRIPTION = (
-    "one CUDA GPU, unattended (resumable): the published settings on CIFAR-10 (45k train / 5k validation), 10 "
+    "about 100 GPU-hours (4 days) on one CUDA GPU, unattended (resumable): the published settings on CIFAR-10 (45k train / 5k validation), 10 "
     "seeds, batch 128, Nesterov momentum 0.9. Claim 4: Bjorck et al. 2018's ResNet-110, rates 1e-5 … 3 (theirs: "
     "BN 0.1 ≈ 93%, none ≈ 1e-4 ≈ 81%), weight decay 1e-4. Claim 5: He et al. 2016's ResNet-20/32/44/56/110 "
     "and plain twins (their errors 8.75/7.51/7.17/6.97/6.43%) at rates 0.03/0.1/0.3, weight decay 1e-4. Claim 3: "
@@ -171,15 +174,16 @@ FULL_DESCRIPTION = (
     "images (ResNet-110: 22 s per epoch; not measured here), 10 seeds throughout")
 
 _SHARED = {
-    "tiny": {"description": "seconds: exercises every code path on a synthetic dataset (not a measurement)",
+    "tiny": {"description": "about 30 seconds on 2 CPU cores: every code path on a synthetic dataset, 2 seeds (a "
+                            "check of the pipeline, not a measurement: every verdict is no verdict)",
              "dataset": "synthetic", "seeds": [0, 1], "width": 0.25, "depth": 8, "val_size": 64,
              "val_eval_size": 64, "eval_every": 2},
     "quick": {"description": "4–5 minutes on 2 idle CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 6 seeds",
               "dataset": "mnist1d", "seeds": [0, 1, 2, 3, 4, 5], "tune_seeds": 2, "width": 0.5, "depth": 8,
               "val_size": 500, "val_eval_size": 500, "eval_every": 16, "image_size": 14, "image_train_size": 3500},
     # every claim in four settings at quick's budget per setting; sequential seeds: 6, then 10 while undecided
-    "standard": {"description": "≤ 1 hour on CPU: every claim on MNIST-1D and Fashion-MNIST (14×14) at depths 8 "
-                                "and 14, 6 seeds and 4 more where a part is undecided",
+    "standard": {"description": "at most an hour on 2 idle CPU cores: every claim on MNIST-1D and "
+                                "Fashion-MNIST (14×14) at depths 8 and 14, 6 seeds and 4 more where a part is undecided",
                  "dataset": "mnist1d", "seeds": list(range(10)), "tune_seeds": 2, "width": 0.5, "depth": 8,
                  "val_size": 500, "val_eval_size": 500, "eval_every": 16, "image_size": 14,
                  "image_train_size": 3500, "looks": [6, 10], "look_alphas": [0.02, 0.03],

@@ -4,7 +4,8 @@
 :func:`run_train` is the ``train`` kind: :func:`bnlab.train.train` with a :class:`Probe` callback that
 records the loss every step and, every ``eval_every`` steps, the accuracy/loss on a fixed validation
 subset and on a training subset (the curves claims 2–5 choose on); the test set is evaluated once, on the
-final model.
+final model. A run of plain BN (``norm: "bn"``) ends with a :func:`bn_snapshot` of one channel of its
+first residual block's first BN, which the report draws as BN's four steps.
 
 Everything is built from the same public pieces a user would call: :func:`bnlab.models.create`,
 :func:`bnlab.data.load`, :func:`bnlab.train.train`.
@@ -21,7 +22,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["run_train", "load_data", "data_key", "build_model", "Probe", "model_dims"]
+__all__ = ["run_train", "load_data", "data_key", "build_model", "Probe", "model_dims", "bn_snapshot",
+           "SNAPSHOT_LAYER", "SNAPSHOT_EXAMPLES", "SNAPSHOT_VALUES"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -161,6 +163,59 @@ def weight_norm(model: nn.Module) -> float:
     return float(torch.sqrt(sum(m.weight.detach().double().pow(2).sum() for _, m in weight_layers(model))))
 
 
+SNAPSHOT_LAYER = "blocks.0.branch.bn1"  # the first BN inside a residual branch: the report's diagram shows it
+SNAPSHOT_EXAMPLES = 256                 # one fixed batch: the first training examples
+SNAPSHOT_VALUES = 512                   # values of the channel kept for the histograms (evenly spaced)
+
+
+def bn_snapshot(model: nn.Module, x: torch.Tensor, layer: str = SNAPSHOT_LAYER, channel: int = 0,
+                max_values: int = SNAPSHOT_VALUES) -> Optional[dict]:
+    """One channel of one BN layer of a trained ``model`` on the batch ``x``: what BN's four steps do to it.
+
+    The model runs in eval mode on ``x`` with a hook on ``layer``; its input ``x_c`` (channel ``channel``,
+    every example and position) gives the batch statistics μ_B and σ²_B (biased, as BN normalizes with),
+    and the layer's own output is taken twice on that input: in eval mode with the running statistics (as at
+    inference) and, by a copy in training mode, with the batch statistics (as during training). At most
+    ``max_values`` evenly spaced values of each are kept, to 6 significant digits. ``None`` when the model
+    has no such layer (or a non-finite input). Leaves the model's mode and statistics as they were.
+    """
+    import copy
+
+    module = dict(model.named_modules()).get(layer)
+    if (module is None or not isinstance(module, nn.modules.batchnorm._BatchNorm) or not module.affine
+            or not module.track_running_stats):
+        return None
+    seen = {}
+    hook = module.register_forward_hook(lambda m, inputs, output: seen.update(x=inputs[0].detach(),
+                                                                                y_eval=output.detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        hook.remove()
+        model.train(was_training)
+    with torch.no_grad():
+        y_batch = copy.deepcopy(module).train()(seen["x"])  # a copy: the layer's running statistics stay
+
+    def channel_values(t):  # (N, C, *) → channel c over every example and position
+        return t.transpose(0, 1)[channel].reshape(-1)
+    values = channel_values(seen["x"]).double()
+    if not torch.isfinite(values).all():
+        return None
+    keep = torch.linspace(0, values.numel() - 1, min(max_values, values.numel())).round().long()
+
+    def kept(t):  # 6 significant digits: what a histogram needs, a third of the JSON
+        return [float(f"{v:.6g}") for v in channel_values(t).float()[keep].tolist()]
+    return {"layer": layer, "channel": channel, "examples": int(x.shape[0]), "values": int(values.numel()),
+            "x": kept(seen["x"]), "y_batch": kept(y_batch), "y_eval": kept(seen["y_eval"]),
+            "batch_mean": float(values.mean()), "batch_var": float(values.var(unbiased=False)),
+            "weight": float(module.weight[channel].detach()), "bias": float(module.bias[channel].detach()),
+            "running_mean": float(module.running_mean[channel]), "running_var": float(module.running_var[channel]),
+            "eps": float(module.eps)}
+
+
 def _finite_or_none(value) -> Optional[float]:
     value = float(value)
     return value if math.isfinite(value) else None
@@ -208,5 +263,9 @@ def run_train(spec: dict) -> tuple[str, dict]:
               "final": {k: _finite_or_none(v) if v is not None else None for k, v in final.items()},
               "weight_norm": {"initial": initial_norm, "final": _finite_or_none(weight_norm(model))},
               "reason": reason, "steps": len(losses), "chance": 1.0 / data.num_classes}
+    if spec.get("norm", "bn") == "bn" and status == "done":
+        snapshot = bn_snapshot(model, data.train_x[:SNAPSHOT_EXAMPLES])
+        if snapshot is not None:
+            result["bn_snapshot"] = snapshot
     return status, result
 

@@ -331,7 +331,14 @@ class Verdict:
 
 @dataclass
 class ClaimResult:
-    """What a claim module's ``render`` returns (from its findings) and the report writes out."""
+    """What a claim module's ``render`` returns (from its findings) and the report writes out.
+
+    The report's layout reads: ``answer``, one plain sentence from the measured numbers in plain units
+    (the first screen and the top of the claim's section); ``paragraphs``, short paragraphs (≤ 80 words
+    each) shown in the section after its first figure and the evidence table; ``details``, blocks folded
+    under a ``<details>`` summary (``{"title", "paragraphs"}``); and a table with ``"details": True`` is
+    folded too. A claim that sets no ``paragraphs`` has its ``verdict.explanation`` folded instead.
+    """
 
     number: int
     title: str
@@ -349,6 +356,9 @@ class ClaimResult:
     scope: dict = field(default_factory=dict)           # the setting and look it was judged at (bnlab.study.scope)
     across: list[dict] = field(default_factory=list)    # one summary per setting, when the profile names several
     robust: dict = field(default_factory=dict)          # {"answer", "text"}: the verdict across the settings
+    answer: str = ""                                    # one plain sentence: what was found, in plain units
+    paragraphs: list[str] = field(default_factory=list)  # short prose shown in the section (≤ 80 words each)
+    details: list[dict] = field(default_factory=list)   # {"title", "paragraphs"}: folded under <details>
 
     @property
     def agrees_with_literature(self) -> Optional[bool]:
