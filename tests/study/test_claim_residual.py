@@ -112,4 +112,4 @@ def test_claim5_reports_the_interaction_at_every_depth_and_decides_at_the_deepes
     assert by_depth["8"]["interval"]["mean"] == pytest.approx(0.0, abs=1e-9) and by_depth["8"]["outcome"] == "refuted"
     assert by_depth["14"]["interval"]["mean"] == pytest.approx(1 - math.log10(2)) and by_depth["14"]["outcome"] == "holds"
     assert result.numbers["interaction"]["mean"] == pytest.approx(1 - math.log10(2))      # the deepest decides
-    assert "The outcome changes with depth" in result.verdict.explanation
+    assert "The answer changes with depth" in result.verdict.explanation

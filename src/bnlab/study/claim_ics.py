@@ -560,56 +560,70 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
                                  explanation="", rule=combine_with_premise)
     if failed:
         verdict.verdict = NO_VERDICT
-    verdict.explanation = " ".join([
+    ratio = parts[0].effect.interval
+    direction = ("less" if ratio.mean > 0 else "more") if ratio.finite else ""
+    paragraphs = [p for p in [
         (f"{failed} of this claim's runs failed, so there is no verdict; rerun `bnlab study` to retry them."
          if failed else ""),
-        f"Part 1: {parts[0].text(2)}. Part 2: {parts[1].text(1)}.",
-        (f"Part 1 is decided over the probe steps of the stable range (η = {stable_text}), at each of them: "
-         + "; ".join(f"η {p.eta:g}: {p.effect.interval.text(2)}, {p.outcome}" for p in f.probes if p.stable)
-         + (". Its outcome changes across the stable range, so the part is undecided: whether BN reduces gradient "
-            "ICS here depends on the probe step." if f.changes else ".")),
-        (f"At the training step (η = {at_lr.eta:g}) the probe step overshoots — raises the batch's loss — in "
-         f"{_share(1 - at_lr.descent['none'])} of the unnormalized net's measurements against "
-         f"{_share(1 - at_lr.descent['bn'])} with BN, and cos(G, G′) is negative in {_share(at_lr.negative_cosine['none'])} "
-         f"against {_share(at_lr.negative_cosine['bn'])}: this is the stability (smoothness) effect of BN, "
-         f"reported on its own rather than as ICS (ratio there {at_lr.effect.interval.text(2)}; Δcos BN − none "
-         f"{at_lr.cos_gain.text(3)}, the first version of this study's measure)."
+        f"BN and an unnormalized twin trained at one rate, {cfg['ics_lr']:g}, from the same initial weights and data "
+        f"order. Every {cfg['measure_every']} steps we measured gradient ICS: how much a layer's gradient G changes "
+        f"(to G′) when the earlier layers take a step of size η first, relative to its size.",
+        (f"Where both networks' steps still lower the loss (η ≤ {f.stable_etas[-1]:g}), the gradient changed "
+         f"{factor_text(ratio)} {direction} with BN ({ratio.text(2)} decades"
+         + (", and the outcome changed between probe steps" if f.changes else "") + "). "
+         f"Santurkar et al. found BN does not lower ICS either." if f.stable_etas else
+         "No probe step was a descent step for both networks, so part 1 has no data."),
+        (f"At the training step (η = {at_lr.eta:g}) the unnormalized net's step raised the loss in "
+         f"{_share(1 - at_lr.descent['none'])} of the measurements, BN's in {_share(1 - at_lr.descent['bn'])}. That "
+         f"is BN's smoothing effect, not ICS, and it is why the first version of this study saw less ICS with BN."
          if at_lr is not None and math.isfinite(at_lr.descent["none"]) else ""),
-        PLACEMENT,
-        f"Noise strengths {', '.join(f'{noise_strength(a):g}' for a in doses)}: test accuracy "
-        + ", ".join(f"{fmt_ci(arms[a].test, 1)}%" for a in doses)
-        + f" against BN's {fmt_ci(arms['bn'].test, 1)}% (each arm at its own validated learning rate, "
-        f"BN statistics re-estimated on clean training batches before evaluation); part 2 uses {arm_label(noisy)}.",
-        f"The injected noise moves the median of the perturbed activations by {fmt_ci(arms[noisy].shift, 4)} per "
-        f"record against {fmt_ci(arms['bn'].shift, 4)} with BN.",
-        f"Both arms train at one learning rate ({cfg['ics_lr']:g}); gradient ICS is measured at the same steps "
-        f"(every {cfg['measure_every']}) at {len(f.layers)} layers, for probe steps "
-        f"{', '.join(f'{p.eta:g}' for p in f.probes)}.",
-        f"Smoothness: along the gradient the loss varies {f.smoothness.text()} times as much without BN as with it.",
-        (f"Convergence: BN's validation accuracy changed by {f.plateau.text(1)} over the last third of its "
-         f"{cfg['steps']} steps" + (f": still rising (by more than part 2's {RULES[1].margin:g}-point margin), so "
-                                    f"part 2 compares the arms after this budget, not at convergence; more "
-                                    f"`ics.steps` would." if f.plateau.low > RULES[1].margin else ".")
-         if f.plateau.finite else ""),
-        (f"Learning rates at the edge of their grid (a wider grid might do better): {', '.join(at_edge)}."
-         if at_edge else ""),
-    ]).strip()
+        f"Injecting noise that shifts after BN ({arm_label(noisy)}, each arm at its own validated rate) changed "
+        f"test accuracy by {_signed(parts[1].effect.interval)} points.",
+        (f"BN's validation accuracy was still rising at the end (+{f.plateau.mean:.1f} points over the last third), "
+         f"so part 2 compares the arms after {cfg['steps']} steps, not at convergence."
+         if f.plateau.finite and f.plateau.low > RULES[1].margin else ""),
+    ] if p]
+    details = [
+        {"title": "How gradient ICS and its stable range are measured", "paragraphs": [
+            f"Probe steps {', '.join(f'{p.eta:g}' for p in f.probes)}; layers at depth fractions "
+            f"{cfg['ics_layers']}. Per seed, the relative change ‖G − G′‖/‖G‖ is averaged over layers and over the "
+            f"measurements where both networks are stable (loss average within {STABLE_RISE - 1:.0%} of its lowest so "
+            f"far, batch loss under {STABLE_SPIKE:g}× the average); the effect is log10 of its ratio, none over BN.",
+            f"A probe step is in the stable range when it lowers the batch loss in at least {DESCENT_SHARE:.0%} of both "
+            f"networks' measurements. Part 1 holds or is refuted only if it does at every probe step of that range: "
+            + "; ".join(f"η {p.eta:g}: {p.effect.interval.text(2)}, {p.outcome}" for p in f.probes if p.stable) + ".",
+            f"The cosine the first version used, at the training step: Δcos(G, G′) BN − none "
+            f"{at_lr.cos_gain.text(3) if at_lr is not None else 'n/a'}; cos(G, G′) < 0 in "
+            f"{_share(at_lr.negative_cosine['none']) if at_lr is not None else 'n/a'} of the unnormalized net's "
+            f"measurements against {_share(at_lr.negative_cosine['bn']) if at_lr is not None else 'n/a'} with BN.",
+            f"Smoothness: along the gradient the loss varies {f.smoothness.text()} times as much without BN as with it."]},
+        {"title": "The injected noise", "paragraphs": [
+            PLACEMENT,
+            f"Strengths {', '.join(f'{noise_strength(a):g}' for a in doses)}: test accuracy "
+            + ", ".join(f"{fmt_ci(arms[a].test, 1)}%" for a in doses) + f" against BN's {fmt_ci(arms['bn'].test, 1)}%, "
+            f"BN statistics re-estimated on clean batches before every evaluation. The noise moves the median of the "
+            f"perturbed activations by {fmt_ci(arms[noisy].shift, 4)} per record, against {fmt_ci(arms['bn'].shift, 4)} "
+            f"with BN.",
+            (f"Learning rates at the edge of their grid (a wider grid might do better): {', '.join(at_edge)}."
+             if at_edge else "No arm validated an end of its learning-rate grid.")]},
+    ]
+    verdict.explanation = " ".join(paragraphs + [f"Part 1: {parts[0].text(2)}. Part 2: {parts[1].text(1)}."])
 
     tables = [
-        {"title": "Accuracy at each arm's validated learning rate (test set, once at the end)",
-         "columns": ["arm", "noise strength", "validated lr", "validation acc %", "test acc %",
-                     "cost vs BN (paired, points)", "runs"], "rows": acc_rows},
-        {"title": f"Validation accuracy over the learning-rate grid, tuning seeds {seed_list(tuning_seeds(profile))} "
-                  f"(the choice above)",
-         "columns": ["arm", "validation acc % per lr"], "rows": grid_rows},
         {"title": "Gradient ICS by probe step η (BN and none trained at the same rate; counted: the measurements "
                   "where both arms' training is stable)",
          "columns": ["η", "stable range", "log10 change none ÷ BN (paired)", "outcome at this η",
                      "‖G − G′‖/‖G‖ BN", "‖G − G′‖/‖G‖ none", "Δcos BN − none", "descent steps BN / none",
                      "cos < 0 BN / none", "counted"], "rows": probe_rows},
+        {"title": "Accuracy at each arm's validated learning rate (test set, once at the end)",
+         "columns": ["arm", "noise strength", "validated lr", "validation acc %", "test acc %",
+                     "cost vs BN (paired, points)", "runs"], "rows": acc_rows},
+        {"title": f"Validation accuracy over the learning-rate grid, tuning seeds {seed_list(tuning_seeds(profile))} "
+                  f"(the choice above)",
+         "columns": ["arm", "validation acc % per lr"], "rows": grid_rows, "details": True},
         {"title": f"Gradient ICS per layer at the training step (η = {cfg['ics_lr']:g})",
          "columns": ["layer", "cos(G, G′) BN", "cos(G, G′) none", "Δcos BN − none (paired)", "‖G − G′‖ BN",
-                     "‖G − G′‖ none"], "rows": ics_rows},
+                     "‖G − G′‖ none"], "rows": ics_rows, "details": True},
         paper_table(PAPER, {key: (text, f"width-{profile['width']:g} ResNet-{profile['depth']} on "
                                         f"{dataset_label(profile)}, {cfg['steps']} plain-SGD steps at batch "
                                         f"{cfg['batch_size']}; {STAND_IN}")
@@ -619,7 +633,7 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
                                               ("smoothness", f.smoothness.text()))}),
     ]
     return ClaimResult(
-        answer=answer(findings),
+        answer=answer(findings), paragraphs=paragraphs, details=details,
         number=NUMBER, title=TITLE, verdict=verdict, literature=LITERATURE, rule=RULE, expected=EXPECTED,
         finding=FINDING, failed_runs=failed, tables=tables,
         caveats=[tuning_caveat(profile),
@@ -640,6 +654,16 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
                  "stable_etas": f.stable_etas, "changes_within_stable_range": f.changes,
                  "smoothness_ratio": f.smoothness.to_dict(), "bn_plateau_gain": f.plateau.to_dict(),
                  "lr_at_grid_edge": at_edge, "failed_runs": failed})
+
+
+def factor_text(interval: Interval) -> str:
+    """A log10 ratio's size as a factor: 0.28 decades → "1.9×"."""
+    return f"{10 ** abs(interval.mean):.1f}×" if interval.finite else "n/a"
+
+
+def _signed(interval: Interval) -> str:
+    """An accuracy change with its sign and interval: "−6.4 [−10.6, −2.3]" for a cost of 6.4 points."""
+    return f"{-interval.mean:+.1f} [{-interval.high:.1f}, {-interval.low:.1f}]" if interval.finite else "n/a"
 
 
 def _share(value: float) -> str:
@@ -755,10 +779,10 @@ def answer(findings: Findings) -> str:
     """The claim's answer in one plain sentence (the report's first screen), from its parts."""
     from bnlab.study import answers  # only the answer reads the shared phrasing
     return answers.sentence(findings.parts, [
-        answers.Phrase(holds="with BN, gradient ICS was lower (cos(G, G′) {x} higher)",
-                       refuted="BN did not lower gradient ICS (cos(G, G′) {s} against no normalization)",
-                       reversed="BN raised gradient ICS (cos(G, G′) {x} lower)",
-                       question="BN lowers gradient ICS"),
+        answers.Phrase(holds="with BN, earlier layers' steps changed a layer's gradient {x} less (lower gradient ICS)",
+                       refuted="BN did not lower gradient ICS where both networks' steps were stable ({s})",
+                       reversed="BN raised gradient ICS: earlier layers' steps changed a layer's gradient {x} more",
+                       question="BN lowers gradient ICS (the answer changed with the probe step η)"),
         answers.Phrase(holds="injecting shift after BN cost {x} of test accuracy, as if shift mattered",
                        refuted="injecting shift after BN cost no clear accuracy ({s}), so shift is not why BN helps",
                        reversed="injecting shift after BN raised test accuracy by {x}",
