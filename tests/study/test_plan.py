@@ -43,9 +43,9 @@ def test_tuned_claims_count_their_second_round():
     # BN and none at lr 0.1 on every seed for gradient ICS (0.1 is in both grids: the tuning runs are shared;
     # on the other seeds the placeholder tie picks each grid's smallest rate, 0.1 for BN, 0.03 for none: +4)
     assert len(counts[1].own) == (3 * 2 + 4) + 4 * (2 * 2 + 4) + 4
-    # claim 5: 2 depths x 4 cells x 3 rates on 2 seeds + 1 rate on 4 seeds; signal runs: 3 depths x 6 arms
+    # claim 5: 2 depths x 4 cells x 5 rates on 2 seeds + 1 rate on 4 seeds; signal runs: 3 depths x 6 arms
     # (the 4 cells, SkipInit, Fixup) x 6 seeds
-    assert len(counts[5].own) == 2 * 4 * (3 * 2 + 4) + 3 * 6 * 6
+    assert len(counts[5].own) == 2 * 4 * (5 * 2 + 4) + 3 * 6 * 6
 
 
 def test_later_round_bounds_from_the_profile():
