@@ -370,7 +370,7 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
     _notes(plan, later, cuda_wanted, on, gpus_per_run)
     if any(s.get("stop_at_train_acc") for c in counts.values() for s in c.own.values()):
         plan.notes.append("Runs that stop once they fit their training examples (claim 3) are counted at their "
-                          "step cap: an upper bound (in quick they stop after 75-600 of 1600 steps).")
+                          "step cap: an upper bound (most stop well before it).")
     places = settings(profile)
     if len(places) > 1:
         plan.notes.insert(0, f"Every claim in {len(places)} settings: {'; '.join(p.label for p in places)} "
