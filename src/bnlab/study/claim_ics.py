@@ -780,7 +780,7 @@ def answer(findings: Findings) -> str:
     from bnlab.study import answers  # only the answer reads the shared phrasing
     return answers.sentence(findings.parts, [
         answers.Phrase(holds="with BN, earlier layers' steps changed a layer's gradient {x} less (lower gradient ICS)",
-                       refuted="BN did not lower gradient ICS where both networks' steps were stable ({s})",
+                       refuted="BN did not lower gradient ICS at any probe step where both networks' steps were stable",
                        reversed="BN raised gradient ICS: earlier layers' steps changed a layer's gradient {x} more",
                        question="BN lowers gradient ICS (the answer changed with the probe step η)"),
         answers.Phrase(holds="injecting shift after BN cost {x} of test accuracy, as if shift mattered",
