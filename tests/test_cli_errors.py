@@ -69,6 +69,33 @@ def test_study_and_train_into_a_directory_nobody_can_create(capsys):
                    f"--out {unwritable}", "cannot write")
 
 
+def test_study_profile_that_is_not_there_says_so(tmp_path, capsys):
+    """Issue 21 item 5: a missing --profile x.json said "must be one of ... or a .json file"."""
+    missing = tmp_path / "x.json"
+    line = assert_one_line_error(capsys, ["study", "--profile", missing, "--out", tmp_path / "o"],
+                                 f"--profile {missing}: no such file")
+    assert "must be one of" not in line and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("val_size", 1000000000, "val_size: must be less than 512"),
+    ("width", 1e308, "width: must be at most 64"),
+    ("depth", 6000000002, "depth: must be at most 2000"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_study_profile_values_no_run_survives_are_refused_up_front(tmp_path, capsys, field, value, fragment, dry_run):
+    """Issue 21 item 2: these passed the schema, then failed every run (val_size), overflowed (width) or grew
+    past 5 GB while building the model (depth) — in a dry run too."""
+    profile = json.loads(json.dumps(__import__("bnlab.study", fromlist=["get_profile"]).get_profile("tiny")))
+    profile[field] = value
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile))
+    out = tmp_path / "o"
+    assert_one_line_error(capsys, ["study", "--profile", path, "--out", out, *(["--dry-run"] if dry_run else [])],
+                          f"--profile {path}: 1 problem(s): {fragment}")
+    assert not out.exists()
+
+
 def test_study_data_dir_is_authoritative(tmp_path, capsys):
     """Item 6: `bnlab study` had no --data-dir; now a directory without the profile's dataset fails at once."""
     missing = tmp_path / "nonexistent"
@@ -100,6 +127,7 @@ def test_usage_errors_are_one_line_too(capsys):
     (["--subset", "100000"], "subset must be between 1 and the training-set size 512"),
     (["--device", "nosuch"], "device 'nosuch' is not a device"),
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--lr", "1e308"], "--lr must be at most 10000 (got 1e+308)"),  # issue 21: an overflow after the header
 ])
 def test_train_checks_every_argument_before_training(tmp_path, capsys, flags, fragment):
     out = tmp_path / "run"
