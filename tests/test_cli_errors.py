@@ -96,6 +96,18 @@ def test_study_profile_values_no_run_survives_are_refused_up_front(tmp_path, cap
     assert not out.exists()
 
 
+def test_study_run_that_cannot_fit_the_memory_is_refused_before_anything_is_built(tmp_path, capsys, monkeypatch):
+    from bnlab.study import plan
+    monkeypatch.setattr(plan, "_device_memory_mb", lambda device, free: 1.0)   # a machine with 1 MB
+    out = tmp_path / "o"
+    line = assert_one_line_error(capsys, ["study", "--profile", "tiny", "--out", out],
+                                 "(estimated before building it), more than the 1 MB of memory on this machine")
+    # the largest run, and the profile's fields that set its size (its depth 14 is in both depth grids)
+    assert "a signal run of depth 14, width 0.25, batch 64 on synthetic (claim 5) needs ≈" in line, line
+    assert line.endswith("lower width, residual.signal_depths, residual.train_depths, residual.signal_batch")
+    assert not out.exists()
+
+
 def test_study_data_dir_is_authoritative(tmp_path, capsys):
     """Item 6: `bnlab study` had no --data-dir; now a directory without the profile's dataset fails at once."""
     missing = tmp_path / "nonexistent"

@@ -180,6 +180,9 @@ def run(args) -> int:
         jobs = None  # the cluster's CPUs, known once connected
     from bnlab.data import check_data_dir  # --data-dir or $BNLAB_DATA: the copies there verified before any run
     check_data_dir(_datasets(profile), args.data_dir)
+    if args.address is None:  # a run that cannot fit this machine's memory is refused before anything is built
+        from bnlab.study.plan import check_memory
+        check_memory(profile, claims)
     check_out(args.out)
     if args.data_dir:
         _check_data_dir(profile, args.data_dir)
