@@ -150,6 +150,21 @@ def _dry_run(args, profile: dict, claims: list, jobs: int) -> int:
     return 0
 
 
+def _report(store):
+    """The report of the study whose store is ``store``; a full disk is one line saying the runs are safe."""
+    import errno
+
+    from bnlab.study.report import build_report
+    try:
+        return build_report(store.parent)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"cannot write the report into {store.parent}: {error.strerror} (errno {error.errno}); "
+                        f"every run is in {store}, intact: free space there and run `bnlab report "
+                        f"{store.parent}`") from None
+
+
 def run(args) -> int:
     from bnlab.study.executors import make_executor
     from bnlab.study.runner import check_jobs, check_out, run_study
@@ -191,8 +206,7 @@ def run(args) -> int:
     with make_executor(args.executor, jobs, address=args.address, gpus_per_run=gpus_per_run) as executor:
         store = run_study(profile, args.out, claims=claims, jobs=executor.capacity, progress=args.progress,
                           executor=executor)
-    from bnlab.study.report import build_report
-    report = build_report(store.parent)
+    report = _report(store)
     verdicts = json.loads((report.parent / "verdicts.json").read_text())["claims"]
     print(f"\n{'claim':<62} verdict")
     for number, v in verdicts.items():
