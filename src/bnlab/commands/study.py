@@ -198,12 +198,13 @@ def run(args) -> int:
     if args.address is None:  # a run that cannot fit this machine's memory is refused before anything is built
         from bnlab.study.plan import check_memory
         check_memory(profile, claims)
-    check_out(args.out)
     if args.data_dir:
         _check_data_dir(profile, args.data_dir)
         os.environ["BNLAB_DATA"] = str(args.data_dir)  # the workers' data.load reads it from the environment
     started = time.perf_counter()
+    # the executor first: a Ray cluster that does not answer leaves no --out behind
     with make_executor(args.executor, jobs, address=args.address, gpus_per_run=gpus_per_run) as executor:
+        check_out(args.out)
         store = run_study(profile, args.out, claims=claims, jobs=executor.capacity, progress=args.progress,
                           executor=executor)
     report = _report(store)
