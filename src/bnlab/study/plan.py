@@ -32,8 +32,8 @@ a step costs the same on any values), their peak memory counts the dataset as fl
 
 **memory before building** — :func:`estimate_mb` estimates a run's memory from its network and batch
 (:func:`bnlab.models.create`'s 16/32/64 × width channels, halving the resolution per stage) without building
-anything. A class estimated beyond the memory free here is not calibrated (the plan names it and leaves its
-runs out of the hours), and :func:`check_memory` refuses a study whose runs do not fit the device at all.
+anything. A class estimated beyond half the memory free here (:data:`CALIBRATE_WITHIN`) is not calibrated
+(the plan names it and leaves its runs out of the hours), and :func:`check_memory` refuses a study whose runs do not fit the device at all.
 """
 
 from __future__ import annotations
@@ -308,6 +308,8 @@ def stand_in_data(spec: dict, examples: Optional[int] = None):
     return data
 
 
+CALIBRATE_WITHIN = 0.5    # of the free memory: a class estimated beyond it is not calibrated (the estimate is
+                          # within a factor of two of the peak, so building it could take the machine down)
 TENSORS_PER_LAYER = 3.5   # what autograd keeps per conv (its input, the norm's input and output, the ReLU's):
                           # measured on the CPU for ResNet-8 to 110 at batch 32 to 128, 3.2 to 3.6
 
@@ -484,7 +486,7 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
             return spec.get("batch_size", 64) * spec.get("depth", 8) * spec.get("width", 1.0)
         for i, (cls, spec) in enumerate(sorted(classes.items(), key=activations)):
             estimate = estimate_mb({**spec, "device": on})
-            if free is not None and estimate > 0.8 * free:   # building it could take the machine down
+            if free is not None and estimate > CALIBRATE_WITHIN * free:
                 too_big[cls] = estimate
                 log(f"not calibrating {i + 1}/{len(classes)}: {_describe(spec)} needs ≈ {_gb(estimate)}, "
                     f"{_gb(free)} free on {on}")
@@ -507,10 +509,10 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
         if too_big:
             left_out = sum(1 for spec in specs.values() if spec_class(spec) in too_big)
             largest = max(too_big.values())
-            plan.notes.append(f"Not calibrated: {len(too_big)} class(es) of run estimated beyond the "
-                              f"{_gb(free)} free on {on} (up to ≈ {_gb(largest)}, estimated before building; "
-                              f"bnlab.study.plan.estimate_mb); their {left_out} runs are left out of the hours "
-                              f"and the peak (marked >).")
+            plan.notes.append(f"Not calibrated: {len(too_big)} class(es) of run estimated to need more than "
+                              f"{CALIBRATE_WITHIN:.0%} of the {_gb(free)} free on {on} (up to ≈ {_gb(largest)}, "
+                              f"estimated before building: bnlab.study.plan.estimate_mb); their {left_out} runs "
+                              f"are left out of the hours and the peak (marked >).")
     all_seconds = []
     for number, count in counts.items():
         row = {"claim": number, "title": count.title, "runs": len(count.own), "kinds": count.kinds(),
