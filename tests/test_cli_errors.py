@@ -69,6 +69,154 @@ def test_study_and_train_into_a_directory_nobody_can_create(capsys):
                    f"--out {unwritable}", "cannot write")
 
 
+def test_study_profile_that_is_not_there_says_so(tmp_path, capsys):
+    """Issue 21 item 5: a missing --profile x.json said "must be one of ... or a .json file"."""
+    missing = tmp_path / "x.json"
+    line = assert_one_line_error(capsys, ["study", "--profile", missing, "--out", tmp_path / "o"],
+                                 f"--profile {missing}: no such file")
+    assert "must be one of" not in line and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("val_size", 1000000000, "val_size: must be less than 512"),
+    ("width", 1e308, "width: must be at most 64"),
+    ("depth", 6000000002, "depth: must be at most 2000"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_study_profile_values_no_run_survives_are_refused_up_front(tmp_path, capsys, field, value, fragment, dry_run):
+    """Issue 21 item 2: these passed the schema, then failed every run (val_size), overflowed (width) or grew
+    past 5 GB while building the model (depth) — in a dry run too."""
+    profile = json.loads(json.dumps(__import__("bnlab.study", fromlist=["get_profile"]).get_profile("tiny")))
+    profile[field] = value
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile))
+    out = tmp_path / "o"
+    assert_one_line_error(capsys, ["study", "--profile", path, "--out", out, *(["--dry-run"] if dry_run else [])],
+                          f"--profile {path}: 1 problem(s): {fragment}")
+    assert not out.exists()
+
+
+def test_study_run_that_cannot_fit_the_memory_is_refused_before_anything_is_built(tmp_path, capsys, monkeypatch):
+    from bnlab.study import plan
+    monkeypatch.setattr(plan, "_device_memory_mb", lambda device, free: 1.0)   # a machine with 1 MB
+    out = tmp_path / "o"
+    line = assert_one_line_error(capsys, ["study", "--profile", "tiny", "--out", out],
+                                 "(estimated before building it), more than the 1 MB of memory on this machine")
+    # the largest run, and the profile's fields that set its size (its depth 14 is in both depth grids)
+    assert "a signal run of depth 14, width 0.25, batch 64 on synthetic (claim 5) needs ≈" in line, line
+    assert line.endswith("lower width, residual.signal_depths, residual.train_depths, residual.signal_batch")
+    assert not out.exists()
+
+
+def _store_with_runs(directory: Path, runs: int = 40) -> list:
+    """A study directory whose store holds ``runs`` hand-made finished rows (about 2 KB each, so they span pages)
+    and tiny's profile; returns the rows' keys in the order written."""
+    from bnlab.study import get_profile
+    from bnlab.study.store import Store
+    directory.mkdir(parents=True, exist_ok=True)
+    store = Store(directory / "study.sqlite")
+    store.set_meta("profile", get_profile("tiny"))
+    keys = [f"run{i:03d}" for i in range(runs)]
+    for i, key in enumerate(keys):
+        store.put(key, {"kind": "train", "seed": i, "pad": "x" * 2000}, "done", {"losses": [1.0]},
+                  versions={}, hardware={})
+    import sqlite3
+    db = sqlite3.connect(directory / "study.sqlite")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")   # every row in the main file, as after the study ended
+    db.close()
+    return keys
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_report_on_a_damaged_store_is_one_line_saying_what_is_left(tmp_path, capsys, damage):
+    """Issue 21 item 6: `database disk image is malformed` / `file is not a database` were bug tracebacks."""
+    study = tmp_path / "s"
+    _store_with_runs(study)
+    path = study / "study.sqlite"
+    for extra in ("study.sqlite-wal", "study.sqlite-shm"):
+        (study / extra).unlink(missing_ok=True)
+    if damage == "truncated":
+        os.truncate(path, path.stat().st_size // 2)
+    else:
+        path.write_bytes(os.urandom(100000))
+    line = assert_one_line_error(capsys, ["report", study], f"{path} is damaged", "integrity check",
+                                 "runs are still readable", "study.sqlite.damaged-<time>")
+    readable = int(line.split(" of its runs are still readable")[0].rsplit(" ", 1)[1])
+    assert (0 < readable < 40) if damage == "truncated" else readable == 0, line
+
+
+def test_report_on_an_empty_store_file_says_it_holds_no_study(tmp_path, capsys):
+    (tmp_path / "study.sqlite").write_bytes(b"")
+    assert_one_line_error(capsys, ["report", tmp_path], "holds no study")
+
+
+def test_study_on_a_damaged_store_moves_it_aside_and_keeps_the_readable_runs(tmp_path, capsys, monkeypatch):
+    """`bnlab study --out` on a damaged store: it is moved aside (byte for byte, never overwritten), the runs
+    still readable go into a new store, the rest would be redone (no runs are asked for here)."""
+    from bnlab.study import runner
+    from bnlab.study.store import Store
+    study = tmp_path / "s"
+    keys = _store_with_runs(study)
+    path = study / "study.sqlite"
+    os.truncate(path, path.stat().st_size // 2)
+    damaged = path.read_bytes()
+    monkeypatch.setattr(runner, "collect_specs", lambda profile, numbers, results: {})  # train nothing
+    assert cli.main(["study", "--profile", "tiny", "--out", str(study)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    (moved,) = [p for p in study.iterdir() if p.name.startswith("study.sqlite.damaged-") and p.suffix != ".sqlite"
+                and not p.name.endswith(("-wal", "-shm"))]
+    assert len(err) == 1 and f"{path} was damaged" in err[0] and f"moved it aside to {moved}" in err[0], err
+    assert moved.read_bytes() == damaged
+    kept = Store(path).results()
+    kept_count = int(err[0].split("started a new store with the ")[1].split(" ")[0])
+    assert len(kept) == kept_count and 0 < kept_count < len(keys)
+    assert list(kept) == keys[:len(kept)]   # the first pages survive a truncation: the oldest runs
+    assert all(row["spec"]["pad"] == "x" * 2000 and row["status"] == "done" for row in kept.values())
+
+
+class _FullDisk:
+    """A sqlite3 connection whose disk fills once ``allowed`` run rows are written: the next commit fails as
+    SQLite's does on a full disk (the transaction rolled back)."""
+
+    state = {"rows": 0, "allowed": 0}
+
+    def __init__(self, db):
+        self._db, self._writes = db, False
+
+    def execute(self, sql, *args):
+        if sql.startswith("INSERT OR REPLACE INTO runs"):
+            _FullDisk.state["rows"] += 1
+            self._writes = True
+        if sql == "COMMIT" and self._writes and _FullDisk.state["rows"] > _FullDisk.state["allowed"]:
+            self._db.execute("ROLLBACK")
+            raise __import__("sqlite3").OperationalError("database or disk is full")
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+
+def test_study_on_a_full_disk_is_one_line_and_resumes_once_there_is_space(tmp_path, capsys, monkeypatch):
+    """Issue 21 item 7: a bug traceback `database or disk is full` after 14 s."""
+    import sqlite3
+
+    from bnlab.study.store import Store
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: _FullDisk(connect(*a, **k)))
+    _FullDisk.state.update(rows=0, allowed=3)
+    out = tmp_path / "s"
+    line = assert_one_line_error(capsys, ["study", "--profile", "tiny", "--claims", "4", "--out", out],
+                                 f"the disk holding {out / 'study.sqlite'} is full (database or disk is full) with 3 of",
+                                 "the workers were stopped and the store is intact",
+                                 "free space there and rerun the same command to resume")
+    monkeypatch.setattr(sqlite3, "connect", connect)   # space freed
+    assert connect(out / "study.sqlite").execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert Store(out / "study.sqlite").count() == 3, line
+    assert cli.main(["study", "--profile", "tiny", "--claims", "4", "--out", str(out)]) == 0
+    rows = Store(out / "study.sqlite").results()
+    assert len(rows) > 3 and all(row["attempts"] == 1 for row in rows.values())   # the 3 reused, none twice
+
+
 def test_study_data_dir_is_authoritative(tmp_path, capsys):
     """Item 6: `bnlab study` had no --data-dir; now a directory without the profile's dataset fails at once."""
     missing = tmp_path / "nonexistent"
@@ -100,6 +248,7 @@ def test_usage_errors_are_one_line_too(capsys):
     (["--subset", "100000"], "subset must be between 1 and the training-set size 512"),
     (["--device", "nosuch"], "device 'nosuch' is not a device"),
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--lr", "1e308"], "--lr must be at most 10000 (got 1e+308)"),  # issue 21: an overflow after the header
 ])
 def test_train_checks_every_argument_before_training(tmp_path, capsys, flags, fragment):
     out = tmp_path / "run"

@@ -102,6 +102,35 @@ def test_an_address_where_nothing_answers_is_a_user_error_at_once():
     assert time.time() - started < 30
 
 
+def test_pid_files_of_dead_workers_are_removed_when_an_executor_starts(tmp_path, monkeypatch):
+    """Issue 21 item 8: a SIGKILLed worker's KEY-ATTEMPT.pid file stayed in BNLAB_RUN_PID_DIR."""
+    from bnlab.study.executors import remove_stale_pid_files
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()   # a process that ran and is gone (reaped)
+    (tmp_path / "dead-1.pid").write_text(f"{done.pid}\n")
+    (tmp_path / "alive-1.pid").write_text(f"{os.getpid()}\n")
+    (tmp_path / "being-written-1.pid").write_text("")
+    monkeypatch.setenv(PID_DIR_ENV, str(tmp_path))
+    ProcessExecutor(2).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alive-1.pid", "being-written-1.pid"]
+    assert remove_stale_pid_files(tmp_path) == []
+
+
+def test_an_address_where_nothing_answers_leaves_no_out_directory(tmp_path):
+    """Issue 21 item 8: the study created OUT before connecting, leaving it empty (in a fresh process: no Ray)."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'bnlab[ray]')")
+    import socket
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "deep" / "out"
+    done = subprocess.run([sys.executable, "-m", "bnlab.cli", "study", "--profile", "tiny", "--executor", "ray",
+                           "--address", f"127.0.0.1:{port}", "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=120)
+    assert done.returncode == 2 and "nothing answers there" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "deep").exists()
+
+
 # ------------------------------------------------------------------------------------------ on Ray
 @pytest.fixture(scope="module")
 def ray_instance(tmp_path_factory):
@@ -212,6 +241,83 @@ def test_a_worker_killed_mid_run_is_retried_or_stored_as_failed(ray_instance, tm
     else:
         assert statuses[key] == rows[key]["status"] == "failed"
         assert rows[key]["result"] == {"attempts": 1} and "worker died" in rows[key]["error"]
+
+
+def test_a_killed_workers_pid_file_is_removed_when_its_run_is_retried(ray_instance, tmp_path):
+    """The killer here leaves the killed run's file in place, as SIGKILL does; the driver removes it."""
+    long = _train(20, 300)
+    specs = unique_specs([long, _train(2, 6)])
+    key = next(k for k, s in specs.items() if s["max_steps"] == 300)
+    seen: list = []
+
+    def kill_only():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                pid = int((ray_instance / f"{key}-1.pid").read_text())
+            except (OSError, ValueError):
+                time.sleep(0.05)
+                continue
+            time.sleep(0.5)
+            os.kill(pid, signal.SIGKILL)
+            seen.append(pid)
+            return
+    killer = threading.Thread(target=kill_only, daemon=True)
+    killer.start()
+    store = Store(tmp_path / "s.sqlite")
+    with RayExecutor(jobs=2, max_retries=1) as executor:
+        run_specs(specs, store, jobs=2, progress=False, executor=executor)
+    killer.join(timeout=1)
+    assert seen and store.get(key)["result"]["attempts"] == 2
+    assert not (ray_instance / f"{key}-1.pid").exists() and not (ray_instance / f"{key}-2.pid").exists()
+
+
+_DRIVER = """
+import os, sys, time
+from bnlab.study.executors import RayExecutor
+executor = RayExecutor(jobs=1)
+print(os.getpid(), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc (Linux)")
+def test_a_killed_driver_takes_the_local_ray_instance_with_it(tmp_path):
+    """Issue 21 item 8: two Ray agents (≈165 MB) outlived a SIGKILLed driver by more than 10 s (a minute)."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'bnlab[ray]')")
+    driver = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_DRIVER)], text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(SRC)},
+                              start_new_session=True)
+    try:
+        assert int(driver.stdout.readline()) == driver.pid
+        deadline = time.time() + 30
+        while time.time() < deadline:   # the agents come up after ray.init returns
+            family = _descendants(driver.pid)
+            names = {_name(pid) for pid in family}
+            if {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names:
+                break
+            time.sleep(0.2)
+        time.sleep(1)   # the reaper records every half second
+        ray_family = _descendants(driver.pid)   # gcs_server, raylet, its agents, the dashboard, monitors, the reaper
+        assert len(ray_family) >= 5, names
+        driver.kill()
+        driver.wait()
+        deadline = time.time() + 10
+        while _alive(ray_family) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(ray_family), {pid: _name(pid) for pid in _alive(ray_family)}
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for pid in _alive(_descendants(driver.pid)):   # whatever this test started, should it fail
+            os.kill(pid, signal.SIGKILL)
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
 
 
 _INTERRUPTED_STUDY = """

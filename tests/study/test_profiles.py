@@ -179,3 +179,118 @@ def test_study_full_without_cuda_fails_in_one_line_and_creates_nothing(tmp_path,
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bnlab study: error: ") and "needs a CUDA GPU" in lines[0] and "--dry-run" in lines[0], lines
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ bounds (issue 21)
+# Values that pass the types and then fail every run or the machine. The sizes are the registry's documented
+# ones (bnlab.data: synthetic has 512 training examples; tiny holds 64 out for validation, leaving 448).
+def _tiny_with(path: str, value) -> dict:
+    profile = get_profile("tiny")
+    *parents, last = path.split(".")
+    target = profile
+    for key in parents:
+        target = target[key]
+    target[last] = value
+    return profile
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    ("val_size", 1_000_000_000, "val_size: must be less than 512, the training examples of synthetic"),
+    ("lr.lrs", [0.01, 0.1, 1e308], "lr.lrs.2: must be at most 10000 (got 1e+308)"),
+    ("ics.lrs.bn", [1e308], "ics.lrs.bn.0: must be at most 10000"),
+    ("width", 1e308, "width: must be at most 64 (got 1e+308)"),
+    ("width", float("inf"), "width: must be a finite number (got inf)"),
+    ("depth", 6_000_000_002, "depth: must be at most 2000 (got 6000000002)"),
+    ("residual.signal_depths", [8, 6_000_000_002], "residual.signal_depths.1: must be at most 2000"),
+    ("ics.batch_size", 10 ** 12, "ics.batch_size: must be at most 448 (got 1000000000000), the training examples "
+                                 "of synthetic left after the validation split"),
+    ("lr.batch_sizes", [32, 449], "lr.batch_sizes.1: must be at most 448 (got 449)"),
+    ("regularize.batch_size", 128, "regularize.batch_size: must be at most 64 (got 128), regularize.subset"),
+    ("seeds", list(range(1_000_000)), "seeds: at most 1000 seeds (got 1000000)"),
+    ("seeds", [0, -1], "seeds.1: must be in [0, 4294967296) (got -1)"),
+])
+def test_values_beyond_what_a_study_can_run_are_refused_with_their_json_path(path, value, expected):
+    with pytest.raises(UserError) as info:
+        validate(_tiny_with(path, value), "--profile p.json")
+    message = str(info.value)
+    assert message.startswith("--profile p.json: ") and expected in message and "\n" not in message, message
+    assert "got None" not in message   # Infinity was once reported as None (re-validated after a JSON dump)
+
+
+def test_infinity_in_a_profile_file_is_named_as_such(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(_tiny_with("width", float("inf"))))   # JSON's Infinity
+    assert "Infinity" in path.read_text()
+    with pytest.raises(UserError, match=r"width: must be a finite number \(got inf\)"):
+        with_overrides(get_profile(str(path)))
+
+
+def test_the_bounds_themselves_are_accepted():
+    profile = _tiny_with("width", 64.0)
+    profile.update(depth=2000, val_size=511 - 447)   # 2000 = 6·333 + 2
+    profile["lr"]["lrs"] = [0.1, 1.0, 1e4]
+    profile["ics"]["batch_size"] = 448               # every training example left
+    assert validate(profile)["ics"]["batch_size"] == 448
+
+
+def test_sizes_are_checked_against_every_dataset_the_profile_reads():
+    """digits has 1437 training examples (bnlab.data): quick's val_size 500 leaves 937; a setting brings it in."""
+    quick = get_profile("quick")
+    quick["lr"]["batch_sizes"] = [64, 1000]
+    assert validate(quick)["lr"]["batch_sizes"] == [64, 1000]   # MNIST-1D leaves 3500
+    with pytest.raises(UserError, match=r"lr.batch_sizes.1: must be at most 937 \(got 1000\), the training "
+                                        r"examples of digits"):
+        validate({**quick, "settings": [{"dataset": "digits"}]})
+    with pytest.raises(UserError, match=r"lr.batch_sizes.1: must be at most 937"):
+        with_overrides(quick, dataset="digits")
+    # an image dataset shrunk by image_train_size: at most that many
+    with pytest.raises(UserError, match=r"lr.batch_sizes.1: must be at most 448 \(got 1000\).*and image_train_size"):
+        with_overrides({**get_profile("tiny"), "lr": quick["lr"]}, dataset="fashion-mnist")
+
+
+# (preset, dataset) whose runs would all fail: too few training examples for its validation split or batches
+# (quick's 500 held out of synthetic's 512 left 12 examples for batches of 64: "Loader: batch_size 64 exceeds
+# the 12 examples per epoch" in every run)
+TOO_SMALL = {("quick", "synthetic"), ("standard", "synthetic"), ("full", "synthetic"), ("full", "digits"),
+             ("full", "mnist1d")}
+
+
+@pytest.mark.parametrize("name", list(PROFILES))
+@pytest.mark.parametrize("dataset", [None, "mnist1d", "fashion-mnist", "digits", "synthetic", "cifar10"])
+def test_every_preset_stays_within_the_bounds_on_every_dataset_large_enough(name, dataset):
+    profile = get_profile(name)
+    if dataset is None:
+        assert validate(profile) == profile
+    elif (name, dataset) in TOO_SMALL:
+        with pytest.raises(UserError, match=rf"(val_size|batch_size|batch_sizes\.0): must be .* of {dataset}"):
+            with_overrides(profile, dataset=dataset)
+    else:
+        assert with_overrides(profile, dataset=dataset)["dataset"] == dataset
+
+
+def test_a_missing_profile_file_says_no_such_file(tmp_path):
+    missing = tmp_path / "x.json"
+    with pytest.raises(UserError, match=rf"^--profile {missing}: no such file$"):
+        get_profile(str(missing))
+
+
+def test_tiny_shrinks_an_image_dataset_to_its_budget():
+    """Issue 21 item 14: tiny on Fashion-MNIST trained on all 60,000 images at 28×28; now every spec of an image
+    study carries tiny's 8×8 and 448 images (synthetic's 512 minus its 64 held out)."""
+    from bnlab.study.common import dataset_label
+    tiny = with_overrides(get_profile("tiny"), dataset="fashion-mnist")
+    specs = [s for c in count_runs(tiny, sorted(CLAIMS)).values() for s in c.own.values()]
+    assert specs and all(s["image_size"] == 8 and s["train_size"] == 448 for s in specs)
+    assert dataset_label(tiny) == "fashion-mnist (8×8, 448 training images)"
+    assert dataset_label(get_profile("tiny")) == "synthetic"   # already 8×8 with 448 left: nothing shrunk
+
+
+def test_tiny_on_fashion_mnist_loads_448_images_of_8_by_8():
+    import bnlab.data
+    from bnlab.study.runs import load_data
+    if bnlab.data.locate("fashion-mnist") is None:
+        pytest.skip("Fashion-MNIST is not on disk")
+    tiny = with_overrides(get_profile("tiny"), dataset="fashion-mnist")
+    spec = next(s for c in count_runs(tiny, [4]).values() for s in c.own.values())
+    data = load_data(spec)
+    assert tuple(data.train_x.shape) == (448, 1, 8, 8) and len(data.val_y) == 64 and len(data.test_y) == 10000

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,90 @@ def test_resume_after_a_killed_process_finishes_with_the_same_results(tiny_study
 def test_show_profile_prints_json(capsys):
     assert main(["study", "--profile", "tiny", "--show-profile"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "tiny"
+
+
+# ------------------------------------------------------------------------------------------ a full disk (issue 21)
+def _small_specs():
+    from bnlab.study.specs import make_spec, unique_specs
+    small = dict(dataset="synthetic", depth=8, width=0.25, norm="bn", batch_size=32)
+    return unique_specs([make_spec("signal", **small, seed=s) for s in range(4)]
+                        + [make_spec("train", **small, seed=s, lr=0.05, max_steps=4, epochs=4, eval_every=2)
+                           for s in range(4)])
+
+
+def test_a_full_disk_stops_the_workers_and_leaves_the_store_intact_to_resume(tmp_path, monkeypatch):
+    """SQLite's `database or disk is full` at the third run's commit (as on a 300 KB tmpfs): the worker
+    processes are stopped, the two runs stored before are whole, and the same call resumes once space is free."""
+    import multiprocessing
+    import sqlite3
+
+    from bnlab.study.executors import ProcessExecutor
+    from bnlab.study.runner import run_specs
+    from bnlab.study.store import StoreFull
+    connect = sqlite3.connect
+    seen = {"rows": 0, "workers": []}
+
+    class FullAfterTwo:   # a transaction that writes a third row cannot commit; reading needs no space
+        def __init__(self, db):
+            self._db, self._writes = db, False
+
+        def execute(self, sql, *args):
+            if sql.startswith("INSERT OR REPLACE INTO runs"):
+                seen["rows"] += 1
+                self._writes = True
+            if sql == "COMMIT" and self._writes and seen["rows"] > 2:
+                seen["workers"] = [p for p in multiprocessing.active_children() if p.is_alive()]
+                self._db.execute("ROLLBACK")
+                raise sqlite3.OperationalError("database or disk is full")
+            return self._db.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self._db, name)
+
+    specs = _small_specs()
+    store = Store(tmp_path / STORE_NAME)
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: FullAfterTwo(connect(*a, **k)))
+    with ProcessExecutor(2) as executor:
+        with pytest.raises(StoreFull) as info:
+            run_specs(specs, store, jobs=2, progress=False, executor=executor)
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    assert f"with 2 of {len(specs)} runs stored; the workers were stopped" in str(info.value)
+    assert seen["workers"] and not any(p.is_alive() for p in seen["workers"])   # stopped, not left running
+    assert connect(store.path).execute("PRAGMA integrity_check").fetchone()[0] == "ok" and store.count() == 2
+    first = store.results()
+    statuses = run_specs(specs, store, jobs=1, progress=False)
+    assert set(statuses) == set(specs) - set(first)   # the two stored runs are reused, the rest run once
+    assert store.count() == len(specs) and all(r["attempts"] == 1 for r in store.results().values())
+
+
+def test_a_damaged_store_is_moved_aside_before_the_study_runs(tmp_path, capsys):
+    from bnlab.study.runner import open_store
+    path = tmp_path / STORE_NAME
+    path.write_bytes(os.urandom(20000))
+    store = open_store(path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was damaged (SQLite: file is not a database" in err[0] and "0 runs" in err[0], err
+    assert store.count() == 0 and len([p for p in tmp_path.iterdir() if ".damaged-" in p.name]) >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("mount"),
+                    reason="mounts a 150 KB tmpfs (root)")
+def test_the_tiny_study_on_a_real_full_disk_resumes_once_space_is_freed(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150k", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        command = [sys.executable, "-m", "bnlab.cli", "study", "--profile", "tiny", "--jobs", "2", "--out", str(disk / "s")]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+        full = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        lines = full.stderr.strip().splitlines()
+        assert full.returncode == 2 and len(lines) == 1 and "is full" in lines[0], full.stderr[-3000:]
+        assert "rerun the same command" in lines[0] or "bnlab report" in lines[0]
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert all(r["attempts"] == 1 for r in Store(disk / "s" / STORE_NAME).results().values())
+    finally:
+        subprocess.run(["umount", str(disk)])

@@ -26,6 +26,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import errno
     from pathlib import Path
 
     from bnlab.errors import UserError
@@ -34,7 +35,13 @@ def run(args) -> int:
     directory = Path(args.directory)
     if not directory.is_dir():
         raise UserError(f"{directory} is not a directory; expected a `bnlab study --out` directory")
-    report = build_report(directory, args.out)
+    try:
+        report = build_report(directory, args.out)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"cannot write the report into {args.out or directory}: {error.strerror} (errno "
+                        f"{error.errno}); the store is only read: free space there, or give --out elsewhere") from None
     print(f"report: {report}  (and {report.with_suffix('.md')})")
     if args.screenshots:
         from bnlab.study.browser import screenshots

@@ -178,6 +178,21 @@ def _dry_run(args, profile: dict, claims: list, jobs: int) -> int:
     return 0
 
 
+def _report(store):
+    """The report of the study whose store is ``store``; a full disk is one line saying the runs are safe."""
+    import errno
+
+    from bnlab.study.report import build_report
+    try:
+        return build_report(store.parent)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"cannot write the report into {store.parent}: {error.strerror} (errno {error.errno}); "
+                        f"every run is in {store}, intact: free space there and run `bnlab report "
+                        f"{store.parent}`") from None
+
+
 def run(args) -> int:
     from bnlab.study.executors import make_executor
     from bnlab.study.runner import check_jobs, check_out, run_study
@@ -208,16 +223,19 @@ def run(args) -> int:
         jobs = None  # the cluster's CPUs, known once connected
     from bnlab.data import check_data_dir  # --data-dir or $BNLAB_DATA: the copies there verified before any run
     check_data_dir(_datasets(profile), args.data_dir)
-    check_out(args.out)
+    if args.address is None:  # a run that cannot fit this machine's memory is refused before anything is built
+        from bnlab.study.plan import check_memory
+        check_memory(profile, claims)
     if args.data_dir:
         _check_data_dir(profile, args.data_dir)
         os.environ["BNLAB_DATA"] = str(args.data_dir)  # the workers' data.load reads it from the environment
     started = time.perf_counter()
+    # the executor first: a Ray cluster that does not answer leaves no --out behind
     with make_executor(args.executor, jobs, address=args.address, gpus_per_run=gpus_per_run) as executor:
+        check_out(args.out)
         store = run_study(profile, args.out, claims=claims, jobs=executor.capacity, progress=args.progress,
                           executor=executor)
-    from bnlab.study.report import build_report
-    report = build_report(store.parent)
+    report = _report(store)
     verdicts = json.loads((report.parent / "verdicts.json").read_text())["claims"]
     print(f"\n{'claim':<62} verdict")
     for number, v in verdicts.items():

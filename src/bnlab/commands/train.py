@@ -56,6 +56,9 @@ _NOT_SAVED = ("data_dir", "out", "resume", "progress", "json")
 _EXTENDABLE = ("epochs", "max_steps")
 SETTINGS_FILE = "command.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+# the largest --lr (as a study profile's, bnlab.study.profiles.MAX_LR): a larger rate only diverges, and past
+# float32's 3.4e38 the parameter update itself overflows
+MAX_LR = 1e4
 
 
 def _defaults() -> dict:
@@ -233,6 +236,8 @@ def _build(settings: dict, args):
 
     config_fields = {k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__}
     config = TrainConfig(**config_fields)  # checks every number
+    if config.lr > MAX_LR:
+        raise UserError(f"--lr must be at most {MAX_LR:g} (got {config.lr:g}): a larger learning rate only diverges")
     resolve_device(config.device)
     dataset = data.load(settings["dataset"], data_dir=args.data_dir, subset=settings["subset"], seed=config.seed)
     per_epoch = len(dataset.train_x) // int(os.environ.get("WORLD_SIZE", "1"))

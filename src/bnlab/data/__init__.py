@@ -43,10 +43,10 @@ from bnlab.data.dirs import DatasetNotFoundError, PathLike, cache_dir, cache_pat
 from bnlab.data.dataset import Dataset, balanced_subset, downsample, split_validation
 from bnlab.data.fashion_mnist import read_idx
 from bnlab.data.registry import (available, canonical_name, check_data_dir, example_shape, from_files, is_image,
-                                 load, locate, split_sizes)
+                                 load, locate, num_classes, split_sizes)
 from bnlab.data.loader import Loader, random_crop, random_flip
 
 __all__ = ["Dataset", "Loader", "load", "available", "locate", "read_idx", "cache_dir", "balanced_subset",
            "DatasetNotFoundError", "explicit_data_dir", "split_validation", "canonical_name", "from_files",
-           "example_shape", "split_sizes", "is_image", "downsample", "cache_path", "random_crop", "random_flip",
-           "check_data_dir"]
+           "example_shape", "split_sizes", "num_classes", "is_image", "downsample", "cache_path", "random_crop",
+           "random_flip", "check_data_dir"]

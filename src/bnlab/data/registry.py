@@ -17,8 +17,8 @@ from bnlab.data.dataset import Dataset, balanced_subset
 from bnlab.data.dirs import DatasetNotFoundError, PathLike, explicit_data_dir
 from bnlab.errors import UserError
 
-__all__ = ["canonical_name", "from_files", "available", "locate", "example_shape", "split_sizes", "is_image",
-           "load", "check_data_dir"]
+__all__ = ["canonical_name", "from_files", "available", "locate", "example_shape", "split_sizes", "num_classes",
+           "is_image", "load", "check_data_dir"]
 
 Arrays = tuple[dict, str]  # ({"train_x", "train_y", "test_x", "test_y"}: NumPy arrays, where they came from)
 
@@ -98,6 +98,11 @@ def example_shape(name: str) -> tuple[int, ...]:
 def split_sizes(name: str) -> tuple[int, int]:
     """How many training and test examples :func:`load` returns (no subset)."""
     return _ENTRIES[canonical_name(name)].sizes
+
+
+def num_classes(name: str) -> int:
+    """How many classes the dataset's labels take (0 … ``num_classes - 1``)."""
+    return _ENTRIES[canonical_name(name)].classes
 
 
 def is_image(name: str) -> bool:

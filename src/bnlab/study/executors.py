@@ -18,6 +18,13 @@ received has no row (it is redone on resume).
 
 Every executor is fed lazily (at most :attr:`Executor.capacity` runs in flight), so stopping leaves no
 queue behind: :meth:`Executor.cancel_all` abandons the runs in flight, which leave no row.
+
+A driver killed outright (SIGKILL, the OOM killer) takes its local workers with it. The local Ray instance
+a :class:`RayExecutor` starts has a reaper beside it (a small process of its own, :data:`_REAPER`, on Linux):
+when the driver's end of its pipe closes without a clean shutdown it kills the instance's processes, whose
+agents would otherwise outlive the driver by a minute. A run's ``.pid`` file (:data:`PID_DIR_ENV`) left by
+a killed worker is removed when an executor starts and when the run is retried
+(:func:`remove_stale_pid_files`).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -37,7 +45,7 @@ from typing import NamedTuple, Optional
 from bnlab.errors import UserError
 
 __all__ = ["RunOutcome", "run_one", "Executor", "InlineExecutor", "ProcessExecutor", "RayExecutor",
-           "make_executor", "check_gpus_per_run", "EXECUTORS", "PID_DIR_ENV"]
+           "make_executor", "check_gpus_per_run", "EXECUTORS", "PID_DIR_ENV", "remove_stale_pid_files"]
 
 EXECUTORS = ("process", "ray")  # the names `bnlab study --executor` accepts
 PID_DIR_ENV = "BNLAB_RUN_PID_DIR"  # if set, each run in flight has a file KEY-ATTEMPT.pid there naming its process
@@ -54,6 +62,39 @@ class RunOutcome(NamedTuple):
 
 
 FORWARDED_ENV = ("BNLAB_DATA",)  # the driver's settings a remote worker needs (--data-dir sets BNLAB_DATA)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale_pid_files(directory=None, key: Optional[str] = None) -> list[Path]:
+    """Remove the ``.pid`` files in ``directory`` (default ``$BNLAB_RUN_PID_DIR``; nothing without one) whose
+    process no longer runs here: a worker killed mid-run cannot remove its own. ``key``: only that run's.
+    Returns the files removed."""
+    directory = directory or os.environ.get(PID_DIR_ENV)
+    if not directory or not Path(directory).is_dir():
+        return []
+    removed = []
+    for path in Path(directory).glob(f"{key}-*.pid" if key else "*.pid"):
+        try:
+            pid = int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue   # being written, or not ours
+        if not _running(pid):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def run_one(key: str, spec: dict, attempt: int = 1, env: Optional[dict] = None) -> RunOutcome:
@@ -175,6 +216,7 @@ class ProcessExecutor(Executor):
         self.capacity = jobs
         self._pool: Optional[futures.ProcessPoolExecutor] = None
         self._running: dict[futures.Future, str] = {}
+        remove_stale_pid_files()
 
     def submit(self, key: str, spec: dict) -> None:
         if self._pool is None:
@@ -257,17 +299,24 @@ class RayExecutor(Executor):
         self._ray = ray
         self.address, self.max_retries = address, max_retries
         self._started = False
+        self._reaper: Optional[subprocess.Popen] = None
+        remove_stale_pid_files()
         if not ray.is_initialized():
             try:
                 if address is None:
+                    self._reaper = _start_reaper()
                     ray.init(num_cpus=jobs or os.cpu_count() or 1, include_dashboard=False,
                              logging_level="ERROR")  # ERROR: Ctrl-C leaves one line on stderr
                 else:
                     _check_reachable(address)
                     ray.init(address=address, logging_level="ERROR")
             except ConnectionError as error:
+                self._stop_reaper()
                 raise UserError(f"--address {address}: no Ray cluster reachable ({error}); start one with "
                                 f"`ray start --head` or leave out --address for a local instance") from None
+            except BaseException:
+                self._stop_reaper()
+                raise
             self._started = True
         cpus = ray.cluster_resources().get("CPU", 1)
         self.capacity = jobs or max(1, int(cpus // num_cpus))
@@ -299,6 +348,7 @@ class RayExecutor(Executor):
                 except ray.exceptions.RayTaskError as error:  # raised inside the task, outside execute()
                     outcomes.append((key, _failed(str(error), attempt)))
                 except ray.exceptions.RayError as error:  # the worker or its node died: not the run's fault
+                    remove_stale_pid_files(key=key)   # a killed worker cannot remove its own
                     if attempt <= self.max_retries:
                         self.submit(key, spec, attempt + 1)
                     else:
@@ -315,12 +365,98 @@ class RayExecutor(Executor):
         self._running.clear()
 
     def close(self) -> None:
-        if self._started and self._ray.is_initialized():
-            self._ray.shutdown()
-        self._started = False
+        try:
+            if self._started and self._ray.is_initialized():
+                self._ray.shutdown()
+        finally:
+            self._started = False
+            self._stop_reaper()
+
+    def _stop_reaper(self) -> None:
+        """Tell the reaper the instance was shut down cleanly, and let it go."""
+        reaper, self._reaper = self._reaper, None
+        if reaper is None:
+            return
+        try:
+            reaper.stdin.write(b"shutdown\n")
+            reaper.stdin.close()
+            reaper.wait(5)
+        except (OSError, subprocess.TimeoutExpired):
+            reaper.kill()
 
     def describe(self) -> str:
         return f"Ray at {self.address}" if self.address else "a local Ray instance"
+
+
+# The reaper of a local Ray instance: a process of its own (its own session: a Ctrl-C or a closed terminal
+# reaches the driver, not it) that every half second records the driver's Ray processes — Ray's own
+# (gcs_server, raylet, their agents, the dashboard, monitors: a path under ray/) or its workers (ray::…)
+# and everything below them — and, when its stdin reaches end of file without "shutdown" (the driver died
+# before ray.shutdown), SIGKILLs the ones still running that it recorded (the same process: its start time).
+# Ray's raylet dies with the driver, but its dashboard and runtime-env agents then try to report to the dead
+# GCS for 60 s before they exit.
+_REAPER = r"""
+import os, select, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+driver, me = int(sys.argv[1]), os.getpid()
+
+def stat(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), fields[19]   # parent, start time
+    except (OSError, IndexError, ValueError):
+        return None
+
+def ray_process(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return cmdline.startswith(b"ray::") or b"/ray/" in cmdline
+
+def snapshot():
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != me:
+            found = stat(int(name))
+            if found:
+                table[int(name)] = found
+    roots = {pid for pid, (parent, _) in table.items() if parent == driver and ray_process(pid)}
+    tree, frontier = set(roots), set(roots)
+    while frontier:
+        frontier = {pid for pid, (parent, _) in table.items() if parent in frontier} - tree
+        tree |= frontier
+    return {pid: table[pid][1] for pid in tree}
+
+known, said = {}, b""
+while True:
+    if select.select([0], [], [], 0.5)[0]:
+        chunk = os.read(0, 64)
+        said += chunk
+        if not chunk:
+            break
+    if stat(driver) is None:
+        break
+    known.update(snapshot())
+if b"shutdown" not in said:
+    for pid, started in known.items():
+        now = stat(pid)
+        if now is not None and now[1] == started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+"""
+
+
+def _start_reaper() -> Optional[subprocess.Popen]:
+    """The reaper of the local Ray instance about to start (Linux: it reads /proc); ``None`` elsewhere."""
+    if not Path("/proc/self/stat").is_file():
+        return None
+    return subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid())], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _check_reachable(address: str, seconds: float = 10.0) -> None:

@@ -24,6 +24,16 @@ What it says:
 
 A CUDA profile on a machine without a GPU is calibrated on the CPU, and the figures say so: no CPU→GPU
 factor is applied (none is known for these networks), so GPU time is not estimated there.
+
+A dataset read from files that is not on disk (CIFAR-10 before its download) is not downloaded: its classes
+are calibrated on random tensors of its shape (:func:`bnlab.data.example_shape`, pooled to ``image_size``;
+a step costs the same on any values), their peak memory counts the dataset as float32 arithmetic
+(:func:`bnlab.data.split_sizes`) instead of loading it, and the plan says so.
+
+**memory before building** — :func:`estimate_mb` estimates a run's memory from its network and batch
+(:func:`bnlab.models.create`'s 16/32/64 × width channels, halving the resolution per stage) without building
+anything. A class estimated beyond half the memory free here (:data:`CALIBRATE_WITHIN`) is not calibrated
+(the plan names it and leaves its runs out of the hours), and :func:`check_memory` refuses a study whose runs do not fit the device at all.
 """
 
 from __future__ import annotations
@@ -44,7 +54,8 @@ from bnlab.study.scope import design as scope_design, settings
 from bnlab.study.specs import spec_key
 
 __all__ = ["ClaimCount", "Calibration", "count_runs", "later_rounds", "spec_class", "calibrate", "steps_of",
-           "estimate_seconds", "wall_seconds", "Plan", "make_plan", "format_plan"]
+           "estimate_seconds", "wall_seconds", "Plan", "make_plan", "format_plan", "estimate_mb", "check_memory",
+           "data_sizes", "stand_in_data"]
 
 CLASS_FIELDS = ("kind", "depth", "width", "dataset", "batch_size", "device")
 
@@ -175,14 +186,16 @@ def _reset_peak_rss() -> bool:
 
 
 def calibrate(spec: dict, steps: int = 5, warmup: int = 2, budget: float = 3.0,
-              baseline_mb: Optional[float] = None) -> Calibration:
+              baseline_mb: Optional[float] = None, stand_in: bool = False) -> Calibration:
     """Time ``steps`` SGD steps of ``spec``'s network on its data and batch size after ``warmup`` untimed
     ones (fewer of each once ``budget`` seconds are spent, at least one), and one forward pass in eval mode; on one
-    thread, as every run (:func:`bnlab.study.kinds.execute`). Loads the data like the run does.
+    thread, as every run (:func:`bnlab.study.kinds.execute`). Loads the data like the run does, or with
+    ``stand_in`` uses random tensors of its shape (:func:`stand_in_data`; nothing is read or downloaded).
 
     ``peak_mb``: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the peak resident set (``VmHWM``,
     reset first) minus ``baseline_mb`` (default: the resident set before loading the data). Memory freed
-    by earlier work stays resident, so calibrate classes from the smallest up with one baseline."""
+    by earlier work stays resident, so calibrate classes from the smallest up with one baseline. With
+    ``stand_in`` the dataset's own float32 size (:func:`data_sizes`) is added to it."""
     from bnlab.study import runs
     device = str(spec.get("device", "cpu"))
     cuda = device.startswith("cuda")
@@ -199,7 +212,7 @@ def calibrate(spec: dict, steps: int = 5, warmup: int = 2, budget: float = 3.0,
         else:
             before = _rss_mb("VmRSS") if resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         torch.manual_seed(0)
-        data = runs.load_data(spec)
+        data = stand_in_data(spec) if stand_in else runs.load_data(spec)
         model = runs.build_model(spec, data)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         batch = int(spec.get("batch_size", 64))
@@ -238,9 +251,155 @@ def calibrate(spec: dict, steps: int = 5, warmup: int = 2, budget: float = 3.0,
             peak = _rss_mb("VmHWM") - before
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+        if stand_in:
+            peak += _data_mb(spec)
         return Calibration(step_seconds, forward_seconds, max(0.0, peak), device)
     finally:
         torch.set_num_threads(threads)
+
+
+def data_sizes(spec: dict) -> dict:
+    """The ``train``, ``val`` and ``test`` examples of ``spec``'s data as :func:`bnlab.study.runs.load_data`
+    makes them, from the registry's split sizes (nothing is loaded): the training set minus ``val_size``, then
+    at most ``train_size``, then ``subset``; the test set whole."""
+    import bnlab.data
+    train, test = bnlab.data.split_sizes(spec["dataset"])
+    val = int(spec.get("val_size") or 0)
+    train -= val
+    for size in (spec.get("train_size"), spec.get("subset")):
+        if size is not None:
+            train = min(train, int(size))
+    return {"train": train, "val": val, "test": test}
+
+
+def _example_shape(spec: dict) -> tuple[int, ...]:
+    """One example's shape in ``spec``'s runs: the dataset's, pooled to at most ``image_size`` a side."""
+    import bnlab.data
+    shape = bnlab.data.example_shape(spec["dataset"])
+    if len(shape) == 3 and spec.get("image_size") is not None:
+        shape = (shape[0],) + tuple(min(side, int(spec["image_size"])) for side in shape[1:])
+    return shape
+
+
+def _data_mb(spec: dict) -> float:
+    """The float32 size of ``spec``'s examples (every split), MB."""
+    return sum(data_sizes(spec).values()) * math.prod(_example_shape(spec)) * 4 / 2 ** 20
+
+
+def stand_in_data(spec: dict, examples: Optional[int] = None):
+    """A :class:`bnlab.data.Dataset` of random tensors with ``spec``'s example shape and classes (no file is
+    read): what a calibration needs to time a step of the network the run builds, where the dataset is not
+    on disk. ``examples`` per split (default: one batch)."""
+    import bnlab.data
+    name = bnlab.data.canonical_name(spec["dataset"])
+    classes = bnlab.data.num_classes(name)
+    n = int(examples or spec.get("batch_size", 64))
+    shape = _example_shape(spec)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % classes
+
+    def split():
+        return torch.randn(n, *shape, generator=g), labels.clone()
+    (train_x, train_y), (test_x, test_y), (val_x, val_y) = split(), split(), split()
+    data = bnlab.data.Dataset(name, train_x, train_y, test_x, test_y, classes, shape[0],
+                              f"random tensors of {name}'s shape (not on disk)", False)
+    data = data.to(spec.get("device", "cpu"))
+    data.val_x, data.val_y = val_x.to(data.train_x.device), val_y.to(data.train_x.device)
+    return data
+
+
+CALIBRATE_WITHIN = 0.5    # of the free memory: a class estimated beyond it is not calibrated (the estimate is
+                          # within a factor of two of the peak, so building it could take the machine down)
+TENSORS_PER_LAYER = 3.5   # what autograd keeps per conv (its input, the norm's input and output, the ReLU's):
+                          # measured on the CPU for ResNet-8 to 110 at batch 32 to 128, 3.2 to 3.6
+
+
+def estimate_mb(spec: dict) -> float:
+    """``spec``'s run memory (MB) estimated without building it: the activations autograd keeps for the
+    backward pass (:data:`TENSORS_PER_LAYER` float32 tensors per convolution of the CIFAR-style ResNet of
+    ``depth``: 16/32/64 × ``width`` channels, each stage halving the resolution), the parameters with their
+    gradients and momentum, and the data (:func:`data_sizes`). A guide for what cannot fit (within ≈ 30% of
+    the calibration's peak), not the peak itself."""
+    shape = _example_shape(spec)
+    pixels = math.prod(shape[1:])
+    blocks = max(1, (int(spec.get("depth", 8)) - 2) // 6)
+    width = float(spec.get("width", 1.0))
+    base = 16 * width
+    stage = (1.0, 0.5, 0.25) if len(shape) == 3 else (1.0, 1.0, 1.0)   # 2-D: 2× channels on ¼ the pixels
+    layers = (2 * blocks + 1) * stage[0] + 2 * blocks * (stage[1] + stage[2])
+    activations = TENSORS_PER_LAYER * int(spec.get("batch_size", 64)) * base * pixels * layers
+    kernel = 9 if len(shape) == 3 else 3
+    parameters = 2 * blocks * kernel * base ** 2 * (1 + 4 + 16) + kernel * shape[0] * base
+    return (activations + 4 * parameters) * 4 / 2 ** 20 + _data_mb(spec)
+
+
+def _device_memory_mb(device: str, free: bool) -> Optional[float]:
+    """The memory of ``device`` (MB): free now (``free``) or in all; ``None`` where it cannot be read."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return None
+        if free:
+            return torch.cuda.mem_get_info(torch.device(device))[0] / 2 ** 20
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory / 2 ** 20
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable" if free else "MemTotal"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _gb(mb: float) -> str:
+    return f"{mb / 1024:.3g} GB" if mb >= 1024 else f"{mb:.3g} MB"
+
+
+def _describe(spec: dict) -> str:
+    article = "an" if spec["kind"][0] in "aeiou" else "a"
+    return (f"{article} {spec['kind']} run of depth {spec.get('depth')}, width {spec.get('width')}, batch "
+            f"{spec.get('batch_size')} on {spec['dataset']}")
+
+
+def _fields_holding(profile: dict, number: int, spec: dict) -> list[str]:
+    """The JSON paths of ``profile`` whose values set ``spec``'s depth, width and batch size (claim
+    ``number``'s section first): what to lower."""
+    from bnlab.study.profiles import BATCH_FIELDS, DEPTH_FIELDS
+    paths = [name for name in ("depth", "width") if profile.get(name) == spec.get(name)]
+    slugs = [CLAIMS[number].SLUG] + [c.SLUG for c in CLAIMS.values() if c.SLUG != CLAIMS[number].SLUG]
+    sized = [(BATCH_FIELDS, spec.get("batch_size"))]
+    if "depth" not in paths:   # a depth of the claim's own (claim 5's grids), not the profile's
+        sized.insert(0, (DEPTH_FIELDS, spec.get("depth")))
+    for field_names, value in sized:
+        for slug in slugs:
+            section = profile.get(slug) or {}
+            found = [f"{slug}.{name}" for name in field_names
+                     if value == section.get(name) or value in (section.get(name) or [] if
+                                                                isinstance(section.get(name), list) else [])]
+            if found:
+                paths += found
+                break
+    return paths
+
+
+def check_memory(profile: dict, claims: Sequence[int]) -> None:
+    """Raise :class:`UserError` if a run of the study cannot fit the memory of the device it runs on here
+    (:func:`estimate_mb` against the CPU's RAM or the GPU's memory), before anything is built; the message
+    names the run and the profile's fields that set its size."""
+    device = str(profile.get("device", "cpu"))
+    total = _device_memory_mb(device, free=False)
+    if total is None:
+        return
+    worst = None
+    for number, count in count_runs(profile, claims).items():
+        for spec in count.own.values():
+            mb = estimate_mb(spec)
+            if worst is None or mb > worst[0]:
+                worst = (mb, number, spec)
+    if worst is not None and worst[0] > total:
+        mb, number, spec = worst
+        fields = ", ".join(_fields_holding(profile, number, spec)) or "depth, width or the batch size"
+        raise UserError(f"profile {profile.get('name', '')!r}: {_describe(spec)} (claim {number}) needs ≈ {_gb(mb)} "
+                        f"(estimated before building it), more than the {_gb(total)} of "
+                        f"{'this GPU' if device.startswith('cuda') else 'memory on this machine'}; lower {fields}")
 
 
 def steps_of(spec: dict, train_size: int) -> int:
@@ -287,21 +446,11 @@ class Plan:
         return asdict(self)
 
 
-def _sizes(spec: dict) -> dict:
-    from bnlab.study.runs import load_data
-    data = load_data(spec)
-    return {"train": len(data.train_x), "val": len(data.val_x), "test": len(data.test_x)}
-
-
-def _check_on_disk(specs) -> None:
-    """Every dataset read from files is on disk: a dry run downloads nothing."""
+def _not_on_disk(specs) -> list[str]:
+    """The datasets of ``specs`` read from files with no copy on disk (a dry run downloads nothing)."""
     import bnlab.data
-    for name in sorted({s["dataset"] for s in specs}):
-        if not bnlab.data.from_files(name):
-            continue  # generated, or shipped with a package
-        if bnlab.data.locate(name) is None:
-            raise UserError(f"--dry-run: dataset {name} is not on disk and a dry run downloads nothing; give "
-                            f"--data-dir DIR holding it, or add --no-calibrate for run counts only")
+    return sorted(name for name in {s["dataset"] for s in specs}
+                  if bnlab.data.from_files(name) and bnlab.data.locate(name) is None)
 
 
 def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "process",
@@ -309,7 +458,6 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
               log: Callable[[str], None] = lambda _: None) -> Plan:
     """The study's plan (see the module docstring); creates nothing on disk."""
     from bnlab.study.runner import estimated_cost
-    from bnlab.study.runs import data_key
     counts = count_runs(profile, claims)
     later = later_rounds(profile, claims)
     looks = later_looks(profile, claims)
@@ -321,7 +469,7 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
     peaks: dict[tuple, float] = {}
     if calibration:
         specs = {k: s for c in counts.values() for k, s in c.own.items()}
-        _check_on_disk(specs.values())
+        stand_ins = _not_on_disk(specs.values())
         classes: dict[tuple, dict] = {}
         for spec in specs.values():
             cls = spec_class(spec)
@@ -329,36 +477,53 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
                 classes[cls] = spec
         started = time.perf_counter()
         done: dict[tuple, Calibration] = {}
+        too_big: dict[tuple, float] = {}   # class → its estimated MB, beyond the memory free here
         baseline = _rss_mb("VmRSS")
+        free = _device_memory_mb(on, free=True)
 
         def activations(item):  # smallest first (see calibrate's peak_mb)
             spec = item[1]
             return spec.get("batch_size", 64) * spec.get("depth", 8) * spec.get("width", 1.0)
         for i, (cls, spec) in enumerate(sorted(classes.items(), key=activations)):
+            estimate = estimate_mb({**spec, "device": on})
+            if free is not None and estimate > CALIBRATE_WITHIN * free:
+                too_big[cls] = estimate
+                log(f"not calibrating {i + 1}/{len(classes)}: {_describe(spec)} needs ≈ {_gb(estimate)}, "
+                    f"{_gb(free)} free on {on}")
+                continue
             log(f"calibrating {i + 1}/{len(classes)}: {spec['kind']} depth {spec.get('depth')} width "
-                f"{spec.get('width')} {spec['dataset']} batch {spec.get('batch_size')} on {on}")
-            done[cls] = calibrate({**spec, "device": on}, baseline_mb=None if on.startswith("cuda") else baseline)
+                f"{spec.get('width')} {spec['dataset']} batch {spec.get('batch_size')} on {on}"
+                + (" (random tensors of its shape)" if spec["dataset"] in stand_ins else ""))
+            done[cls] = calibrate({**spec, "device": on}, baseline_mb=None if on.startswith("cuda") else baseline,
+                                  stand_in=spec["dataset"] in stand_ins)
             row = {f: v for f, v in zip(CLASS_FIELDS, cls)}
-            row.update(device=on, **{k: round(v, 6) for k, v in asdict(done[cls]).items() if k != "device"})
+            row.update(device=on, **{k: round(v, 6) for k, v in asdict(done[cls]).items() if k != "device"},
+                       estimated_mb=round(estimate, 1), stand_in=spec["dataset"] in stand_ins)
             plan.calibration.append(row)
         plan.calibration_seconds = time.perf_counter() - started
-        sizes = {}
         for key, spec in specs.items():
-            cpu_spec = {**spec, "device": "cpu"}
-            data = data_key(cpu_spec)
-            if data not in sizes:
-                sizes[data] = _sizes(cpu_spec)
-            seconds[key] = estimate_seconds(spec, done[spec_class(spec)], sizes[data])
+            if spec_class(spec) in done:
+                seconds[key] = estimate_seconds(spec, done[spec_class(spec)], data_sizes(spec))
         peaks = {cls: c.peak_mb for cls, c in done.items()}
+        _stand_in_notes(plan, stand_ins, specs)
+        if too_big:
+            left_out = sum(1 for spec in specs.values() if spec_class(spec) in too_big)
+            largest = max(too_big.values())
+            plan.notes.append(f"Not calibrated: {len(too_big)} class(es) of run estimated to need more than "
+                              f"{CALIBRATE_WITHIN:.0%} of the {_gb(free)} free on {on} (up to ≈ {_gb(largest)}, "
+                              f"estimated before building: bnlab.study.plan.estimate_mb); their {left_out} runs "
+                              f"are left out of the hours and the peak (marked >).")
     all_seconds = []
     for number, count in counts.items():
         row = {"claim": number, "title": count.title, "runs": len(count.own), "kinds": count.kinds(),
                "shared": count.shared, "later_max": later.get(number), "looks_max": looks.get(number)}
         if calibration:
-            own = [seconds[k] for k in count.own]
+            own = [seconds[k] for k in count.own if k in seconds]
             all_seconds += own
             row.update(hours=sum(own) / 3600, wall_hours=wall_seconds(own, jobs) / 3600,
-                       peak_mb=max((peaks[spec_class(s)] for s in count.own.values()), default=None))
+                       peak_mb=max((peaks[spec_class(s)] for s in count.own.values() if spec_class(s) in peaks),
+                                   default=None),
+                       uncalibrated=len(count.own) - len(own))
         plan.claims.append(row)
     plan.total = {"runs": sum(r["runs"] for r in plan.claims),
                   "kinds": {k: sum(r["kinds"].get(k, 0) for r in plan.claims) for k in KINDS},
@@ -366,7 +531,8 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
     plan.total["kinds"] = {k: v for k, v in plan.total["kinds"].items() if v}
     if calibration:
         plan.total.update(hours=sum(all_seconds) / 3600, wall_hours=wall_seconds(all_seconds, jobs) / 3600,
-                          peak_mb=max(peaks.values(), default=0.0))
+                          peak_mb=max(peaks.values(), default=0.0),
+                          uncalibrated=sum(r["uncalibrated"] for r in plan.claims))
     _notes(plan, later, cuda_wanted, on, gpus_per_run)
     if any(s.get("stop_at_train_acc") for c in counts.values() for s in c.own.values()):
         plan.notes.append("Runs that stop once they fit their training examples (claim 3) are counted at their "
@@ -381,6 +547,17 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
                           f"may add up to {sum(looks.values())} runs (a claim runs them only while a part of it "
                           f"is undecided).")
     return plan
+
+
+def _stand_in_notes(plan: Plan, names: Sequence[str], specs: dict) -> None:
+    import bnlab.data
+    for name in names:
+        shapes = sorted({"×".join(map(str, _example_shape(s))) for s in specs.values() if s["dataset"] == name})
+        train, test = bnlab.data.split_sizes(name)
+        plan.notes.append(f"{name} is not on disk and a dry run downloads nothing: its runs were calibrated on random "
+                          f"tensors of its shape ({', '.join(shapes)}; a step costs the same on any values), and "
+                          f"their peak memory adds the examples each run holds as float32 without loading them "
+                          f"(of its {train} training and {test} test examples).")
 
 
 def _notes(plan: Plan, later: dict, cuda_wanted: bool, on: str, gpus_per_run: Optional[float]) -> None:
@@ -431,9 +608,10 @@ def format_plan(plan: Plan) -> str:
 
     def line(label, row):
         kinds = ", ".join(f"{k} {v}" for k, v in row["kinds"].items()) or "-"
-        return (f"{label:<44.44} {row['runs']:>5}  {kinds:<26} {_hours(row.get('hours')):>10} "
-                f"{_hours(row.get('wall_hours')):>9} "
-                f"{(format(row['peak_mb'], '.0f') if row.get('peak_mb') is not None else '-'):>8}")
+        more = ">" if row.get("uncalibrated") else ""   # runs left out (not calibrated: beyond free memory)
+        return (f"{label:<44.44} {row['runs']:>5}  {kinds:<26} {more + _hours(row.get('hours')):>10} "
+                f"{more + _hours(row.get('wall_hours')):>9} "
+                f"{(more + format(row['peak_mb'], '.0f') if row.get('peak_mb') is not None else '-'):>8}")
     for row in plan.claims:
         lines.append(line(f"{row['claim']}. {row['title']}", row))
         extra = [f"shared with claim {n}: {k}" for n, k in sorted(row["shared"].items())]

@@ -28,12 +28,26 @@ Budgets in epochs scale with the training set, and a 2-D step costs more than a 
 per epoch) average-pooled to ``image_size`` 14 × 14 (a step then costs ≈ 1.8× a MNIST-1D step, against
 4.6× at 28 × 28); the validation split comes from the whole training set and the test set stays whole.
 ``full`` trains on all of CIFAR-10 at its size. Unset both in a profile file to train on a whole image set.
+``tiny`` shrinks an image dataset to its own budget: 448 images (synthetic's 512 minus its validation split)
+pooled to 8 × 8.
+
+Bounds (:func:`limits`): a value that passes the types above but would fail every run, or the machine, is
+refused up front with its JSON path: every number finite; learning rates and probe step sizes (fields named
+``lr``, ``lrs``, ``ics_lr``, ``step_sizes``, ``probe_steps``) at most :data:`MAX_LR`; ``width`` at most
+:data:`MAX_WIDTH`; depths (``depth``, ``signal_depths``, ``train_depths``) at most :data:`MAX_DEPTH`; at most
+:data:`MAX_SEEDS` seeds, each in [0, 2³²); grids at most :data:`MAX_GRID` values. Sizes are checked against
+each dataset the profile reads, from the registry's split sizes (nothing is loaded): ``val_size`` below its
+training examples, and batch sizes (``batch_size``, ``batch_sizes``, ``signal_batch``) and a section's
+``subset`` at most the training examples left after the validation split (and ``image_train_size``); a
+section's batch sizes at most its ``subset``. What a run needs in memory depends on the machine and is
+checked before anything is built (:func:`bnlab.study.plan.check_memory`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Optional, Union
 
@@ -44,9 +58,23 @@ from bnlab.errors import UserError
 from bnlab.study.claims import SECTIONS
 
 __all__ = ["PROFILES", "Profile", "Shared", "Setting", "get_profile", "validate", "with_overrides", "with_dataset",
-           "datasets"]
+           "datasets", "limits", "MAX_LR", "MAX_WIDTH", "MAX_DEPTH", "MAX_SEEDS", "MAX_GRID", "LR_FIELDS",
+           "DEPTH_FIELDS", "BATCH_FIELDS"]
 
 SIZES = ("tiny", "quick", "standard", "full")
+
+# Bounds every profile meets (see the module docstring): wide enough for any study of these networks, narrow
+# enough that a value beyond them is a typo or a run no machine finishes.
+MAX_LR = 1e4        # full sweeps to 3 and standard to 10; SGD far above this only diverges, and past float32's
+                    # 3.4e38 the parameter update itself overflows
+MAX_WIDTH = 64.0    # 1024/2048/4096 channels (Wide ResNets use 10)
+MAX_DEPTH = 2000    # He et al.'s deepest CIFAR ResNet has 1202 layers
+MAX_SEEDS = 1000    # planning alone takes minutes beyond
+MAX_GRID = 100      # values in one grid (learning rates, depths, batch sizes, settings)
+_SEED_END = 2 ** 32  # NumPy and torch seed generators take [0, 2^32)
+LR_FIELDS = ("lr", "lrs", "ics_lr", "step_sizes", "probe_steps")
+DEPTH_FIELDS = ("depth", "signal_depths", "train_depths")
+BATCH_FIELDS = ("batch_size", "batch_sizes", "signal_batch")
 
 
 def _resnet_depth_ok(depth: int) -> int:
@@ -177,7 +205,7 @@ _SHARED = {
     "tiny": {"description": "about 30 seconds on 2 CPU cores: every code path on a synthetic dataset, 2 seeds (a "
                             "check of the pipeline, not a measurement: every verdict is no verdict)",
              "dataset": "synthetic", "seeds": [0, 1], "width": 0.25, "depth": 8, "val_size": 64,
-             "val_eval_size": 64, "eval_every": 2},
+             "val_eval_size": 64, "eval_every": 2, "image_size": 8, "image_train_size": 448},
     "quick": {"description": "4–5 minutes on 2 idle CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 6 seeds",
               "dataset": "mnist1d", "seeds": [0, 1, 2, 3, 4, 5], "tune_seeds": 2, "width": 0.5, "depth": 8,
               "val_size": 500, "val_eval_size": 500, "eval_every": 16, "image_size": 14, "image_train_size": 3500},
@@ -210,17 +238,136 @@ def _path(loc) -> str:
 
 
 def validate(profile: dict, source: str = "profile") -> dict:
-    """``profile`` checked against :data:`Profile` and returned as a plain dict with every default filled
-    in; raises :class:`UserError` listing every problem with its JSON path (``lr.lrs.0``)."""
+    """``profile`` checked against :data:`Profile` and its bounds (:func:`limits`) and returned as a plain dict
+    with every default filled in; raises :class:`UserError` listing every problem with its JSON path
+    (``lr.lrs.0``)."""
+    problems: list[tuple[str, str]] = []
+    model = None
     try:
         model = Profile.model_validate(profile)
     except ValidationError as error:
-        problems = "; ".join(f"{_path(e['loc'])}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] not in
-                                                                  ("missing", "extra_forbidden", "value_error") else "")
-                             for e in error.errors())
-        raise UserError(f"{source}: {error.error_count()} problem(s): {problems}. Start from one printed by "
+        problems = [(_path(e["loc"]), e["msg"] + (f" (got {e['input']!r})" if e["type"] not in
+                                                  ("missing", "extra_forbidden", "value_error") else ""))
+                    for e in error.errors()]
+    if isinstance(profile, dict):
+        named = {path for path, _ in problems}
+        problems += [(path, message) for path, message in limits(profile) if path not in named]
+    if problems:
+        text = "; ".join(f"{path}: {message}" for path, message in problems)
+        raise UserError(f"{source}: {len(problems)} problem(s): {text}. Start from one printed by "
                         f"`bnlab study --profile quick --show-profile`") from None
     return json.loads(model.model_dump_json())
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(value, path: str):
+    """(path, number) for every number in ``value`` (a number, or lists and dicts of them)."""
+    if _number(value):
+        yield path, value
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _numbers(item, f"{path}.{i}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(item, f"{path}.{key}")
+
+
+def _grids(value, path: str):
+    """(path, list) for ``value`` and every list inside it."""
+    if isinstance(value, list):
+        yield path, value
+        for i, item in enumerate(value):
+            yield from _grids(item, f"{path}.{i}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _grids(item, f"{path}.{key}")
+
+
+def _g(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _training_examples(profile: dict) -> list[tuple[str, int, int, bool]]:
+    """(dataset, training examples, examples left for training, whether ``image_train_size`` bounds them) for
+    each dataset the profile reads that bnlab knows, from the registry's sizes (nothing is loaded). Left:
+    after the validation split, and on an image dataset at most ``image_train_size``."""
+    import bnlab.data
+    names = {profile.get("dataset")} | {s.get("dataset") for s in profile.get("settings") or []
+                                        if isinstance(s, dict)}
+    names |= {section.get(name) for slug, claim in SECTIONS.items() for name in claim.DATASET_FIELDS
+              if isinstance(section := profile.get(slug), dict)}
+    out = []
+    for name in sorted(n for n in names if isinstance(n, str)):
+        try:
+            total = bnlab.data.split_sizes(name)[0]
+        except UserError:  # an unknown dataset is reported where it is used (--dataset, settings)
+            continue
+        val = profile.get("val_size")
+        left = total - int(val) if _number(val) and math.isfinite(val) and 0 < val < total else total
+        train_size = profile.get("image_train_size")
+        capped = bnlab.data.is_image(name) and _number(train_size) and 0 < train_size < left
+        out.append((name, total, int(train_size) if capped else left, capped))
+    return out
+
+
+def limits(profile: dict) -> list[tuple[str, str]]:
+    """(JSON path, what is wrong) for each value of ``profile`` beyond the bounds a study can run with (see the
+    module docstring); empty when it is within them. Reads what it can of a profile that fails its schema."""
+    problems: list[tuple[str, str]] = []
+    for path, value in _numbers(profile, ""):
+        if not math.isfinite(value):
+            problems.append((path[1:], f"must be a finite number (got {value!r})"))
+    sections = {slug: profile[slug] for slug in SECTIONS if isinstance(profile.get(slug), dict)}
+    for path, grid in _grids({k: v for k, v in profile.items() if k != "seeds"}, ""):
+        if len(grid) > MAX_GRID:
+            problems.append((path[1:], f"at most {MAX_GRID} values (got {len(grid)})"))
+
+    def bound(path: str, value, most, what: str) -> None:
+        if _number(value) and math.isfinite(value) and value > most:
+            problems.append((path, f"must be at most {_g(most)} (got {_g(value)}){what}"))
+
+    def named(fields):  # (path, number) of the sections' fields called one of `fields`
+        for slug, section in sections.items():
+            for name in fields:
+                yield from _numbers(section.get(name), f"{slug}.{name}")
+
+    for path, value in named(LR_FIELDS):
+        bound(path, value, MAX_LR, ": a larger learning rate only diverges")
+    channels = "/".join(_g(base * MAX_WIDTH) for base in (16, 32, 64))
+    bound("width", profile.get("width"), MAX_WIDTH, f": {_g(MAX_WIDTH)} already makes {channels} channels")
+    depths = [("depth", profile.get("depth"))] + list(named(DEPTH_FIELDS))
+    depths += [(f"settings.{i}.depth", s.get("depth")) for i, s in enumerate(profile.get("settings") or [])
+               if isinstance(s, dict)]
+    for path, value in depths:
+        bound(path, value, MAX_DEPTH, ": He et al.'s deepest CIFAR ResNet has 1202 layers")
+    seeds = profile.get("seeds")
+    if isinstance(seeds, list):
+        if len(seeds) > MAX_SEEDS:
+            problems.append(("seeds", f"at most {MAX_SEEDS} seeds (got {len(seeds)})"))
+        problems += [(f"seeds.{i}", f"must be in [0, {_SEED_END}) (got {s})") for i, s in enumerate(seeds)
+                     if _number(s) and math.isfinite(s) and not 0 <= s < _SEED_END][:3]
+    for name, total, left, capped in _training_examples(profile):
+        val = profile.get("val_size")
+        if _number(val) and math.isfinite(val) and val >= total:
+            problems.append(("val_size", f"must be less than {total}, the training examples of {name} "
+                                         f"(got {_g(val)})"))
+        sizes = list(named(BATCH_FIELDS)) + [(f"{slug}.subset", section.get("subset"))
+                                              for slug, section in sections.items()]
+        for path, value in sizes:
+            bound(path, value, left, f", the training examples of {name} left after the validation split"
+                                     f"{' and image_train_size' if capped else ''}")
+    for slug, section in sections.items():
+        subset = section.get("subset")
+        if _number(subset) and math.isfinite(subset):
+            for path, value in _numbers({name: section.get(name) for name in BATCH_FIELDS}, slug):
+                bound(path, value, subset, f", {slug}.subset (the examples its runs train on)")
+    first: dict[str, str] = {}
+    for path, message in problems:   # one problem per path: the first (a smaller dataset's bound, say)
+        first.setdefault(path, message)
+    return list(first.items())
 
 
 def get_profile(name_or_path: Union[str, Path]) -> dict:
@@ -229,7 +376,10 @@ def get_profile(name_or_path: Union[str, Path]) -> dict:
     if text in PROFILES:
         return validate(copy.deepcopy(PROFILES[text]), f"profile {text}")
     path = Path(text)
-    if path.suffix == ".json" and path.is_file():
+    if path.suffix == ".json" and not path.is_file():
+        raise UserError(f"--profile {path}: no such file" if not path.exists() else
+                        f"--profile {path}: not a file")
+    if path.suffix == ".json":
         try:
             profile = json.loads(path.read_text())
         except json.JSONDecodeError as error:

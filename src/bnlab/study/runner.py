@@ -8,8 +8,11 @@ one transaction as soon as the run comes back, so SQLite has one writer and no r
 
 Stopping: Ctrl-C (SIGINT) or SIGTERM in the parent cancels the queue, abandons the runs in flight (they
 leave no row) and raises :class:`Interrupted`, which says how many runs are in the store. Local workers
-ignore SIGINT (the parent decides) and die with the parent even when it is killed outright.
-:func:`run_study` locks the output directory, so two studies never run the same specs twice.
+ignore SIGINT (the parent decides) and die with the parent even when it is killed outright. A full disk
+stops the workers the same way and raises :class:`bnlab.study.store.StoreFull` (the store stays intact;
+the same command resumes once space is freed). :func:`run_study` locks the output directory, so two
+studies never run the same specs twice, and checks the store first: a damaged one is moved aside and its
+readable runs carried into a new store (:func:`bnlab.study.store.recover`), which it says on stderr.
 
 The runner does not build the report (:mod:`bnlab.study.report` reads the store; ``bnlab study`` calls
 it after :func:`run_study`), so the two modules do not import each other.
@@ -17,6 +20,7 @@ it after :func:`run_study`), so the two modules do not import each other.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -34,10 +38,10 @@ from bnlab.study.executors import Executor, make_executor
 from bnlab.study.kinds import kind_of
 from bnlab.study.scope import collect as collect_specs
 from bnlab.study.specs import spec_label
-from bnlab.study.store import STORE_NAME, Store
+from bnlab.study.store import STORE_NAME, Store, StoreDamaged, StoreError, StoreFull, recover
 
 __all__ = ["STORE_NAME", "LOCK_NAME", "Interrupted", "collect_specs", "run_specs", "run_study", "estimated_cost",
-           "StudyLock", "check_jobs", "check_out"]
+           "StudyLock", "check_jobs", "check_out", "open_store"]
 
 LOCK_NAME = ".study.lock"  # beside it, .study.lock.owner names the process holding it
 
@@ -115,6 +119,14 @@ def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Opt
                     store.put(key, specs[key], *outcome)  # the driver is the store's only writer
                     statuses[key] = outcome.status
                     bar.update()
+    except StoreFull as full:
+        executor.cancel_all()
+        bar.close()
+        try:
+            stored = (len(store.finished_keys() & set(specs)), len(specs))  # reading takes no space
+        except StoreError:
+            stored = None
+        raise StoreFull(full.path, full.reason, stored, workers_stopped=True) from None
     except KeyboardInterrupt:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the cleanup
         try:
@@ -159,8 +171,14 @@ class StudyLock:
                 holder = "another process"
             raise UserError(f"--out {self.directory} is in use by another `bnlab study` ({holder}); wait for it "
                             f"to finish or stop it, or use another --out") from None
-        self.owner.write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
-                              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        try:
+            self.owner.write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        except OSError as error:
+            self.lock.release()
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(self.directory / STORE_NAME, f"{error.strerror} (errno {error.errno})") from None
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -185,6 +203,21 @@ def check_out(out) -> Path:
     return out
 
 
+def open_store(path: Path) -> Store:
+    """The study's store at ``path``, checked (SQLite's quick check); a damaged one is moved aside and a new one
+    started with every run still readable from it (:func:`bnlab.study.store.recover`), saying so on stderr."""
+    try:
+        store = Store(path)
+        store.check()
+        return store
+    except StoreDamaged as damaged:
+        recovery = recover(path, damaged.reason)
+        print(f"{path} was damaged (SQLite: {damaged.reason}; its integrity check: {damaged.inspection.integrity}): "
+              f"moved it aside to {recovery.moved_to} (kept as it was) and started a new store with the "
+              f"{recovery.kept} runs still readable in it; the others are redone", file=sys.stderr)
+        return Store(path)
+
+
 def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progress: Optional[bool] = True,
               executor: Optional[Executor] = None) -> Path:
     """Run (or resume) the study for ``profile`` into directory ``out``; returns the store's path.
@@ -197,22 +230,27 @@ def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progre
     check_jobs(jobs)
     out = check_out(out)
     with StudyLock(out):
-        store = Store(out / STORE_NAME)
-        store.set_meta("profile", profile)
-        store.set_meta("claims", numbers)
-        started = time.perf_counter()
+        store = open_store(out / STORE_NAME)
         statuses: dict[str, str] = {}
         specs: dict[str, dict] = {}
-        while True:  # rounds: a claim may ask for more runs once it sees results (bnlab.study.claims),
-                     # and a claim with an undecided part the next look's seeds (bnlab.study.scope)
-            new = collect_specs(profile, numbers, store.results())
-            if set(new) <= set(specs):
-                break
-            fresh = {k: v for k, v in new.items() if k not in specs}  # each spec is tried once per invocation
-            specs = new
-            statuses.update(run_specs(fresh, store, jobs=jobs, progress=progress, executor=executor))
-        store.set_meta("last_run_seconds", time.perf_counter() - started)
-        store.set_meta("last_run_count", len(statuses))  # runs this invocation executed (0: all were finished)
+        try:
+            store.set_meta("profile", profile)
+            store.set_meta("claims", numbers)
+            started = time.perf_counter()
+            while True:  # rounds: a claim may ask for more runs once it sees results (bnlab.study.claims),
+                         # and a claim with an undecided part the next look's seeds (bnlab.study.scope)
+                new = collect_specs(profile, numbers, store.results())
+                if set(new) <= set(specs):
+                    break
+                fresh = {k: v for k, v in new.items() if k not in specs}  # each spec is tried once per invocation
+                specs = new
+                statuses.update(run_specs(fresh, store, jobs=jobs, progress=progress, executor=executor))
+            store.set_meta("last_run_seconds", time.perf_counter() - started)
+            store.set_meta("last_run_count", len(statuses))  # runs this invocation executed (0: all were finished)
+        except StoreFull as full:
+            if full.stored is not None or not specs:
+                raise
+            raise StoreFull(full.path, full.reason, (len(store.finished_keys() & set(specs)), len(specs))) from None
     failed = [k for k, s in statuses.items() if s == "failed"]
     if failed:
         first = store.get(failed[0])
