@@ -277,7 +277,7 @@ def test_check_memory_names_the_run_and_the_fields_to_lower(monkeypatch):
     monkeypatch.setattr(plan_module, "_device_memory_mb", lambda device, free: largest * 1.01)
     check_memory(profile, [1])   # fits
     monkeypatch.setattr(plan_module, "_device_memory_mb", lambda device, free: largest * 0.99)
-    with pytest.raises(UserError, match=r"an ics run of depth 8, width 0.25, batch 32 on synthetic \(claim 1\) "
+    with pytest.raises(UserError, match=r"one ics run of depth 8, width 0.25, batch 32 on synthetic \(claim 1\) "
                                         r"needs ≈ .*; lower depth, width, ics.batch_size$"):
         check_memory(profile, [1])
 

@@ -354,8 +354,7 @@ def _gb(mb: float) -> str:
 
 
 def _describe(spec: dict) -> str:
-    article = "an" if spec["kind"][0] in "aeiou" else "a"
-    return (f"{article} {spec['kind']} run of depth {spec.get('depth')}, width {spec.get('width')}, batch "
+    return (f"one {spec['kind']} run of depth {spec.get('depth')}, width {spec.get('width')}, batch "
             f"{spec.get('batch_size')} on {spec['dataset']}")
 
 
