@@ -103,7 +103,7 @@ def test_study_run_that_cannot_fit_the_memory_is_refused_before_anything_is_buil
     line = assert_one_line_error(capsys, ["study", "--profile", "tiny", "--out", out],
                                  "(estimated before building it), more than the 1 MB of memory on this machine")
     # the largest run, and the profile's fields that set its size (its depth 14 is in both depth grids)
-    assert "a signal run of depth 14, width 0.25, batch 64 on synthetic (claim 5) needs ≈" in line, line
+    assert "one signal run of depth 14, width 0.25, batch 64 on synthetic (claim 5) needs ≈" in line, line
     assert line.endswith("lower width, residual.signal_depths, residual.train_depths, residual.signal_batch")
     assert not out.exists()
 

@@ -44,7 +44,7 @@ def test_train_reports_bad_arguments(tmp_path, capsys):
 def test_train_divergence_exits_zero_with_status(tmp_path, capsys):
     out = tmp_path / "div"
     assert cli.main(["train", "--model", "resnet8", "--width", "0.25", "--norm", "none", "--dataset", "synthetic",
-                     "--epochs", "2", "--lr", "1e6", "--schedule", "constant", "--warmup", "0", "--device", "cpu",
+                     "--epochs", "2", "--lr", "1e4", "--schedule", "constant", "--warmup", "0", "--device", "cpu",
                      "--out", str(out), "--json"]) == 0
     final = json.loads(capsys.readouterr().out)
     assert final["status"] == "diverged" and json.loads((out / "final.json").read_text())["status"] == "diverged"
