@@ -206,7 +206,7 @@ _SHARED = {
                             "check of the pipeline, not a measurement: every verdict is no verdict)",
              "dataset": "synthetic", "seeds": [0, 1], "width": 0.25, "depth": 8, "val_size": 64,
              "val_eval_size": 64, "eval_every": 2, "image_size": 8, "image_train_size": 448},
-    "quick": {"description": "4–5 minutes on 2 idle CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 6 seeds",
+    "quick": {"description": "about 6 minutes on 2 idle CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 6 seeds",
               "dataset": "mnist1d", "seeds": [0, 1, 2, 3, 4, 5], "tune_seeds": 2, "width": 0.5, "depth": 8,
               "val_size": 500, "val_eval_size": 500, "eval_every": 16, "image_size": 14, "image_train_size": 3500},
     # every claim in four settings at quick's budget per setting; sequential seeds: 6, then 10 while undecided
