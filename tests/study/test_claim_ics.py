@@ -191,6 +191,10 @@ def test_an_outcome_that_changes_inside_the_stable_range_is_undecided():
     assert findings.stable_etas == [0.01, 0.1] and findings.changes
     assert findings.parts[0].outcome == UNDECIDED
     assert "the outcome changed between probe steps" in analyze(claim_ics, PROFILE, results).verdict.explanation
+    # the answer names each outcome with its probe steps (it used to say "(about 1.0× so far; …)" of one of them)
+    said = claim_ics.answer(findings)
+    assert "the answer changed with the probe step η among those where both networks' steps were stable (" in said
+    assert " at η 0.01" in said and " at η 0.1" in said and "so far" not in said.split("),")[0], said
 
 
 def test_measurements_at_an_unstable_step_count_for_neither_arm():

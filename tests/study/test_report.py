@@ -394,6 +394,27 @@ def test_answers_say_the_effect_in_plain_units_and_how_many_more_seeds_would_dec
         "more accurate."
 
 
+def test_an_answer_near_its_margin_does_not_say_the_mean_lies_between_margin_and_threshold():
+    """Seed set 12–17's claim 1 read "more seeds would not decide it, as it lies between its margin and its
+    threshold" for a mean of 0.087 below its margin of 0.1: more than 1,000 seeds were needed, which is
+    another reason. Each reason is said as it is."""
+    from bnlab.study import answers
+    from bnlab.study.verdict import SEEDS_LIMIT, UNDECIDED, between
+    rule = Rule("BN lowers it", "decades", 0.3, 0.1, unit="decades")
+    phrase = answers.Phrase("lower by {x}", "not lower ({s})", "BN lowers it")
+    near = _part([0.087 + d for d in (-0.3, 0.3, -0.2, 0.2, -0.1, 0.1)], rule)    # mean 0.087, sd ≈ 0.22
+    assert near.outcome == UNDECIDED and not between(rule, near.effect)
+    assert answers.sentence([near], [phrase]) == (f"We could not tell whether BN lowers it (about 1.2× so far; it "
+                                                  f"lies so near its margin that more than {SEEDS_LIMIT:,} seeds "
+                                                  f"would be needed).")
+    assert "more than 1,000 seeds would be needed" in near.text()
+    inside = _part([0.2 + d for d in (-0.3, 0.3, -0.2, 0.2, -0.1, 0.1)], rule)     # mean 0.2: between
+    assert between(rule, inside.effect)
+    assert "as it lies between its margin and its threshold" in answers.sentence([inside], [phrase])
+    told = answers.Phrase("lower by {x}", "not lower ({s})", "BN lowers it", undecided="it changed ({s})")
+    assert answers.sentence([near], [told]) == "It changed (about 1.2×)."
+
+
 def test_the_evidence_table_gives_each_part_its_interval_rule_and_outcome():
     faster = Rule("fewer steps", "log10 steps", 0.1, 0.04, unit="decades")
     rows = report_module.evidence_rows([_part([0.5, 0.6, 0.7], faster)])

@@ -20,7 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from bnlab.study.verdict import HOLDS, MIN_SEEDS, NO_DATA, REFUTED, UNDECIDED, Part, seeds_to_decide
+from bnlab.study.verdict import (HOLDS, MIN_SEEDS, NO_DATA, REFUTED, SEEDS_LIMIT, UNDECIDED, Part, between,
+                                 seeds_to_decide)
 
 __all__ = ["Phrase", "factor", "magnitude", "signed", "more_seeds", "clause", "sentence", "generic"]
 
@@ -34,6 +35,7 @@ class Phrase:
     refuted: str      # "BN did not reach the target in clearly fewer steps ({s})"
     question: str     # "BN reaches the target accuracy in fewer steps"
     reversed: str = ""  # the whole interval on the other side: "BN needed {x} more steps" (unset: ``refuted``)
+    undecided: str = ""  # the whole clause of an undecided part, when the generic one would mislead (unset: generic)
 
 
 def _round_factor(value: float) -> str:
@@ -83,9 +85,23 @@ def signed(part: Part) -> str:
 
 def more_seeds(part: Part) -> Optional[int]:
     """How many seeds beyond those measured would decide an undecided part at its observed spread (``None``:
-    its mean lies between margin and threshold, where more seeds would not decide it)."""
+    its mean lies between margin and threshold, where more seeds would not decide it, or so near one of them
+    that more than :data:`~bnlab.study.verdict.SEEDS_LIMIT` would be needed)."""
     total = seeds_to_decide(part.rule, part.effect, level=part.level)
     return None if total is None else max(1, total - part.effect.n)
+
+
+def _why_undecided(part: Part) -> str:
+    """What more seeds would do for an undecided part, in words."""
+    n = more_seeds(part)
+    if n is not None:
+        return f"about {n} more seed{'s' if n != 1 else ''} would decide it"
+    if between(part.rule, part.effect):
+        return "more seeds would not decide it, as it lies between its margin and its threshold"
+    if not math.isfinite(part.effect.interval.mean) or not math.isfinite(part.effect.sd):
+        return "its spread is unknown"
+    edge = "threshold" if part.effect.interval.mean > part.rule.threshold else "margin"
+    return f"it lies so near its {edge} that more than {SEEDS_LIMIT:,} seeds would be needed"
 
 
 def clause(part: Part, phrase: Phrase) -> str:
@@ -96,10 +112,9 @@ def clause(part: Part, phrase: Phrase) -> str:
     if part.outcome == REFUTED:
         return (phrase.reversed if part.reversed and phrase.reversed else phrase.refuted).format(x=x, s=s)
     if part.outcome == UNDECIDED:
-        n = more_seeds(part)
-        decide = (f"about {n} more seed{'s' if n != 1 else ''} would decide it" if n is not None else
-                  "more seeds would not decide it, as it lies between its margin and its threshold")
-        return f"we could not tell whether {phrase.question} ({s} so far; {decide})"
+        if phrase.undecided:
+            return phrase.undecided.format(x=x, s=s)
+        return f"we could not tell whether {phrase.question} ({s} so far; {_why_undecided(part)})"
     return f"too few seeds finished to tell whether {phrase.question}"
 
 

@@ -39,7 +39,7 @@ from bnlab.study.kinds import ICS
 from bnlab.study.metrics import log_mean_ci, step_changes
 from bnlab.study.specs import spec_key, unique_specs
 from bnlab.study.style import LINESTYLES, arm_color, band, figure, legend_outside
-from bnlab.study.verdict import (NO_DATA, NO_VERDICT, NOT_SUPPORTED, UNDECIDED, ClaimResult, Effect, Interval, Part,
+from bnlab.study.verdict import (HOLDS, NO_DATA, NO_VERDICT, NOT_SUPPORTED, REFUTED, UNDECIDED, ClaimResult, Effect, Interval, Part,
                                  Rule, Verdict, combine_with_premise, paired_effect, t_interval)
 
 NUMBER = 1
@@ -775,6 +775,25 @@ def _ics_figure(findings: Findings, lr: float) -> dict:
 
 # ------------------------------------------------------------------------------------------------ answer
 
+def _changing(findings: Findings) -> str:
+    """Part 1's clause when its outcome changes across the stable range: each outcome with its probe steps
+    ("higher with BN at η 0.003 and 0.01, undecided at η 0.03 and 0.1"); empty otherwise (the generic
+    clause)."""
+    if not findings.changes:
+        return ""
+    said = {REFUTED: "not clearly lower with BN", UNDECIDED: "undecided", HOLDS: "lower with BN"}
+    steps: dict[str, list[str]] = {}
+    for p in findings.probes:
+        if p.stable:
+            word = ("higher with BN" if p.outcome == REFUTED and p.effect.interval.high < 0 else
+                    said.get(p.outcome, p.outcome))
+            steps.setdefault(word, []).append(f"{p.eta:g}")
+    where = ", ".join(f"{word} at η {' and '.join(etas) if len(etas) < 3 else ', '.join(etas)}"
+                      for word, etas in steps.items())
+    return ("we could not tell whether BN lowers gradient ICS: the answer changed with the probe step η "
+            f"among those where both networks' steps were stable ({where})")
+
+
 def answer(findings: Findings) -> str:
     """The claim's answer in one plain sentence (the report's first screen), from its parts."""
     from bnlab.study import answers  # only the answer reads the shared phrasing
@@ -782,7 +801,8 @@ def answer(findings: Findings) -> str:
         answers.Phrase(holds="with BN, earlier layers' steps changed a layer's gradient {x} less (lower gradient ICS)",
                        refuted="BN did not lower gradient ICS at any probe step where both networks' steps were stable",
                        reversed="BN raised gradient ICS: earlier layers' steps changed a layer's gradient {x} more",
-                       question="BN lowers gradient ICS (the answer changed with the probe step η)"),
+                       question="BN lowers gradient ICS",
+                       undecided=_changing(findings)),
         answers.Phrase(holds="injecting shift after BN cost {x} of test accuracy, as if shift mattered",
                        refuted="injecting shift after BN cost no clear accuracy ({s}), so shift is not why BN helps",
                        reversed="injecting shift after BN raised test accuracy by {x}",

@@ -42,7 +42,8 @@ from scipy import stats
 __all__ = ["SUPPORTED", "PARTLY", "NOT_SUPPORTED", "INCONCLUSIVE", "NO_VERDICT", "VERDICTS",
            "HOLDS", "REFUTED", "UNDECIDED", "NO_DATA", "MIN_SEEDS", "CONFIDENCE",
            "Interval", "Rule", "Effect", "Part", "Verdict", "ClaimResult",
-           "t_interval", "paired_effect", "combine", "combine_with_premise", "agrees", "seeds_to_decide", "confidence", "at_confidence"]
+           "t_interval", "paired_effect", "combine", "combine_with_premise", "agrees", "seeds_to_decide",
+           "between", "SEEDS_LIMIT", "confidence", "at_confidence"]
 
 SUPPORTED = "supported"
 PARTLY = "partly supported"
@@ -200,11 +201,23 @@ def _finite(v) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def seeds_to_decide(rule: Rule, effect: Effect, limit: int = 1000, level: Optional[float] = None) -> Optional[int]:
+SEEDS_LIMIT = 1000   # seeds_to_decide looks no further
+
+
+def between(rule: Rule, effect: Effect) -> bool:
+    """Whether the effect's mean lies between the rule's margin and threshold (inclusive), where more seeds
+    would pin an undecided part there rather than decide it."""
+    mean = effect.interval.mean
+    return math.isfinite(mean) and rule.margin <= mean <= rule.threshold
+
+
+def seeds_to_decide(rule: Rule, effect: Effect, limit: int = SEEDS_LIMIT,
+                    level: Optional[float] = None) -> Optional[int]:
     """Roughly how many seeds would decide an undecided part, if its mean and spread stayed as observed:
     the smallest n whose interval half-width leaves the mean clear of the threshold (mean above it) or of
     the margin (mean below it). ``None`` when the mean sits between margin and threshold (more seeds would
-    pin it there, undecided) or the spread is unknown."""
+    pin it there, undecided: :func:`between`), when more than ``limit`` seeds would be needed, or when the
+    spread is unknown."""
     mean, sd = effect.interval.mean, effect.sd
     if not (math.isfinite(mean) and math.isfinite(sd)):
         return None
@@ -254,7 +267,10 @@ class Part:
         if self.outcome == UNDECIDED:
             n = seeds_to_decide(self.rule, self.effect, level=self.level)
             text += (f"; about {n} seeds would decide it at the observed spread" if n is not None else
-                     "; its mean lies between margin and threshold, so more seeds would not decide it")
+                     "; its mean lies between margin and threshold, so more seeds would not decide it"
+                     if between(self.rule, self.effect) else
+                     f"; more than {SEEDS_LIMIT:,} seeds would be needed at the observed spread"
+                     if math.isfinite(self.effect.sd) else "")
         return text
 
     def to_dict(self) -> dict:
