@@ -124,6 +124,9 @@ def test_supported_when_bn_lowers_ics_and_noise_costs_accuracy():
     assert [p.outcome for p in result.verdict.parts] == [HOLDS, HOLDS]
     assert result.verdict.verdict == SUPPORTED and result.agrees_with_literature is False
     assert result.verdict.parts[0].effect.interval.mean == pytest.approx(np.log10(4.0))
+    # the disagreement with Santurkar et al. is shown beside what was measured: ICS at every probe step
+    assert result.differences[0].startswith("Gradient ICS without BN ÷ with BN at each probe step: η ")
+    assert result.differences[0].count("0.60 decades") == len(PROFILE["ics"]["probe_steps"]), result.differences[0]
     assert result.verdict.parts[1].effect.interval.mean == pytest.approx(10.0)
 
 

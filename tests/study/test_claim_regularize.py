@@ -63,6 +63,9 @@ def test_claim3_counts_every_seed_unfit_and_diverged_runs_as_intervals():
     result = _claim3(lambda a, s: gaps.get(a, 10), train=lambda a, s: 0.98 if a == "none" and s < 2 else 1.0)
     assert result.numbers["intervals"]["none"] == {"diverged": 0, "unfit": 2}
     assert result.numbers["parts"][0]["n"] == 6 and result.numbers["parts"][0]["outcome"] == "holds"
+    # what a disagreement with the papers would be read beside: the unfit seeds and the span of the ends
+    unfit = next(d for d in result.differences if "did not fit" in d)
+    assert "in 2 of 6 seeds" in unfit and "10.0 to 10.7 points" in unfit, unfit
     low, high = result.numbers["ends"][0]["low"], result.numbers["ends"][0]["high"]
     assert low["mean"] == pytest.approx(10.0) and high["mean"] == pytest.approx(10.0 + 2 * 2 / 6)
     # a BN run that diverged (chance on both: gap 0, up to 100 − 10 = 90 points) makes the ends disagree

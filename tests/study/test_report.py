@@ -555,3 +555,28 @@ def test_several_settings_put_the_answer_across_them_on_the_first_screen(tmp_pat
     assert table.count("<tr>") == 4 and table.count('class="badge') == 3 * 3  # claims × (settings + across them)
     assert "| 3 | **partly supported** | **not supported** | **depends on the setting** |" in \
         (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+def test_a_verdict_that_disagrees_with_the_literature_shows_what_this_run_measured(tmp_path):
+    """Where our verdict differs from the papers', the section says, right after the literature, what this run
+    measured that sets its setting apart; where the claim recorded nothing, it says so. An agreeing claim
+    shows neither."""
+    higher = Rule("higher learning rates", "log10 lr(BN) − log10 lr(none)", 0.4, 0.15, unit="decades")
+    absent = Part(higher, paired_effect({0: 0.1, 1: 0.12, 2: 0.11}, {0: 0.1, 1: 0.1, 2: 0.1}, "decades"))
+    holds = Part(higher, paired_effect({0: 1.0, 1: 1.2, 2: 1.1}, {0: 0.1, 1: 0.2, 2: 0.15}, "decades"))
+    measured = "The unnormalized net fitted in 2 of 6 seeds."
+    results = [ClaimResult(1, "A claim", Verdict.from_parts([absent], "n", "x"), LITERATURE, "rule",
+                           differences=[measured]),
+               ClaimResult(2, "Another", Verdict.from_parts([absent], "n", "x"), LITERATURE, "rule"),
+               ClaimResult(3, "Agreeing", Verdict.from_parts([holds], "n", "x"), LITERATURE, "rule",
+                           differences=["never shown"])]
+    assert [r.agrees_with_literature for r in results] == [False, False, True]
+    render(results, STUDY, tmp_path, PROFILE, [], "store.sqlite")
+    md, html = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    for text in (md, html):
+        sections = re.split(r'id="claim\d"', text)[1:]
+        assert len(sections) == 3
+        assert "Why ours may differ, from what this run measured" in sections[0] and measured in sections[0]
+        assert "nothing measured here sets this" in sections[1]
+        assert "Why ours may differ" not in sections[2] and "never shown" not in text
+

@@ -530,6 +530,25 @@ def _plateau_gain(runs: dict, steps: int) -> Interval:
 # render: tables, figures, prose
 # --------------------------------------------------------------------------------------------------
 
+def differences(profile: dict, findings: Findings) -> list[str]:
+    """What this run measured that sets its setting apart from Santurkar et al.'s (shown where the verdict
+    disagrees with theirs)."""
+    cfg, f = profile["ics"], findings
+    probes = "; ".join(f"η {p.eta:g}{'' if p.stable else ' (unstable)'}: {p.effect.interval.text(2)}" for p in f.probes)
+    out = [f"Gradient ICS without BN ÷ with BN at each probe step: {probes}. Santurkar et al. measure it with the "
+           f"training step of a VGG on CIFAR-10; here the training lr is {cfg['ics_lr']:g}."]
+    at_lr = next((p for p in f.probes if p.eta == cfg["ics_lr"]), None)
+    if at_lr is not None:
+        out.append(f"At the training step the gradient's direction reversed (negative cosine) in "
+                   f"{_share(at_lr.negative_cosine['none'])} of the unnormalized net's measurements and "
+                   f"{_share(at_lr.negative_cosine['bn'])} of BN's: the unnormalized net's instability, which "
+                   f"Santurkar et al. attribute to smoothness, not ICS.")
+    out.append(f"Injected shift cost {f.parts[1].effect.interval.text(1)} of test accuracy ({arm_label(f.rule_arm)}); "
+               f"the noise sits after each residual branch's first BN only, where the next BN renormalizes it, "
+               f"Santurkar et al.'s after every BN of a VGG.")
+    return out
+
+
 def render(profile: dict, findings: Findings) -> ClaimResult:
     cfg, seeds, f = profile["ics"], profile["seeds"], findings
     parts, arms, failed, noisy = f.parts, f.arms, f.failed_runs, f.rule_arm
@@ -633,7 +652,7 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
                                               ("smoothness", f.smoothness.text()))}),
     ]
     return ClaimResult(
-        answer=answer(findings), paragraphs=paragraphs, details=details,
+        answer=answer(findings), paragraphs=paragraphs, details=details, differences=differences(profile, findings),
         number=NUMBER, title=TITLE, verdict=verdict, literature=LITERATURE, rule=RULE, expected=EXPECTED,
         finding=FINDING, failed_runs=failed, tables=tables,
         caveats=[tuning_caveat(profile),

@@ -271,6 +271,22 @@ def decide(profile: dict, results: dict) -> Findings:
                               if cell.lr is not None and cell.lr in (min(cfg["lrs"]), max(cfg["lrs"]))])
 
 
+def differences(profile: dict, findings: Findings) -> list[str]:
+    """What this run measured that sets its setting apart from He et al.'s and De & Smith's (shown where the
+    verdict disagrees with theirs)."""
+    cells, deepest = findings.cells, findings.deepest
+    losses = ", ".join(f"{arm_label(n, p)} {fmt_ci(cells[(deepest, n, p)].log_loss_ci, 2)}" for n, p in CELLS)
+    out = [f"log10 final training loss at depth {deepest}, each cell at its validated rate: {losses}. He et al. "
+           f"find plain nets degrading from 20 to 56 layers on CIFAR-10; the deepest net trained here has {deepest}."]
+    if len(findings.by_depth) > 1:
+        out.append("The interaction by depth: " + "; ".join(f"depth {d}: {part.effect.interval.text(2)} ({part.outcome})"
+                                                           for d, part in findings.by_depth.items()) + ".")
+    if findings.censored:
+        out.append("Cells whose validated rate is an end of the grid (a rate outside it might serve them better): "
+                   + ", ".join(f"{arm_label(n, p)} at depth {d}" for d, n, p in findings.censored) + ".")
+    return out
+
+
 def render(profile: dict, findings: Findings) -> ClaimResult:
     cfg, parts = profile["residual"], findings.parts
     cells, deepest, signal = findings.cells, findings.deepest, findings.signal
@@ -328,7 +344,7 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
         f"literature says the complement matters most; the tables show every depth."]}]
     explanation = " ".join(paragraphs + [f"{parts[0].text(2)}.", f"{parts[1].text()}."])
     return ClaimResult(
-        answer=answer(findings), paragraphs=paragraphs, details=details,
+        answer=answer(findings), paragraphs=paragraphs, details=details, differences=differences(profile, findings),
         number=NUMBER, title=TITLE, literature=LITERATURE, rule=RULE, finding=FINDING, expected=EXPECTED,
         verdict=Verdict.from_parts(parts, f"BN × residual interaction at depth {deepest}: "
                                           f"{parts[0].effect.interval.text(2)} in log10 training loss", explanation),

@@ -308,7 +308,7 @@ def _claim_view(c: ClaimResult, figures: list[dict], several: bool) -> dict:
             "parts": [p.text() for p in verdict.parts], "failed_runs": c.failed_runs, "rule": c.rule,
             "literature": c.literature, "literature_short": c.finding or c.literature, "expected": c.expected,
             "literature_brief": f"{(c.finding or c.literature).split(':', 1)[0]}: {c.expected}",
-            "agrees": _agrees(c.agrees_with_literature), "caveats": c.caveats,
+            "agrees": _agrees(c.agrees_with_literature), "caveats": c.caveats, "differences": list(c.differences),
             "tables": [_table_view(t) for t in tables], "folded_tables": [_table_view(t) for t in folded],
             "evidence": evidence, "evidence_columns": EVIDENCE_COLUMNS,
             "evidence_markdown": _md_table(EVIDENCE_COLUMNS, evidence) if evidence else "",

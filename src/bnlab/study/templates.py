@@ -200,6 +200,13 @@ section){% else %}too few seeds finished{% endif %}.
 {{ p | md }}
 {% endfor %}
 **Literature:** {{ c.literature | md }} (its verdict: {{ c.expected }}; agrees with ours: {{ c.agrees }})
+{% if c.agrees == "no" %}
+**Why ours may differ, from what this run measured:**{% if c.differences %}
+{% for d in c.differences %}
+- {{ d | md }}
+{%- endfor %}
+{% else %} nothing measured here sets this setting apart; the caveats below name the differences of design.
+{% endif %}{% endif %}
 {% for f in c.figures %}
 ![{{ f.title }}]({{ f.path }})
 
@@ -394,6 +401,9 @@ finished{% endif %}.</p>{% endif %}
 {% for p in c.paragraphs %}<p>{{ p | rich }}</p>
 {% endfor %}
 <p><b>Literature:</b> {{ c.literature | rich }} (its verdict: {{ c.expected }}; agrees with ours: {{ c.agrees }})</p>
+{% if c.agrees == "no" %}<div class="differs"><p><b>Why ours may differ, from what this run measured:</b>{% if c.differences %}</p>
+<ul>{% for d in c.differences %}<li>{{ d | rich }}</li>{% endfor %}</ul>{% else %} nothing measured here sets this
+setting apart; the caveats below name the differences of design.</p>{% endif %}</div>{% endif %}
 {% for f in c.figures %}<figure><img alt="{{ f.title }}" src="data:image/png;base64,{{ f.base64 }}">
 <figcaption><b>{{ f.title }}.</b> {{ f.caption | rich }}</figcaption></figure>
 {% endfor %}

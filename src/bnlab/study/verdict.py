@@ -354,6 +354,9 @@ class ClaimResult:
     each) shown in the section after its first figure and the evidence table; ``details``, blocks folded
     under a ``<details>`` summary (``{"title", "paragraphs"}``); and a table with ``"details": True`` is
     folded too. A claim that sets no ``paragraphs`` has its ``verdict.explanation`` folded instead.
+    ``differences`` are what this run measured that sets its setting apart from the papers' (a network
+    that fails to fit, an effect that needs depth, a rate at the grid's end): where the verdict disagrees
+    with the literature's, the section shows them right after the literature.
     """
 
     number: int
@@ -375,6 +378,8 @@ class ClaimResult:
     answer: str = ""                                    # one plain sentence: what was found, in plain units
     paragraphs: list[str] = field(default_factory=list)  # short prose shown in the section (≤ 80 words each)
     details: list[dict] = field(default_factory=list)   # {"title", "paragraphs"}: folded under <details>
+    differences: list[str] = field(default_factory=list)  # measured differences of setting from the papers',
+    #                                                       shown where the verdict disagrees with theirs
 
     @property
     def agrees_with_literature(self) -> Optional[bool]:
