@@ -429,3 +429,23 @@ def test_the_data_directory_set_here_reaches_the_ray_workers(ray_instance, tmp_p
         run_specs(unique_specs([spec]), store, jobs=1, progress=False, executor=executor)
     (row,) = store.rows()
     assert row["status"] == "failed" and f"not found in {empty}" in row["error"], row["error"]
+
+
+def test_a_dying_workers_pid_file_is_removed_once_it_has_exited(tmp_path):
+    """Ray reports a killed worker once its sockets close, a moment before the process has ended: the file
+    of a process still exiting stayed (a flaky leftover). Given time, the driver waits for it to end."""
+    import subprocess
+    import sys
+    from bnlab.study.executors import remove_stale_pid_files
+    dying = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    try:
+        (tmp_path / "k-1.pid").write_text(f"{dying.pid}\n")
+        assert remove_stale_pid_files(tmp_path, key="k") == [] and (tmp_path / "k-1.pid").exists()  # still running
+        reaper = threading.Thread(target=dying.wait)   # reaped as Ray reaps its workers
+        reaper.start()
+        assert remove_stale_pid_files(tmp_path, key="k", wait_s=10) == [tmp_path / "k-1.pid"]
+        assert not (tmp_path / "k-1.pid").exists()
+        reaper.join()
+    finally:
+        dying.kill()
+        dying.wait()

@@ -78,10 +78,12 @@ def _running(pid: int) -> bool:
         return True
 
 
-def remove_stale_pid_files(directory=None, key: Optional[str] = None) -> list[Path]:
+def remove_stale_pid_files(directory=None, key: Optional[str] = None, wait_s: float = 0.0) -> list[Path]:
     """Remove the ``.pid`` files in ``directory`` (default ``$BNLAB_RUN_PID_DIR``; nothing without one) whose
     process no longer runs here: a worker killed mid-run cannot remove its own. ``key``: only that run's.
-    Returns the files removed."""
+    ``wait_s``: how long to wait for a process known to be dying to finish exiting (Ray reports a killed
+    worker as soon as its sockets close, which is before the kernel has ended the process). Returns the
+    files removed."""
     directory = directory or os.environ.get(PID_DIR_ENV)
     if not directory or not Path(directory).is_dir():
         return []
@@ -91,6 +93,9 @@ def remove_stale_pid_files(directory=None, key: Optional[str] = None) -> list[Pa
             pid = int(path.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             continue   # being written, or not ours
+        deadline = time.monotonic() + wait_s
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
         if not _running(pid):
             path.unlink(missing_ok=True)
             removed.append(path)
@@ -348,7 +353,7 @@ class RayExecutor(Executor):
                 except ray.exceptions.RayTaskError as error:  # raised inside the task, outside execute()
                     outcomes.append((key, _failed(str(error), attempt)))
                 except ray.exceptions.RayError as error:  # the worker or its node died: not the run's fault
-                    remove_stale_pid_files(key=key)   # a killed worker cannot remove its own
+                    remove_stale_pid_files(key=key, wait_s=5.0)   # a killed worker cannot remove its own
                     if attempt <= self.max_retries:
                         self.submit(key, spec, attempt + 1)
                     else:
