@@ -20,8 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from bnlab.study.verdict import (HOLDS, MIN_SEEDS, NO_DATA, REFUTED, SEEDS_LIMIT, UNDECIDED, Part, between,
-                                 seeds_to_decide)
+from bnlab.study.verdict import HOLDS, MIN_SEEDS, NO_DATA, REFUTED, SEEDS_LIMIT, UNDECIDED, Part, seeds_to_decide
 
 __all__ = ["Phrase", "factor", "magnitude", "signed", "more_seeds", "clause", "sentence", "generic"]
 
@@ -93,12 +92,13 @@ def more_seeds(part: Part) -> Optional[int]:
 
 def _why_undecided(part: Part) -> str:
     """What more seeds would do for an undecided part, in words."""
-    n = more_seeds(part)
-    if n is not None:
+    why, _ = part.undecided_reason()
+    if why == "seeds":
+        n = more_seeds(part)
         return f"about {n} more seed{'s' if n != 1 else ''} would decide it"
-    if between(part.rule, part.effect):
+    if why == "between":
         return "more seeds would not decide it, as it lies between its margin and its threshold"
-    if not math.isfinite(part.effect.interval.mean) or not math.isfinite(part.effect.sd):
+    if why == "unknown":
         return "its spread is unknown"
     edge = "threshold" if part.effect.interval.mean > part.rule.threshold else "margin"
     return f"it lies so near its {edge} that more than {SEEDS_LIMIT:,} seeds would be needed"

@@ -265,13 +265,25 @@ class Part:
         text = (f"{self.rule.name} {outcome}: {self.rule.effect} = {self.effect.interval.text(digits)} "
                 f"(threshold {self.rule.threshold:g}, margin {self.rule.margin:g}; {self.effect.n} seeds{level})")
         if self.outcome == UNDECIDED:
-            n = seeds_to_decide(self.rule, self.effect, level=self.level)
-            text += (f"; about {n} seeds would decide it at the observed spread" if n is not None else
-                     "; its mean lies between margin and threshold, so more seeds would not decide it"
-                     if between(self.rule, self.effect) else
-                     f"; more than {SEEDS_LIMIT:,} seeds would be needed at the observed spread"
-                     if math.isfinite(self.effect.sd) else "")
+            why, n = self.undecided_reason()
+            text += {"seeds": f"; about {n} seeds would decide it at the observed spread",
+                     "between": "; its mean lies between margin and threshold, so more seeds would not decide it",
+                     "limit": f"; more than {SEEDS_LIMIT:,} seeds would be needed at the observed spread",
+                     "unknown": ""}[why]
         return text
+
+    def undecided_reason(self) -> tuple[str, Optional[int]]:
+        """Why more seeds would or would not decide this part: ``("seeds", n)`` (about ``n`` seeds in all
+        would), ``("between", None)`` (its mean lies between margin and threshold), ``("limit", None)`` (more
+        than :data:`SEEDS_LIMIT` would be needed) or ``("unknown", None)`` (no finite mean or spread)."""
+        n = seeds_to_decide(self.rule, self.effect, level=self.level)
+        if n is not None:
+            return "seeds", n
+        if between(self.rule, self.effect):
+            return "between", None
+        if not (math.isfinite(self.effect.interval.mean) and math.isfinite(self.effect.sd)):
+            return "unknown", None
+        return "limit", None
 
     def to_dict(self) -> dict:
         return {"name": self.rule.name, "effect": self.rule.effect, "threshold": self.rule.threshold,
