@@ -55,7 +55,7 @@ from bnlab.data import Dataset, Loader
 from bnlab.errors import UserError
 
 # read_torch_file and load_checkpoint live in bnlab.checkpoint; they stay importable from here
-__all__ = ["TrainConfig", "History", "EpochResult", "Position", "EpochSums", "train", "evaluate", "set_seed",
+__all__ = ["divergence", "TrainConfig", "History", "EpochResult", "Position", "EpochSums", "train", "evaluate", "set_seed",
            "lr_factor", "param_groups", "resolve_device", "load_checkpoint", "read_torch_file"]
 
 
@@ -228,14 +228,26 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_fraction: float
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def divergence(loss: float, step: int, limit: float) -> Optional[str]:
+    """Why a run whose training loss at ``step`` is ``loss`` has diverged (non-finite, or above ``limit``,
+    :attr:`TrainConfig.divergence_loss`), or ``None``."""
+    if not math.isfinite(loss):
+        return f"training loss {loss:.4g} at step {step} is not finite"
+    if loss > limit:
+        return f"training loss {loss:.4g} at step {step} > divergence_loss {limit:g}"
+    return None
+
+
 def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict]:
     """Two optimizer groups: weights of convolutions and linear layers (``weight_decay``) and every
     parameter with at most one dimension — norm γ/β, biases, SkipInit/Fixup scalars (``norm_weight_decay``).
-    Frozen parameters are left out."""
+    Frozen parameters are left out. For a :class:`bnlab.models.Stacked` network the dimensions are its
+    members' (a stacked classifier bias is ``(K, out)`` but a bias)."""
     decay, exempt = [], []
-    for p in model.parameters():
+    ndim = getattr(model, "member_ndim", None)
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (exempt if p.ndim <= 1 else decay).append(p)
+            (exempt if (p.ndim if ndim is None else ndim[name]) <= 1 else decay).append(p)
     return [g for g in ({"params": decay, "weight_decay": weight_decay},
                         {"params": exempt, "weight_decay": norm_weight_decay}) if g["params"]]
 
@@ -463,11 +475,7 @@ class _Run:
             self.history.steps.append({"step": step, "loss": value, "lr": lr, "acc": acc})
         for fn in on_step:
             fn(step, self.raw_model, value, batch)
-        if not math.isfinite(value):
-            return f"training loss {value:.4g} at step {step} is not finite"
-        if value > self.config.divergence_loss:
-            return f"training loss {value:.4g} at step {step} > divergence_loss {self.config.divergence_loss:g}"
-        return None
+        return divergence(value, step, self.config.divergence_loss)
 
     def _max_steps_reached(self) -> bool:
         return self.config.max_steps is not None and self.position.step >= self.config.max_steps

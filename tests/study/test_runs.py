@@ -76,13 +76,18 @@ def test_stability_rule_on_a_chance_level_run():
 
 
 def test_failed_runs_give_no_verdict_and_a_non_zero_exit_naming_the_claim(tmp_path, monkeypatch, capsys):
-    real = runs.run_train
+    real, real_stack = runs.run_train, runs.run_train_stack
 
     def broken(spec):
         if spec["norm"].startswith("groupnorm"):
             raise RuntimeError("a broken run")
         return real(spec)
-    monkeypatch.setitem(kinds.KINDS, "train", dataclasses.replace(kinds.TRAIN, run=broken))
+
+    def broken_stack(specs):   # the seeds of a spec train as one stack: it breaks for all of them
+        if specs[0]["norm"].startswith("groupnorm"):
+            raise RuntimeError("a broken run")
+        return real_stack(specs)
+    monkeypatch.setitem(kinds.KINDS, "train", dataclasses.replace(kinds.TRAIN, run=broken, run_stack=broken_stack))
     out = tmp_path / "study"
     code = main(["study", "--profile", "tiny", "--claims", "3", "--jobs", "1", "--no-progress", "--out", str(out)])
     assert code != 0

@@ -32,11 +32,15 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
     so the training forward traces with ``torch.compile(fullgraph=True)``). ``warn_nonfinite`` says whether
     the host also checks, warns and counts it in ``skipped_updates`` (eager mode only): ``None`` (default)
     on CPU tensors, where the check is free; ``True`` everywhere (one host synchronisation per layer and
-    step on a GPU); ``False`` never.
+    step on a GPU); ``False`` never. With ``per_channel_finite`` the choice is made per channel instead of
+    per layer: a channel whose statistics are not finite keeps its old values, the others update, and
+    nothing is warned or counted — for a layer holding the channels of several networks at once
+    (:func:`bnlab.models.stack`), where one network's divergence must not stop the others' statistics.
     """
 
     _expected_dims: tuple[int, ...] = ()
     warn_nonfinite: Optional[bool] = None
+    per_channel_finite: bool = False
     #: the layer's path in its model (``layer2.0.bn1``), set by :func:`bnlab.protocol.name_layers`
     layer_path: str = ""
     # -- switches that survive .train()/.eval() (see bnlab.tools.freeze.set_bn_switches) --------------------
@@ -111,7 +115,8 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         stats = update or not use_batch_stats
         out = F.batch_norm_stats(x, self.running_mean if stats else None, self.running_var if stats else None,
                                  self.weight, self.bias, use_batch_stats, momentum, self.eps, self.backend,
-                                 host_checks_finite=update and self._checks_on_host(x.device))
+                                 host_checks_finite=update and (self.per_channel_finite
+                                                                or self._checks_on_host(x.device)))
         if update and out.finite is not None:
             self.commit_running_stats(out.running_mean, out.running_var, out.finite)
         return out.output
@@ -133,8 +138,9 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
     def update_from_batch(self, mean: Tensor, var: Tensor, count: int, momentum: float) -> None:
         """Fold a batch's ``mean`` and biased ``var`` over ``count`` values per channel into the running
         statistics (:func:`bnlab.functional.update_running_stats`), for layers with their own forward."""
-        self.commit_running_stats(*F.update_running_stats(self.running_mean, self.running_var, mean.detach(),
-                                                          var.detach(), count, momentum))
+        update = F._updated_running_stats if self.per_channel_finite else F.update_running_stats
+        self.commit_running_stats(*update(self.running_mean, self.running_var, mean.detach(), var.detach(),
+                                          count, momentum))
 
     def _checks_on_host(self, device: torch.device) -> bool:
         """Whether this forward reads the batch's finiteness on the host (``warn_nonfinite``; never while
@@ -146,7 +152,17 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
     def commit_running_stats(self, mean: Tensor, var: Tensor, finite: Tensor) -> None:
         """Store the new running statistics; where the host checks (:meth:`_checks_on_host`), only for a
         finite batch, warning about (and counting) a non-finite one. Elsewhere ``mean`` and ``var`` must
-        already be the old values for a non-finite batch (:func:`bnlab.functional.update_running_stats`)."""
+        already be the old values for a non-finite batch (:func:`bnlab.functional.update_running_stats`).
+        With ``per_channel_finite``, ``mean`` and ``var`` are the new values as computed, and each channel
+        keeps its old ones where they are not finite."""
+        if self.per_channel_finite:
+            with torch.no_grad():
+                if not bool(finite):
+                    keep = torch.isfinite(mean) & torch.isfinite(var)
+                    mean, var = torch.where(keep, mean, self.running_mean), torch.where(keep, var, self.running_var)
+                self.running_mean.copy_(mean)
+                self.running_var.copy_(var)
+            return
         if self._checks_on_host(finite.device) and not bool(finite):
             self.skipped_updates += 1
             self.num_batches_tracked.sub_(1)

@@ -2,10 +2,12 @@
 cluster. :func:`bnlab.study.runner.run_specs` drives all three through one small interface, so the claims
 never know which one ran them.
 
-The driver owns the store. A worker only computes: :func:`run_one` returns a :class:`RunOutcome`
+The driver owns the store. A worker only computes: :func:`run_job` returns a :class:`RunOutcome`
 ``(status, result, error, seconds, versions, hardware)`` and the driver writes it to ``study.sqlite`` in
 one transaction as soon as it arrives, so SQLite never sees two writers and a run the driver has not
-received has no row (it is redone on resume).
+received has no row (it is redone on resume). A job is one run or a stack of ``train`` runs that differ
+only in their seed, trained together as one network (:func:`bnlab.study.runs.run_train_stack`); its runs
+come back, and are stored, together.
 
 * :class:`InlineExecutor` — one run at a time in this process (``--jobs 1``);
 * :class:`ProcessExecutor` — ``jobs`` spawned worker processes that ignore SIGINT and die with the
@@ -44,7 +46,7 @@ from typing import NamedTuple, Optional
 
 from bnlab.errors import UserError
 
-__all__ = ["RunOutcome", "run_one", "Executor", "InlineExecutor", "ProcessExecutor", "RayExecutor",
+__all__ = ["RunOutcome", "run_one", "run_job", "Executor", "InlineExecutor", "ProcessExecutor", "RayExecutor",
            "make_executor", "check_gpus_per_run", "EXECUTORS", "PID_DIR_ENV", "remove_stale_pid_files"]
 
 EXECUTORS = ("process", "ray")  # the names `bnlab study --executor` accepts
@@ -102,21 +104,25 @@ def remove_stale_pid_files(directory=None, key: Optional[str] = None, wait_s: fl
     return removed
 
 
-def run_one(key: str, spec: dict, attempt: int = 1, env: Optional[dict] = None) -> RunOutcome:
-    """Execute ``spec`` and describe where it ran; writes nothing to the store (the driver does).
-    ``env``: environment variables to set first (a Ray worker on another machine has its own)."""
-    from bnlab.study.kinds import execute
+def run_job(items: list[tuple[str, dict]], attempt: int = 1,
+            env: Optional[dict] = None) -> list[tuple[str, RunOutcome]]:
+    """Execute one job — a run, or a stack of runs trained together (:func:`bnlab.study.kinds.execute_stack`)
+    — and describe where it ran; writes nothing to the store (the driver does). ``env``: environment
+    variables to set first (a Ray worker on another machine has its own). A stack's seconds are shared out
+    evenly among its runs."""
+    from bnlab.study.kinds import execute, execute_stack
     from bnlab.study.store import environment
 
     previous = {name: os.environ.get(name) for name in env or {}}
     os.environ.update(env or {})
-    pid_file = Path(os.environ[PID_DIR_ENV]) / f"{key}-{attempt}.pid" if os.environ.get(PID_DIR_ENV) else None
+    first = items[0][0]
+    pid_file = Path(os.environ[PID_DIR_ENV]) / f"{first}-{attempt}.pid" if os.environ.get(PID_DIR_ENV) else None
     if pid_file is not None:
         pid_file.write_text(f"{os.getpid()}\n")
     try:
         started = time.perf_counter()
-        status, result, error = execute(spec)
-        seconds = time.perf_counter() - started
+        outcomes = [execute(items[0][1])] if len(items) == 1 else execute_stack([spec for _, spec in items])
+        seconds = (time.perf_counter() - started) / len(items)
     finally:
         if pid_file is not None:
             pid_file.unlink(missing_ok=True)
@@ -128,17 +134,24 @@ def run_one(key: str, spec: dict, attempt: int = 1, env: Optional[dict] = None) 
     versions, hardware = environment()
     hardware["threads_per_run"] = 1  # execute() runs every spec on one thread
     hardware["host"] = socket.gethostname()
-    return RunOutcome(status, {**result, "attempts": attempt}, error, seconds, versions, hardware)
+    return [(key, RunOutcome(status, {**result, "attempts": attempt}, error, seconds, versions, hardware))
+            for (key, _), (status, result, error) in zip(items, outcomes)]
+
+
+def run_one(key: str, spec: dict, attempt: int = 1, env: Optional[dict] = None) -> RunOutcome:
+    """:func:`run_job` of one run."""
+    return run_job([(key, spec)], attempt, env)[0][1]
 
 
 class Executor:
-    """Runs specs somewhere. ``submit`` starts one (never more than :attr:`capacity` in flight), ``wait``
-    blocks until at least one ends and returns ``[(key, RunOutcome), ...]``, ``cancel_all`` abandons every
+    """Runs jobs somewhere: a job is ``[(key, spec), ...]``, one run or a stack (:func:`run_job`).
+    ``submit`` starts one (never more than :attr:`capacity` in flight), ``wait`` blocks until at least one
+    ends and returns ``[(key, RunOutcome), ...]`` for its runs, ``cancel_all`` abandons every
     run in flight now, ``close`` releases the workers. Usable as a context manager (``close`` on exit)."""
 
     capacity: int = 1
 
-    def submit(self, key: str, spec: dict) -> None:
+    def submit(self, items: list[tuple[str, dict]]) -> None:
         raise NotImplementedError
 
     def in_flight(self) -> int:
@@ -170,17 +183,16 @@ class InlineExecutor(Executor):
     capacity = 1
 
     def __init__(self) -> None:
-        self._queued: list[tuple[str, dict]] = []
+        self._queued: list[list[tuple[str, dict]]] = []
 
-    def submit(self, key: str, spec: dict) -> None:
-        self._queued.append((key, spec))
+    def submit(self, items: list[tuple[str, dict]]) -> None:
+        self._queued.append(items)
 
     def in_flight(self) -> int:
         return len(self._queued)
 
     def wait(self) -> list[tuple[str, RunOutcome]]:
-        key, spec = self._queued.pop(0)
-        return [(key, run_one(key, spec))]
+        return run_job(self._queued.pop(0))
 
     def cancel_all(self) -> None:
         self._queued.clear()
@@ -223,19 +235,23 @@ class ProcessExecutor(Executor):
         self._running: dict[futures.Future, str] = {}
         remove_stale_pid_files()
 
-    def submit(self, key: str, spec: dict) -> None:
+    def submit(self, items: list[tuple[str, dict]]) -> None:
         if self._pool is None:
             self._pool = futures.ProcessPoolExecutor(
                 max_workers=self.capacity, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_die_with_parent, initargs=(os.getpid(),))
-        self._running[self._pool.submit(run_one, key, spec)] = key
+        self._running[self._pool.submit(run_job, items)] = items[0][0]
 
     def in_flight(self) -> int:
         return len(self._running)
 
     def wait(self) -> list[tuple[str, RunOutcome]]:
         finished, _ = futures.wait(self._running, return_when=futures.FIRST_COMPLETED)
-        return [(self._running.pop(job), RunOutcome(*job.result())) for job in finished]
+        outcomes = []
+        for job in finished:
+            self._running.pop(job)
+            outcomes += [(key, RunOutcome(*outcome)) for key, outcome in job.result()]
+        return outcomes
 
     def cancel_all(self) -> None:
         """Stop every worker now (their runs in flight are abandoned: they leave no row)."""
@@ -325,17 +341,18 @@ class RayExecutor(Executor):
             self._started = True
         cpus = ray.cluster_resources().get("CPU", 1)
         self.capacity = jobs or max(1, int(cpus // num_cpus))
-        self._task = ray.remote(run_one)
+        self._task = ray.remote(run_job)
         # max_retries=0: this driver resubmits a run whose worker died, so it knows each run's attempts
         self._resources = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
         self._env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-        self._running: dict = {}  # ObjectRef → (key, spec, attempt)
+        self._running: dict = {}  # ObjectRef → (items, attempt)
 
-    def submit(self, key: str, spec: dict, attempt: int = 1) -> None:
+    def submit(self, items: list[tuple[str, dict]], attempt: int = 1) -> None:
         from bnlab.study.specs import spec_label
-        task = self._task.options(**self._resources, name=f"bnlab {spec_label(spec)}"[:100])
-        ref = task.remote(key, spec, attempt, self._env)
-        self._running[ref] = (key, spec, attempt)
+        label = spec_label(items[0][1]) + (f" ×{len(items)} seeds" if len(items) > 1 else "")
+        task = self._task.options(**self._resources, name=f"bnlab {label}"[:100])
+        ref = task.remote(items, attempt, self._env)
+        self._running[ref] = (items, attempt)
 
     def in_flight(self) -> int:
         return len(self._running)
@@ -347,18 +364,18 @@ class RayExecutor(Executor):
             ray.wait(list(self._running), num_returns=1)  # blocks until one ends; then take all that have
             ready, _ = ray.wait(list(self._running), num_returns=len(self._running), timeout=0)
             for ref in ready:
-                key, spec, attempt = self._running.pop(ref)
+                items, attempt = self._running.pop(ref)
                 try:
-                    outcomes.append((key, RunOutcome(*ray.get(ref))))
+                    outcomes += [(key, RunOutcome(*outcome)) for key, outcome in ray.get(ref)]
                 except ray.exceptions.RayTaskError as error:  # raised inside the task, outside execute()
-                    outcomes.append((key, _failed(str(error), attempt)))
+                    outcomes += [(key, _failed(str(error), attempt)) for key, _ in items]
                 except ray.exceptions.RayError as error:  # the worker or its node died: not the run's fault
-                    remove_stale_pid_files(key=key, wait_s=5.0)   # a killed worker cannot remove its own
+                    remove_stale_pid_files(key=items[0][0], wait_s=5.0)   # a killed worker cannot remove its own
                     if attempt <= self.max_retries:
-                        self.submit(key, spec, attempt + 1)
+                        self.submit(items, attempt + 1)
                     else:
-                        outcomes.append((key, _failed(f"the run's Ray worker died on each of {attempt} "
-                                                      f"attempts; the last: {error}", attempt)))
+                        outcomes += [(key, _failed(f"the run's Ray worker died on each of {attempt} "
+                                                   f"attempts; the last: {error}", attempt)) for key, _ in items]
         return outcomes
 
     def cancel_all(self) -> None:

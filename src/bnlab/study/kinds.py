@@ -29,7 +29,8 @@ import torch
 
 from bnlab.study import ics_loop, runs, signal
 
-__all__ = ["RunKind", "TRAIN", "ICS", "SIGNAL", "KINDS", "named", "kind_of", "execute"]
+__all__ = ["RunKind", "TRAIN", "ICS", "SIGNAL", "KINDS", "named", "kind_of", "execute", "execute_stack",
+           "stack_group"]
 
 
 def _no_measurements(spec: dict, steps: int) -> int:
@@ -45,6 +46,8 @@ class RunKind:
     without training (``sizes``: the ``train``, ``val`` and ``test`` examples of its data);
     ``measured_steps(spec, steps)`` the extra forward/backward passes its measurements take; ``cost`` a
     step's cost relative to a training step's (a rough guide for ordering runs, not an estimate).
+    A kind whose runs can train together has ``run_stack(specs) -> [(status, result), ...]`` and
+    ``stack_group(spec)``: specs with equal groups may form one stack (see :func:`execute_stack`).
     """
 
     name: str
@@ -53,6 +56,8 @@ class RunKind:
     evaluated: Callable[[dict, int, dict], int]
     measured_steps: Callable[[dict, int], int] = _no_measurements
     cost: float = 1.0
+    run_stack: Optional[Callable[[list[dict]], list[tuple[str, dict]]]] = None
+    stack_group: Optional[Callable[[dict], str]] = None
 
     def spec(self, **fields: Any) -> dict:
         """A spec of this kind. Values must be JSON scalars, lists or dicts. Every spec has ``init:
@@ -119,7 +124,8 @@ def _run_signal(spec: dict) -> tuple[str, dict]:
 
 # ------------------------------------------------------------------------------------------------ the kinds
 
-TRAIN = RunKind("train", runs.run_train, _train_steps, _train_evaluated)
+TRAIN = RunKind("train", runs.run_train, _train_steps, _train_evaluated, run_stack=runs.run_train_stack,
+                stack_group=runs.stack_group)
 ICS = RunKind("ics", _run_ics, _ics_steps, _ics_evaluated, _ics_measured, cost=3.0)
 SIGNAL = RunKind("signal", _run_signal, steps=lambda spec, train_size: 1, evaluated=lambda spec, steps, sizes: 0,
                  cost=0.02)
@@ -137,6 +143,30 @@ def named(name: str) -> RunKind:
 def kind_of(spec: dict) -> RunKind:
     """The :class:`RunKind` of ``spec`` (its ``kind``); raises :class:`ValueError` for an unknown one."""
     return named(spec.get("kind"))
+
+
+def stack_group(spec: dict) -> Optional[str]:
+    """What ``spec`` must share with others to train in one stack with them, or ``None`` when its kind
+    runs alone."""
+    kind = kind_of(spec)
+    return None if kind.run_stack is None else f"{kind.name}:{kind.stack_group(spec)}"
+
+
+def execute_stack(specs: list[dict]) -> list[tuple[str, dict, Optional[str]]]:
+    """Run ``specs`` (one :func:`stack_group`) as one stack: [(status, result, error), ...] in their order.
+    An exception fails every run of the stack, each with the traceback."""
+    groups = {stack_group(spec) for spec in specs}
+    if len(groups) != 1 or None in groups:
+        raise ValueError(f"execute_stack: the specs must share one stack group (got {len(groups)})")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [(status, result, None) for status, result in kind_of(specs[0]).run_stack(specs)]
+    except Exception:  # noqa: BLE001 — recorded in the store with its traceback
+        error = traceback.format_exc()
+        return [("failed", {}, error) for _ in specs]
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 def execute(spec: dict) -> tuple[str, dict, Optional[str]]:

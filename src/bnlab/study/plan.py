@@ -533,6 +533,10 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
                           peak_mb=max(peaks.values(), default=0.0),
                           uncalibrated=sum(r["uncalibrated"] for r in plan.claims))
     _notes(plan, later, cuda_wanted, on, gpus_per_run)
+    if int(profile.get("stack", 1)) > 1:
+        plan.notes.append(f"Training runs that differ only in their seed train in stacks of up to "
+                          f"{int(profile['stack'])} (bnlab.models.stack); the hours count each run alone, an "
+                          f"upper bound (a stack of 6 took 0.4–0.5× the CPU time of its runs alone here).")
     if any(s.get("stop_at_train_acc") for c in counts.values() for s in c.own.values()):
         plan.notes.append("Runs that stop once they fit their training examples (claim 3) are counted at their "
                           "step cap: an upper bound (most stop well before it).")

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from bnlab.errors import UserError
 from bnlab.study.claims import parse_claims
 from bnlab.study.executors import Executor, make_executor
-from bnlab.study.kinds import kind_of
+from bnlab.study.kinds import kind_of, stack_group
 from bnlab.study.scope import collect as collect_specs
 from bnlab.study.specs import spec_label
 from bnlab.study.store import STORE_NAME, Store, StoreDamaged, StoreError, StoreFull, recover
@@ -58,6 +58,24 @@ def estimated_cost(spec: dict) -> float:
     norm = str(spec.get("norm", ""))
     factor *= 2.0 if ("bn" in norm or norm.startswith("ghost")) else 1.0
     return steps * spec.get("depth", 8) * factor
+
+
+def stacks(pending: list[tuple[str, dict]], most: int) -> list[list[tuple[str, dict]]]:
+    """``pending`` as jobs: runs of one stack group (:func:`bnlab.study.kinds.stack_group`: ``train`` runs
+    differing only in their seed) in stacks of at most ``most``, in seed order; every other run alone.
+    Longest jobs first (the summed :func:`estimated_cost`), so the worker pool ends together."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    jobs: list[list[tuple[str, dict]]] = []
+    for key, spec in pending:
+        group = stack_group(spec) if most > 1 else None
+        if group is None:
+            jobs.append([(key, spec)])
+        else:
+            groups.setdefault(group, []).append((key, spec))
+    for members in groups.values():
+        members.sort(key=lambda ks: (ks[1].get("seed", 0), ks[0]))
+        jobs += [members[i:i + most] for i in range(0, len(members), most)]
+    return sorted(jobs, key=lambda job: -sum(estimated_cost(spec) for _, spec in job))
 
 
 def check_jobs(jobs) -> int:
@@ -85,19 +103,20 @@ class _StopOnSignal:
 
 
 def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Optional[bool] = True,
-              executor: Optional[Executor] = None) -> dict[str, str]:
+              executor: Optional[Executor] = None, stack: int = 1) -> dict[str, str]:
     """Run every spec the store does not already hold as finished; returns key → status of those run.
 
     ``executor``: where the runs go (:mod:`bnlab.study.executors`; it is left open for the caller to
     close); none: this process for ``jobs == 1``, else ``jobs`` local processes, closed on return.
-    ``progress``: a bar on stderr (``None``: only when stderr is a terminal). Raises :class:`Interrupted`
+    ``progress``: a bar on stderr (``None``: only when stderr is a terminal). ``stack``: train runs
+    differing only in their seed go in stacks of at most this many (:func:`stacks`; 1: each alone). Raises :class:`Interrupted`
     on Ctrl-C / SIGTERM after stopping every run in flight."""
     check_jobs(jobs)
     if progress is None:
         progress = sys.stderr.isatty()
     done = store.finished_keys()
-    pending = sorted(((k, s) for k, s in specs.items() if k not in done), key=lambda ks: -estimated_cost(ks[1]))
-    bar = tqdm(total=len(specs), initial=len(specs) - len(pending), desc="runs", unit="run",
+    pending = stacks([(k, s) for k, s in specs.items() if k not in done], stack)
+    bar = tqdm(total=len(specs), initial=len(specs) - sum(map(len, pending)), desc="runs", unit="run",
                disable=not progress, dynamic_ncols=True)
     statuses: dict[str, str] = {}
     owned = executor is None
@@ -108,9 +127,9 @@ def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Opt
             queue = iter(pending)
             while True:
                 # at most `capacity` runs submitted at a time, so stopping leaves no queue behind
-                for key, spec in queue:
-                    executor.submit(key, spec)
-                    bar.set_postfix_str(spec_label(spec)[:40])
+                for job in queue:
+                    executor.submit(job)
+                    bar.set_postfix_str(spec_label(job[0][1])[:40])
                     if executor.in_flight() >= executor.capacity:
                         break
                 if not executor.in_flight():
@@ -244,7 +263,8 @@ def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progre
                     break
                 fresh = {k: v for k, v in new.items() if k not in specs}  # each spec is tried once per invocation
                 specs = new
-                statuses.update(run_specs(fresh, store, jobs=jobs, progress=progress, executor=executor))
+                statuses.update(run_specs(fresh, store, jobs=jobs, progress=progress, executor=executor,
+                                          stack=int(profile.get("stack", 1))))
             store.set_meta("last_run_seconds", time.perf_counter() - started)
             store.set_meta("last_run_count", len(statuses))  # runs this invocation executed (0: all were finished)
         except StoreFull as full:

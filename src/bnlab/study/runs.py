@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["run_train", "load_data", "data_key", "build_model", "Probe", "model_dims", "bn_snapshot",
+__all__ = ["run_train", "run_train_stack", "stack_group", "load_data", "data_key", "build_model", "Probe", "model_dims", "bn_snapshot",
            "SNAPSHOT_LAYER", "SNAPSHOT_EXAMPLES", "SNAPSHOT_VALUES"]
 
 
@@ -221,36 +221,36 @@ def _finite_or_none(value) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
-def run_train(spec: dict) -> tuple[str, dict]:
-    """One ``train`` run: (status, result) with the loss per step, the probe's curves and the final model's
-    validation, test and training accuracy."""
-    from bnlab.train import TrainConfig, set_seed, train
-    set_seed(spec["seed"])
-    data = load_data(spec)
-    model = build_model(spec, data)
+def _config(spec: dict, data):
+    """The :class:`bnlab.train.TrainConfig` of a ``train`` spec."""
+    from bnlab.train import TrainConfig
     max_steps = spec.get("max_steps")
     epochs = spec.get("epochs", 1)
     if max_steps is not None:  # the schedule spans whole epochs: make them just cover max_steps
         steps_per_epoch = max(1, len(data.train_x) // spec["batch_size"])
         epochs = min(epochs, math.ceil(max_steps / steps_per_epoch))
-    config = TrainConfig(epochs=epochs, batch_size=spec["batch_size"], lr=spec["lr"], optimizer="sgd",
-                         momentum=spec.get("momentum", 0.9), nesterov=True,
-                         weight_decay=spec.get("weight_decay", 0.0), norm_weight_decay=0.0,
-                         schedule=spec.get("schedule", "onecycle"),
-                         warmup_fraction=spec.get("warmup_fraction", 0.2), seed=spec["seed"],
-                         device=spec.get("device", "cpu"), augment=False, max_steps=max_steps,
-                         eval_every=0, log_steps=False)  # end only; the probe evaluates during training
+    return TrainConfig(epochs=epochs, batch_size=spec["batch_size"], lr=spec["lr"], optimizer="sgd",
+                       momentum=spec.get("momentum", 0.9), nesterov=True,
+                       weight_decay=spec.get("weight_decay", 0.0), norm_weight_decay=0.0,
+                       schedule=spec.get("schedule", "onecycle"),
+                       warmup_fraction=spec.get("warmup_fraction", 0.2), seed=spec["seed"],
+                       device=spec.get("device", "cpu"), augment=False, max_steps=max_steps,
+                       eval_every=0, log_steps=False)  # end only; the probe evaluates during training
+
+
+def _start(spec: dict, data):
+    """A ``train`` run before its first step: (model, config, probe, initial weight norm)."""
+    from bnlab.train import set_seed
+    set_seed(spec["seed"])
+    model = build_model(spec, data)
     probe = Probe(data, spec.get("eval_every", 10), train_eval_size=spec.get("train_eval_size", 0),
                   val_eval_size=spec.get("val_eval_size"), stop_at_train_acc=spec.get("stop_at_train_acc"))
-    initial_norm = weight_norm(model)
-    # train() evaluates its "test" split after the last epoch: hand it the validation subset, so the
-    # test set is touched exactly once, below, on the final model
-    seen = dataclasses.replace(data, test_x=probe.val_x, test_y=probe.val_y)
-    try:
-        history = train(model, seen, config, callbacks=[probe], progress=False)
-        status, reason = history.status, history.reason
-    except Fitted as fitted:   # stopped where it fits its training examples (the model is as it was then)
-        status, reason = "done", f"fitted: {fitted}"
+    return model, _config(spec, data), probe, weight_norm(model)
+
+
+def _result(spec: dict, data, model: nn.Module, probe: Probe, initial_norm: float, status: str,
+            reason: str) -> tuple[str, dict]:
+    """A ``train`` run after its last step: (status, result) from the final model and the probe."""
     if not probe.curve["step"] or probe.curve["step"][-1] != len(probe.losses):
         probe.evaluate(model, len(probe.losses))  # always end with an evaluation of the final model
     losses = [_finite_or_none(v) for v in probe.losses]
@@ -269,3 +269,121 @@ def run_train(spec: dict) -> tuple[str, dict]:
             result["bn_snapshot"] = snapshot
     return status, result
 
+
+def run_train(spec: dict) -> tuple[str, dict]:
+    """One ``train`` run: (status, result) with the loss per step, the probe's curves and the final model's
+    validation, test and training accuracy."""
+    from bnlab.train import train
+    data = load_data(spec)
+    model, config, probe, initial_norm = _start(spec, data)
+    # train() evaluates its "test" split after the last epoch: hand it the validation subset, so the
+    # test set is touched exactly once, below, on the final model
+    seen = dataclasses.replace(data, test_x=probe.val_x, test_y=probe.val_y)
+    try:
+        history = train(model, seen, config, callbacks=[probe], progress=False)
+        status, reason = history.status, history.reason
+    except Fitted as fitted:   # stopped where it fits its training examples (the model is as it was then)
+        status, reason = "done", f"fitted: {fitted}"
+    return _result(spec, data, model, probe, initial_norm, status, reason)
+
+
+def stack_group(spec: dict) -> str:
+    """What ``train`` specs must share to run as one stack (:func:`run_train_stack`): all but the seed."""
+    import json
+    return json.dumps({k: v for k, v in spec.items() if k != "seed"}, sort_keys=True)
+
+
+def run_train_stack(specs: list[dict]) -> list[tuple[str, dict]]:
+    """Several ``train`` runs differing only in their seed, trained as one :func:`bnlab.models.stack`:
+    the same (status, result) as :func:`run_train` gives each, up to float rounding.
+
+    Member ``k`` starts from the network :func:`run_train` would build for its seed, sees its seed's
+    batches in its seed's order, and is stepped by SGD exactly as :func:`bnlab.train.train` steps a lone
+    network (same schedule, momentum, weight-decay groups); its probe evaluates it as a network of its own
+    (its weights copied out of the stack). A member that ends early — it fitted its training examples, or
+    diverged — is finished then, as a lone run would be, and stays in the stack with its weights and
+    gradients held at zero, so it cannot disturb the others. Every result records ``stack``: how many
+    seeds were trained together, and this one's place.
+    """
+    import bnlab.models
+    import torch.nn.functional as F
+    from bnlab.data.loader import Loader
+    from bnlab.train import divergence, lr_factor, param_groups
+
+    groups = {stack_group(s) for s in specs}
+    if len(groups) != 1:
+        raise ValueError(f"run_train_stack: the specs must differ only in their seed ({len(groups)} groups)")
+    first = specs[0]
+    data = load_data(first)
+    started = [_start(spec, data) for spec in specs]
+    models = [s[0] for s in started]
+    config, probes = started[0][1], [s[2] for s in started]
+    k = len(specs)
+    stacked = bnlab.models.stack(models)
+    stacked.train()
+    optimizer = torch.optim.SGD(param_groups(stacked, config.weight_decay, config.norm_weight_decay),
+                                lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov and config.momentum > 0)
+    loaders = [Loader(data.train_x, data.train_y, config.batch_size, shuffle=True, drop_last=config.drop_last,
+                      augment=False, seed=spec["seed"], crop_padding=data.crop_padding) for spec in specs]
+    steps_per_epoch, total = len(loaders[0]), config.epochs * len(loaders[0])
+    outcomes: list[Optional[tuple[str, dict]]] = [None] * k
+    live = list(range(k))
+
+    def finish(i: int, status: str, reason: str) -> None:
+        stacked.write_to(models, [i])
+        outcomes[i] = _result(specs[i], data, models[i], probes[i], started[i][3], status, reason)
+        outcomes[i][1]["stack"] = {"members": k, "index": i}
+        with torch.no_grad():   # hold the finished member at zero: finite, and never again changed
+            for p in stacked.parameters():
+                stacked.member_blocks(p)[i].zero_()
+                buf = optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    stacked.member_blocks(buf)[i].zero_()
+        live.remove(i)
+
+    step = 0
+    for epoch in range(config.epochs):
+        for loader in loaders:
+            loader.epoch = epoch
+        for batches in zip(*loaders):
+            if not live:
+                break
+            x = torch.stack([b[0] for b in batches])
+            y = torch.stack([b[1] for b in batches])
+            lr = config.lr * lr_factor(step, total, config.schedule, config.warmup_fraction)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            logits = stacked(x).float()
+            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                     reduction="none").view(k, -1).mean(1)
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            if len(live) < k:
+                done = [i for i in range(k) if i not in live]
+                for p in stacked.parameters():
+                    if p.grad is not None:
+                        stacked.member_blocks(p.grad)[done] = 0.0
+            optimizer.step()
+            step += 1
+            values = losses.detach().tolist()
+            due = [i for i in live if probes[i].eval_every and (len(probes[i].losses) + 1) % probes[i].eval_every == 0]
+            if due:
+                stacked.write_to(models, due)
+            for i in list(live):
+                try:
+                    probes[i].on_step(step, models[i], values[i], None)
+                except Fitted as fitted:
+                    finish(i, "done", f"fitted: {fitted}")
+                    continue
+                diverged = divergence(values[i], step, config.divergence_loss)
+                if diverged is not None:
+                    finish(i, "diverged", diverged)
+            if config.max_steps is not None and step >= config.max_steps:
+                for i in list(live):
+                    finish(i, "done", f"max_steps={config.max_steps} reached")
+        if not live:
+            break
+    for i in list(live):
+        finish(i, "done", f"{config.epochs} epochs")
+    return outcomes
