@@ -163,3 +163,16 @@ def test_plain_twins_and_depth_stack_too():
     out = stacked(x)
     for i, net in enumerate(nets):
         torch.testing.assert_close(out[i], net(x[i]), rtol=1e-10, atol=1e-12)
+
+
+def test_the_networks_hooks_stay_with_the_networks():
+    """A hook on a network sees that network's tensors; the stack (a copy of network 0's modules) runs
+    without it."""
+    nets = _nets("bn", k=2)
+    seen = []
+    nets[0].stem.register_forward_hook(lambda module, inputs, output: seen.append(tuple(output.shape)))
+    stacked = models.stack(nets)
+    stacked(_batch(1, k=2)[0])
+    assert seen == []
+    nets[0](_batch(1, k=2)[0][0])
+    assert seen == [(16, 8, 24)]

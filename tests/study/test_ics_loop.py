@@ -196,3 +196,59 @@ def test_a_run_measures_gradient_ics_at_every_probe_step_on_the_same_checkpoints
             after = nn.functional.cross_entropy(moved(x), y).item()
         assert probe["descent"][0][k] == (after < loss.item())
     assert probe["loss"][0] == pytest.approx(loss.item())
+
+
+def _records(result, prefix=""):
+    """Every number of an ICS result, by its path."""
+    if isinstance(result, dict):
+        for key, value in result.items():
+            yield from _records(value, f"{prefix}.{key}")
+    elif isinstance(result, (list, tuple)):
+        for i, value in enumerate(result):
+            yield from _records(value, f"{prefix}[{i}]")
+    else:
+        yield prefix, result
+
+
+@pytest.mark.parametrize("arm", ["bn", "noisy_bn", "none"])
+def test_a_stack_of_ics_runs_records_what_each_run_alone_records(arm):
+    """Three seeds of one claim-1 run trained as a stack: every record (the distribution, gradient ICS at
+    each probe step, smoothness, validation curve, final accuracy) has the same shape as alone and the same
+    value up to float rounding; the noisy arm draws each member's noise from its own generator in the
+    same order as alone."""
+    from bnlab.study import get_profile, runs
+    from bnlab.study.ics_loop import run_ics, run_ics_stack
+    from bnlab.study.plan import count_runs
+    profile = get_profile("tiny")
+    spec = next(s for c in count_runs(profile, [1]).values() for s in c.own.values()
+                if s["kind"] == "ics" and s["arm"].startswith(arm))
+    specs = [dict(spec, seed=s) for s in (0, 1, 2)]
+    data = runs.load_data(spec)
+    alone = [run_ics(s, data, runs.build_model) for s in specs]
+    stacked = run_ics_stack(specs, data, runs.build_model)
+    for i, ((status, one), (status_s, member)) in enumerate(zip(alone, stacked)):
+        assert status_s == status and member.pop("stack") == {"members": 3, "index": i}
+        mine, theirs = dict(_records(member)), dict(_records(one))
+        assert mine.keys() == theirs.keys()
+        for path, value in theirs.items():
+            if isinstance(value, float) and math.isfinite(value):
+                # float32 rounding grows over the steps; values near zero (a BN output's mean) need a floor
+                assert math.isclose(mine[path], value, rel_tol=1e-2, abs_tol=1e-3), (arm, i, path)
+            elif not isinstance(value, float):
+                assert mine[path] == value, (arm, i, path)
+
+
+def test_a_diverging_ics_member_stops_alone_and_leaves_the_others():
+    from bnlab.study import get_profile, runs
+    from bnlab.study.ics_loop import run_ics, run_ics_stack
+    from bnlab.study.plan import count_runs
+    profile = get_profile("tiny")
+    spec = next(s for c in count_runs(profile, [1]).values() for s in c.own.values()
+                if s["kind"] == "ics" and s["arm"] == "none")
+    specs = [dict(spec, seed=s, lr=40.0) for s in range(4)]
+    data = runs.load_data(spec)
+    alone = [run_ics(s, data, runs.build_model) for s in specs]
+    stacked = run_ics_stack(specs, data, runs.build_model)
+    assert "diverged" in [s for s, _ in alone], "the test needs a diverging member"
+    for (status, one), (status_s, member) in zip(alone, stacked):
+        assert status_s == status and len(member["losses"]) == len(one["losses"])

@@ -33,6 +33,9 @@ Example::
     torch.Size([3, 16, 10])
     >>> stacked.write_to(nets)                            # each member's state back into its network
 
+The networks' forward and backward hooks are not carried into the stack (they would see all members'
+channels as one network's); register a stack's own on ``stacked.net``.
+
 Layers it does not know to keep apart (``nn.LayerNorm`` over the whole width, dropout's shared random
 draws, any other module) raise a ``TypeError`` naming the layer.
 """
@@ -194,6 +197,11 @@ class Stacked(nn.Module):
                                  f"keys or shapes differ)")
         self.members = k = len(models)
         self.net = copy.deepcopy(first)
+        for module in self.net.modules():   # the networks' hooks see one network's tensors: not the stack's
+            for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                          "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+                          "_forward_hooks_always_called"):
+                getattr(module, hooks, {}).clear()
         self._indexed: set[str] = set()   # state keys stacked along a new first dimension (the classifier's)
         for path, module in list(self.net.named_modules()):
             children = list(module.children())

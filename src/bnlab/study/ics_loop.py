@@ -33,7 +33,7 @@ from bnlab.models.norms import is_batch_norm
 from bnlab.study.metrics import gradient_ics, percentiles, smoothness
 from bnlab.study.signal import weight_layers
 
-__all__ = ["NoisyBatchNorm", "noisy_layers", "run_ics", "gradients_after_earlier_steps", "clean_statistics"]
+__all__ = ["NoisyBatchNorm", "noisy_layers", "run_ics", "run_ics_stack", "gradients_after_earlier_steps", "clean_statistics"]
 
 
 def noisy_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -218,114 +218,259 @@ def _distribution_layer(model: nn.Module) -> tuple[str, nn.Module]:
     return f"{name}.branch.{part}", relu
 
 
+class _IcsRun:
+    """One claim-1 run's state and bookkeeping around its SGD steps (see :func:`run_ics`): the network and
+    its noise, the records, and what happens after a step's backward (divergence, measurements) and after
+    its update (validation). :func:`run_ics` takes the steps one network at a time and
+    :func:`run_ics_stack` for several seeds as one stacked network; both call these methods in the same
+    order, so a member of a stack records what the run alone records."""
+
+    def __init__(self, spec: dict, data, build_model) -> None:
+        self.spec, self.data = spec, data
+        self.seed, self.lr, self.total_steps = spec["seed"], spec["lr"], spec["steps"]
+        torch.manual_seed(self.seed)  # same seed, same initialization in every arm
+        self.model = model = build_model(spec, data)
+        model.train()
+        self.noise = NoisyBatchNorm(model, spec["noise"], self.seed) if spec.get("noise") else None
+        self.has_bn = any(is_batch_norm(m) for m in model.modules())
+        self.measured = _measured_layers(model, spec.get("ics_layers", [0.25, 0.5, 0.75]))
+        self.measure_every = spec.get("measure_every", 0)
+        self.record_every = spec.get("record_every", 10)
+        self.batch_size, self.recal_batches = spec["batch_size"], spec.get("recal_batches", 20)
+        self.val_x = data.val_x[:spec.get("val_eval_size")]
+        self.val_y = data.val_y[:spec.get("val_eval_size")]
+        self.dist_name, self.dist_module = _distribution_layer(model)
+        self.dist = {"step": [], "p15": [], "p50": [], "p85": [], "mean": [], "std": []}
+        self.step, self.recording = 0, True
+        self.hook = self.dist_module.register_forward_pre_hook(lambda module, inputs: self.record(module, inputs[0]))
+        self.losses, self.ema_losses, self.ema = [], [], None
+        self.curve = {"step": [], "val_acc": [], "val_loss": []}
+        self.ics = {"step": [], "ema_loss": [], "distance": [], "cosine": []}
+        self.probe_steps = [float(eta) for eta in spec.get("probe_steps") or []]
+        self.probe = {"etas": self.probe_steps, "step": [], "loss": [], "distance": [], "cosine": [],
+                      "relative": [], "descent": []}
+        self.smooth = {"step": [], "ema_loss": [], "loss_range": [], "grad_change": [], "beta": []}
+        self.status = "done"
+
+    def record(self, module, h) -> None:
+        """The distribution of the activations noisy BN perturbs, every ``record_every`` training steps."""
+        if module.training and self.recording and self.step % self.record_every == 0:
+            h = h.detach()
+            self.dist["step"].append(self.step)
+            for key, value in zip(("p15", "p50", "p85"), percentiles(h, (15, 50, 85))):
+                self.dist[key].append(value)
+            self.dist["mean"].append(float(h.mean()))
+            self.dist["std"].append(float(h.std()))
+
+    def validate(self, step: int) -> None:
+        from bnlab.train import evaluate
+        if self.has_bn:
+            loss, acc = _evaluate_clean(self.model, self.noise, self.data, self.val_x, self.val_y, self.batch_size,
+                                        self.recal_batches, self.seed)
+        else:
+            loss, acc = evaluate(self.model, self.val_x, self.val_y)
+        self.curve["step"].append(step)
+        self.curve["val_loss"].append(loss if math.isfinite(loss) else None)
+        self.curve["val_acc"].append(acc)
+
+    def measures_now(self) -> bool:
+        return bool(self.measure_every) and self.step % self.measure_every == 0
+
+    def after_backward(self, x, y, value: float, grads: Optional[dict] = None) -> bool:
+        """The step's loss ``value`` and gradients are known (in the model's ``.grad`` or ``grads``): stop
+        on divergence, else book the loss and measure when due. Returns whether the run goes on."""
+        if not math.isfinite(value) or value > self.spec.get("divergence_loss", 1e3):
+            self.status = "diverged"
+            return False
+        self.losses.append(value)
+        self.ema = value if self.ema is None else 0.9 * self.ema + 0.1 * value
+        self.ema_losses.append(self.ema)
+        if self.measures_now():
+            self._measure(x, y, value, grads)
+        return True
+
+    def _measure(self, x, y, value: float, grads: Optional[dict]) -> None:
+        model, step, lr, probe_steps = self.model, self.step, self.lr, self.probe_steps
+        self.recording = False
+        if grads is None:
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        at_lr = None
+        if probe_steps:
+            measured_probe = _probe(model, x, y, grads, self.measured, probe_steps, value)
+            for key, value_ in (("step", step), ("loss", value), *measured_probe.items()):
+                self.probe[key].append(value_)
+            at_lr = probe_steps.index(lr) if lr in probe_steps else None
+        if probe_steps and at_lr is not None:   # the training step is one of the probe steps: reuse it
+            pairs = list(zip(measured_probe["distance"][at_lr], measured_probe["cosine"][at_lr]))
+        else:
+            pairs = [gradient_ics(grads[layer], gradients_after_earlier_steps(model, x, y, grads, lr, layer))
+                     for layer in self.measured]
+        for key, value_ in (("step", step), ("ema_loss", self.ema), ("distance", [d for d, _ in pairs]),
+                            ("cosine", [c for _, c in pairs])):
+            self.ics[key].append(value_)
+        s = _smoothness(model, x, y, grads, self.spec.get("step_sizes", [0.05, 0.1, 0.2, 0.4]))
+        self.smooth["step"].append(step)
+        self.smooth["ema_loss"].append(self.ema)
+        for key in ("loss_range", "grad_change", "beta"):
+            self.smooth[key].append(s[key])
+        self.recording = True
+
+    def after_update(self) -> None:
+        """The step's update is taken."""
+        self.step += 1
+
+    def validates_now(self) -> bool:
+        return self.step % self.spec.get("eval_every", 10 ** 9) == 0 and self.step < self.total_steps
+
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    def finish(self) -> tuple[str, dict]:
+        from bnlab.train import evaluate
+        self.hook.remove()
+        model, data = self.model, self.data
+        chance = 1.0 / data.num_classes
+        final = {"train_loss": self.ema if self.ema is not None else math.nan, "chance": chance}
+        if self.status == "done":
+            if self.noise is not None:
+                self.noise.remove()
+            if self.has_bn:  # every BN arm: statistics of the final weights on clean batches
+                clean_statistics(model, None, data, self.batch_size, self.recal_batches, self.seed)
+            self.validate(self.step)
+            final["val_acc"], final["val_loss"] = self.curve["val_acc"][-1], self.curve["val_loss"][-1]
+            final["test_loss"], final["test_acc"] = evaluate(model, data.test_x, data.test_y)  # once, at the end
+        else:  # a diverged run scores chance level (its weights are not finite)
+            final.update(val_acc=chance, test_acc=chance, val_loss=None, test_loss=None)
+        ics = dict(self.ics)
+        if self.probe_steps:
+            ics["probe"] = self.probe
+        result = {"losses": self.losses, "ema_losses": self.ema_losses, "curve": self.curve, "dist": self.dist,
+                  "ics": ics, "smooth": self.smooth, "layers": self.measured, "distribution_layer": self.dist_name,
+                  "noisy_layers": [n for n, _ in noisy_layers(model)] if self.noise is not None else [],
+                  "final": final}
+        return self.status, result
+
+
 def run_ics(spec: dict, data, build_model) -> tuple[str, dict]:
     """One claim-1 run (see the module docstring); returns ``(status, result)``."""
     from bnlab.data import Loader
-    from bnlab.train import evaluate
-    seed, lr, total_steps = spec["seed"], spec["lr"], spec["steps"]
-    torch.manual_seed(seed)  # same seed, same initialization in every arm
-    model = build_model(spec, data)
-    model.train()
-    noise = NoisyBatchNorm(model, spec["noise"], seed) if spec.get("noise") else None
-    has_bn = any(is_batch_norm(m) for m in model.modules())
-    measured = _measured_layers(model, spec.get("ics_layers", [0.25, 0.5, 0.75]))
-    measure_every = spec.get("measure_every", 0)
-    record_every = spec.get("record_every", 10)
-    batch_size, recal_batches = spec["batch_size"], spec.get("recal_batches", 20)
-    val_x, val_y = data.val_x[:spec.get("val_eval_size")], data.val_y[:spec.get("val_eval_size")]
-    dist_name, dist_module = _distribution_layer(model)
-    dist = {"step": [], "p15": [], "p50": [], "p85": [], "mean": [], "std": []}
-    state = {"step": 0, "record": True}
-
-    def record_inputs(module, inputs):
-        if module.training and state["record"] and state["step"] % record_every == 0:
-            h = inputs[0].detach()
-            dist["step"].append(state["step"])
-            for key, value in zip(("p15", "p50", "p85"), percentiles(h, (15, 50, 85))):
-                dist[key].append(value)
-            dist["mean"].append(float(h.mean()))
-            dist["std"].append(float(h.std()))
-    hook = dist_module.register_forward_pre_hook(record_inputs)
-
-    def validate(step):
-        if has_bn:
-            loss, acc = _evaluate_clean(model, noise, data, val_x, val_y, batch_size, recal_batches, seed)
-        else:
-            loss, acc = evaluate(model, val_x, val_y)
-        curve["step"].append(step)
-        curve["val_loss"].append(loss if math.isfinite(loss) else None)
-        curve["val_acc"].append(acc)
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    loader = Loader(data.train_x, data.train_y, batch_size, shuffle=True, drop_last=True, seed=seed)
-    losses, ema_losses, ema = [], [], None
-    curve = {"step": [], "val_acc": [], "val_loss": []}
-    ics = {"step": [], "ema_loss": [], "distance": [], "cosine": []}
-    probe_steps = [float(eta) for eta in spec.get("probe_steps") or []]
-    probe = {"etas": probe_steps, "step": [], "loss": [], "distance": [], "cosine": [], "relative": [],
-             "descent": []}
-    smooth = {"step": [], "ema_loss": [], "loss_range": [], "grad_change": [], "beta": []}
-    status = "done"
-    while state["step"] < total_steps and status == "done":
+    run = _IcsRun(spec, data, build_model)
+    model = run.model
+    optimizer = torch.optim.SGD(model.parameters(), lr=run.lr)
+    loader = Loader(data.train_x, data.train_y, run.batch_size, shuffle=True, drop_last=True, seed=run.seed)
+    going = True
+    while going:
         for x, y in loader:
-            step = state["step"]
-            if step >= total_steps:
-                break
-            if noise is not None:
-                noise.resample()
+            if run.noise is not None:
+                run.noise.resample()
             loss = nn.functional.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            value = float(loss.detach())
-            if not math.isfinite(value) or value > spec.get("divergence_loss", 1e3):
-                status = "diverged"
+            if not run.after_backward(x, y, float(loss.detach())):
+                going = False
                 break
-            losses.append(value)
-            ema = value if ema is None else 0.9 * ema + 0.1 * value
-            ema_losses.append(ema)
-            if measure_every and step % measure_every == 0:
-                state["record"] = False
-                grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-                if probe_steps:
-                    measured_probe = _probe(model, x, y, grads, measured, probe_steps, value)
-                    for key, value_ in (("step", step), ("loss", value), *measured_probe.items()):
-                        probe[key].append(value_)
-                    at_lr = probe_steps.index(lr) if lr in probe_steps else None
-                if probe_steps and at_lr is not None:   # the training step is one of the probe steps: reuse it
-                    pairs = list(zip(measured_probe["distance"][at_lr], measured_probe["cosine"][at_lr]))
-                else:
-                    pairs = [gradient_ics(grads[layer], gradients_after_earlier_steps(model, x, y, grads, lr, layer))
-                             for layer in measured]
-                for key, value_ in (("step", step), ("ema_loss", ema), ("distance", [d for d, _ in pairs]),
-                                    ("cosine", [c for _, c in pairs])):
-                    ics[key].append(value_)
-                s = _smoothness(model, x, y, grads, spec.get("step_sizes", [0.05, 0.1, 0.2, 0.4]))
-                smooth["step"].append(step)
-                smooth["ema_loss"].append(ema)
-                for key in ("loss_range", "grad_change", "beta"):
-                    smooth[key].append(s[key])
-                state["record"] = True
             optimizer.step()
-            state["step"] += 1
-            if state["step"] % spec.get("eval_every", 10 ** 9) == 0 and state["step"] < total_steps:
-                validate(state["step"])
-    hook.remove()
-    chance = 1.0 / data.num_classes
-    final = {"train_loss": ema if ema is not None else math.nan, "chance": chance}
-    if status == "done":
-        if noise is not None:
-            noise.remove()
-        if has_bn:  # every BN arm: statistics of the final weights on clean batches
-            clean_statistics(model, None, data, batch_size, recal_batches, seed)
-        validate(state["step"])
-        final["val_acc"], final["val_loss"] = curve["val_acc"][-1], curve["val_loss"][-1]
-        final["test_loss"], final["test_acc"] = evaluate(model, data.test_x, data.test_y)  # once, at the end
-    else:  # a diverged run scores chance level (its weights are not finite)
-        final.update(val_acc=chance, test_acc=chance, val_loss=None, test_loss=None)
-    if probe_steps:
-        ics["probe"] = probe
-    result = {"losses": losses, "ema_losses": ema_losses, "curve": curve, "dist": dist, "ics": ics,
-              "smooth": smooth, "layers": measured, "distribution_layer": dist_name,
-              "noisy_layers": [n for n, _ in noisy_layers(model)] if noise is not None else [],
-              "final": final}
-    return status, result
+            run.after_update()
+            if run.validates_now():
+                run.validate(run.step)
+            if run.finished():
+                going = False
+                break
+    return run.finish()
+
+
+def run_ics_stack(specs: list[dict], data, build_model) -> list[tuple[str, dict]]:
+    """Several claim-1 runs differing only in their seed, trained as one :func:`bnlab.models.stack`: what
+    :func:`run_ics` gives each, up to float rounding.
+
+    Each member keeps its own run (:class:`_IcsRun`): its initial weights, its batches in its own order, its
+    noise (drawn from its own generator, in the same order as alone: the stacked noisy layers apply each
+    member's noise to its channels), its records of the distribution. Measurements and validations run on
+    the member's own network with the stack's weights, statistics and gradients copied into it. A member that
+    diverges is finished then, as alone, and held at zero in the stack.
+    """
+    import bnlab.models
+    from bnlab.data import Loader
+    members = [_IcsRun(spec, data, build_model) for spec in specs]
+    k, first = len(members), members[0]
+    stacked = bnlab.models.stack([m.model for m in members])
+    stacked.train()
+    net = stacked.net
+    live = list(range(k))
+    # the distribution record and the noise, per member, on the stacked layers
+    dist_stacked = net.get_submodule(first.dist_name)
+
+    def record(module, inputs):
+        for i, chunk in enumerate(inputs[0].chunk(k, 1)):
+            if i in live:
+                members[i].record(module, chunk)
+    handles = [dist_stacked.register_forward_pre_hook(record)]
+    if first.noise is not None:
+        for name, _ in noisy_layers(first.model):
+            layers = [m.model.get_submodule(name) for m in members]
+
+            def noisy(module, inputs, output, layers=layers):
+                if not module.training:
+                    return None
+                parts = [members[i].noise._hook(layers[i], None, chunk) if i in live else None
+                         for i, chunk in enumerate(output.chunk(k, 1))]
+                return torch.cat([chunk if p is None else p for p, chunk in zip(parts, output.chunk(k, 1))], 1)
+            handles.append(net.get_submodule(name).register_forward_hook(noisy))
+    optimizer = torch.optim.SGD(stacked.parameters(), lr=first.lr)
+    loaders = [Loader(data.train_x, data.train_y, first.batch_size, shuffle=True, drop_last=True, seed=m.seed)
+               for m in members]
+    outcomes: list = [None] * k
+
+    def finish(i: int) -> None:
+        stacked.write_to([m.model for m in members], [i])
+        outcomes[i] = members[i].finish()
+        outcomes[i][1]["stack"] = {"members": k, "index": i}
+        with torch.no_grad():
+            for p in stacked.parameters():
+                stacked.member_blocks(p)[i].zero_()
+        live.remove(i)
+
+    params = dict(stacked.net.named_parameters())
+    while live:
+        for batches in zip(*loaders):
+            for i in live:
+                if members[i].noise is not None:
+                    members[i].noise.resample()
+            x = torch.stack([b[0] for b in batches])
+            y = torch.stack([b[1] for b in batches])
+            logits = stacked(x)
+            losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                                 reduction="none").view(k, -1).mean(1)
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            values = losses.detach().tolist()
+            measuring = [i for i in live if members[i].measures_now()]
+            if measuring:
+                stacked.write_to([m.model for m in members], measuring)
+            for i in list(live):
+                run = members[i]
+                grads = None
+                if i in measuring:
+                    shapes = dict(run.model.named_parameters())
+                    grads = {n: stacked.member_blocks(p.grad)[i].reshape(shapes[n].shape).clone()
+                             for n, p in params.items() if p.grad is not None}
+                if not run.after_backward(batches[i][0], batches[i][1], values[i], grads):
+                    finish(i)
+            if len(live) < k:
+                dead = [i for i in range(k) if i not in live]
+                for p in stacked.parameters():
+                    if p.grad is not None:
+                        stacked.member_blocks(p.grad)[dead] = 0.0
+            optimizer.step()
+            for i in list(live):
+                members[i].after_update()
+                if members[i].validates_now():
+                    stacked.write_to([m.model for m in members], [i])
+                    members[i].validate(members[i].step)
+                elif members[i].finished():
+                    finish(i)
+            if not live:
+                break
+    for h in handles:
+        h.remove()
+    return outcomes

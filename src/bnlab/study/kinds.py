@@ -93,6 +93,10 @@ def _run_ics(spec: dict) -> tuple[str, dict]:
     return ics_loop.run_ics(spec, runs.load_data(spec), runs.build_model)
 
 
+def _run_ics_stack(specs: list[dict]) -> list[tuple[str, dict]]:
+    return ics_loop.run_ics_stack(specs, runs.load_data(specs[0]), runs.build_model)
+
+
 def _ics_steps(spec: dict, train_size: int) -> int:
     return int(spec["steps"])
 
@@ -126,7 +130,8 @@ def _run_signal(spec: dict) -> tuple[str, dict]:
 
 TRAIN = RunKind("train", runs.run_train, _train_steps, _train_evaluated, run_stack=runs.run_train_stack,
                 stack_group=runs.stack_group)
-ICS = RunKind("ics", _run_ics, _ics_steps, _ics_evaluated, _ics_measured, cost=3.0)
+ICS = RunKind("ics", _run_ics, _ics_steps, _ics_evaluated, _ics_measured, cost=3.0, run_stack=_run_ics_stack,
+              stack_group=runs.stack_group)
 SIGNAL = RunKind("signal", _run_signal, steps=lambda spec, train_size: 1, evaluated=lambda spec, steps, sizes: 0,
                  cost=0.02)
 
