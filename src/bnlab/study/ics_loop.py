@@ -15,6 +15,9 @@ so "the step" is exactly −lr·G, as in their definition) and records:
 (c) smoothness along the gradient — the loss and gradient at θ − η·g for several step sizes η;
 (d) validation accuracy every ``eval_every`` steps and, at the end, validation and test accuracy.
 
+Several seeds of one run train as one stacked network (:func:`run_ics_stack`, :func:`bnlab.models.stack`):
+each member records what it records alone, up to float rounding.
+
 Every BN arm is evaluated with statistics re-estimated on clean training batches
 (:func:`bnlab.tools.recalibrate.recalibrate_bn` with the noise hooks off): running averages gathered while the
 noise was on describe a network nobody evaluates.
