@@ -132,7 +132,7 @@ class Shared(BaseModel):
         None, description="sequential seeds: a claim first runs the first looks[0] seeds, and while a part of it "
                           "is undecided the next block, up to looks[-1] = len(seeds) (unset: one look, every seed)")
     stack: PositiveInt = Field(
-        8, description="train runs that differ only in their seed train together, as one stacked network of at "
+        8, description="runs that differ only in their seed train together, as one stacked network of at "
                        "most this many (bnlab.models.stack: each seed's run as alone, up to float rounding, "
                        "1.5–2.5× faster on a CPU); 1: every run alone")
     look_alphas: Optional[list[float]] = Field(
