@@ -5,8 +5,9 @@ never know which one ran them.
 The driver owns the store. A worker only computes: :func:`run_job` returns a :class:`RunOutcome`
 ``(status, result, error, seconds, versions, hardware)`` and the driver writes it to ``study.sqlite`` in
 one transaction as soon as it arrives, so SQLite never sees two writers and a run the driver has not
-received has no row (it is redone on resume). A job is one run or a stack of ``train`` runs that differ
-only in their seed, trained together as one network (:func:`bnlab.study.runs.run_train_stack`); its runs
+received has no row (it is redone on resume). A job is one run or a stack of runs that differ
+only in their seed, trained together as one network (:func:`bnlab.study.runs.run_train_stack`,
+:func:`bnlab.study.ics_loop.run_ics_stack`); its runs
 come back, and are stored, together.
 
 * :class:`InlineExecutor` — one run at a time in this process (``--jobs 1``);

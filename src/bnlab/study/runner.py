@@ -61,7 +61,7 @@ def estimated_cost(spec: dict) -> float:
 
 
 def stacks(pending: list[tuple[str, dict]], most: int) -> list[list[tuple[str, dict]]]:
-    """``pending`` as jobs: runs of one stack group (:func:`bnlab.study.kinds.stack_group`: ``train`` runs
+    """``pending`` as jobs: runs of one stack group (:func:`bnlab.study.kinds.stack_group`: ``train`` or ``ics`` runs
     differing only in their seed) in stacks of at most ``most``, in seed order; every other run alone.
     Longest jobs first (the summed :func:`estimated_cost`), so the worker pool ends together."""
     groups: dict[str, list[tuple[str, dict]]] = {}
@@ -108,7 +108,7 @@ def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Opt
 
     ``executor``: where the runs go (:mod:`bnlab.study.executors`; it is left open for the caller to
     close); none: this process for ``jobs == 1``, else ``jobs`` local processes, closed on return.
-    ``progress``: a bar on stderr (``None``: only when stderr is a terminal). ``stack``: train runs
+    ``progress``: a bar on stderr (``None``: only when stderr is a terminal). ``stack``: runs
     differing only in their seed go in stacks of at most this many (:func:`stacks`; 1: each alone). Raises :class:`Interrupted`
     on Ctrl-C / SIGTERM after stopping every run in flight."""
     check_jobs(jobs)
