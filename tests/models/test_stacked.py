@@ -176,3 +176,26 @@ def test_the_networks_hooks_stay_with_the_networks():
     assert seen == []
     nets[0](_batch(1, k=2)[0][0])
     assert seen == [(16, 8, 24)]
+
+
+def test_a_retired_member_stays_at_zero_and_the_others_step_on():
+    nets = _nets("bn", k=3)
+    stacked = models.stack(nets)
+    reference = models.stack(_nets("bn", k=3))
+    opt = torch.optim.SGD(param_groups(stacked, 1e-2, 0.0), lr=0.05, momentum=0.9, nesterov=True)
+    ref_opt = torch.optim.SGD(param_groups(reference, 1e-2, 0.0), lr=0.05, momentum=0.9, nesterov=True)
+    for step in range(6):
+        x, y = _batch(1, seed=step)
+        for net, o in ((stacked, opt), (reference, ref_opt)):
+            loss = nn.functional.cross_entropy(net(x).reshape(-1, 5), y.reshape(-1), reduction="none")
+            o.zero_grad()
+            loss.view(3, -1).mean(1).sum().backward()
+            net.hold_retired()
+            o.step()
+        if step == 2:
+            stacked.retire(1, opt)
+    for name, p in stacked.net.named_parameters():
+        assert not stacked.member_blocks(p)[1].any(), name
+        torch.testing.assert_close(stacked.member_blocks(p)[[0, 2]],
+                                   reference.member_blocks(dict(reference.net.named_parameters())[name])[[0, 2]],
+                                   rtol=1e-10, atol=1e-12, msg=name)

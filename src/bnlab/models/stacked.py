@@ -220,6 +220,7 @@ class Stacked(nn.Module):
         #: each parameter's dimensions in a member (what weight-decay exemption reads, see
         #: :func:`bnlab.train.param_groups`), by this module's parameter names
         self.member_ndim = {f"net.{n}": p.ndim for n, p in first.named_parameters()}
+        self.retired: set[int] = set()   # members held at zero (:meth:`retire`)
         self.read_from(models)
 
     def _replace(self, path: str, new: nn.Module) -> None:
@@ -272,6 +273,30 @@ class Stacked(nn.Module):
                 t.copy_(parts[0])
             else:
                 t.copy_(torch.cat(parts, 0))
+
+    @torch.no_grad()
+    def retire(self, index: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Hold member ``index`` at zero from now on, for a member whose run has ended (it fitted, or
+        diverged) while the others go on: its parameters, and with ``optimizer`` their optimizer state
+        (momentum buffers, moments), are zeroed now, and :meth:`hold_retired` zeroes its gradients before
+        each later step — finite, and never changed again."""
+        self.retired.add(index)
+        for p in self.parameters():
+            self.member_blocks(p)[index] = 0.0
+            state = optimizer.state.get(p, {}) if optimizer is not None else {}
+            for value in state.values():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    self.member_blocks(value)[index] = 0.0
+
+    @torch.no_grad()
+    def hold_retired(self) -> None:
+        """Zero the retired members' gradients (call between ``backward`` and the optimizer's step)."""
+        if not self.retired:
+            return
+        rows = sorted(self.retired)
+        for p in self.parameters():
+            if p.grad is not None:
+                self.member_blocks(p.grad)[rows] = 0.0
 
     def member_blocks(self, tensor: Tensor) -> Tensor:
         """A parameter (or its gradient) of the stacked network as a ``(K, -1)`` view: row ``k`` is member

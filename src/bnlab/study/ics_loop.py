@@ -428,9 +428,7 @@ def run_ics_stack(specs: list[dict], data, build_model) -> list[tuple[str, dict]
         stacked.write_to([m.model for m in members], [i])
         outcomes[i] = members[i].finish()
         outcomes[i][1]["stack"] = {"members": k, "index": i}
-        with torch.no_grad():
-            for p in stacked.parameters():
-                stacked.member_blocks(p)[i].zero_()
+        stacked.retire(i, optimizer)
         live.remove(i)
 
     params = dict(stacked.net.named_parameters())
@@ -459,11 +457,7 @@ def run_ics_stack(specs: list[dict], data, build_model) -> list[tuple[str, dict]
                              for n, p in params.items() if p.grad is not None}
                 if not run.after_backward(batches[i][0], batches[i][1], values[i], grads):
                     finish(i)
-            if len(live) < k:
-                dead = [i for i in range(k) if i not in live]
-                for p in stacked.parameters():
-                    if p.grad is not None:
-                        stacked.member_blocks(p.grad)[dead] = 0.0
+            stacked.hold_retired()
             optimizer.step()
             for i in list(live):
                 members[i].after_update()

@@ -334,12 +334,7 @@ def run_train_stack(specs: list[dict]) -> list[tuple[str, dict]]:
         stacked.write_to(models, [i])
         outcomes[i] = _result(specs[i], data, models[i], probes[i], started[i][3], status, reason)
         outcomes[i][1]["stack"] = {"members": k, "index": i}
-        with torch.no_grad():   # hold the finished member at zero: finite, and never again changed
-            for p in stacked.parameters():
-                stacked.member_blocks(p)[i].zero_()
-                buf = optimizer.state.get(p, {}).get("momentum_buffer")
-                if buf is not None:
-                    stacked.member_blocks(buf)[i].zero_()
+        stacked.retire(i, optimizer)
         live.remove(i)
 
     step = 0
@@ -359,11 +354,7 @@ def run_train_stack(specs: list[dict]) -> list[tuple[str, dict]]:
                                      reduction="none").view(k, -1).mean(1)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
-            if len(live) < k:
-                done = [i for i in range(k) if i not in live]
-                for p in stacked.parameters():
-                    if p.grad is not None:
-                        stacked.member_blocks(p.grad)[done] = 0.0
+            stacked.hold_retired()
             optimizer.step()
             step += 1
             values = losses.detach().tolist()
