@@ -238,6 +238,14 @@ class Stacked(nn.Module):
         k, n, c = x.shape[:3]
         return self.net(x.transpose(0, 1).reshape(n, k * c, *x.shape[3:]))
 
+    @staticmethod
+    def member_losses(logits: Tensor, y: Tensor) -> Tensor:
+        """Each member's mean cross-entropy, ``(K,)``, from ``logits`` ``(K, N, classes)`` and labels ``y``
+        ``(K, N)``: the sum is the stack's loss, whose gradient is each member's own."""
+        losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
+                                             reduction="none")
+        return losses.view(logits.shape[0], -1).mean(1)
+
     # ------------------------------------------------------------------ members' state
     def _split(self, name: str, tensor: Tensor) -> list[Tensor]:
         if name in self._indexed:

@@ -47,7 +47,7 @@ from typing import NamedTuple, Optional
 
 from bnlab.errors import UserError
 
-__all__ = ["RunOutcome", "run_one", "run_job", "Executor", "InlineExecutor", "ProcessExecutor", "RayExecutor",
+__all__ = ["RunOutcome", "run_job", "Executor", "InlineExecutor", "ProcessExecutor", "RayExecutor",
            "make_executor", "check_gpus_per_run", "EXECUTORS", "PID_DIR_ENV", "remove_stale_pid_files"]
 
 EXECUTORS = ("process", "ray")  # the names `bnlab study --executor` accepts
@@ -137,11 +137,6 @@ def run_job(items: list[tuple[str, dict]], attempt: int = 1,
     hardware["host"] = socket.gethostname()
     return [(key, RunOutcome(status, {**result, "attempts": attempt}, error, seconds, versions, hardware))
             for (key, _), (status, result, error) in zip(items, outcomes)]
-
-
-def run_one(key: str, spec: dict, attempt: int = 1, env: Optional[dict] = None) -> RunOutcome:
-    """:func:`run_job` of one run."""
-    return run_job([(key, spec)], attempt, env)[0][1]
 
 
 class Executor:

@@ -439,9 +439,7 @@ def run_ics_stack(specs: list[dict], data, build_model) -> list[tuple[str, dict]
                     members[i].noise.resample()
             x = torch.stack([b[0] for b in batches])
             y = torch.stack([b[1] for b in batches])
-            logits = stacked(x)
-            losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                                 reduction="none").view(k, -1).mean(1)
+            losses = stacked.member_losses(stacked(x), y)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             values = losses.detach().tolist()

@@ -306,7 +306,6 @@ def run_train_stack(specs: list[dict]) -> list[tuple[str, dict]]:
     seeds were trained together, and this one's place.
     """
     import bnlab.models
-    import torch.nn.functional as F
     from bnlab.data.loader import Loader
     from bnlab.train import divergence, lr_factor, param_groups
 
@@ -349,9 +348,7 @@ def run_train_stack(specs: list[dict]) -> list[tuple[str, dict]]:
             lr = config.lr * lr_factor(step, total, config.schedule, config.warmup_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logits = stacked(x).float()
-            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                     reduction="none").view(k, -1).mean(1)
+            losses = stacked.member_losses(stacked(x), y)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             stacked.hold_retired()
