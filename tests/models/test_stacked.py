@@ -199,3 +199,52 @@ def test_a_retired_member_stays_at_zero_and_the_others_step_on():
         torch.testing.assert_close(stacked.member_blocks(p)[[0, 2]],
                                    reference.member_blocks(dict(reference.net.named_parameters())[name])[[0, 2]],
                                    rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("norm", ["bn", "skipinit"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_narrowed_stack_steps_its_members_on_as_alone(norm, optimizer):
+    """Eight steps on a stack of three, then member 1 leaves (narrowed, the optimizer's state carried over)
+    and members 2 and 0 — in that order — take eight more: each ends where its network's own sixteen steps
+    end (weights, running statistics), with its momentum (SGD) or moments and step count (Adam)."""
+    nets, alone = _nets(norm), _nets(norm)
+    if optimizer == "sgd":
+        make = lambda m: torch.optim.SGD(param_groups(m, 1e-2, 0.0), lr=0.05, momentum=0.9, nesterov=True)
+    else:
+        make = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+    stacked = models.stack(nets)
+    opt, opts = make(stacked), [make(net) for net in alone]
+    members = [0, 1, 2]
+    for step in range(16):
+        if step == 8:
+            keep = [2, 0]
+            narrow = stacked.narrowed(nets, keep)
+            assert narrow.members == 2 and narrow.training
+            narrow_opt = make(narrow)
+            stacked.carry_optimizer_state(opt, narrow, narrow_opt, keep)
+            stacked, opt, members = narrow, narrow_opt, keep
+        x, y = _batch(1, seed=step)
+        out = stacked(x[members])
+        opt.zero_grad()
+        Stacked = type(stacked)
+        Stacked.member_losses(out, y[members]).sum().backward()
+        opt.step()
+        for i, (net, o) in enumerate(zip(alone, opts)):
+            o.zero_grad()
+            nn.functional.cross_entropy(net(x[i]), y[i]).backward()
+            o.step()
+    for position, i in enumerate(members):
+        mine = stacked.member_state(position)
+        for name, t in alone[i].state_dict().items():
+            torch.testing.assert_close(mine[name].to(t.dtype), t, rtol=1e-8, atol=1e-10,
+                                       msg=f"{norm}, {optimizer}: {name} of member {i} after 16 steps")
+
+
+def test_narrowing_names_what_it_expected():
+    nets = _nets("bn")
+    stacked = models.stack(nets)
+    for keep in ([], [0, 0], [3]):
+        with pytest.raises(ValueError, match=r"Stacked\(3 members\): keep must name distinct members 0-2"):
+            stacked.narrowed(nets, keep)
+    with pytest.raises(ValueError, match=r"expected 3 networks \(got 2\)"):
+        stacked.narrowed(nets[:2], [0])

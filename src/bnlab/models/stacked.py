@@ -242,7 +242,8 @@ class Stacked(nn.Module):
     def member_losses(logits: Tensor, y: Tensor) -> Tensor:
         """Each member's mean cross-entropy, ``(K,)``, from ``logits`` ``(K, N, classes)`` and labels ``y``
         ``(K, N)``: the sum is the stack's loss, whose gradient is each member's own."""
-        losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
+        flat = logits.reshape(-1, logits.shape[-1])   # half precision up to float32; float64 kept
+        losses = nn.functional.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)), y.reshape(-1),
                                              reduction="none")
         return losses.view(logits.shape[0], -1).mean(1)
 
@@ -305,6 +306,41 @@ class Stacked(nn.Module):
         for p in self.parameters():
             if p.grad is not None:
                 self.member_blocks(p.grad)[rows] = 0.0
+
+    @torch.no_grad()
+    def narrowed(self, models: Sequence[nn.Module], keep: Sequence[int]) -> "Stacked":
+        """A stack of members ``keep`` only, in that order, from their current state (written into their
+        networks ``models[k]`` on the way). A retired member still costs its share of every step; a stack
+        whose members end at different steps (one fits early, another trains on) is cheaper narrowed to the
+        ones still training. The new stack is in training mode; carry an optimizer's state over with
+        :meth:`carry_optimizer_state`."""
+        self._check_count(models)
+        keep = list(keep)
+        if not keep or len(set(keep)) != len(keep) or not all(0 <= k < self.members for k in keep):
+            raise ValueError(f"Stacked({self.members} members): keep must name distinct members 0-{self.members - 1} "
+                             f"(got {keep})")
+        self.write_to(models, keep)
+        narrow = Stacked([models[k] for k in keep])
+        return narrow.train(self.training)
+
+    @torch.no_grad()
+    def carry_optimizer_state(self, optimizer: torch.optim.Optimizer, narrow: "Stacked",
+                              narrow_optimizer: torch.optim.Optimizer, keep: Sequence[int]) -> None:
+        """Give ``narrow_optimizer`` (over ``narrow``, this stack :meth:`narrowed` to ``keep``) the kept members'
+        state from ``optimizer`` (over this stack): each tensor shaped like its parameter (a momentum buffer,
+        Adam's moments) is cut to the kept members' rows; a scalar (Adam's step count) is copied."""
+        keep = list(keep)
+        params = dict(narrow.named_parameters())
+        for name, p in self.named_parameters():
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            q = params[name]
+            narrow_optimizer.state[q] = {
+                key: (self.member_blocks(value)[keep].reshape(q.shape).clone()
+                      if isinstance(value, Tensor) and value.shape == p.shape
+                      else value.clone() if isinstance(value, Tensor) else copy.deepcopy(value))
+                for key, value in state.items()}
 
     def member_blocks(self, tensor: Tensor) -> Tensor:
         """A parameter (or its gradient) of the stacked network as a ``(K, -1)`` view: row ``k`` is member

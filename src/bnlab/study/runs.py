@@ -301,9 +301,9 @@ def run_train_stack(specs: list[dict]) -> list[tuple[str, dict]]:
     batches in its seed's order, and is stepped by SGD exactly as :func:`bnlab.train.train` steps a lone
     network (same schedule, momentum, weight-decay groups); its probe evaluates it as a network of its own
     (its weights copied out of the stack). A member that ends early — it fitted its training examples, or
-    diverged — is finished then, as a lone run would be, and stays in the stack with its weights and
-    gradients held at zero, so it cannot disturb the others. Every result records ``stack``: how many
-    seeds were trained together, and this one's place.
+    diverged — is finished then, as a lone run would be, and the others go on in a stack without it
+    (:meth:`bnlab.models.Stacked.narrowed`, their momentum carried over): no step is spent on a finished
+    member. Every result records ``stack``: how many seeds were trained together, and this one's place.
     """
     import bnlab.models
     from bnlab.data.loader import Loader
@@ -318,23 +318,34 @@ def run_train_stack(specs: list[dict]) -> list[tuple[str, dict]]:
     models = [s[0] for s in started]
     config, probes = started[0][1], [s[2] for s in started]
     k = len(specs)
+
+    def sgd(stack):
+        return torch.optim.SGD(param_groups(stack, config.weight_decay, config.norm_weight_decay), lr=config.lr,
+                               momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+
     stacked = bnlab.models.stack(models)
     stacked.train()
-    optimizer = torch.optim.SGD(param_groups(stacked, config.weight_decay, config.norm_weight_decay),
-                                lr=config.lr, momentum=config.momentum,
-                                nesterov=config.nesterov and config.momentum > 0)
+    optimizer = sgd(stacked)
     loaders = [Loader(data.train_x, data.train_y, config.batch_size, shuffle=True, drop_last=config.drop_last,
                       augment=False, seed=spec["seed"], crop_padding=data.crop_padding) for spec in specs]
     steps_per_epoch, total = len(loaders[0]), config.epochs * len(loaders[0])
     outcomes: list[Optional[tuple[str, dict]]] = [None] * k
-    live = list(range(k))
+    live = list(range(k))   # the members still training: the stack's members, in its order
 
     def finish(i: int, status: str, reason: str) -> None:
-        stacked.write_to(models, [i])
+        stacked.write_to([models[j] for j in live], [live.index(i)])
         outcomes[i] = _result(specs[i], data, models[i], probes[i], started[i][3], status, reason)
         outcomes[i][1]["stack"] = {"members": k, "index": i}
-        stacked.retire(i, optimizer)
-        live.remove(i)
+
+    def narrow(ended: list[int]) -> None:
+        """The stack without the members that ended this step (with their momentum buffers)."""
+        nonlocal stacked, optimizer
+        keep = [p for p, j in enumerate(live) if j not in ended]
+        narrower = stacked.narrowed([models[j] for j in live], keep)
+        narrower_optimizer = sgd(narrower)
+        stacked.carry_optimizer_state(optimizer, narrower, narrower_optimizer, keep)
+        stacked, optimizer = narrower, narrower_optimizer
+        live[:] = [live[p] for p in keep]
 
     step = 0
     for epoch in range(config.epochs):
@@ -343,33 +354,43 @@ def run_train_stack(specs: list[dict]) -> list[tuple[str, dict]]:
         for batches in zip(*loaders):
             if not live:
                 break
-            x = torch.stack([b[0] for b in batches])
-            y = torch.stack([b[1] for b in batches])
+            x = torch.stack([batches[i][0] for i in live])
+            y = torch.stack([batches[i][1] for i in live])
             lr = config.lr * lr_factor(step, total, config.schedule, config.warmup_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             losses = stacked.member_losses(stacked(x), y)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
-            stacked.hold_retired()
             optimizer.step()
             step += 1
-            values = losses.detach().tolist()
-            due = [i for i in live if probes[i].eval_every and (len(probes[i].losses) + 1) % probes[i].eval_every == 0]
+            values = dict(zip(live, losses.detach().tolist()))
+            due = [p for p, i in enumerate(live)
+                   if probes[i].eval_every and (len(probes[i].losses) + 1) % probes[i].eval_every == 0]
             if due:
-                stacked.write_to(models, due)
-            for i in list(live):
+                stacked.write_to([models[j] for j in live], due)
+            ended = []
+            for i in live:
                 try:
                     probes[i].on_step(step, models[i], values[i], None)
                 except Fitted as fitted:
                     finish(i, "done", f"fitted: {fitted}")
+                    ended.append(i)
                     continue
                 diverged = divergence(values[i], step, config.divergence_loss)
                 if diverged is not None:
                     finish(i, "diverged", diverged)
+                    ended.append(i)
             if config.max_steps is not None and step >= config.max_steps:
-                for i in list(live):
-                    finish(i, "done", f"max_steps={config.max_steps} reached")
+                for i in live:
+                    if i not in ended:
+                        finish(i, "done", f"max_steps={config.max_steps} reached")
+                        ended.append(i)
+            if ended:
+                if len(ended) == len(live):
+                    live.clear()
+                else:
+                    narrow(ended)
         if not live:
             break
     for i in list(live):
