@@ -160,7 +160,7 @@ def test_study_on_a_damaged_store_moves_it_aside_and_keeps_the_readable_runs(tmp
     path = study / "study.sqlite"
     os.truncate(path, path.stat().st_size // 2)
     damaged = path.read_bytes()
-    monkeypatch.setattr(runner, "collect_specs", lambda profile, numbers, results, asked=None: {})  # train nothing
+    monkeypatch.setattr(runner, "collect_specs", lambda profile, numbers, results: {})  # train nothing
     assert cli.main(["study", "--profile", "tiny", "--out", str(study)]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     (moved,) = [p for p in study.iterdir() if p.name.startswith("study.sqlite.damaged-") and p.suffix != ".sqlite"

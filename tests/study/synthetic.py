@@ -1,11 +1,8 @@
 """Synthetic results for the claims' tests: a profile, rows shaped like the store's, and the runner's
 collect → run rounds with a fake in place of training (each claim's test module supplies the fake)."""
 
-import random
-
 from bnlab.study import get_profile
 from bnlab.study.claims import collect_specs
-from bnlab.study.scope import collect
 
 SEEDS = [0, 1, 2, 3, 4, 5]
 LR4 = {"lrs": [0.01, 0.1, 1.0], "batch_sizes": [32], "max_extensions": 2}  # claim 4's sweep, which claim 2 reuses
@@ -39,24 +36,6 @@ def simulate(profile, claims, fake):
             return results
         for key, spec in new.items():
             results[key] = fake(spec)
-
-
-def simulate_interleaved(profile, claims, fake, seed, in_flight=3, asked=True):
-    """As the runner runs them: ``in_flight`` runs at a time, each finishing at a random moment, and the claims
-    asked for their runs again after every one that finishes (:func:`bnlab.study.scope.collect` with
-    ``asked``; ``asked=False``: without it, each claim asked every time)."""
-    rng, results, memo = random.Random(seed), {}, {} if asked else None
-    known = dict(collect(profile, claims, results, memo))
-    queue, running = list(known), []
-    while queue or running:
-        while queue and len(running) < in_flight:
-            running.append(queue.pop(0))
-        key = running.pop(rng.randrange(len(running)))
-        results[key] = fake(known[key])
-        fresh = {k: s for k, s in collect(profile, claims, results, memo).items() if k not in known}
-        known.update(fresh)
-        queue[:0] = list(fresh)
-    return results
 
 
 def paper_rows(result) -> dict:

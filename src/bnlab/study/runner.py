@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from tqdm.auto import tqdm
 
@@ -103,24 +103,20 @@ class _StopOnSignal:
 
 
 def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Optional[bool] = True,
-              executor: Optional[Executor] = None, stack: int = 1,
-              more: Optional[Callable[[list[str]], dict[str, dict]]] = None) -> dict[str, str]:
+              executor: Optional[Executor] = None, stack: int = 1) -> dict[str, str]:
     """Run every spec the store does not already hold as finished; returns key → status of those run.
 
     ``executor``: where the runs go (:mod:`bnlab.study.executors`; it is left open for the caller to
     close); none: this process for ``jobs == 1``, else ``jobs`` local processes, closed on return.
     ``progress``: a bar on stderr (``None``: only when stderr is a terminal). ``stack``: runs
-    differing only in their seed go in stacks of at most this many (:func:`stacks`; 1: each alone). ``more``: called
-    with the keys of the runs just stored, returns runs to add (key → spec; the study's next rounds, which those
-    runs made possible): they are queued ahead of what remains, so a chain of rounds does not wait for the
-    slowest run of each. Raises :class:`Interrupted` on Ctrl-C / SIGTERM after stopping every run in flight."""
+    differing only in their seed go in stacks of at most this many (:func:`stacks`; 1: each alone). Raises :class:`Interrupted`
+    on Ctrl-C / SIGTERM after stopping every run in flight."""
     check_jobs(jobs)
     if progress is None:
         progress = sys.stderr.isatty()
-    specs = dict(specs)
     done = store.finished_keys()
-    queue = stacks([(k, s) for k, s in specs.items() if k not in done], stack)
-    bar = tqdm(total=len(specs), initial=len(specs) - sum(map(len, queue)), desc="runs", unit="run",
+    pending = stacks([(k, s) for k, s in specs.items() if k not in done], stack)
+    bar = tqdm(total=len(specs), initial=len(specs) - sum(map(len, pending)), desc="runs", unit="run",
                disable=not progress, dynamic_ncols=True)
     statuses: dict[str, str] = {}
     owned = executor is None
@@ -128,26 +124,20 @@ def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Opt
         executor = make_executor("process", jobs)
     try:
         with _StopOnSignal():
+            queue = iter(pending)
             while True:
                 # at most `capacity` runs submitted at a time, so stopping leaves no queue behind
-                while queue and executor.in_flight() < executor.capacity:
-                    job = queue.pop(0)
+                for job in queue:
                     executor.submit(job)
                     bar.set_postfix_str(spec_label(job[0][1])[:40])
+                    if executor.in_flight() >= executor.capacity:
+                        break
                 if not executor.in_flight():
                     break
-                stored = []
                 for key, outcome in executor.wait():
                     store.put(key, specs[key], *outcome)  # the driver is the store's only writer
                     statuses[key] = outcome.status
-                    stored.append(key)
                     bar.update()
-                added = {k: v for k, v in (more(stored) if more else {}).items() if k not in specs}
-                if added:
-                    specs.update(added)
-                    queue[:0] = stacks(list(added.items()), stack)
-                    bar.total = len(specs)
-                    bar.refresh()
     except StoreFull as full:
         executor.cancel_all()
         bar.close()
@@ -266,22 +256,15 @@ def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progre
             store.set_meta("profile", profile)
             store.set_meta("claims", numbers)
             started = time.perf_counter()
-            # rounds: a claim may ask for more runs once it sees results (bnlab.study.claims), and a claim with
-            # an undecided part the next look's seeds (bnlab.study.scope); each claim is asked again as soon as
-            # its own runs have finished, not once every claim's have (``asked``)
-            results, asked = store.results(), {}
-            specs.update(collect_specs(profile, numbers, results, asked))
-
-            def more(stored: list[str]) -> dict[str, dict]:
-                for key in stored:
-                    results[key] = store.get(key)
-                new = collect_specs(profile, numbers, results, asked)
+            while True:  # rounds: a claim may ask for more runs once it sees results (bnlab.study.claims),
+                         # and a claim with an undecided part the next look's seeds (bnlab.study.scope)
+                new = collect_specs(profile, numbers, store.results())
+                if set(new) <= set(specs):
+                    break
                 fresh = {k: v for k, v in new.items() if k not in specs}  # each spec is tried once per invocation
-                specs.update(fresh)
-                return fresh
-
-            statuses.update(run_specs(specs, store, jobs=jobs, progress=progress, executor=executor,
-                                      stack=int(profile.get("stack", 1)), more=more))
+                specs = new
+                statuses.update(run_specs(fresh, store, jobs=jobs, progress=progress, executor=executor,
+                                          stack=int(profile.get("stack", 1))))
             store.set_meta("last_run_seconds", time.perf_counter() - started)
             store.set_meta("last_run_count", len(statuses))  # runs this invocation executed (0: all were finished)
         except StoreFull as full:

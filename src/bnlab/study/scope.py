@@ -104,28 +104,15 @@ def at_look(claim: ModuleType, profile: dict, results: Optional[dict]) -> Look:
     raise AssertionError("unreachable: the last look returns")
 
 
-def collect(profile: dict, numbers: Sequence[int], results: Optional[dict] = None,
-            asked: Optional[dict] = None) -> dict[str, dict]:
+def collect(profile: dict, numbers: Sequence[int], results: Optional[dict] = None) -> dict[str, dict]:
     """Key → spec of every run the chosen claims declare, in every setting, at each claim's current look;
-    shared runs appear once. The runner calls it as runs finish, until nothing is new.
-
-    ``asked``: a dict the caller keeps between calls (empty at first). With it, a claim is asked for its runs
-    again only once every run it asked for last time has finished (its earlier answer stands until then), so
-    a claim never chooses its next runs — a validated rate, a grid extension, a look's seeds — from part of a
-    round, however the runs of several claims interleave."""
+    shared runs appear once. The runner calls it after each round until nothing is new."""
     specs = []
-    for index, setting in enumerate(settings(profile)):
+    for setting in settings(profile):
         for n in numbers:
-            last = asked.get((index, n)) if asked is not None else None
-            if last is not None and not all((results or {}).get(k, {}).get("status") in _FINISHED for k in last):
-                specs += last.values()
-                continue
             look = at_look(CLAIMS[n], setting.profile, results)
             with at_confidence(look.level):
-                mine = unique_specs(CLAIMS[n].measure(look.profile, results))
-            if asked is not None:
-                asked[(index, n)] = mine
-            specs += mine.values()
+                specs += CLAIMS[n].measure(look.profile, results)
     return unique_specs(specs)
 
 
