@@ -248,3 +248,50 @@ def test_narrowing_names_what_it_expected():
             stacked.narrowed(nets, keep)
     with pytest.raises(ValueError, match=r"expected 3 networks \(got 2\)"):
         stacked.narrowed(nets[:2], [0])
+
+
+@pytest.mark.parametrize("momentum,nesterov,decay", [(0.0, False, 0.0), (0.9, False, 1e-2), (0.9, True, 1e-2)])
+def test_stacked_sgd_steps_each_member_at_its_own_rate(momentum, nesterov, decay):
+    """Three members at learning rates 0.01, 0.05 and 0.2 under a schedule factor that changes every step,
+    narrowed to members 2 and 0 halfway: each ends where torch.optim.SGD's own steps at its rate end."""
+    rates = [0.01, 0.05, 0.2]
+    nets, alone = _nets("bn"), _nets("bn")
+    stacked = models.stack(nets)
+    make = lambda m, lrs: models.StackedSGD(m, lrs, param_groups(m, decay, 0.0), momentum=momentum,
+                                            nesterov=nesterov)
+    opt = make(stacked, rates)
+    opts = [torch.optim.SGD(param_groups(net, decay, 0.0), lr=r, momentum=momentum, nesterov=nesterov)
+            for net, r in zip(alone, rates)]
+    members = [0, 1, 2]
+    for step in range(12):
+        factor = 1.0 - step / 12
+        if step == 6:
+            keep = [2, 0]
+            narrow = stacked.narrowed(nets, keep)
+            narrow_opt = make(narrow, [rates[i] for i in keep])
+            stacked.carry_optimizer_state(opt, narrow, narrow_opt, keep)
+            stacked, opt, members = narrow, narrow_opt, keep
+        for group in opt.param_groups:
+            group["lr"] = factor
+        x, y = _batch(1, seed=step)
+        opt.zero_grad()
+        stacked.member_losses(stacked(x[members]), y[members]).sum().backward()
+        opt.step()
+        for i, (net, o) in enumerate(zip(alone, opts)):
+            for group in o.param_groups:
+                group["lr"] = rates[i] * factor
+            o.zero_grad()
+            nn.functional.cross_entropy(net(x[i]), y[i]).backward()
+            o.step()
+    for position, i in enumerate(members):
+        mine = stacked.member_state(position)
+        for name, t in alone[i].state_dict().items():
+            torch.testing.assert_close(mine[name].to(t.dtype), t, rtol=1e-8, atol=1e-10,
+                                       msg=f"{name} of member {i} (lr {rates[i]})")
+
+
+def test_stacked_sgd_wants_one_positive_rate_per_member():
+    stacked = models.stack(_nets("bn"))
+    for rates in ([0.1, 0.0, 0.1], [0.1, 0.1]):
+        with pytest.raises(ValueError, match=r"StackedSGD: member_lrs must be 3 positive learning rates, one per member"):
+            models.StackedSGD(stacked, rates)

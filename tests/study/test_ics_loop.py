@@ -212,17 +212,17 @@ def _records(result, prefix=""):
 
 @pytest.mark.parametrize("arm", ["bn", "noisy_bn", "none"])
 def test_a_stack_of_ics_runs_records_what_each_run_alone_records(arm):
-    """Three seeds of one claim-1 run trained as a stack: every record (the distribution, gradient ICS at
-    each probe step, smoothness, validation curve, final accuracy) has the same shape as alone and the same
-    value up to float rounding; the noisy arm draws each member's noise from its own generator in the
-    same order as alone."""
+    """Three seeds of one claim-1 run trained as a stack, the middle one at half the rate: every record (the
+    distribution, gradient ICS at each probe step, smoothness, validation curve, final accuracy) has the same
+    shape as alone and the same value up to float rounding; the noisy arm draws each member's noise from its
+    own generator in the same order as alone."""
     from bnlab.study import get_profile, runs
     from bnlab.study.ics_loop import run_ics, run_ics_stack
     from bnlab.study.plan import count_runs
     profile = get_profile("tiny")
     spec = next(s for c in count_runs(profile, [1]).values() for s in c.own.values()
                 if s["kind"] == "ics" and s["arm"].startswith(arm))
-    specs = [dict(spec, seed=s) for s in (0, 1, 2)]
+    specs = [dict(spec, seed=s, lr=spec["lr"] * (0.5 if s == 1 else 1.0)) for s in (0, 1, 2)]
     data = runs.load_data(spec)
     alone = [run_ics(s, data, runs.build_model) for s in specs]
     stacked = run_ics_stack(specs, data, runs.build_model)

@@ -1,5 +1,5 @@
-"""Train runs that differ only in their seed, trained as one stack (bnlab.study.runs.run_train_stack).
-The oracle is each run alone (run_train)."""
+"""Train runs that differ only in their seed and learning rate, trained as one stack
+(bnlab.study.runs.run_train_stack). The oracle is each run alone (run_train)."""
 
 import math
 
@@ -43,6 +43,22 @@ def test_each_member_of_a_stack_is_its_run_alone(norm):
         assert all(_close(a, b, 1e-4) for a, b in zip(m["losses"][:6], n["losses"][:6]))
 
 
+@pytest.mark.parametrize("norm", ["bn", "none"])
+def test_members_at_different_learning_rates_are_their_runs_alone(norm):
+    """A learning-rate grid as one stack — two members share seed 0 — under the tiny profile's decaying
+    schedule with momentum: each member's losses and results are its run's alone at its rate."""
+    specs = [_specs(seeds=(s,), lr=lr, norm=norm)[0] for s, lr in ((0, 0.02), (0, 0.1), (1, 0.05))]
+    alone = [runs.run_train(s) for s in specs]
+    stacked = runs.run_train_stack(specs)
+    for (status, one), (status_s, member), spec in zip(alone, stacked, specs):
+        assert status_s == status and member["steps"] == one["steps"], spec["lr"]
+        assert all(_close(a, b, 1e-4) for a, b in zip(member["losses"][:6], one["losses"][:6])), spec["lr"]
+        assert abs(member["final"]["val_acc"] - one["final"]["val_acc"]) <= 0.05
+    first = [m["losses"][:6] for _, m in stacked[:2]]
+    assert first[0][0] == pytest.approx(first[1][0], rel=1e-5) and first[0][5] != pytest.approx(first[1][5], rel=1e-3), \
+        "the same seed at two rates: the same first loss, then apart"
+
+
 def test_members_that_fit_early_stop_where_they_would_alone():
     """Claim 3's runs stop once they fit: each member stops at its own step, as alone, and the rest go on."""
     specs = _specs(seeds=(0, 1, 2, 3), stop_at_train_acc=0.6, max_steps=60, eval_every=2, train_eval_size=64,
@@ -66,19 +82,24 @@ def test_diverged_members_say_so_as_alone():
         assert member["reason"].split(" is ")[-1] == one["reason"].split(" is ")[-1]
 
 
-def test_the_runner_stacks_seeds_of_one_train_spec_only():
-    specs = _specs(seeds=range(10)) + _specs(seeds=(0, 1), lr=0.2)
+def test_the_runner_stacks_one_group_in_even_stacks_by_rate_then_seed():
+    """Ten seeds at lr 0.05 and two at 0.2 are one group (twelve runs: three stacks of four, the two at 0.2
+    together); three runs without normalization another (one stack of three); nine runs of a group five at a
+    time: stacks of five and four, not five and one."""
+    specs = _specs(seeds=range(10)) + _specs(seeds=(0, 1), lr=0.2) + _specs(seeds=(0, 1, 2), norm="none")
     ics = {"kind": "ics", "seed": 0, "steps": 10}
     items = [(f"k{i}", s) for i, s in enumerate(specs)] + [("ics", ics)]
     jobs = stacks(items, most=4)
-    sizes = sorted(len(j) for j in jobs)
-    assert sizes == [1, 2, 2, 4, 4]
+    assert sorted(len(j) for j in jobs) == [1, 3, 4, 4, 4]
     for job in jobs:
         assert len({kinds.stack_group(s) for _, s in job}) == 1
-        seeds = [s["seed"] for _, s in job]
-        assert seeds == sorted(seeds)
+        order = [(s.get("lr"), s["seed"]) for _, s in job]
+        assert order == sorted(order)
+    assert any([(s["lr"], s["seed"]) for _, s in job][-2:] == [(0.2, 0), (0.2, 1)] for job in jobs)
     assert sorted(k for job in jobs for k, _ in job) == sorted(k for k, _ in items)
     assert all(len(j) == 1 for j in stacks(items, most=1))
+    nine = [(f"n{i}", s) for i, s in enumerate(_specs(seeds=range(9)))]
+    assert sorted(len(j) for j in stacks(nine, most=5)) == [4, 5]
 
 
 def test_a_stack_that_fails_fails_every_run_with_the_traceback():
@@ -87,4 +108,4 @@ def test_a_stack_that_fails_fails_every_run_with_the_traceback():
     assert [o[0] for o in outcomes] == ["failed", "failed"]
     assert all("no-such-dataset" in o[2] for o in outcomes)
     with pytest.raises(ValueError, match="one stack group"):
-        kinds.execute_stack(_specs(seeds=(0,)) + _specs(seeds=(1,), lr=0.2))
+        kinds.execute_stack(_specs(seeds=(0,)) + _specs(seeds=(1,), norm="none"))

@@ -19,9 +19,9 @@ from bnlab.models import norms
 from bnlab.protocol import name_layers
 from bnlab.models.airbench import AirbenchNet
 from bnlab.models.resnet import ResNet, cifar_resnet, imagenet_resnet
-from bnlab.models.stacked import Stacked, stack
+from bnlab.models.stacked import Stacked, StackedSGD, stack
 
-__all__ = ["create", "available", "describe", "norms", "ResNet", "AirbenchNet", "stack", "Stacked"]
+__all__ = ["create", "available", "describe", "norms", "ResNet", "AirbenchNet", "stack", "Stacked", "StackedSGD"]
 
 _CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 _IMAGENET_DEPTHS = (18, 34, 50)

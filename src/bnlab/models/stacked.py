@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from bnlab.models.resnet import BasicBlock, Bias, Bottleneck, PreActBlock, ResNet, Scale, ZeroPadShortcut
 
-__all__ = ["stack", "Stacked", "StackedLinear", "StackedZeroPad", "StackedScale", "StackedBias"]
+__all__ = ["stack", "Stacked", "StackedSGD", "StackedLinear", "StackedZeroPad", "StackedScale", "StackedBias"]
 
 # modules without state that act per channel (or per element): a stack uses them as they are
 _PER_CHANNEL = (nn.ReLU, nn.GELU, nn.SiLU, nn.Identity, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -351,6 +351,53 @@ class Stacked(nn.Module):
         if len(models) != self.members:
             raise ValueError(f"Stacked({self.members} members): expected {self.members} networks "
                              f"(got {len(models)})")
+
+
+class StackedSGD(torch.optim.SGD):
+    """SGD over a :class:`Stacked` network with one learning rate per member: member ``k`` takes the step
+    ``torch.optim.SGD`` would take alone at ``lr × member_lrs[k]`` (momentum, Nesterov, weight decay, as
+    there; ``lr`` is the schedule's factor, 1 for a constant rate). ``params``: the stack's parameters or
+    parameter groups (default: all of them, one group). Several runs that differ in their seed
+    *and* their learning rate — a learning-rate grid — train as one stack.
+
+    Every parameter of the stack keeps a member's values contiguous (:meth:`Stacked.member_blocks`), so the
+    update is torch's with its last multiplication per member. Dampening and ``maximize`` are not supported.
+    """
+
+    def __init__(self, stacked: "Stacked", member_lrs: Sequence[float], params=None, lr: float = 1.0,
+                 momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> None:
+        rates = [float(r) for r in member_lrs]
+        if len(rates) != stacked.members or not all(r > 0 for r in rates):
+            raise ValueError(f"StackedSGD: member_lrs must be {stacked.members} positive learning rates, one per "
+                             f"member of the stack (got {rates})")
+        super().__init__(stacked.parameters() if params is None else params, lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, nesterov=nesterov)
+        self.member_lrs = torch.tensor(rates, dtype=torch.float64)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        k = len(self.member_lrs)
+        for group in self.param_groups:
+            decay, momentum = group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad if decay == 0 else p.grad.add(p, alpha=decay)
+                if momentum != 0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = torch.clone(d).detach()
+                    else:
+                        buf.mul_(momentum).add_(d)
+                    d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
+                rates = (group["lr"] * self.member_lrs).to(p.dtype)
+                p.view(k, -1).addcmul_(rates[:, None], d.reshape(k, -1), value=-1.0)
+        return loss
 
 
 def stack(models: Sequence[nn.Module]) -> Stacked:

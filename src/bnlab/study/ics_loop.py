@@ -383,14 +383,16 @@ def run_ics(spec: dict, data, build_model) -> tuple[str, dict]:
 
 
 def run_ics_stack(specs: list[dict], data, build_model) -> list[tuple[str, dict]]:
-    """Several claim-1 runs differing only in their seed, trained as one :func:`bnlab.models.stack`: what
-    :func:`run_ics` gives each, up to float rounding.
+    """Several claim-1 runs differing only in their seed and learning rate, trained as one
+    :func:`bnlab.models.stack` (each member stepped at its own rate): what :func:`run_ics` gives each, up to
+    float rounding.
 
     Each member keeps its own run (:class:`_IcsRun`): its initial weights, its batches in its own order, its
     noise (drawn from its own generator, in the same order as alone: the stacked noisy layers apply each
     member's noise to its channels), its records of the distribution. Measurements and validations run on
     the member's own network with the stack's weights, statistics and gradients copied into it. A member that
-    diverges is finished then, as alone, and held at zero in the stack.
+    diverges is finished then, as alone, and held at zero in the stack (:meth:`~bnlab.models.Stacked.retire`:
+    the noise hooks sit on the stack's layers, so this stack is not narrowed).
     """
     import bnlab.models
     from bnlab.data import Loader
@@ -419,7 +421,7 @@ def run_ics_stack(specs: list[dict], data, build_model) -> list[tuple[str, dict]
                          for i, chunk in enumerate(output.chunk(k, 1))]
                 return torch.cat([chunk if p is None else p for p, chunk in zip(parts, output.chunk(k, 1))], 1)
             handles.append(net.get_submodule(name).register_forward_hook(noisy))
-    optimizer = torch.optim.SGD(stacked.parameters(), lr=first.lr)
+    optimizer = bnlab.models.StackedSGD(stacked, [m.lr for m in members])   # plain SGD, each at its rate
     loaders = [Loader(data.train_x, data.train_y, first.batch_size, shuffle=True, drop_last=True, seed=m.seed)
                for m in members]
     outcomes: list = [None] * k

@@ -534,7 +534,7 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
                           uncalibrated=sum(r["uncalibrated"] for r in plan.claims))
     _notes(plan, later, cuda_wanted, on, gpus_per_run)
     if int(profile.get("stack", 1)) > 1:
-        plan.notes.append(f"Runs that differ only in their seed train in stacks of up to "
+        plan.notes.append(f"Runs that differ only in their seed and learning rate train in stacks of up to "
                           f"{int(profile['stack'])} (bnlab.models.stack); the hours count each run alone, an "
                           f"upper bound (a stack of 6 took 0.4–0.8× the CPU time of its runs alone here).")
     if any(s.get("stop_at_train_acc") for c in counts.values() for s in c.own.values()):

@@ -132,8 +132,8 @@ class Shared(BaseModel):
         None, description="sequential seeds: a claim first runs the first looks[0] seeds, and while a part of it "
                           "is undecided the next block, up to looks[-1] = len(seeds) (unset: one look, every seed)")
     stack: PositiveInt = Field(
-        8, description="runs that differ only in their seed train together, as one stacked network of at "
-                       "most this many (bnlab.models.stack: each seed's run as alone, up to float rounding; "
+        8, description="runs that differ only in their seed and learning rate train together, as one stacked "
+                       "network of at most this many (bnlab.models.stack: each seed's run as alone, up to float rounding; "
                        "on one CPU core 2.1–2.6× the throughput for 1-D ResNet-8s, 1.2–1.3× for 2-D ones at "
                        "14×14); 1: every run alone")
     look_alphas: Optional[list[float]] = Field(

@@ -62,8 +62,11 @@ def estimated_cost(spec: dict) -> float:
 
 def stacks(pending: list[tuple[str, dict]], most: int) -> list[list[tuple[str, dict]]]:
     """``pending`` as jobs: runs of one stack group (:func:`bnlab.study.kinds.stack_group`: ``train`` or ``ics`` runs
-    differing only in their seed) in stacks of at most ``most``, in seed order; every other run alone.
-    Longest jobs first (the summed :func:`estimated_cost`), so the worker pool ends together."""
+    differing only in their seed and learning rate) in as few stacks of at most ``most`` as hold them, of
+    sizes differing by at most one, in (learning rate, seed) order — runs at one rate, which tend to end
+    together, share a stack; every other run alone. The stacks depend only on ``pending`` and ``most``, so a
+    rerun (with any ``--jobs``) stacks the same runs together. Longest jobs first (the summed
+    :func:`estimated_cost`), so the worker pool ends together."""
     groups: dict[str, list[tuple[str, dict]]] = {}
     jobs: list[list[tuple[str, dict]]] = []
     for key, spec in pending:
@@ -73,8 +76,14 @@ def stacks(pending: list[tuple[str, dict]], most: int) -> list[list[tuple[str, d
         else:
             groups.setdefault(group, []).append((key, spec))
     for members in groups.values():
-        members.sort(key=lambda ks: (ks[1].get("seed", 0), ks[0]))
-        jobs += [members[i:i + most] for i in range(0, len(members), most)]
+        members.sort(key=lambda ks: (ks[1].get("lr", 0.0), ks[1].get("seed", 0), ks[0]))
+        count = -(-len(members) // most)
+        size, extra = divmod(len(members), count)
+        start = 0
+        for i in range(count):
+            end = start + size + (i < extra)
+            jobs.append(members[start:end])
+            start = end
     return sorted(jobs, key=lambda job: -sum(estimated_cost(spec) for _, spec in job))
 
 

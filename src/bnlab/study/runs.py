@@ -287,19 +287,23 @@ def run_train(spec: dict) -> tuple[str, dict]:
     return _result(spec, data, model, probe, initial_norm, status, reason)
 
 
+STACK_FREE = ("seed", "lr")   # what the members of one stack may differ in
+
+
 def stack_group(spec: dict) -> str:
-    """What ``train`` specs must share to run as one stack (:func:`run_train_stack`): all but the seed."""
+    """What ``train`` (and ``ics``) specs must share to run as one stack (:func:`run_train_stack`): all but
+    the seed and the learning rate (:class:`bnlab.models.StackedSGD` steps each member at its own)."""
     import json
-    return json.dumps({k: v for k, v in spec.items() if k != "seed"}, sort_keys=True)
+    return json.dumps({k: v for k, v in spec.items() if k not in STACK_FREE}, sort_keys=True)
 
 
 def run_train_stack(specs: list[dict]) -> list[tuple[str, dict]]:
-    """Several ``train`` runs differing only in their seed, trained as one :func:`bnlab.models.stack`:
-    the same (status, result) as :func:`run_train` gives each, up to float rounding.
+    """Several ``train`` runs differing only in their seed and learning rate, trained as one
+    :func:`bnlab.models.stack`: the same (status, result) as :func:`run_train` gives each, up to float rounding.
 
     Member ``k`` starts from the network :func:`run_train` would build for its seed, sees its seed's
     batches in its seed's order, and is stepped by SGD exactly as :func:`bnlab.train.train` steps a lone
-    network (same schedule, momentum, weight-decay groups); its probe evaluates it as a network of its own
+    network at its own rate (:class:`bnlab.models.StackedSGD`: same schedule, momentum, weight-decay groups); its probe evaluates it as a network of its own
     (its weights copied out of the stack). A member that ends early — it fitted its training examples, or
     diverged — is finished then, as a lone run would be, and the others go on in a stack without it
     (:meth:`bnlab.models.Stacked.narrowed`, their momentum carried over): no step is spent on a finished
@@ -311,18 +315,21 @@ def run_train_stack(specs: list[dict]) -> list[tuple[str, dict]]:
 
     groups = {stack_group(s) for s in specs}
     if len(groups) != 1:
-        raise ValueError(f"run_train_stack: the specs must differ only in their seed ({len(groups)} groups)")
+        raise ValueError(f"run_train_stack: the specs must differ only in their seed and lr ({len(groups)} groups)")
     first = specs[0]
     data = load_data(first)
     started = [_start(spec, data) for spec in specs]
     models = [s[0] for s in started]
     config, probes = started[0][1], [s[2] for s in started]
+    rates = [s[1].lr for s in started]
     k = len(specs)
 
     def sgd(stack):
-        return torch.optim.SGD(param_groups(stack, config.weight_decay, config.norm_weight_decay), lr=config.lr,
-                               momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+        return bnlab.models.StackedSGD(stack, [rates[i] for i in live],
+                                       param_groups(stack, config.weight_decay, config.norm_weight_decay),
+                                       momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
 
+    live = list(range(k))   # the members still training: the stack's members, in its order
     stacked = bnlab.models.stack(models)
     stacked.train()
     optimizer = sgd(stacked)
@@ -330,7 +337,6 @@ def run_train_stack(specs: list[dict]) -> list[tuple[str, dict]]:
                       augment=False, seed=spec["seed"], crop_padding=data.crop_padding) for spec in specs]
     steps_per_epoch, total = len(loaders[0]), config.epochs * len(loaders[0])
     outcomes: list[Optional[tuple[str, dict]]] = [None] * k
-    live = list(range(k))   # the members still training: the stack's members, in its order
 
     def finish(i: int, status: str, reason: str) -> None:
         stacked.write_to([models[j] for j in live], [live.index(i)])
@@ -342,10 +348,11 @@ def run_train_stack(specs: list[dict]) -> list[tuple[str, dict]]:
         nonlocal stacked, optimizer
         keep = [p for p, j in enumerate(live) if j not in ended]
         narrower = stacked.narrowed([models[j] for j in live], keep)
+        old_live = list(live)
+        live[:] = [old_live[p] for p in keep]
         narrower_optimizer = sgd(narrower)
         stacked.carry_optimizer_state(optimizer, narrower, narrower_optimizer, keep)
         stacked, optimizer = narrower, narrower_optimizer
-        live[:] = [live[p] for p in keep]
 
     step = 0
     for epoch in range(config.epochs):
@@ -356,9 +363,9 @@ def run_train_stack(specs: list[dict]) -> list[tuple[str, dict]]:
                 break
             x = torch.stack([batches[i][0] for i in live])
             y = torch.stack([batches[i][1] for i in live])
-            lr = config.lr * lr_factor(step, total, config.schedule, config.warmup_fraction)
+            factor = lr_factor(step, total, config.schedule, config.warmup_fraction)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = factor
             losses = stacked.member_losses(stacked(x), y)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
