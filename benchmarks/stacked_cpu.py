@@ -9,7 +9,10 @@ Two tables:
    higher is better). Best of ``--repeat`` alternating measurements of ``--steps`` steps;
 2. whole study runs: ``bnlab.study.runs.run_train`` for each of six seeds vs one
    ``run_train_stack`` of the six (quick's claim-4 run: 3 epochs at lr 0.1, evaluated every 16 steps), the
-   wall-time ratio.
+   wall-time ratio;
+3. a learning-rate grid: quick's claim-5 tuning runs of one cell (ResNet-14, 5 rates × 2 tuning seeds), one
+   stack per rate (the seeds of a rate together) vs the runner's stacks (``bnlab.study.runner.stacks``: the
+   grid in stacks of seeds and rates, each member at its rate, a member leaving its stack when it ends).
 
 Exits with status 1 when the stacked throughput of six seeds of the 1-D network (quick's) with BN is below
 ``--target`` (1.3×). The 2-D network's convolutions do more arithmetic per call, so stacking gains less there.
@@ -104,13 +107,39 @@ def run_table() -> list[tuple]:
     return rows
 
 
+def grid_table(repeat: int) -> list[tuple]:
+    from bnlab.study import claim_residual, get_profile
+    from bnlab.study.runner import stacks
+    from bnlab.study.runs import load_data, run_train_stack
+    from bnlab.study.specs import spec_key
+    profile = get_profile("quick")
+    rows = []
+    for norm, plain in (("bn", False), ("none", False), ("none", True)):
+        specs = claim_residual._tuned(profile, None, 14, norm, plain)[0]
+        load_data(specs[0])
+        by_rate = {}
+        for s in specs:
+            by_rate.setdefault(s["lr"], []).append(s)
+        grid = [[s for _, s in job] for job in stacks([(spec_key(s), s) for s in specs], int(profile["stack"]))]
+        times = {"per rate": [], "grid": []}
+        for _ in range(repeat):
+            for name, jobs in (("per rate", list(by_rate.values())), ("grid", grid)):
+                started = time.perf_counter()
+                for job in jobs:
+                    run_train_stack(job)
+                times[name].append(time.perf_counter() - started)
+        a, g = min(times["per rate"]), min(times["grid"])
+        rows.append((f"{norm}{' plain' if plain else ''}", len(specs), len(by_rate), len(grid), a, g, a / g))
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", type=int, nargs="+", default=[2, 4, 6, 8])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--target", type=float, default=1.3)
-    parser.add_argument("--no-runs", action="store_true", help="skip the whole-run table")
+    parser.add_argument("--no-runs", action="store_true", help="skip the whole-run and grid tables")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"bnlab {bnlab.__version__}, torch {torch.__version__}, {platform.machine()}, "
@@ -125,6 +154,10 @@ def main(argv=None) -> int:
         print("|---|---:|---:|---:|")
         for norm, a, s, r in run_table():
             print(f"| {norm} | {a:.1f} | {s:.1f} | {r:.2f} |")
+        print("\n| quick's claim-5 grid at depth 14 | runs | stacks per rate | grid stacks | per rate s | grid s | × |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for cell, n, kr, kg, a, g, r in grid_table(args.repeat):
+            print(f"| {cell} | {n} | {kr} | {kg} | {a:.1f} | {g:.1f} | {r:.2f} |")
     six = [r for shape, norm, k, a, s, r in rows if norm == "bn" and k == 6 and shape.startswith("1-D")]
     if six and min(six) < args.target:
         print(f"\nstacked throughput of 6 seeds of the 1-D network with BN {min(six):.2f}× is below the target "
