@@ -147,9 +147,18 @@ def _small_specs():
                            for s in range(4)])
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_a_full_disk_stops_the_workers_and_leaves_the_store_intact_to_resume(tmp_path, monkeypatch):
-    """SQLite's `database or disk is full` at the third run's commit (as on a 300 KB tmpfs): the worker
-    processes are stopped, the two runs stored before are whole, and the same call resumes once space is free."""
+    """SQLite's `database or disk is full` at the commit holding the third run (as on a 300 KB tmpfs): the worker
+    processes are stopped, the runs stored before are whole, and the same call resumes once space is free."""
     import multiprocessing
     import sqlite3
 
@@ -158,6 +167,7 @@ def test_a_full_disk_stops_the_workers_and_leaves_the_store_intact_to_resume(tmp
     from bnlab.study.store import StoreFull
     connect = sqlite3.connect
     seen = {"rows": 0, "workers": []}
+    earlier = set(multiprocessing.active_children())   # another test's pool may still be exiting (pytest -n)
 
     class FullAfterTwo:   # a transaction that writes a third row cannot commit; reading needs no space
         def __init__(self, db):
@@ -168,7 +178,8 @@ def test_a_full_disk_stops_the_workers_and_leaves_the_store_intact_to_resume(tmp
                 seen["rows"] += 1
                 self._writes = True
             if sql == "COMMIT" and self._writes and seen["rows"] > 2:
-                seen["workers"] = [p for p in multiprocessing.active_children() if p.is_alive()]
+                seen["workers"] = [p for p in multiprocessing.active_children()
+                                   if p.is_alive() and p not in earlier]
                 self._db.execute("ROLLBACK")
                 raise sqlite3.OperationalError("database or disk is full")
             return self._db.execute(sql, *args)
@@ -183,9 +194,13 @@ def test_a_full_disk_stops_the_workers_and_leaves_the_store_intact_to_resume(tmp
         with pytest.raises(StoreFull) as info:
             run_specs(specs, store, jobs=2, progress=False, executor=executor)
     monkeypatch.setattr(sqlite3, "connect", connect)
-    assert f"with 2 of {len(specs)} runs stored; the workers were stopped" in str(info.value)
-    assert seen["workers"] and not any(p.is_alive() for p in seen["workers"])   # stopped, not left running
-    assert connect(store.path).execute("PRAGMA integrity_check").fetchone()[0] == "ok" and store.count() == 2
+    stored = connect(store.path).execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    assert stored in (1, 2)   # 2, or 1 when the second and third runs came back together (stored all or none)
+    assert f"with {stored} of {len(specs)} runs stored; the workers were stopped" in str(info.value)
+    # stopped, not left running — asked of the OS: the pool's own thread may have reaped a worker first, and
+    # then its Process object cannot tell that it is gone
+    assert seen["workers"] and not any(_running(p.pid) for p in seen["workers"])
+    assert connect(store.path).execute("PRAGMA integrity_check").fetchone()[0] == "ok" and store.count() == stored
     first = store.results()
     statuses = run_specs(specs, store, jobs=1, progress=False)
     assert set(statuses) == set(specs) - set(first)   # the two stored runs are reused, the rest run once

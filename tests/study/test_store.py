@@ -161,3 +161,16 @@ def test_a_full_disk_is_a_store_error_and_the_store_stays_intact(tmp_path, monke
     monkeypatch.setattr(sqlite3, "connect", connect)
     assert store.count() == 3 and store.get("new") is None
     assert connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_put_many_stores_all_or_none(tmp_path):
+    """A stack's runs in one transaction: a row that cannot be stored (an unknown status) stores none."""
+    store = Store(tmp_path / "s.sqlite")
+    spec = {"kind": "train", "seed": 0}
+    with pytest.raises(ValueError, match="status must be one of"):
+        store.put_many([("a", spec, "done", {"x": 1}), ("b", dict(spec, seed=1), "finished", {})])
+    assert store.count() == 0
+    store.put_many([("a", spec, "done", {"x": 1}, None, 1.0), ("b", dict(spec, seed=1), "diverged", {}, None, 2.0)])
+    rows = store.results()
+    assert {k: (r["status"], r["seconds"], r["attempts"]) for k, r in rows.items()} == \
+        {"a": ("done", 1.0, 1), "b": ("diverged", 2.0, 1)}

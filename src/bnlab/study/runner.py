@@ -118,13 +118,17 @@ def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Opt
     ``executor``: where the runs go (:mod:`bnlab.study.executors`; it is left open for the caller to
     close); none: this process for ``jobs == 1``, else ``jobs`` local processes, closed on return.
     ``progress``: a bar on stderr (``None``: only when stderr is a terminal). ``stack``: runs
-    differing only in their seed go in stacks of at most this many (:func:`stacks`; 1: each alone). Raises :class:`Interrupted`
+    differing only in their seed and learning rate go in stacks of at most this many (:func:`stacks`, cut from every
+    spec given, finished or not; 1: each alone). Raises :class:`Interrupted`
     on Ctrl-C / SIGTERM after stopping every run in flight."""
     check_jobs(jobs)
     if progress is None:
         progress = sys.stderr.isatty()
     done = store.finished_keys()
-    pending = stacks([(k, s) for k, s in specs.items() if k not in done], stack)
+    # stacks are cut from every spec given, then the finished runs left out: a resumed round stacks its
+    # remaining runs as the uninterrupted round did (a stack's runs are stored together), so it rounds alike
+    pending = [job for job in ([(k, s) for k, s in job if k not in done] for job in stacks(list(specs.items()), stack))
+               if job]
     bar = tqdm(total=len(specs), initial=len(specs) - sum(map(len, pending)), desc="runs", unit="run",
                disable=not progress, dynamic_ncols=True)
     statuses: dict[str, str] = {}
@@ -143,8 +147,9 @@ def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Opt
                         break
                 if not executor.in_flight():
                     break
-                for key, outcome in executor.wait():
-                    store.put(key, specs[key], *outcome)  # the driver is the store's only writer
+                finished = executor.wait()   # whole jobs: a stack's runs are stored together, or none of them
+                store.put_many([(key, specs[key], *outcome) for key, outcome in finished])  # the only writer
+                for key, outcome in finished:
                     statuses[key] = outcome.status
                     bar.update()
     except StoreFull as full:
@@ -267,7 +272,10 @@ def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progre
             started = time.perf_counter()
             while True:  # rounds: a claim may ask for more runs once it sees results (bnlab.study.claims),
                          # and a claim with an undecided part the next look's seeds (bnlab.study.scope)
-                new = collect_specs(profile, numbers, store.results())
+                # the claims see the runs of this invocation's earlier rounds only: a resumed study replays the
+                # rounds of an uninterrupted one (the same specs in each, so the same stacks), running what is left
+                known = store.results()
+                new = collect_specs(profile, numbers, {k: v for k, v in known.items() if k in specs})
                 if set(new) <= set(specs):
                     break
                 fresh = {k: v for k, v in new.items() if k not in specs}  # each spec is tried once per invocation

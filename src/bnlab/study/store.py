@@ -208,20 +208,30 @@ class Store:
             versions: Optional[dict] = None, hardware: Optional[dict] = None) -> None:
         """Record one finished run (atomically; a second ``put`` of the same key replaces it and counts
         an attempt)."""
-        if status not in STATUSES:
-            raise ValueError(f"status must be one of {', '.join(STATUSES)} (got {status!r})")
-        if versions is None or hardware is None:
-            versions, hardware = environment()
+        self.put_many([(key, spec, status, result, error, seconds, versions, hardware)])
+
+    def put_many(self, rows: list[tuple]) -> None:
+        """Record several finished runs in one transaction — all or none: the runs of a stack, so an
+        interruption never leaves part of a stack stored. Each row is :meth:`put`'s arguments in order."""
+        checked = []
+        for row in rows:
+            key, spec, status, result, error, seconds, versions, hardware = (list(row) + [None] * 8)[:8]
+            if status not in STATUSES:
+                raise ValueError(f"status must be one of {', '.join(STATUSES)} (got {status!r})")
+            if versions is None or hardware is None:
+                versions, hardware = environment()
+            checked.append((key, spec, status, result, error, seconds, versions, hardware))
         with self._connect() as db:
-            row = db.execute("SELECT attempts FROM runs WHERE key=?", (key,)).fetchone()
-            attempts = (row[0] + 1) if row else 1
-            db.execute(
-                "INSERT OR REPLACE INTO runs (key, kind, spec, status, result, error, seed, seconds,"
-                " finished, attempts, versions, hardware) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (key, spec.get("kind", "?"), json.dumps(spec, sort_keys=True), status,
-                 json.dumps(result, allow_nan=True) if result is not None else None, error,
-                 spec.get("seed"), seconds, time.time(), attempts,
-                 json.dumps(versions), json.dumps(hardware)))
+            for key, spec, status, result, error, seconds, versions, hardware in checked:
+                row = db.execute("SELECT attempts FROM runs WHERE key=?", (key,)).fetchone()
+                attempts = (row[0] + 1) if row else 1
+                db.execute(
+                    "INSERT OR REPLACE INTO runs (key, kind, spec, status, result, error, seed, seconds,"
+                    " finished, attempts, versions, hardware) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (key, spec.get("kind", "?"), json.dumps(spec, sort_keys=True), status,
+                     json.dumps(result, allow_nan=True) if result is not None else None, error,
+                     spec.get("seed"), seconds, time.time(), attempts,
+                     json.dumps(versions), json.dumps(hardware)))
 
     def get(self, key: str) -> Optional[dict]:
         """The stored row for ``key`` as a dict (spec and result decoded), or ``None``."""
