@@ -206,12 +206,13 @@ def test_study_on_a_full_disk_is_one_line_and_resumes_once_there_is_space(tmp_pa
     _FullDisk.state.update(rows=0, allowed=3)
     out = tmp_path / "s"
     line = assert_one_line_error(capsys, ["study", "--profile", "tiny", "--claims", "4", "--out", out],
-                                 f"the disk holding {out / 'study.sqlite'} is full (database or disk is full) with 3 of",
+                                 f"the disk holding {out / 'study.sqlite'} is full (database or disk is full) with ",
                                  "the workers were stopped and the store is intact",
                                  "free space there and rerun the same command to resume")
     monkeypatch.setattr(sqlite3, "connect", connect)   # space freed
     assert connect(out / "study.sqlite").execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert Store(out / "study.sqlite").count() == 3, line
+    stored = Store(out / "study.sqlite").count()   # whole stacks only: at most the 3 rows that fitted
+    assert stored <= 3 and f"with {stored} of" in line, line
     assert cli.main(["study", "--profile", "tiny", "--claims", "4", "--out", str(out)]) == 0
     rows = Store(out / "study.sqlite").results()
     assert len(rows) > 3 and all(row["attempts"] == 1 for row in rows.values())   # the 3 reused, none twice
