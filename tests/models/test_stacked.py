@@ -201,6 +201,15 @@ def test_a_retired_member_stays_at_zero_and_the_others_step_on():
                                    rtol=1e-10, atol=1e-12, msg=name)
 
 
+def _assert_members_are(stacked, members, alone, context):
+    """Stack position p holds network ``alone[members[p]]``'s state (weights and statistics), to 1e-8."""
+    for position, i in enumerate(members):
+        mine = stacked.member_state(position)
+        for name, t in alone[i].state_dict().items():
+            torch.testing.assert_close(mine[name].to(t.dtype), t, rtol=1e-8, atol=1e-10,
+                                       msg=f"{name} of member {i}, {context}")
+
+
 @pytest.mark.parametrize("norm", ["bn", "skipinit"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_a_narrowed_stack_steps_its_members_on_as_alone(norm, optimizer):
@@ -226,18 +235,13 @@ def test_a_narrowed_stack_steps_its_members_on_as_alone(norm, optimizer):
         x, y = _batch(1, seed=step)
         out = stacked(x[members])
         opt.zero_grad()
-        Stacked = type(stacked)
-        Stacked.member_losses(out, y[members]).sum().backward()
+        stacked.member_losses(out, y[members]).sum().backward()
         opt.step()
         for i, (net, o) in enumerate(zip(alone, opts)):
             o.zero_grad()
             nn.functional.cross_entropy(net(x[i]), y[i]).backward()
             o.step()
-    for position, i in enumerate(members):
-        mine = stacked.member_state(position)
-        for name, t in alone[i].state_dict().items():
-            torch.testing.assert_close(mine[name].to(t.dtype), t, rtol=1e-8, atol=1e-10,
-                                       msg=f"{norm}, {optimizer}: {name} of member {i} after 16 steps")
+    _assert_members_are(stacked, members, alone, f"{norm}, {optimizer}, after 16 steps")
 
 
 def test_narrowing_names_what_it_expected():
@@ -283,11 +287,7 @@ def test_stacked_sgd_steps_each_member_at_its_own_rate(momentum, nesterov, decay
             o.zero_grad()
             nn.functional.cross_entropy(net(x[i]), y[i]).backward()
             o.step()
-    for position, i in enumerate(members):
-        mine = stacked.member_state(position)
-        for name, t in alone[i].state_dict().items():
-            torch.testing.assert_close(mine[name].to(t.dtype), t, rtol=1e-8, atol=1e-10,
-                                       msg=f"{name} of member {i} (lr {rates[i]})")
+    _assert_members_are(stacked, members, alone, f"at lrs {rates}")
 
 
 def test_stacked_sgd_wants_one_positive_rate_per_member():

@@ -213,13 +213,14 @@ class Store:
     def put_many(self, rows: list[tuple]) -> None:
         """Record several finished runs in one transaction — all or none: the runs of a stack, so an
         interruption never leaves part of a stack stored. Each row is :meth:`put`'s arguments in order."""
-        checked = []
+        checked, here = [], None
         for row in rows:
             key, spec, status, result, error, seconds, versions, hardware = (list(row) + [None] * 8)[:8]
             if status not in STATUSES:
                 raise ValueError(f"status must be one of {', '.join(STATUSES)} (got {status!r})")
             if versions is None or hardware is None:
-                versions, hardware = environment()
+                here = here or environment()   # once per call
+                versions, hardware = here
             checked.append((key, spec, status, result, error, seconds, versions, hardware))
         with self._connect() as db:
             for key, spec, status, result, error, seconds, versions, hardware in checked:
