@@ -200,6 +200,31 @@ def test_an_outcome_that_changes_inside_the_stable_range_is_undecided():
     assert " at η 0.01" in said and " at η 0.1" in said and "so far" not in said.split("),")[0], said
 
 
+def test_refuted_at_one_probe_step_and_undecided_at_another_is_refuted():
+    """The claim is made for every probe step of the stable range: one step where BN clearly does not lower
+    gradient ICS refutes it, when it holds at none (quick's seed sets 0-29: refuted at η ≤ 0.01, undecided at
+    0.03-0.1, which the every-η rule of v3 left inconclusive in all five). The refutation is read at the
+    Bonferroni level, 97.5% with two probe steps."""
+    results = _results({"bn": 0.9, "none": 0.5}, {"bn": 0.95, "none": 0.8}, cost_by_seed=[0.3] * 6,
+                       relative={"bn": 0.1, "none": 0.1})
+    straddle = [0.0, 0.4, 0.1, 0.3, -0.1, 0.5]   # log10 none ÷ BN at η = 0.1, per seed: mean 0.2, undecided
+    for spec in claim_ics.measure(PROFILE):
+        if spec["arm"] == "none" and spec["lr"] == PROFILE["ics"]["ics_lr"]:
+            bn = 0.1 * (1 + 0.01 * spec["seed"])   # BN's relative change at every η (_results' wiggle)
+            for row in results[spec_key(spec)]["result"]["ics"]["probe"]["relative"]:
+                row[1] = [bn * 10 ** straddle[spec["seed"]]] * 2
+    findings = claim_ics.decide(PROFILE, results)
+    assert [p.outcome for p in findings.probes] == [REFUTED, UNDECIDED] and findings.stable_etas == [0.01, 0.1]
+    assert findings.parts[0].outcome == REFUTED and findings.part1_eta == 0.01 and not findings.reverses
+    assert findings.parts[0].level == 0.975
+    assert findings.probes[1].effect.interval.mean == pytest.approx(np.mean(straddle))
+    result = analyze(claim_ics, PROFILE, results)
+    assert result.verdict.verdict == NOT_SUPPORTED           # the premise refuted
+    assert "at η = 0.01 the gradient changed" in result.verdict.explanation
+    assert "the 97.5% interval of a claim tested at 2 probe steps" in result.verdict.explanation
+    assert "at probe step η 0.01, and at no probe step where both networks' steps were stable" in result.answer
+
+
 def test_measurements_at_an_unstable_step_count_for_neither_arm():
     # a loss spike at step 2 in the unnormalized runs: that measurement is left out of both arms
     results = _results({"bn": 0.9, "none": 0.5}, {"bn": 0.95, "none": 0.8}, spike={"none": 2})

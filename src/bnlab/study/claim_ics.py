@@ -15,8 +15,10 @@ on clean batches. Two parts, each a :class:`~bnlab.study.verdict.Rule` fixed her
    is a descent step (it lowers the batch's loss) in at least 95% of the measurements of both arms, at steps
    where both arms' training is stable (:data:`STABLE_RISE`, :data:`STABLE_SPIKE`). An overshooting probe step
    measures instability, not the shift of a layer's inputs: that share is reported on its own, as the
-   stability effect it is. The part holds (or is refuted) only when it does at every η of the stable range; an
-   outcome that changes inside it is undecided, and the report says so;
+   stability effect it is. The claim is made for every η of the stable range, so the part holds when it holds
+   at every one of them, and is refuted when it is refuted at one (its interval at the Bonferroni level over
+   the stable range) and holds at none (:func:`bnlab.study.verdict.across`); one that holds at some η and is
+   refuted at another is undecided, and the report says where;
 2. *that is why it helps* — test accuracy of BN minus noisy BN (the middle noise strength), each arm at the
    learning rate its validation accuracy chose: if shift were why BN helps, injecting it would cost accuracy.
 
@@ -39,8 +41,9 @@ from bnlab.study.kinds import ICS
 from bnlab.study.metrics import log_mean_ci, step_changes
 from bnlab.study.specs import spec_key, unique_specs
 from bnlab.study.style import LINESTYLES, arm_color, band, figure, legend_outside
-from bnlab.study.verdict import (HOLDS, NO_DATA, NO_VERDICT, NOT_SUPPORTED, REFUTED, UNDECIDED, ClaimResult, Effect, Interval, Part,
-                                 Rule, Verdict, combine_with_premise, paired_effect, t_interval)
+from bnlab.study.verdict import (HOLDS, NO_DATA, NO_VERDICT, NOT_SUPPORTED, REFUTED, UNDECIDED, ClaimResult, Effect,
+                                 Interval, Part, Rule, Verdict, across, combine_with_premise, confidence,
+                                 paired_effect, percent, t_interval)
 
 NUMBER = 1
 SLUG = "ics"
@@ -77,7 +80,9 @@ DESCENT_SHARE = 0.95
 RULE = (f"Part 1 — {RULES[0].text()}; decided at each probe step η of the stable range (η at which the probe "
         f"step lowers the batch loss in ≥ {DESCENT_SHARE:.0%} of both arms' measurements, at steps where both arms' "
         f"loss average is within {STABLE_RISE - 1:.0%} of its minimum so far and the batch loss under "
-        f"{STABLE_SPIKE:g}× that average): it holds or is refuted only if it does at every such η. Part 2 — "
+        f"{STABLE_SPIKE:g}× that average): it holds if it holds at every such η, and is refuted if at some such η "
+        f"its interval at the Bonferroni level (1 − 0.05/m for m probe steps in the range) lies below the margin "
+        f"and it holds at none; holding at one η and refuted at another is undecided. Part 2 — "
         f"{RULES[1].text()}. The claim is a premise and an explanation: part 1 refuted → not supported, whatever "
         f"part 2 says (if BN does not reduce ICS, ICS cannot be why it helps); otherwise both hold → supported, "
         f"one holds and the other is refuted → partly supported, a part refuted and none holding → not supported, "
@@ -361,7 +366,9 @@ class Findings:
     test_acc: dict[str, dict]              # arm → seed → test accuracy % at the validated rate
     probes: list[Probe]                    # gradient ICS at every probe step, smallest first
     stable_etas: list[float]               # the probe steps of the stable range
-    changes: bool                          # part 1's outcome differs between probe steps of the stable range
+    changes: bool                          # part 1's outcome (each η alone) differs between probe steps of the stable range
+    part1_eta: Optional[float]             # the probe step whose effect part 1 shows (verdict.across)
+    reverses: bool                         # part 1 holds at one probe step of the stable range and is refuted at another
     rule_arm: str                          # the noisy arm part 2 compares with BN
     arms: dict[str, Arm]                   # BN, the noisy arms (weakest noise first), none
     layers: list[Layer]                    # gradient ICS per measured layer, at the training step (η = ics_lr)
@@ -387,12 +394,14 @@ def decide(profile: dict, results: dict) -> Findings:
     # gradient ICS at every probe step, decided over the stable range
     probes = [_probe(k, eta, ics_runs) for k, eta in enumerate(cfg["probe_steps"])]
     stable = [p for p in probes if p.stable]
-    outcomes = {p.outcome for p in stable}
-    changes = len(outcomes) > 1
-    if not stable:
+    changes = len({p.outcome for p in stable}) > 1
+    decided = across(RULES[0], [p.effect for p in stable], RULES[0].bounds)
+    if decided.effect is None:
         part1 = Part(RULES[0], probes[0].effect if probes else Effect([], Interval.of((math.nan,) * 3)), NO_DATA)
-    else:   # the effect shown is the largest stable probe step's, the one nearest the training step
-        part1 = Part(RULES[0], stable[-1].effect, UNDECIDED if changes else outcomes.pop())
+        part1_eta = None
+    else:   # the deciding probe step's effect: the largest that holds / is undecided, or the largest refuted
+        part1 = Part(RULES[0], decided.effect, decided.outcome, level=decided.level)
+        part1_eta = stable[decided.index].eta
     parts = [part1, Part(RULES[1], paired_effect(test_acc["bn"], test_acc[noisy], "points", RULES[1].bounds))]
 
     # gradient ICS per layer at the training step (the first version's view)
@@ -409,7 +418,8 @@ def decide(profile: dict, results: dict) -> Findings:
                and chosen[a] in (min(_grid(cfg, a)), max(_grid(cfg, a)))]
     doses = [a for a in ordered if a.startswith("noisy_bn:")]
     return Findings(
-        parts, failed_runs(profile, results), chosen, test_acc, probes, [p.eta for p in stable], changes, noisy,
+        parts, failed_runs(profile, results), chosen, test_acc, probes, [p.eta for p in stable], changes, part1_eta,
+        decided.changes, noisy,
         arms, layers, smoothness=smoother,
         plateau=_plateau_gain(chosen_runs["bn"], cfg["steps"]), at_edge=at_edge,
         dose=Band.of([0.0] + [noise_strength(a) for a in doses],
@@ -574,7 +584,7 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
     # the verdict and its prose
     verdict = Verdict.from_parts(parts, key_number=(f"gradient change without BN ÷ with BN "
                                                     f"{parts[0].effect.interval.text(2)} (η "
-                                                    f"{f.stable_etas[-1] if f.stable_etas else 'n/a'}); "
+                                                    f"{f.part1_eta if f.part1_eta is not None else 'n/a'}); "
                                                     f"noisy-BN cost {parts[1].effect.interval.text(1)}"),
                                  explanation="", rule=combine_with_premise)
     if failed:
@@ -587,10 +597,12 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
         f"BN and an unnormalized twin trained at one rate, {cfg['ics_lr']:g}, from the same initial weights and data "
         f"order. Every {cfg['measure_every']} steps we measured gradient ICS: how much a layer's gradient G changes "
         f"(to G′) when the earlier layers take a step of size η first, relative to its size.",
-        (f"Where both networks' steps still lower the loss (η ≤ {f.stable_etas[-1]:g}), the gradient changed "
-         f"{factor_text(ratio)} {direction} with BN ({ratio.text(2)} decades"
+        (f"Where both networks' steps still lower the loss (η ≤ {f.stable_etas[-1]:g}), at η = {f.part1_eta:g} the "
+         f"gradient changed {factor_text(ratio)} {direction} with BN ({ratio.text(2)} decades"
+         + (f", the {percent(parts[0].level)} interval of a claim tested at {len(f.stable_etas)} probe steps"
+            if parts[0].level != confidence() else "")
          + (", and the outcome changed between probe steps" if f.changes else "") + "). "
-         f"Santurkar et al. found BN does not lower ICS either." if f.stable_etas else
+         f"Santurkar et al. found BN does not lower ICS either." if f.stable_etas and f.part1_eta is not None else
          "No probe step was a descent step for both networks, so part 1 has no data."),
         (f"At the training step (η = {at_lr.eta:g}) the unnormalized net's step raised the loss in "
          f"{_share(1 - at_lr.descent['none'])} of the measurements, BN's in {_share(1 - at_lr.descent['bn'])}. That "
@@ -609,7 +621,8 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
             f"measurements where both networks are stable (loss average within {STABLE_RISE - 1:.0%} of its lowest so "
             f"far, batch loss under {STABLE_SPIKE:g}× the average); the effect is log10 of its ratio, none over BN.",
             f"A probe step is in the stable range when it lowers the batch loss in at least {DESCENT_SHARE:.0%} of both "
-            f"networks' measurements. Part 1 holds or is refuted only if it does at every probe step of that range: "
+            f"networks' measurements. Part 1 holds if it holds at every probe step of that range and is refuted if "
+            f"it is refuted at one (at the Bonferroni level over the range) and holds at none: "
             + "; ".join(f"η {p.eta:g}: {p.effect.interval.text(2)}, {p.outcome}" for p in f.probes if p.stable) + ".",
             f"The cosine the first version used, at the training step: Δcos(G, G′) BN − none "
             f"{at_lr.cos_gain.text(3) if at_lr is not None else 'n/a'}; cos(G, G′) < 0 in "
@@ -671,6 +684,7 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
                              "values": p.effect.values, "descent": p.descent, "negative_cosine": p.negative_cosine,
                              "relative": p.relative, "cos_gain": p.cos_gain, "counted": p.counted} for p in f.probes],
                  "stable_etas": f.stable_etas, "changes_within_stable_range": f.changes,
+                 "part1_eta": f.part1_eta, "holds_and_refuted_within_stable_range": f.reverses,
                  "smoothness_ratio": f.smoothness.to_dict(), "bn_plateau_gain": f.plateau.to_dict(),
                  "lr_at_grid_edge": at_edge, "failed_runs": failed})
 
@@ -816,10 +830,16 @@ def _changing(findings: Findings) -> str:
 def answer(findings: Findings) -> str:
     """The claim's answer in one plain sentence (the report's first screen), from its parts."""
     from bnlab.study import answers  # only the answer reads the shared phrasing
+    eta = f"{findings.part1_eta:g}" if findings.part1_eta is not None else "n/a"
+    others = [p for p in findings.probes if p.stable and p.eta != findings.part1_eta]
+    elsewhere = (", and at no probe step where both networks' steps were stable did BN clearly lower it"
+                 if others else "")
     return answers.sentence(findings.parts, [
-        answers.Phrase(holds="with BN, earlier layers' steps changed a layer's gradient {x} less (lower gradient ICS)",
-                       refuted="BN did not lower gradient ICS at any probe step where both networks' steps were stable",
-                       reversed="BN raised gradient ICS: earlier layers' steps changed a layer's gradient {x} more",
+        answers.Phrase(holds="with BN, earlier layers' steps changed a layer's gradient {x} less (lower gradient ICS) "
+                             "at every probe step where both networks' steps were stable",
+                       refuted=f"BN did not clearly lower gradient ICS ({{s}} at probe step η {eta}{elsewhere})",
+                       reversed=f"BN raised gradient ICS: at probe step η {eta} earlier layers' steps changed a "
+                                f"layer's gradient {{x}} more{elsewhere}",
                        question="BN lowers gradient ICS",
                        undecided=_changing(findings)),
         answers.Phrase(holds="injecting shift after BN cost {x} of test accuracy, as if shift mattered",

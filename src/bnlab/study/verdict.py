@@ -43,7 +43,7 @@ __all__ = ["SUPPORTED", "PARTLY", "NOT_SUPPORTED", "INCONCLUSIVE", "NO_VERDICT",
            "HOLDS", "REFUTED", "UNDECIDED", "NO_DATA", "MIN_SEEDS", "CONFIDENCE",
            "Interval", "Rule", "Effect", "Part", "Verdict", "ClaimResult",
            "t_interval", "paired_effect", "combine", "combine_with_premise", "agrees", "seeds_to_decide",
-           "between", "SEEDS_LIMIT", "confidence", "at_confidence"]
+           "between", "SEEDS_LIMIT", "confidence", "at_confidence", "across", "Across", "percent"]
 
 SUPPORTED = "supported"
 PARTLY = "partly supported"
@@ -156,7 +156,7 @@ class Rule:
 
     def text(self) -> str:
         unit = f" {self.unit}" if self.unit else ""
-        return (f"{self.name}: holds when the {_percent(confidence())} CI of {self.effect} lies above "
+        return (f"{self.name}: holds when the {percent(confidence())} CI of {self.effect} lies above "
                 f"{self.threshold:g}{unit}; "
                 f"refuted (absent) when it lies below {self.margin:g}{unit}; otherwise undecided")
 
@@ -261,7 +261,7 @@ class Part:
         outcome = "is refuted (reversed)" if self.reversed else {
             HOLDS: "holds", REFUTED: "is refuted (absent)", UNDECIDED: "is undecided",
             NO_DATA: "has no verdict (too few finished seeds)"}[self.outcome]
-        level = "" if self.level == CONFIDENCE else f", {_percent(self.level)} interval"
+        level = "" if self.level == CONFIDENCE else f", {percent(self.level)} interval"
         text = (f"{self.rule.name} {outcome}: {self.rule.effect} = {self.effect.interval.text(digits)} "
                 f"(threshold {self.rule.threshold:g}, margin {self.rule.margin:g}; {self.effect.n} seeds{level})")
         if self.outcome == UNDECIDED:
@@ -294,8 +294,55 @@ class Part:
                 if self.outcome == UNDECIDED else None}
 
 
-def _percent(level: float) -> str:
-    return f"{100 * level:.1f}".rstrip("0").rstrip(".") + "%"
+def percent(level: float) -> str:
+    """A confidence level in percent: 0.95 → "95%", 0.975 → "97.5%", 0.9875 → "98.75%"."""
+    return f"{100 * level:.2f}".rstrip("0").rstrip(".") + "%"
+
+
+@dataclass
+class Across:
+    """A part decided over every setting of a knob (:func:`across`)."""
+
+    outcome: str
+    index: Optional[int]   # the setting whose effect decides (and is shown); None: no setting has data
+    effect: Optional[Effect]  # that setting's effect, at :attr:`level`
+    level: float           # its interval's level: the current one, or the adjusted one of a refutation
+    changes: bool          # the part holds at one setting and is refuted at another
+
+
+def across(rule: Rule, effects: Sequence[Effect], bounds: Optional[tuple[float, float]] = None) -> Across:
+    """Decide a part that claims an effect at *every* setting of a knob (claim 1: every probe step of its
+    stable range) from the settings' paired effects, with the error of one interval:
+
+    * it **holds** when it holds at every setting, each at the current level (:func:`confidence`): a false
+      "holds" needs every one of the intervals to be wrong, so its rate stays that of one interval
+      (an intersection-union test);
+    * it is **refuted** when it holds at none and, at some setting, the interval at level
+      ``1 − (1 − confidence()) / m`` (``m`` settings) lies below the margin: one clear counterexample refutes
+      a claim made for every setting, and the Bonferroni level keeps a false "refuted" at any of the ``m``
+      within one interval's error, whatever the correlation between settings (a plain 95% interval at each
+      would give up to ``m`` times that);
+    * otherwise it is **undecided** — also when it holds at one setting and is refuted at another (``changes``:
+      the answer depends on the knob).
+
+    The effect returned is the deciding setting's: the last that holds or is undecided, or the last refuted
+    one (at its adjusted level). ``bounds``: the effect's range, as for :func:`paired_effect`.
+    """
+    level = confidence()
+    with_data = [i for i, e in enumerate(effects) if rule.decide(e) != NO_DATA]
+    if not with_data:
+        return Across(NO_DATA, None, None, level, False)
+    adjusted = 1.0 - (1.0 - level) / len(with_data)
+    wide = {i: Effect(list(effects[i].values),
+                      Interval.of(t_interval(effects[i].values, bounds, adjusted), effects[i].interval.unit),
+                      list(effects[i].seeds)) for i in with_data}
+    holds = [i for i in with_data if rule.decide(effects[i]) == HOLDS]
+    refuted = [i for i in with_data if rule.decide(wide[i]) == REFUTED]
+    if len(holds) == len(with_data):
+        return Across(HOLDS, holds[-1], effects[holds[-1]], level, False)
+    if refuted and not holds:
+        return Across(REFUTED, refuted[-1], wide[refuted[-1]], adjusted, False)
+    return Across(UNDECIDED, with_data[-1], effects[with_data[-1]], level, bool(holds and refuted))
 
 
 def combine(outcomes: Sequence[str]) -> str:
