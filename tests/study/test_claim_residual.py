@@ -113,6 +113,8 @@ def test_claim5_reports_the_interaction_at_every_depth_and_decides_at_the_deepes
     assert by_depth["14"]["interval"]["mean"] == pytest.approx(1 - math.log10(2)) and by_depth["14"]["outcome"] == "holds"
     assert result.numbers["interaction"]["mean"] == pytest.approx(1 - math.log10(2))      # the deepest decides
     assert "The answer changes with depth" in result.verdict.explanation
+    assert result.answer.startswith("At depth 14, BN lowered the training loss of residual networks about "
+                                    f"{10 ** (1 - math.log10(2)):.0f}× more than that of plain ones"), result.answer
     # beside a disagreement with the papers, the measured numbers: the interaction at each depth
     by_depth_said = next(d for d in result.differences if d.startswith("The interaction by depth"))
     assert "depth 8: " in by_depth_said and "(refuted)" in by_depth_said and "depth 14: " in by_depth_said

@@ -16,7 +16,8 @@ from bnlab.study.specs import make_spec, spec_key
 @pytest.mark.parametrize("name", ["tiny", "quick"])
 @pytest.mark.parametrize("claims", [[1, 2, 3, 4, 5], [4, 5], [4]])
 def test_run_counts_are_the_runners_specs_each_counted_once(name, claims):
-    profile = {**get_profile(name), "tune_seeds": None}  # every seed in the first round (tuned: below)
+    # every seed in the first round (tuned: below), in one look (later looks: test_plan_counts_the_first_look_…)
+    profile = {**get_profile(name), "tune_seeds": None, "looks": None, "look_alphas": None}
     counts = count_runs(profile, claims)
     runner = collect_specs(profile, claims, None)
     owned = [k for c in counts.values() for k in c.own]
@@ -33,9 +34,10 @@ def test_run_counts_are_the_runners_specs_each_counted_once(name, claims):
 
 
 def test_tuned_claims_count_their_second_round():
-    # quick: 6 seeds, 2 of them tuning seeds; each arm/cell runs its grid on those, one rate on the others
+    # quick: 6 seeds in its first look, 2 of them tuning seeds; each arm/cell runs its grid on those, one rate
+    # on the others
     profile = get_profile("quick")
-    assert profile["tune_seeds"] == 2 and len(profile["seeds"]) == 6
+    assert profile["tune_seeds"] == 2 and profile["looks"][0] == 6
     counts = count_runs(profile, [1, 3, 5])
     arms3 = 6  # BN, ghost 8, ghost 4, GroupNorm, none, none + weight decay; 2 rates each
     assert len(counts[3].own) == arms3 * (2 * 2 + 4)
@@ -49,10 +51,10 @@ def test_tuned_claims_count_their_second_round():
 
 
 def test_later_round_bounds_from_the_profile():
-    # quick: 2 arms, 5 rates, 1 batch size, max_extensions 2, 6 seeds (hand-derived)
+    # quick: 2 arms, 5 rates, 1 batch size, max_extensions 2, 6 seeds in the first look (hand-derived)
     profile = get_profile("quick")
     assert (len(profile["lr"]["arms"]), len(profile["lr"]["lrs"]), profile["lr"]["max_extensions"],
-            len(profile["seeds"]), len(profile["lr"]["batch_sizes"])) == (2, 5, 2, 6, 1)
+            profile["looks"][0], len(profile["lr"]["batch_sizes"])) == (2, 5, 2, 6, 1)
     # claim 2: the sweep's extensions, its 2 arms' longer runs at every rate of the extended grid, and BN's
     # rerun for the plateau budget in every seed
     assert profile["speed"]["arms"] == ["bn", "none"]

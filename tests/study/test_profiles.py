@@ -80,6 +80,9 @@ def test_overrides_are_validated_and_name_the_argument():
         with_overrides(get_profile("tiny"), device="tpu")
     assert with_overrides(get_profile("tiny"), dataset="digits")["regularize"]["dataset"] == "digits"
     assert with_overrides(get_profile("quick"), seeds=2)["seeds"] == [0, 1]
+    # the profile's sequential looks (6, then 10) give way to one look of the seeds asked for
+    assert get_profile("quick")["looks"] == [6, 10]
+    assert with_overrides(get_profile("quick"), seeds=8)["looks"] is None
 
 
 def test_claim2_arms_must_be_swept_and_hold_bn_and_none():

@@ -94,8 +94,9 @@ def add_arguments(parser) -> None:
                              "0.25 for four runs per GPU (default 1)")
     parser.add_argument("--device", default="auto",
                         help="auto (default: CUDA if available, else the profile's), cpu, cuda or cuda:N")
-    parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds (below 3 every "
-                                                                "claim gets 'no verdict')")
+    parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds, all in one look "
+                                                                "(no sequential seeds; below 3 every claim gets "
+                                                                "'no verdict')")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: when stderr is a terminal)")
     parser.add_argument("--show-profile", action="store_true", help="print the profile as JSON and exit")

@@ -837,7 +837,11 @@ def answer(findings: Findings) -> str:
     return answers.sentence(findings.parts, [
         answers.Phrase(holds="with BN, earlier layers' steps changed a layer's gradient {x} less (lower gradient ICS) "
                              "at every probe step where both networks' steps were stable",
-                       refuted=f"BN did not clearly lower gradient ICS ({{s}} at probe step η {eta}{elsewhere})",
+                       refuted=(f"BN did not lower gradient ICS: at probe step η {eta} earlier layers' steps "
+                                f"changed a layer's gradient {{x}} more with BN, not less{elsewhere}"
+                                if findings.parts[0].effect.interval.mean < 0 else
+                                f"BN did not clearly lower gradient ICS: at probe step η {eta} earlier layers' "
+                                f"steps changed a layer's gradient at most slightly less with BN ({{x}}){elsewhere}"),
                        reversed=f"BN raised gradient ICS: at probe step η {eta} earlier layers' steps changed a "
                                 f"layer's gradient {{x}} more{elsewhere}",
                        question="BN lowers gradient ICS",

@@ -441,11 +441,14 @@ def _depth_figure(profile, findings: Findings) -> dict:
 def answer(findings: Findings) -> str:
     """The claim's answer in one plain sentence (the report's first screen), from its parts."""
     from bnlab.study import answers  # only the answer reads the shared phrasing
+    at = f"at depth {findings.deepest}"
     return answers.sentence(findings.parts, [
-        answers.Phrase(holds="BN lowered the training loss of residual networks {x} more than that of plain ones",
-                       refuted="BN did not help residual networks clearly more than plain ones ({s})",
-                       reversed="BN lowered the training loss of plain networks {x} more than that of residual ones",
-                       question="BN helps residual networks more than plain ones"),
+        answers.Phrase(holds=f"{at}, BN lowered the training loss of residual networks {{x}} more than that of plain "
+                             f"ones",
+                       refuted=f"{at}, BN did not help residual networks clearly more than plain ones ({{s}})",
+                       reversed=f"{at}, BN lowered the training loss of plain networks {{x}} more than that of "
+                                f"residual ones",
+                       question=f"BN helps residual networks more than plain ones {at}"),
         answers.Phrase(holds="at initialization BN biased residual blocks towards the identity",
                        refuted="at initialization BN did not clearly bias blocks towards the identity ({s})",
                        reversed="at initialization blocks were less biased towards the identity with BN",
