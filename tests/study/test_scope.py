@@ -151,3 +151,41 @@ def test_a_study_in_two_settings_with_two_looks(tmp_path):
     assert seeds_run == ({0, 1, 2, 3, 4} if any(s["look"] == 2 for s in claim["settings"]) else {0, 1, 2})
     report = (out / "report.md").read_text()
     assert "In every setting" in report and "synthetic, ResNet-14" in report
+
+
+def test_rounds_end_when_a_later_look_asks_for_other_runs_than_the_first(monkeypatch):
+    """Reproduces a study that never ended (quick, seeds 70–79: claim 2's second look asks for other runs
+    than its first). The runner's rounds let a claim see only the runs the last round asked for: the first
+    look's runs, no longer asked for, vanished, the claim went back to its first look, asked for them again,
+    and so on for ever. The rounds must end, each run asked for once, the claim at its second look."""
+    from bnlab.study import scope
+    from bnlab.study.runner import run_rounds
+
+    effects = {s: v for s, v in enumerate([3.0, -1.0, 2.5, 0.0, 4.0, 1.0, 2.0, 3.0, 1.5, 2.5])}  # undecided at 6
+
+    def measure(profile, results=None):   # the second look runs every seed at another norm (other runs)
+        norm = "bn" if len(profile["seeds"]) <= 6 else "none"
+        return [make_spec("train", seed=s, norm=norm, dataset=profile["dataset"]) for s in profile["seeds"]]
+
+    def decide(profile, results):
+        specs = {s: spec_key(spec) for s, spec in zip(profile["seeds"], measure(profile))}
+        treated = {s: effects[s] for s, key in specs.items() if key in results}
+        return types.SimpleNamespace(parts=[Part(RULE, paired_effect(treated, {s: 0.0 for s in treated}))])
+
+    monkeypatch.setitem(scope.CLAIMS, 99, types.SimpleNamespace(measure=measure, decide=decide))
+    profile = _profile()
+    store, asked = {}, []
+
+    def collect(seen):
+        asked.append(len(seen))
+        assert len(asked) < 10, f"the rounds do not end: runs seen per round {asked}"
+        return scope.collect(profile, [99], seen)
+
+    def run(fresh):
+        store.update({k: {"status": "done", "result": {}} for k in fresh})
+        return {k: "done" for k in fresh}
+
+    specs, statuses = run_rounds(collect, run, lambda: dict(store))
+    assert sorted(s["norm"] for s in specs.values()) == ["bn"] * 6 + ["none"] * 10
+    assert len(statuses) == len(specs) == 16                              # each run once
+    assert at_look(scope.CLAIMS[99], profile, store).index == 1           # where the report judges it

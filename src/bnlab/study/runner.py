@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from tqdm.auto import tqdm
 
@@ -40,8 +40,8 @@ from bnlab.study.scope import collect as collect_specs
 from bnlab.study.specs import spec_label
 from bnlab.study.store import STORE_NAME, Store, StoreDamaged, StoreError, StoreFull, recover
 
-__all__ = ["STORE_NAME", "LOCK_NAME", "Interrupted", "collect_specs", "run_specs", "run_study", "estimated_cost",
-           "StudyLock", "check_jobs", "check_out", "open_store"]
+__all__ = ["STORE_NAME", "LOCK_NAME", "Interrupted", "collect_specs", "run_specs", "run_rounds", "run_study",
+           "estimated_cost", "StudyLock", "check_jobs", "check_out", "open_store"]
 
 LOCK_NAME = ".study.lock"  # beside it, .study.lock.owner names the process holding it
 
@@ -180,6 +180,29 @@ def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Opt
     return statuses
 
 
+def run_rounds(collect: Callable[[dict], dict], run: Callable[[dict], dict], results: Callable[[], dict],
+               specs: Optional[dict] = None) -> tuple[dict[str, dict], dict[str, str]]:
+    """The study's rounds: ``collect(seen)`` (key → spec the claims ask for, given the results of the runs
+    this invocation's earlier rounds asked for), ``run(fresh)`` the specs not asked for before, until a
+    round asks for nothing new. Returns (key → spec of every run asked for, key → status of those run);
+    ``specs``, if given, is filled in place as the rounds go (what was asked for when ``run`` raises).
+
+    A claim sees the runs of every earlier round of this invocation, also those it no longer asks for (a
+    later look's runs need not include an earlier look's): a resumed study replays the rounds of an
+    uninterrupted one, and the set of runs asked for only grows, so the rounds end. (Seeing only the last
+    round's runs let a claim go back and forth between two looks, never ending.)"""
+    specs = {} if specs is None else specs
+    statuses: dict[str, str] = {}
+    while True:
+        known = results()
+        new = collect({k: v for k, v in known.items() if k in specs})
+        fresh = {k: v for k, v in new.items() if k not in specs}   # each spec is tried once per invocation
+        if not fresh:
+            return specs, statuses
+        specs.update(fresh)
+        statuses.update(run(fresh))
+
+
 # ------------------------------------------------------------------------------------------ the study
 class StudyLock:
     """An exclusive lock on a study directory (``filelock``, released by the OS if the process dies).
@@ -270,18 +293,13 @@ def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progre
             store.set_meta("profile", profile)
             store.set_meta("claims", numbers)
             started = time.perf_counter()
-            while True:  # rounds: a claim may ask for more runs once it sees results (bnlab.study.claims),
-                         # and a claim with an undecided part the next look's seeds (bnlab.study.scope)
-                # the claims see the runs of this invocation's earlier rounds only: a resumed study replays the
-                # rounds of an uninterrupted one (the same specs in each, so the same stacks), running what is left
-                known = store.results()
-                new = collect_specs(profile, numbers, {k: v for k, v in known.items() if k in specs})
-                if set(new) <= set(specs):
-                    break
-                fresh = {k: v for k, v in new.items() if k not in specs}  # each spec is tried once per invocation
-                specs = new
-                statuses.update(run_specs(fresh, store, jobs=jobs, progress=progress, executor=executor,
-                                          stack=int(profile.get("stack", 1))))
+            # rounds: a claim may ask for more runs once it sees results (bnlab.study.claims), and a claim
+            # with an undecided part the next look's seeds (bnlab.study.scope)
+            _, ran = run_rounds(lambda seen: collect_specs(profile, numbers, seen),
+                                lambda fresh: run_specs(fresh, store, jobs=jobs, progress=progress, executor=executor,
+                                                        stack=int(profile.get("stack", 1))),
+                                store.results, specs)
+            statuses.update(ran)
             store.set_meta("last_run_seconds", time.perf_counter() - started)
             store.set_meta("last_run_count", len(statuses))  # runs this invocation executed (0: all were finished)
         except StoreFull as full:
