@@ -3,6 +3,7 @@ collect → run rounds with a fake in place of training (each claim's test modul
 
 from bnlab.study import get_profile
 from bnlab.study.claims import collect_specs
+from bnlab.study.runner import run_rounds
 
 SEEDS = [0, 1, 2, 3, 4, 5]
 LR4 = {"lrs": [0.01, 0.1, 1.0], "batch_sizes": [32], "max_extensions": 2}  # claim 4's sweep, which claim 2 reuses
@@ -27,15 +28,16 @@ def make_row(status="done", val=0.5, test=None, train=None, losses=(2.4, 1.6, 0.
 
 
 def simulate(profile, claims, fake):
-    """Run the collect → run rounds of the runner with ``fake(spec) -> row`` instead of training."""
+    """Run the runner's collect → run rounds (:func:`bnlab.study.runner.run_rounds`) with ``fake(spec) -> row``
+    instead of training."""
     results = {}
-    while True:
-        specs = collect_specs(profile, claims, results)
-        new = {k: s for k, s in specs.items() if k not in results}
-        if not new:
-            return results
-        for key, spec in new.items():
-            results[key] = fake(spec)
+
+    def run(fresh):
+        results.update({key: fake(spec) for key, spec in fresh.items()})
+        return {key: results[key]["status"] for key in fresh}
+
+    run_rounds(lambda seen: collect_specs(profile, claims, seen), run, lambda: results, {})
+    return results
 
 
 def paper_rows(result) -> dict:

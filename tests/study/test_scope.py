@@ -185,7 +185,8 @@ def test_rounds_end_when_a_later_look_asks_for_other_runs_than_the_first(monkeyp
         store.update({k: {"status": "done", "result": {}} for k in fresh})
         return {k: "done" for k in fresh}
 
-    specs, statuses = run_rounds(collect, run, lambda: dict(store))
+    specs = {}
+    statuses = run_rounds(collect, run, lambda: dict(store), specs)
     assert sorted(s["norm"] for s in specs.values()) == ["bn"] * 6 + ["none"] * 10
     assert len(statuses) == len(specs) == 16                              # each run once
     assert at_look(scope.CLAIMS[99], profile, store).index == 1           # where the report judges it

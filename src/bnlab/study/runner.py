@@ -181,24 +181,23 @@ def run_specs(specs: dict[str, dict], store: Store, jobs: int = 1, progress: Opt
 
 
 def run_rounds(collect: Callable[[dict], dict], run: Callable[[dict], dict], results: Callable[[], dict],
-               specs: Optional[dict] = None) -> tuple[dict[str, dict], dict[str, str]]:
+               specs: dict) -> dict[str, str]:
     """The study's rounds: ``collect(seen)`` (key → spec the claims ask for, given the results of the runs
     this invocation's earlier rounds asked for), ``run(fresh)`` the specs not asked for before, until a
-    round asks for nothing new. Returns (key → spec of every run asked for, key → status of those run);
-    ``specs``, if given, is filled in place as the rounds go (what was asked for when ``run`` raises).
+    round asks for nothing new. ``specs`` (empty at first) gathers every spec asked for, in place, so it
+    says what was asked for when ``run`` raises; returns key → status of the runs ``run`` reported.
 
     A claim sees the runs of every earlier round of this invocation, also those it no longer asks for (a
     later look's runs need not include an earlier look's): a resumed study replays the rounds of an
     uninterrupted one, and the set of runs asked for only grows, so the rounds end. (Seeing only the last
     round's runs let a claim go back and forth between two looks, never ending.)"""
-    specs = {} if specs is None else specs
     statuses: dict[str, str] = {}
     while True:
         known = results()
         new = collect({k: v for k, v in known.items() if k in specs})
         fresh = {k: v for k, v in new.items() if k not in specs}   # each spec is tried once per invocation
         if not fresh:
-            return specs, statuses
+            return statuses
         specs.update(fresh)
         statuses.update(run(fresh))
 
@@ -287,19 +286,17 @@ def run_study(profile: dict, out: str | Path, claims=None, jobs: int = 1, progre
     out = check_out(out)
     with StudyLock(out):
         store = open_store(out / STORE_NAME)
-        statuses: dict[str, str] = {}
-        specs: dict[str, dict] = {}
+        specs: dict[str, dict] = {}   # every spec asked for (run_rounds fills it)
         try:
             store.set_meta("profile", profile)
             store.set_meta("claims", numbers)
             started = time.perf_counter()
             # rounds: a claim may ask for more runs once it sees results (bnlab.study.claims), and a claim
             # with an undecided part the next look's seeds (bnlab.study.scope)
-            _, ran = run_rounds(lambda seen: collect_specs(profile, numbers, seen),
-                                lambda fresh: run_specs(fresh, store, jobs=jobs, progress=progress, executor=executor,
-                                                        stack=int(profile.get("stack", 1))),
-                                store.results, specs)
-            statuses.update(ran)
+            statuses = run_rounds(lambda seen: collect_specs(profile, numbers, seen),
+                                  lambda fresh: run_specs(fresh, store, jobs=jobs, progress=progress,
+                                                          executor=executor, stack=int(profile.get("stack", 1))),
+                                  store.results, specs)
             store.set_meta("last_run_seconds", time.perf_counter() - started)
             store.set_meta("last_run_count", len(statuses))  # runs this invocation executed (0: all were finished)
         except StoreFull as full:
