@@ -129,3 +129,32 @@ def test_a_run_stops_at_the_evaluation_where_it_fits(tmp_path):
     accs = result["curve"]["train_acc"]
     assert accs[-1] >= 0.9 and all(a < 0.9 for a in accs[:-1])
     assert result["final"]["train_acc"] == accs[-1]
+
+
+def test_claim3_at_its_own_depth_is_one_set_of_runs_for_both_depth_settings():
+    """``regularize.depth`` fixes claim 3's depth whatever the setting's (standard: ResNet-8 in its depth-14
+    settings too); unset, the claim follows the setting."""
+    from bnlab.study import get_profile
+    from bnlab.study.profiles import validate
+    from bnlab.study.scope import collect
+
+    profile = get_profile("tiny")
+    profile["settings"] = [{}, {"depth": 14}]
+    follows = collect(validate(profile), [3])
+    assert {s["depth"] for s in follows.values()} == {8, 14}
+    profile["regularize"]["depth"] = 8
+    fixed = collect(validate(profile), [3])
+    assert {s["depth"] for s in fixed.values()} == {8}
+    assert len(fixed) * 2 == len(follows)     # the depth-14 setting asks for the very runs of the depth-8 one
+    assert get_profile("standard")["regularize"]["depth"] == 8
+
+
+def test_claim3_says_when_it_trains_at_another_depth_than_its_setting():
+    gaps = {"none": 20, "bn": 10, "ghost:4": 5, "ghost:16": 8, "groupnorm": 12, "none+wd": 15}
+    profile = make_profile(regularize={"fit_threshold": 99.0, "depth": 8})
+    profile["depth"] = 14                                   # the setting's depth
+    result = analyze(claim_regularize, profile, simulate(profile, [3], _reg_fake(lambda a, s: gaps[a])))
+    assert any("ResNet-8" in c and "ResNet-14" in c for c in result.caveats)
+    assert any("ours: " in row[3] and "ResNet-8," in row[3] for row in result.tables[1]["rows"])  # "ours | paper | setting"
+    same = _claim3(lambda a, s: gaps[a])
+    assert not any("setting's ResNet" in c for c in same.caveats)

@@ -71,6 +71,10 @@ def test_section_checks():
         with_overrides(profile)
     for where in ("regularize:", "residual.train_depths:", "residual.lrs:"):
         assert where in str(info.value)
+    profile = get_profile("quick")
+    profile["regularize"]["depth"] = 10                     # not a 6n+2 ResNet depth
+    with pytest.raises(UserError, match=r"regularize\.depth: .*6n\+2.*\[10\]"):
+        with_overrides(profile)
 
 
 def test_overrides_are_validated_and_name_the_argument():

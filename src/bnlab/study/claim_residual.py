@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, f
 
 from bnlab.study import style, sweep
 from bnlab.study.common import (Band, arm_label, by_seed, ci, data_fields, dataset_label, final_loss, final_pct,
-                                fmt_ci, lookup, paper_table, tuned, tuning_caveat)
+                                fmt_ci, lookup, paper_table, resnet_depths, tuned, tuning_caveat)
 from bnlab.study.kinds import SIGNAL
 from bnlab.study.verdict import SUPPORTED, ClaimResult, Effect, Interval, Part, Rule, Verdict, paired_effect
 
@@ -61,13 +61,6 @@ CELLS = [("bn", False), ("bn", True), ("none", False), ("none", True)]
 SIGNAL_ARMS = CELLS + [("skipinit", False), ("fixup", False)]
 
 
-def _depths(depths):
-    bad = [d for d in depths if d < 8 or (d - 2) % 6]
-    if bad:
-        raise ValueError(f"depths must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), got {bad}")
-    return depths
-
-
 class Config(BaseModel):
     """The ``residual`` section."""
 
@@ -77,8 +70,8 @@ class Config(BaseModel):
     signal_batch: PositiveInt
     lrs: list[PositiveFloat] = Field(min_length=3)
 
-    _check_signal = field_validator("signal_depths")(classmethod(lambda cls, v: _depths(v)))
-    _check_train = field_validator("train_depths")(classmethod(lambda cls, v: _depths(v)))
+    _check_signal = field_validator("signal_depths")(classmethod(lambda cls, v: resnet_depths(v)))
+    _check_train = field_validator("train_depths")(classmethod(lambda cls, v: resnet_depths(v)))
 
 
 PRESETS = {

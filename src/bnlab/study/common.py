@@ -15,7 +15,7 @@ from bnlab.study.metrics import is_stable, mean_ci
 from bnlab.study.specs import spec_key
 from bnlab.study.verdict import Interval
 
-__all__ = ["data_fields", "dataset_label", "base_fields", "train_spec", "lookup", "count_failed", "final_loss",
+__all__ = ["data_fields", "dataset_label", "base_fields", "resnet_depths", "train_spec", "lookup", "count_failed", "final_loss",
            "final_pct", "stable", "choose_lr", "tuning_seeds", "tuned", "tuning_caveat", "seed_list", "by_seed",
            "ci", "Band", "LaterRounds", "ARM_LABELS", "arm_label", "fmt", "fmt_ci", "ACC_BOUNDS", "DIFF_BOUNDS"]
 
@@ -71,6 +71,14 @@ def base_fields(profile: dict, dataset: Optional[str] = None) -> dict:
     return {**data_fields(profile, dataset), "device": profile.get("device", "cpu"),
             "width": profile["width"], "depth": profile["depth"], "eval_every": profile["eval_every"],
             "val_size": profile["val_size"], "val_eval_size": profile["val_eval_size"]}
+
+
+def resnet_depths(depths: list[int]) -> list[int]:
+    """``depths`` if each is a CIFAR-style ResNet depth 6n+2 (n >= 1); a ValueError naming the others if not."""
+    bad = [d for d in depths if d < 8 or (d - 2) % 6]
+    if bad:
+        raise ValueError(f"depths must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), got {bad}")
+    return depths
 
 
 def train_spec(profile: dict, **fields) -> dict:
