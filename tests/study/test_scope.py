@@ -122,7 +122,23 @@ def test_robust_answer():
     assert robust([("a", "not supported")]) == ("not supported", "not supported in the one setting")
 
 
-def test_a_study_in_two_settings_with_two_looks(tmp_path):
+def test_the_printed_summary_says_when_the_answer_depends_on_the_setting():
+    """A 20-minute standard run printed claim 5 as "supported" (its first setting's verdict) where the report
+    said "depends on the setting": supported on MNIST-1D, inconclusive on Fashion-MNIST."""
+    from bnlab.commands.study import summary_verdict
+    places = [("mnist1d, ResNet-8", "supported"), ("fashion-mnist, ResNet-8", "inconclusive")]
+    answer, text = robust(places)
+    claim = {"verdict": "supported", "robust": {"answer": answer, "text": text},
+             "settings": [{"setting": p, "verdict": v} for p, v in places]}
+    assert summary_verdict(claim) == ("depends on the setting: supported in mnist1d, ResNet-8; inconclusive in "
+                                      "fashion-mnist, ResNet-8")
+    same = robust([(p, "supported") for p, _ in places])
+    assert summary_verdict({**claim, "robust": dict(zip(("answer", "text"), same))}) == "supported"
+    assert summary_verdict({"verdict": "inconclusive", "robust": {"answer": "inconclusive", "text": ""},
+                            "settings": claim["settings"][:1]}) == "inconclusive"
+
+
+def test_a_study_in_two_settings_with_two_looks(tmp_path, capsys):
     """End to end: claim 3 on the tiny profile in two depths, five seeds in looks of 3 and 5. Its parts stay
     undecided on synthetic data, so both settings run the second look; verdicts.json (schema 3) gives the
     verdict per setting, the look reached and the answer across settings."""
@@ -151,6 +167,11 @@ def test_a_study_in_two_settings_with_two_looks(tmp_path):
     assert seeds_run == ({0, 1, 2, 3, 4} if any(s["look"] == 2 for s in claim["settings"]) else {0, 1, 2})
     report = (out / "report.md").read_text()
     assert "In every setting" in report and "synthetic, ResNet-14" in report
+    # the printed summary gives the answer across the settings, not the first setting's verdict
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("3. "))
+    expected = claim["robust"]["answer"] + (f": {claim['robust']['text']}" if claim["robust"]["answer"] == DEPENDS
+                                            else "")
+    assert line.endswith(" " + expected)
 
 
 def test_rounds_end_when_a_later_look_asks_for_other_runs_than_the_first(monkeypatch):

@@ -53,6 +53,16 @@ HELP = "measure BN's claimed effects (ICS, speed, regularization, learning rate,
 PROFILES_MARK = "<profiles>"
 
 
+def summary_verdict(claim: dict) -> str:
+    """A claim's line in the printed summary: its verdict, or with several settings its answer across them
+    ("depends on the setting: supported in …; inconclusive in …"), as the report's first screen gives it."""
+    from bnlab.study.scope import DEPENDS  # the summary only: it imports the claims
+    robust = claim.get("robust")
+    if not robust or len(claim.get("settings") or []) < 2:
+        return claim["verdict"]
+    return f"{DEPENDS}: {robust['text']}" if robust["answer"] == DEPENDS else robust["answer"]
+
+
 def profile_lines() -> str:
     """One line per profile for the help: its name and the time its description states (the description's
     text before ": ", :func:`bnlab.study.templates.profile_time`)."""
@@ -240,7 +250,7 @@ def run(args) -> int:
     verdicts = json.loads((report.parent / "verdicts.json").read_text())["claims"]
     print(f"\n{'claim':<62} verdict")
     for number, v in verdicts.items():
-        print(f"{number}. {v['title']:<59} {v['verdict']}")
+        print(f"{number}. {v['title']:<59} {summary_verdict(v)}")
     print(f"\nreport: {report}  (and {report.with_suffix('.md')})  in {time.perf_counter() - started:.0f} s")
     failed = {n: v for n, v in verdicts.items() if v.get("failed_runs")}
     for number, v in failed.items():

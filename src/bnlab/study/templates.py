@@ -146,7 +146,7 @@ MARKDOWN = """\
 {% endif %}
 {{ how_to_read | md }}
 
-**Key numbers, with their intervals:**
+**Key numbers, with their intervals{% if several %} (in {{ setting_labels[0] }}, the first setting){% endif %}:**
 
 {{ summary_markdown }}
 
@@ -353,7 +353,7 @@ class="badge {{ a.css }}">{{ a.verdict }}</span></td>{% endfor %}<td><span class
 }}</span></td></tr>{% endfor %}</table></div>{% endif %}
 <p>{{ how_to_read | rich }} <a href="#steps">BN step by step</a> · <a href="#glossary">glossary</a> ·
 <a href="#appendix">what was run</a>.</p>
-<details id="key-numbers"><summary>Key numbers, with their intervals, and the literature's verdicts</summary>
+<details id="key-numbers"><summary>Key numbers, with their intervals, and the literature's verdicts{% if several %} (in {{ setting_labels[0] | rich }}, the first setting){% endif %}</summary>
 <div class="scroll"><table id="verdicts">
 <tr><th>#</th><th>claim</th><th>verdict</th><th>key number [95% CI]</th><th>literature</th><th>agrees</th></tr>
 {% for c in claims %}<tr><td>{{ c.number }}</td><td><a href="#claim{{ c.number }}">{{ c.title }}</a></td>
