@@ -155,6 +155,7 @@ def test_claim3_says_when_it_trains_at_another_depth_than_its_setting():
     profile["depth"] = 14                                   # the setting's depth
     result = analyze(claim_regularize, profile, simulate(profile, [3], _reg_fake(lambda a, s: gaps[a])))
     assert any("ResNet-8" in c and "ResNet-14" in c for c in result.caveats)
-    assert any("ours: " in row[3] and "ResNet-8," in row[3] for row in result.tables[1]["rows"])  # "ours | paper | setting"
+    # the "ours | paper | setting" table names the depth the runs trained at
+    assert any("ours: " in row[3] and "ResNet-8," in row[3] for row in result.tables[1]["rows"])
     same = _claim3(lambda a, s: gaps[a])
     assert not any("setting's ResNet" in c for c in same.caveats)

@@ -57,8 +57,8 @@ def summary_verdict(claim: dict) -> str:
     """A claim's line in the printed summary: its verdict, or with several settings its answer across them
     ("depends on the setting: supported in …; inconclusive in …"), as the report's first screen gives it."""
     from bnlab.study.scope import DEPENDS  # the summary only: it imports the claims
-    robust = claim.get("robust")
-    if not robust or len(claim.get("settings") or []) < 2:
+    robust = claim.get("robust")  # one setting: its verdict
+    if not robust:
         return claim["verdict"]
     return f"{DEPENDS}: {robust['text']}" if robust["answer"] == DEPENDS else robust["answer"]
 

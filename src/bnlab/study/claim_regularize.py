@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator,
+                      model_validator)
 
 from bnlab.study import style
 from bnlab.study.common import (DIFF_BOUNDS, Band, arm_label, ci, dataset_label, final_pct, fmt, fmt_ci, lookup,
@@ -342,9 +343,9 @@ def _ours(profile: dict, per_arm: dict) -> dict:
     :data:`PAPER`'s quantities, each with our setting in words."""
     cfg = profile["regularize"]
     setting = (f"{cfg['subset']} examples of {dataset_label(profile, cfg.get('dataset'), train_size=False)}, "
-               f"width-{profile['width']:g} ResNet-{run_depth(profile)}, trained to fit (cap {cfg['max_steps']} steps) at batch "
-               f"{cfg['batch_size']} (an overfitting regime: errors sit far above the paper's and the claim's quantity "
-               f"is the gap)")
+               f"width-{profile['width']:g} ResNet-{run_depth(profile)}, trained to fit (cap {cfg['max_steps']} steps) "
+               f"at batch {cfg['batch_size']} (an overfitting regime: errors sit far above the paper's and the claim's "
+               f"quantity is the gap)")
     return {key: (fmt_ci(arm.error_ci, 1) + (f" at lr {arm.lr:g}" if arm.lr is not None else ""),
                   setting + ("; GroupNorm at the full batch" if key == "groupnorm"
                              else f"; ghost batches of {key[6:]}"))

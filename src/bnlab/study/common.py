@@ -15,9 +15,9 @@ from bnlab.study.metrics import is_stable, mean_ci
 from bnlab.study.specs import spec_key
 from bnlab.study.verdict import Interval
 
-__all__ = ["data_fields", "dataset_label", "base_fields", "resnet_depths", "train_spec", "lookup", "count_failed", "final_loss",
-           "final_pct", "stable", "choose_lr", "tuning_seeds", "tuned", "tuning_caveat", "seed_list", "by_seed",
-           "ci", "Band", "LaterRounds", "ARM_LABELS", "arm_label", "fmt", "fmt_ci", "ACC_BOUNDS", "DIFF_BOUNDS"]
+__all__ = ["data_fields", "dataset_label", "base_fields", "resnet_depths", "train_spec", "lookup", "count_failed",
+           "final_loss", "final_pct", "stable", "choose_lr", "tuning_seeds", "tuned", "tuning_caveat", "seed_list",
+           "by_seed", "ci", "Band", "LaterRounds", "ARM_LABELS", "arm_label", "fmt", "fmt_ci", "ACC_BOUNDS", "DIFF_BOUNDS"]
 
 ACC_BOUNDS = (0.0, 100.0)       # an accuracy in percent
 DIFF_BOUNDS = (-100.0, 100.0)   # a difference of two accuracies

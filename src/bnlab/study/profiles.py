@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 
 from bnlab.errors import UserError
 from bnlab.study.claims import SECTIONS
+from bnlab.study.common import resnet_depths
 
 __all__ = ["PROFILES", "Profile", "Shared", "Setting", "get_profile", "validate", "with_overrides", "with_dataset",
            "datasets", "limits", "MAX_LR", "MAX_WIDTH", "MAX_DEPTH", "MAX_SEEDS", "MAX_GRID", "LR_FIELDS",
@@ -79,12 +80,6 @@ DEPTH_FIELDS = ("depth", "signal_depths", "train_depths")
 BATCH_FIELDS = ("batch_size", "batch_sizes", "signal_batch")
 
 
-def _resnet_depth_ok(depth: int) -> int:
-    if depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"must be 6n+2 with n >= 1 (8, 14, 20, 32, ...), got {depth}")
-    return depth
-
-
 class Setting(BaseModel):
     """One setting every claim is judged in: the profile with this dataset and/or network depth."""
 
@@ -95,7 +90,7 @@ class Setting(BaseModel):
     @field_validator("depth")
     @classmethod
     def _resnet_depth(cls, depth):
-        return None if depth is None else _resnet_depth_ok(depth)
+        return None if depth is None else resnet_depths([depth])[0]
 
 
 class Shared(BaseModel):
@@ -150,7 +145,7 @@ class Shared(BaseModel):
     @field_validator("depth")
     @classmethod
     def _resnet_depth(cls, depth):
-        return _resnet_depth_ok(depth)
+        return resnet_depths([depth])[0]
 
     @model_validator(mode="after")
     def _looks(self):
