@@ -18,6 +18,7 @@ import argparse
 import sys
 import time
 
+from bnlab.study.claims import CLAIMS
 from bnlab.study.profiles import get_profile
 from bnlab.study.scope import design as profile_design
 from bnlab.study.sequential import Design, false_decision_rate, repeated_95, single
@@ -26,9 +27,14 @@ from bnlab.study.sequential import Design, false_decision_rate, repeated_95, sin
 def designs() -> list[tuple[str, object]]:
     out = [("one look, 6 seeds, 95%", single(6)), ("one look, 10 seeds, 95%", single(10))]
     for name in ("quick", "standard"):
-        d = profile_design(get_profile(name))
+        profile = get_profile(name)
+        d = profile_design(profile)
         if len(d.looks) > 1:
             out.append((f"{name}: {d.text().split(';')[0]}", d))
+        for number, claim in CLAIMS.items():   # a claim's own looks (each of its parts is one such sequence)
+            if (profile.get(claim.SLUG) or {}).get("looks"):
+                d = profile_design(profile, claim)
+                out.append((f"{name}, claim {number}: {d.text().split(';')[0]}", d))
     out.append(("3 looks 6/10/14 (1.5/1.5/2%)", Design((6, 10, 14), (0.015, 0.015, 0.02))))
     out.append(("naive: 95% at each of 6/10/14/18", repeated_95((6, 10, 14, 18))))
     return out

@@ -159,3 +159,58 @@ def test_claim3_says_when_it_trains_at_another_depth_than_its_setting():
     assert any("ours: " in row[3] and "ResNet-8," in row[3] for row in result.tables[1]["rows"])
     same = _claim3(lambda a, s: gaps[a])
     assert not any("setting's ResNet" in c for c in same.caveats)
+
+
+def test_claim3_parts_stop_separately_and_only_the_undecided_part_runs_more_seeds():
+    """Under claim 3's own looks (3, 6, 9 seeds) part 1 (none − BN, 20 points on every seed) is decided at the
+    first look, so the unnormalized net stops at 3 seeds; part 2 (BN − ghost 4, a spread-out 0.75 points
+    between margin and threshold) stays undecided, so BN and ghost batches of 4 run all 9 seeds; the arms
+    of no part (GroupNorm, weight decay, ghost batches of 16) run the first look's 3; each part is judged at
+    its own look's seeds and level."""
+    noise = [3.0, -2.0, 1.0, 4.0, -3.0, 2.0, 0.0, 1.0, 0.75]   # bn − ghost:4 per seed (mean 0.75)
+    gaps = {"none": 30, "bn": 10, "ghost:16": 10, "groupnorm": 12, "none+wd": 25}
+    profile = make_profile(regularize={"fit_threshold": 99.0, "looks": [3, 6, 9], "look_alphas": [0.01, 0.01, 0.02]})
+    profile["seeds"] = list(range(9))
+    fake, ran = _reg_fake(lambda a, s: 10 - noise[s] if a == "ghost:4" else gaps[a]), []
+    results = simulate(profile, [3], lambda spec: ran.append(spec) or fake(spec))
+    seeds = {}
+    for spec in ran:
+        arm = "none+wd" if spec["norm"] == "none" and spec["weight_decay"] else spec["norm"].split(":")[0] \
+            if spec["norm"].startswith("groupnorm") else spec["norm"]
+        seeds.setdefault(arm, set()).add(spec["seed"])
+    assert {a: sorted(s) for a, s in seeds.items()} == {
+        "none": [0, 1, 2], "groupnorm": [0, 1, 2], "none+wd": [0, 1, 2], "ghost:16": [0, 1, 2],
+        "bn": list(range(9)), "ghost:4": list(range(9))}
+    result = analyze(claim_regularize, profile, results)
+    first, second = result.numbers["parts"]
+    assert (first["outcome"], first["n"], first["confidence"]) == ("holds", 3, pytest.approx(0.99))
+    assert (second["outcome"], second["n"], second["confidence"]) == (UNDECIDED, 9, pytest.approx(0.98))
+    assert second["interval"]["mean"] == pytest.approx(sum(noise) / 9)
+    assert result.verdict.verdict == INCONCLUSIVE
+    assert any("stopped separately" in p and "on 3 seeds" in p and "on 9;" in p and "first look's 3" in p
+               for p in result.paragraphs), result.paragraphs
+    assert result.numbers["groupnorm_reduction"]["mean"] == pytest.approx(18.0)   # paired on seeds 0-2
+    table = {row[0]: row for row in result.tables[0]["rows"]}
+    assert (table["no norm (He init)"][-1], table["GroupNorm"][-1], table["BN"][-1]) == ("3", "3", "9")
+    # without looks of its own (the profile's single look) every arm runs every seed, as before
+    profile["regularize"].update(looks=None, look_alphas=None)
+    results = simulate(profile, [3], _reg_fake(lambda a, s: 10 - noise[s] if a == "ghost:4" else gaps[a]))
+    assert len(results) == 6 * 9 and analyze(claim_regularize, profile, results).numbers["parts"][0]["n"] == 9
+
+
+def test_claim3_own_looks_set_its_scope_and_the_reports_first_line():
+    """A claim with looks of its own is judged against its own design: the report's scope gives its look of
+    its own count and its largest seed count, and the first screen names both designs."""
+    from bnlab.study.profiles import validate
+    from bnlab.study.report import _first_screen_scope, analyze_claims
+    noise = [3.0, -2.0, 1.0, 4.0, -3.0, 2.0, 0.0, 1.0, 0.75]
+    gaps = {"none": 30, "bn": 10, "ghost:16": 10, "groupnorm": 12, "none+wd": 25}
+    profile = make_profile(regularize={"fit_threshold": 99.0, "looks": [3, 6, 9], "look_alphas": [0.01, 0.01, 0.02]})
+    profile.update(seeds=list(range(9)), looks=[3, 5], look_alphas=[0.02, 0.03])
+    profile = validate(profile)   # the longest design (claim 3's) ends at the 9 seeds
+    results = simulate(profile, [3], _reg_fake(lambda a, s: 10 - noise[s] if a == "ghost:4" else gaps[a]))
+    (result,) = analyze_claims(profile, results, [3])
+    assert {k: result.scope[k] for k in ("seeds", "max_seeds", "look", "looks")} == \
+        {"seeds": 9, "max_seeds": 9, "look": 3, "looks": 3}
+    line = _first_screen_scope(profile, {}, [result])
+    assert "5 seeds (sequential seeds: 3, 5)" in line and "claim 3: up to 9 (3, 6, 9" in line, line

@@ -8,8 +8,8 @@ import pytest
 from bnlab import cli
 from bnlab.study import get_profile
 from bnlab.study.claims import CLAIMS, collect_specs
-from bnlab.study.plan import (Calibration, calibrate, count_runs, estimate_seconds, format_plan, later_rounds,
-                              make_plan, steps_of, wall_seconds)
+from bnlab.study.plan import (Calibration, calibrate, count_runs, estimate_seconds, format_plan, later_looks,
+                              later_rounds, make_plan, steps_of, wall_seconds)
 from bnlab.study.specs import make_spec, spec_key
 
 
@@ -39,8 +39,10 @@ def test_tuned_claims_count_their_second_round():
     profile = get_profile("quick")
     assert profile["tune_seeds"] == 2 and profile["looks"][0] == 6
     counts = count_runs(profile, [1, 3, 5])
-    arms3 = 6  # BN, ghost 8, ghost 4, GroupNorm, none, none + weight decay; 2 rates each
-    assert len(counts[3].own) == arms3 * (2 * 2 + 4)
+    # claim 3 has its own looks, the first at 10 seeds: 6 arms (BN, ghost 16, ghost 4, GroupNorm, none, none +
+    # weight decay), 4 rates each on the tuning seeds, one rate on the other 8
+    assert profile["regularize"]["looks"][0] == 10 and len(profile["regularize"]["lrs"]) == 4
+    assert len(counts[3].own) == 6 * (4 * 2 + 8)
     # claim 1: BN over 3 rates, the 3 noisy arms and none over 2, on the tuning seeds, one rate on the other 4;
     # BN and none at lr 0.1 on every seed for gradient ICS (0.1 is in both grids: the tuning runs are shared;
     # on the other seeds the placeholder tie picks each grid's smallest rate, 0.1 for BN, 0.03 for none: +4)
@@ -295,10 +297,30 @@ def test_plan_counts_the_first_look_in_every_setting_and_bounds_the_later_looks(
     first = {n: set(c.own) for n, c in count_runs(looked, claims).items()}
     assert first == {n: set(c.own) for n, c in count_runs(three, claims).items()}   # only the first look's seeds
     every = count_runs(validate(base), claims)
-    assert later_looks(looked, claims) == {n: len(every[n].own) - len(first[n]) for n in claims}
+    # every run of one look at all 5 seeds, but claim 3's arms of no part (GroupNorm, weight decay, ghost
+    # batches of 16): they run the first look only, so its later looks add 3 arms x 2 seeds
+    assert later_looks(looked, claims) == {n: len(every[n].own) - len(first[n]) for n in claims} | {3: 3 * 2}
     assert later_looks(validate(base), claims) == {}
     two = validate({**base, "settings": [{}, {"depth": 14}]})
     union = set(collect_specs(validate(base), claims)) | set(collect_specs(validate({**base, "depth": 14}), claims))
     counted = {k for c in count_runs(two, claims).values() for k in c.own}
     assert union <= counted   # both settings' first rounds, each run once (plus the tuned claims' second round)
     assert {s["depth"] for c in count_runs(two, claims).values() for s in c.own.values()} >= {8, 14}
+
+
+def test_later_looks_of_a_claim_with_its_own_design_count_the_arms_of_its_parts_at_every_seed():
+    # quick's claim 3: 10 seeds first, up to 80 (its own looks); the 3 arms its two parts read (none, BN, ghost
+    # batches of 4) may run the 70 others at the chosen rate, the 3 arms of no part never do
+    profile = get_profile("quick")
+    assert later_looks(profile, [3]) == {3: 3 * 70}
+    # the profile's own looks (6, then 10) for a claim without a design of its own: claim 2's 2 arms, 4 seeds
+    assert later_looks(profile, [2])[2] >= 2 * 4
+
+
+def test_the_plan_names_each_claims_own_looks():
+    plan = make_plan(get_profile("standard"), [1, 2, 3, 4, 5], jobs=2, calibration=False)
+    note = next(n for n in plan.notes if n.startswith("Sequential seeds"))
+    assert "3 looks (6 seeds at 98.5%, 10 seeds at 98.5%, 14 seeds at 98%)" in note
+    assert "claim 3: 4 looks (10 seeds at 99%" in note and "80 seeds at 98%), each part stopping" in note
+    # claim 5 stops as a whole (its parts do not stop separately)
+    assert "claim 5: 4 looks (6 seeds at 99%, 10 seeds at 99%, 16 seeds at 99%, 24 seeds at 98%);" in note

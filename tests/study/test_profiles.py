@@ -87,6 +87,26 @@ def test_overrides_are_validated_and_name_the_argument():
     # the profile's sequential looks (6, then 10) give way to one look of the seeds asked for
     assert get_profile("quick")["looks"] == [6, 10]
     assert with_overrides(get_profile("quick"), seeds=8)["looks"] is None
+    # and so does a claim's own design (claim 3's 10, 20, 40, 80)
+    assert get_profile("quick")["regularize"]["looks"] == [10, 20, 40, 80]
+    assert with_overrides(get_profile("quick"), seeds=8)["regularize"]["looks"] is None
+
+
+def test_a_claims_own_looks_are_checked_against_the_seeds():
+    quick = get_profile("quick")
+    assert len(quick["seeds"]) == quick["regularize"]["looks"][-1] == 80 and quick["looks"][-1] == 10
+    with pytest.raises(UserError, match=r"regularize.looks \(90\) exceeds the number of seeds \(80\)"):
+        validate({**quick, "regularize": {**quick["regularize"], "looks": [10, 20, 40, 90]}}, "q")
+    with pytest.raises(UserError, match=r"must be the number of seeds \(90\)"):   # 10 seeds would never run
+        validate({**quick, "seeds": list(range(90))}, "q")
+    with pytest.raises(UserError, match="looks and look_alphas go together"):
+        validate({**quick, "regularize": {**quick["regularize"], "look_alphas": None}}, "q")
+    with pytest.raises(UserError, match="more than the 0.05 budget"):
+        validate({**quick, "regularize": {**quick["regularize"], "look_alphas": [0.02] * 4}}, "q")
+    # without a design of its own a claim follows the profile's, whose last look is then the number of seeds
+    own_free = {**quick, "seeds": list(range(10)), "regularize": {**quick["regularize"], "looks": None,
+                                                                  "look_alphas": None}}
+    assert validate(own_free, "q")["regularize"]["looks"] is None
 
 
 def test_claim2_arms_must_be_swept_and_hold_bn_and_none():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bnlab.study.sequential import Design, false_decision_rate, repeated_95, simulate, single, t_interval_at
+from bnlab.study.sequential import (Design, every_look, false_decision_rate, of_profile, part_look, repeated_95,
+                                    simulate, single, t_interval_at)
 
 
 def test_design_checks_its_looks_and_its_budget():
@@ -74,3 +75,39 @@ def test_power_against_the_noncentral_t():
     assert got == pytest.approx(expected, abs=0.01)
     between = power(single(n), threshold=1.0, margin=0.3, effect=0.6, sd=sd, studies=4_000)
     assert between["power"] == pytest.approx(between["undecided"])
+
+
+def test_looks_reached_and_the_profile_or_section_design():
+    d = Design((10, 20, 40), (0.01, 0.01, 0.03))
+    assert d.reached(20) == [(10, 0.01), (20, 0.01)] and d.reached(45) == d.reached(40)
+    assert d.reached(4) == [(4, 0.01)]   # fewer seeds than the first look: that count, at the first alpha
+    profile = {"seeds": list(range(40)), "looks": [6, 10], "look_alphas": [0.02, 0.03],
+               "regularize": {"looks": [10, 20, 40], "look_alphas": [0.01, 0.01, 0.03]}, "speed": {}}
+    assert of_profile(profile, "regularize") == d
+    assert of_profile(profile, "speed") == Design((6, 10), (0.02, 0.03)) == of_profile(profile)
+    assert of_profile({"seeds": [0, 1, 2]}, "regularize") == single(3)
+
+
+def test_a_part_stops_at_the_first_look_that_decides_it_or_waits_for_its_runs():
+    d = Design((10, 20, 40), (0.01, 0.01, 0.03))
+    asked = []
+
+    def judge(outcomes):
+        def at(n, level):
+            asked.append((n, round(level, 4)))
+            return outcomes[n]
+        return at
+
+    # undecided at 10, decided at 20: judged at 20 (at 99%) even when 40 seeds have run; 40 is never looked at
+    assert part_look(d, 40, judge({10: False, 20: True, 40: False})) == (20, pytest.approx(0.99))
+    assert asked == [(10, 0.99), (20, 0.99)]
+    # undecided everywhere: the last look reached, at its level
+    assert part_look(d, 40, judge({10: False, 20: False, 40: False})) == (40, pytest.approx(0.97))
+    assert part_look(d, 20, judge({10: False, 20: False})) == (20, pytest.approx(0.99))
+    # a look whose runs have not all finished (None) is where the part stands
+    assert part_look(d, 40, judge({10: None, 20: True, 40: True})) == (10, pytest.approx(0.99))
+    # counting the most runs: every part at the current look, nothing judged
+    asked.clear()
+    with every_look():
+        assert part_look(d, 40, judge({10: True, 20: True, 40: True})) == (40, pytest.approx(0.97))
+    assert asked == []

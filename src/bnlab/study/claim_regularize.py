@@ -16,13 +16,16 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator,
+from pydantic import (ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator,
                       model_validator)
 
 from bnlab.study import style
-from bnlab.study.common import (DIFF_BOUNDS, Band, arm_label, ci, dataset_label, final_pct, fmt, fmt_ci, lookup,
-                                paper_table, resnet_depths, train_spec, tuned, tuning_caveat)
-from bnlab.study.verdict import SUPPORTED, UNDECIDED, ClaimResult, Effect, Interval, Part, Rule, Verdict, paired_effect
+from bnlab.study.common import (DIFF_BOUNDS, Band, OwnLooks, arm_label, ci, dataset_label, final_pct, fmt, fmt_ci,
+                                lookup, paper_table, resnet_depths, train_spec, tuned, tuning_caveat)
+from bnlab.study.sequential import of_profile, part_look
+from bnlab.study.specs import spec_key
+from bnlab.study.verdict import (SUPPORTED, UNDECIDED, ClaimResult, Effect, Interval, Part, Rule, Verdict,
+                                 at_confidence, paired_effect)
 
 NUMBER = 3
 SLUG = "regularize"
@@ -46,7 +49,10 @@ RULE = ("Per seed, each arm at its validated learning rate trains at a constant 
         "seed counts: a run that never fits (or diverged) enters with an interval, its observed gap up to that gap "
         "plus the training accuracy it still lacks (continuing to fit could add at most that to its training "
         "accuracy, and nothing to its test accuracy, at the upper end; as much to both, at the lower), and a part "
-        "is decided only when both ends of every such interval give the same outcome. "
+        "is decided only when both ends of every such interval give the same outcome. Under sequential seeds "
+        "each part stops at the look that decides it, and only the arms of an undecided part run the next block "
+        "(part 1: none and BN; part 2: BN and its smallest ghost batch); the arms of no part (GroupNorm, weight "
+        "decay, the other ghost batches) run the first look's seeds. "
         + " ".join(f"Part {i + 1}, {r.text()}." for i, r in enumerate(RULES)))
 WU_HE = "Wu & He 2018, Fig. 1"
 WU_HE_SETTING = ("ImageNet ResNet-50 trained on the full training set, validation error; BN's statistics over the "
@@ -60,8 +66,9 @@ PAPER = [{"quantity": f"test error % with BN over {g} images (ours: ghost batche
      "ours_key": "groupnorm"}]
 
 
-class Config(BaseModel):
-    """The ``regularize`` section."""
+class Config(OwnLooks):
+    """The ``regularize`` section; under its own ``looks`` (or the profile's) each part stops at the look that
+    decides it (:func:`part_looks`)."""
 
     model_config = ConfigDict(extra="forbid")
     dataset: Optional[str] = None
@@ -98,8 +105,16 @@ PRESETS = {
     # 6.6 ± 4.0 at batch 64; ghost batches of 16 complete the dose-response (4, 16, 64)
     # every run trains until it fits or reaches the cap of 1000 steps (2.5× the first version's budget; on pilot
     # seeds 100-105 every run fitted within 600 steps at a constant rate; one that does not enters as an interval)
-    "quick": {"subset": 128, "batch_size": 64, "ghost_sizes": [4, 16], "max_steps": 1000, "lrs": [0.05, 0.2],
-              "weight_decay": 2e-3, "fit_threshold": 99.0, "eval_every": 25},
+    # rates 0.01 and 0.02 added (pilot seeds 100-109): at 0.05 the unnormalized net stayed at chance (10.2%
+    # training accuracy) in 5 of 14 seeds of standard's MNIST-1D runs, each then entering as an interval up to
+    # 90 points wide; at 0.02 it fitted all 10 pilot seeds, and weight decay all 10 at 0.01.
+    # its own sequential seeds, each part stopping at the look that decides it: part 2 (batch noise, −1.9 to
+    # +0.3 points in seed sets 60-89, 100-139, 1000-1119, ≈ −1.1 pooled, against a margin of 0.5 and a per-seed
+    # spread of ≈ 4.3) needs 40-80 seeds (simulated power to refute −1.1: 84%; 16% with the profile's 6/10
+    # looks); the arms of no part stop at the first look (seeds 1000-1119 ran them to 40-60 seeds: 294 s)
+    "quick": {"subset": 128, "batch_size": 64, "ghost_sizes": [4, 16], "max_steps": 1000,
+              "lrs": [0.01, 0.02, 0.05, 0.2], "weight_decay": 2e-3, "fit_threshold": 99.0, "eval_every": 25,
+              "looks": [10, 20, 40, 80], "look_alphas": [0.01, 0.01, 0.01, 0.02]},
     # Wu & He's per-GPU batch sizes 32/16/8/4/2 as ghost batches of a batch of 128 (4 to 64 "GPUs")
     "full": {"subset": 2000, "batch_size": 128, "ghost_sizes": [2, 4, 8, 16, 32], "max_steps": 6000,
              "lrs": [0.03, 0.1, 0.3], "weight_decay": 2e-3, "fit_threshold": 99.0, "eval_every": 200,
@@ -158,8 +173,57 @@ def _tuned(profile: dict, results: Optional[dict], norm: str, wd: float):
                  admissible=lambda row: row["status"] == "done" and final_pct(row, "train_acc") >= threshold)
 
 
+def part_arms(profile: dict) -> tuple[set, set]:
+    """The arms each part reads: part 1 the unnormalized net against BN, part 2 BN against its smallest ghost
+    batch. The other arms (GroupNorm, weight decay, the other ghost batches) enter no rule: they describe,
+    and run the first look's seeds only (:func:`arm_looks`)."""
+    return {"bn", "none"}, {"bn", f"ghost:{min(profile['regularize']['ghost_sizes'])}"}
+
+
+def _narrowed(profile: dict, seeds: int) -> dict:
+    return {**profile, "seeds": list(profile["seeds"][:seeds])}
+
+
+def _finished(results: Optional[dict], specs: list[dict]) -> bool:
+    return all(((results or {}).get(spec_key(s)) or {}).get("status") in ("done", "diverged", "failed")
+               for s in specs)
+
+
+def part_looks(profile: dict, results: Optional[dict]) -> list[tuple[int, float]]:
+    """Per part, ``(seeds, confidence level)`` it is judged at: each part stops at the first look of the
+    claim's design (its own ``looks``, else the profile's) that decides it, and only the arms of the parts
+    still undecided run the next block of seeds (:func:`bnlab.study.sequential.part_look`). Part 1's arms
+    cost more per seed (the unnormalized net takes the most steps to fit), and part 2's effect is the
+    smaller one against its spread."""
+    plan, now = of_profile(profile, SLUG), len(profile["seeds"])
+    by_key = {key: (norm, wd) for key, norm, wd in arms(profile)}
+
+    def judge(index: int, keys: set):
+        def at(n: int, level: float) -> Optional[bool]:
+            sub = _narrowed(profile, n)
+            if not _finished(results, [s for k in keys for s in _tuned(sub, results, *by_key[k])[0]]):
+                return None
+            with at_confidence(level):
+                return _decide_part(index, sub, results, {k: _arm(sub, results, *by_key[k]) for k in keys})[0] \
+                    .outcome != UNDECIDED
+        return at
+
+    return [part_look(plan, now, judge(i, keys)) for i, keys in enumerate(part_arms(profile))]
+
+
+def arm_looks(profile: dict, results: Optional[dict], looks: Optional[list] = None) -> dict[str, tuple[int, float]]:
+    """arm key → ``(seeds, level)``: the look of the part that runs it furthest (``looks``: the parts' looks,
+    :func:`part_looks`, computed when not given); an arm of no part, the first look's."""
+    looks = looks or part_looks(profile, results)
+    n, alpha = of_profile(profile, SLUG).reached(len(profile["seeds"]))[0]
+    return {key: max([look for look, keys in zip(looks, part_arms(profile)) if key in keys] or [(n, 1.0 - alpha)])
+            for key, _, _ in arms(profile)}
+
+
 def measure(profile: dict, results: Optional[dict] = None) -> list[dict]:
-    return [spec for _, norm, wd in arms(profile) for spec in _tuned(profile, results, norm, wd)[0]]
+    looks = arm_looks(profile, results)
+    return [spec for key, norm, wd in arms(profile)
+            for spec in _tuned(_narrowed(profile, looks[key][0]), results, norm, wd)[0]]
 
 
 # ------------------------------------------------------------------------------------------------ decide
@@ -232,14 +296,30 @@ def _both_ends(rule: Rule, larger: Arm, smaller: Arm) -> tuple[Part, tuple[Effec
     return Part(rule, observed, outcomes.pop() if len(outcomes) == 1 else UNDECIDED), (low, high)
 
 
+def _decide_part(index: int, profile: dict, results: dict, per_arm: dict) -> tuple[Part, tuple[Effect, Effect]]:
+    """Part ``index`` (0: BN shrinks the gap, 1: through batch noise) from ``per_arm``, at the current level."""
+    if index == 0:
+        return _both_ends(RULES[0], per_arm["none"], per_arm["bn"])
+    return _both_ends(RULES[1], per_arm["bn"], per_arm[f"ghost:{min(profile['regularize']['ghost_sizes'])}"])
+
+
 def decide(profile: dict, results: dict) -> Findings:
     cfg = profile["regularize"]
-    per_arm = {key: _arm(profile, results, norm, wd) for key, norm, wd in arms(profile)}
-    smallest = f"ghost:{min(cfg['ghost_sizes'])}"
-    decided = [_both_ends(RULES[0], per_arm["none"], per_arm["bn"]), _both_ends(RULES[1], per_arm["bn"], per_arm[smallest])]
+    per_part = part_looks(profile, results)
+    looks, per_arm = arm_looks(profile, results, per_part), {}
+    for key, norm, wd in arms(profile):
+        n, level = looks[key]
+        with at_confidence(level):
+            per_arm[key] = _arm(_narrowed(profile, n), results, norm, wd)
+    decided = []
+    for index, (_, level) in enumerate(per_part):   # each part at its own look (paired: the seeds both arms ran)
+        with at_confidence(level):
+            decided.append(_decide_part(index, profile, results, per_arm))
     parts, ends = [part for part, _ in decided], [e for _, e in decided]
-    controls = {"groupnorm": paired_effect(per_arm["none"].gap, per_arm["groupnorm"].gap, "points", DIFF_BOUNDS),
-                "none+wd": paired_effect(per_arm["none"].gap, per_arm["none+wd"].gap, "points", DIFF_BOUNDS)}
+    with at_confidence(per_part[0][1]):              # the controls beside part 1, on the seeds they share
+        controls = {k: paired_effect(per_arm["none"].gap, per_arm[k].gap, "points", DIFF_BOUNDS)
+                    for k in ("groupnorm", "none+wd")}
+    smallest = f"ghost:{min(cfg['ghost_sizes'])}"
     keys = [f"ghost:{g}" for g in sorted(cfg["ghost_sizes"])] + ["bn"]
     curve = Band.of(sorted(cfg["ghost_sizes"]) + [cfg["batch_size"]], [per_arm[k].gap_ci for k in keys])
     return Findings(parts, ends, per_arm, controls, smallest, curve)
@@ -250,12 +330,12 @@ def decide(profile: dict, results: dict) -> Findings:
 def render(profile: dict, findings: Findings) -> ClaimResult:
     cfg, per_arm, parts = profile["regularize"], findings.arms, findings.parts
     rows = [[arm_label(k), fmt(a.lr, 3), fmt_ci(a.train_ci, 1), fmt_ci(a.test_ci, 1), fmt_ci(a.gap_ci, 1),
-             fmt_ci(a.norm_change_ci, 1), f"{a.diverged} / {a.unfit}", fmt_ci(ci(a.steps), 0)]
+             fmt_ci(a.norm_change_ci, 1), f"{a.diverged} / {a.unfit}", fmt_ci(ci(a.steps), 0), str(len(a.gap))]
             for k, a in per_arm.items()]
     table = {"title": f"Generalization gap where each run fits its {cfg['subset']} training examples (or at the "
                       f"{cfg['max_steps']}-step cap)",
-             "columns": ["arm", "validated lr", "train acc %", "test acc %", "gap (points)",
-                         "weight-norm change %", "as intervals: diverged / did not fit", "steps"], "rows": rows}
+             "columns": ["arm", "validated lr", "train acc %", "test acc %", "gap (points)", "weight-norm change %",
+                         "as intervals: diverged / did not fit", "steps", "seeds"], "rows": rows}
     gn, wd = findings.controls["groupnorm"].interval, findings.controls["none+wd"].interval
     spans = [f"{p.rule.name}: from {lo.interval.text(1)} to {hi.interval.text(1)} with every unfit run at the low "
              f"or the high end of its interval" for p, (lo, hi) in zip(parts, findings.ends)
@@ -274,7 +354,11 @@ def render(profile: dict, findings: Findings) -> ClaimResult:
          f"both ends of those ({'; '.join(spans)})." if spans else "Every seed counts, and every run fitted."),
         f"GroupNorm ({cfg['group_channels']} or more channels per group) normalizes without batch noise: it shrank "
         f"the unnormalized gap by {gn.text(1)} points.",
-    ]
+    ] + ([f"The two parts stopped separately, each at the look that decided it (or the last): "
+          f"{parts[0].rule.name} on {parts[0].effect.n} seeds, {parts[1].rule.name} (the smaller effect "
+          f"against its spread) on {parts[1].effect.n}; the arms of no part (GroupNorm, weight decay, the other "
+          f"ghost batches) ran the first look's {len(per_arm['groupnorm'].train)}."]
+         if len({parts[0].effect.n, parts[1].effect.n, len(per_arm['groupnorm'].train)}) > 1 else [])
     details = [{"title": "Controls and counts", "paragraphs": [
         f"Weight decay {cfg['weight_decay']:g} without normalization shrank the gap by {wd.text(1)} and changed the "
         f"weight norm by {fmt_ci(per_arm['none+wd'].norm_change_ci, 1)}% (against "
@@ -323,7 +407,7 @@ def differences(profile: dict, findings: Findings) -> list[str]:
     the verdict disagrees with theirs)."""
     cfg, per_arm = profile["regularize"], findings.arms
     bn, none, ghost = per_arm["bn"], per_arm["none"], per_arm[findings.smallest]
-    n = len(profile["seeds"])
+    n = len(none.train)
     out = [f"An overfitting regime: BN's own gap is {fmt_ci(bn.gap_ci, 1)} points at {fmt_ci(bn.test_ci, 1)}% test "
            f"accuracy on {cfg['subset']} training examples, where the papers compare test errors of networks trained "
            f"on full datasets, whose gaps are a few points."]

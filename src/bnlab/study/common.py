@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
+from pydantic import BaseModel, Field, PositiveInt, model_validator
 
 from bnlab.study.kinds import TRAIN
 from bnlab.study.metrics import is_stable, mean_ci
@@ -17,7 +18,27 @@ from bnlab.study.verdict import Interval
 
 __all__ = ["data_fields", "dataset_label", "base_fields", "resnet_depths", "train_spec", "lookup", "count_failed",
            "final_loss", "final_pct", "stable", "choose_lr", "tuning_seeds", "tuned", "tuning_caveat", "seed_list",
-           "by_seed", "ci", "Band", "LaterRounds", "ARM_LABELS", "arm_label", "fmt", "fmt_ci", "ACC_BOUNDS", "DIFF_BOUNDS"]
+           "by_seed", "ci", "Band", "LaterRounds", "ARM_LABELS", "arm_label", "fmt", "fmt_ci", "ACC_BOUNDS",
+           "DIFF_BOUNDS", "OwnLooks"]
+
+class OwnLooks(BaseModel):
+    """A claim section's own sequential seeds, in place of the profile's ``looks`` (the scope reads them:
+    :func:`bnlab.study.sequential.of_profile`); the profile's seeds must reach the last of them."""
+
+    looks: Optional[list[PositiveInt]] = Field(None, description="this claim's own sequential seeds, cumulative "
+                                                                 "(unset: the profile's looks)")
+    look_alphas: Optional[list[float]] = Field(None, description="the two-sided error spent at each of looks "
+                                                                 "(summing to at most 0.05)")
+
+    @model_validator(mode="after")
+    def _own_looks(self):
+        if (self.looks is None) != (self.look_alphas is None):
+            raise ValueError("looks and look_alphas go together: give both or neither")
+        if self.looks is not None:
+            from bnlab.study.sequential import Design
+            Design(tuple(self.looks), tuple(self.look_alphas))   # raises ValueError naming what is wrong
+        return self
+
 
 ACC_BOUNDS = (0.0, 100.0)       # an accuracy in percent
 DIFF_BOUNDS = (-100.0, 100.0)   # a difference of two accuracies

@@ -38,6 +38,7 @@ anything. A class estimated beyond half the memory free here (:data:`CALIBRATE_W
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import resource
@@ -51,6 +52,7 @@ from bnlab.errors import UserError
 from bnlab.study.claims import CLAIMS
 from bnlab.study.kinds import KINDS, kind_of
 from bnlab.study.scope import design as scope_design, settings
+from bnlab.study.sequential import every_look
 from bnlab.study.specs import spec_key
 
 __all__ = ["ClaimCount", "Calibration", "count_runs", "later_rounds", "spec_class", "calibrate", "steps_of",
@@ -83,37 +85,43 @@ _FINISHED = {"status": "done", "result": {"final": {"val_acc": 0.5, "test_acc": 
                                           "losses": [2.0, 2.0], "initial_loss": 2.0, "chance": 0.1}}
 
 
-def _first_look(profile: dict) -> dict:
-    looks = profile.get("looks")
-    return {**profile, "seeds": list(profile["seeds"][:looks[0]])} if looks else profile
+def _at_look(profile: dict, number: int, all_looks: bool) -> dict:
+    """The profile claim ``number`` measures in the count: on its design's first look's seeds, or (``all_looks``)
+    on every seed of its design's last look."""
+    plan = scope_design(profile, CLAIMS[number])
+    return {**profile, "seeds": list(profile["seeds"][:plan.looks[-1] if all_looks else plan.looks[0]])}
 
 
-def _count_into(out: dict[int, ClaimCount], owner: dict[str, int], profile: dict, claims: Sequence[int]) -> None:
-    first = {number: CLAIMS[number].measure(profile, None) for number in sorted(claims)}
-    finished = {spec_key(spec): _FINISHED for specs in first.values() for spec in specs}
-    for number in sorted(claims):
-        count = out.setdefault(number, ClaimCount(number, CLAIMS[number].TITLE))
-        specs = CLAIMS[number].measure(profile, finished) if CLAIMS[number].TUNED_ON_SEEDS else first[number]
-        for spec in specs:
-            key = spec_key(spec)
-            if key not in owner:
-                owner[key] = number
-                count.own[key] = spec
-            elif owner[key] != number and key not in count.own:
-                count.shared.setdefault(owner[key], set()).add(key)
+def _count_into(out: dict[int, ClaimCount], owner: dict[str, int], profile: dict, claims: Sequence[int],
+                all_looks: bool = False) -> None:
+    narrowed = {number: _at_look(profile, number, all_looks) for number in sorted(claims)}
+    with every_look() if all_looks else contextlib.nullcontext():  # every arm of every part, at every look
+        first = {number: CLAIMS[number].measure(narrowed[number], None) for number in sorted(claims)}
+        finished = {spec_key(spec): _FINISHED for specs in first.values() for spec in specs}
+        for number in sorted(claims):
+            count = out.setdefault(number, ClaimCount(number, CLAIMS[number].TITLE))
+            specs = (CLAIMS[number].measure(narrowed[number], finished) if CLAIMS[number].TUNED_ON_SEEDS
+                     else first[number])
+            for spec in specs:
+                key = spec_key(spec)
+                if key not in owner:
+                    owner[key] = number
+                    count.own[key] = spec
+                elif owner[key] != number and key not in count.own:
+                    count.shared.setdefault(owner[key], set()).add(key)
 
 
 def count_runs(profile: dict, claims: Sequence[int], all_looks: bool = False) -> dict[int, ClaimCount]:
     """claim → :class:`ClaimCount` for the first round plus the second round of the claims tuned on seeds
     (found by answering every first-round run with a finished placeholder: which rate wins does not
     change how many runs follow), in every setting of the profile (:mod:`bnlab.study.scope`), on the seeds
-    of the first look (``all_looks``: on every seed, as if every look ran). Without those claims, settings
-    or looks the ``own`` runs are exactly :func:`bnlab.study.claims.collect_specs` (the claims are taken in
-    number order, as there)."""
+    of each claim's first look (``all_looks``: on every seed of its design, as if every look ran for every
+    part). Without those claims, settings or looks the ``own`` runs are exactly
+    :func:`bnlab.study.claims.collect_specs` (the claims are taken in number order, as there)."""
     owner: dict[str, int] = {}
     out: dict[int, ClaimCount] = {}
     for setting in settings(profile):
-        _count_into(out, owner, setting.profile if all_looks else _first_look(setting.profile), claims)
+        _count_into(out, owner, setting.profile, claims, all_looks)
     for count in out.values():
         count.shared = {n: len(keys) for n, keys in count.shared.items()}
     return out
@@ -121,8 +129,8 @@ def count_runs(profile: dict, claims: Sequence[int], all_looks: bool = False) ->
 
 def later_looks(profile: dict, claims: Sequence[int]) -> dict[int, int]:
     """claim → the most runs its later looks may add (seeds beyond the first look while a part is
-    undecided), counted like :func:`count_runs`; empty without ``looks``."""
-    if not profile.get("looks"):
+    undecided), counted like :func:`count_runs`; empty when no claim has more than one look."""
+    if all(len(scope_design(profile, CLAIMS[n]).looks) == 1 for n in claims):
         return {}
     first, every = count_runs(profile, claims), count_runs(profile, claims, all_looks=True)
     return {n: len(every[n].own) - len(first[n].own) for n in every}
@@ -141,7 +149,7 @@ def later_rounds(profile: dict, claims: Sequence[int]) -> dict[int, int]:
             if later is None:
                 continue
             out.setdefault(number, 0)
-            for what, most in later.runs(_first_look(setting.profile)).items():
+            for what, most in later.runs(_at_look(setting.profile, number, all_looks=False)).items():
                 if owner.setdefault(what, number) == number:
                     out[number] += most
     return out
@@ -546,9 +554,14 @@ def make_plan(profile: dict, claims: Sequence[int], jobs: int, executor: str = "
                              f"(a run two settings share is counted once).")
     if looks:
         design = scope_design(profile)
-        plan.notes.append(f"Sequential seeds: {design.text()}; the counts are the first look's, and later looks "
-                          f"may add up to {sum(looks.values())} runs (a claim runs them only while a part of it "
-                          f"is undecided).")
+        own = {n: scope_design(profile, CLAIMS[n]) for n in claims if CLAIMS[n].SLUG in profile
+               and (profile[CLAIMS[n].SLUG] or {}).get("looks")}
+        plan.notes.append(f"Sequential seeds: {design.text()}"
+                          + "".join(f"; claim {n}: {d.text().split(';')[0]}"
+                                    + (", each part stopping at the look that decides it"
+                                       if hasattr(CLAIMS[n], "part_looks") else "") for n, d in own.items())
+                          + f"; the counts are the first look's, and later looks may add up to "
+                            f"{sum(looks.values())} runs (a claim runs them only while a part of it is undecided).")
     return plan
 
 

@@ -125,7 +125,8 @@ class Shared(BaseModel):
                                           "the profile's own dataset and depth only)")
     looks: Optional[list[PositiveInt]] = Field(
         None, description="sequential seeds: a claim first runs the first looks[0] seeds, and while a part of it "
-                          "is undecided the next block, up to looks[-1] = len(seeds) (unset: one look, every seed)")
+                          "is undecided the next block, up to looks[-1] (unset: one look, every seed). The longest "
+                          "design, this or a claim section's own looks, ends at len(seeds)")
     stack: PositiveInt = Field(
         8, description="runs that differ only in their seed and learning rate train together, as one stacked "
                        "network of at most this many (bnlab.models.stack: each seed's run as alone, up to float rounding; "
@@ -154,8 +155,17 @@ class Shared(BaseModel):
         if self.looks is not None:
             from bnlab.study.sequential import Design
             Design(tuple(self.looks), tuple(self.look_alphas))   # raises ValueError naming what is wrong
-            if self.looks[-1] != len(self.seeds):
-                raise ValueError(f"the last look ({self.looks[-1]}) must be the number of seeds ({len(self.seeds)})")
+        own = {slug: getattr(self, slug) for slug in SECTIONS if getattr(getattr(self, slug, None), "looks", None)}
+        # every seed is some design's: the profile's last look (or every seed without one) and each section's
+        reach = {"looks": self.looks[-1] if self.looks else len(self.seeds)} | {
+            f"{slug}.looks": section.looks[-1] for slug, section in own.items()}
+        beyond = {name: n for name, n in reach.items() if n > len(self.seeds)}
+        if beyond:
+            raise ValueError(f"the last look of {', '.join(f'{k} ({v})' for k, v in beyond.items())} exceeds the "
+                             f"number of seeds ({len(self.seeds)})")
+        if max(reach.values()) != len(self.seeds):
+            raise ValueError(f"the last look ({max(reach.values())}, the longest of "
+                             f"{', '.join(reach)}) must be the number of seeds ({len(self.seeds)})")
         return self
 
     @model_validator(mode="after")
@@ -211,19 +221,24 @@ _SHARED = {
     # sequential seeds as standard's: 6, then 10 for a claim with an undecided part. With one look of 6 seeds
     # (seeds 30-59) claim 4 missed its threshold by its low end (0.399 against 0.4) in one set and claim 5 at
     # depth 44 (1.50 [0.11, 2.89]) in another, where about 7-9 seeds would decide them
+    # claim 3 has its own looks (10, 20, 40, 80; see claim_regularize.PRESETS), hence 80 seeds: the other
+    # claims use the first 10
     "quick": {"description": "about 5 minutes on 2 idle CPU cores: MNIST-1D, 1-D ResNet-8 at width 0.5, 6 seeds "
-                             "and 4 more where a part is undecided",
-              "dataset": "mnist1d", "seeds": list(range(10)), "tune_seeds": 2, "width": 0.5, "depth": 8,
+                             "and 4 more where a part is undecided (claim 3: 10, then up to 80 for an undecided "
+                             "part)",
+              "dataset": "mnist1d", "seeds": list(range(80)), "tune_seeds": 2, "width": 0.5, "depth": 8,
               "val_size": 500, "val_eval_size": 500, "eval_every": 16, "image_size": 14, "image_train_size": 3500,
               "looks": [6, 10], "look_alphas": [0.02, 0.03]},
     # every claim in four settings at quick's budget per setting; sequential seeds in three looks, 6, 10, then 14
     # while a part is undecided (α 1.5/1.5/2%: a false decision in 1.98% of simulated null studies,
     # benchmarks/sequential_null.py). Two looks (6, 10) left claim 5 undecided on Fashion-MNIST at 0.77
-    # [0.14, 1.40] decades (threshold 0.3) in a 20-minute run of seeds 0-9 (on 2,000 of its images)
-    "standard": {"description": "about 30 minutes on 2 idle CPU cores: every claim on MNIST-1D and "
+    # [0.14, 1.40] decades (threshold 0.3) in a 20-minute run of seeds 0-9 (on 2,000 of its images), three looks
+    # 0.94 [0.30, 1.57] at 14 seeds in 30.5 minutes: claim 5 now has looks of its own, up to 24, and claim 3
+    # up to 80 (see their PRESETS)
+    "standard": {"description": "about 40 minutes on 2 idle CPU cores: every claim on MNIST-1D and "
                                 "Fashion-MNIST (14×14) at depths 8 and 14, 6 seeds, then 10 and 14 where a part is "
-                                "undecided",
-                 "dataset": "mnist1d", "seeds": list(range(14)), "tune_seeds": 2, "width": 0.5, "depth": 8,
+                                "undecided (claim 3: 10, then up to 80; claim 5: 6, then up to 24)",
+                 "dataset": "mnist1d", "seeds": list(range(80)), "tune_seeds": 2, "width": 0.5, "depth": 8,
                  "val_size": 500, "val_eval_size": 500, "eval_every": 16, "image_size": 14,
                  "image_train_size": 3500, "looks": [6, 10, 14], "look_alphas": [0.015, 0.015, 0.02],
                  "settings": [{"dataset": "mnist1d", "depth": 8}, {"dataset": "mnist1d", "depth": 14},
@@ -417,6 +432,9 @@ def with_overrides(profile: dict, dataset: Optional[str] = None, device: Optiona
             raise UserError(f"--seeds must be at least 1 (got {seeds})")
         profile["seeds"] = list(range(seeds))
         profile["looks"] = profile["look_alphas"] = None
+        for slug in SECTIONS:          # a claim's own sequential design goes too: one look of N seeds for all
+            if isinstance(profile.get(slug), dict) and "looks" in profile[slug]:
+                profile[slug]["looks"] = profile[slug]["look_alphas"] = None
     given = [f"--{k} {v}" for k, v in (("dataset", dataset), ("device", device), ("seeds", seeds)) if v is not None]
     return validate(profile, f"profile {profile.get('name', '')} with {' '.join(given)}" if given else
                     f"profile {profile.get('name', '')}")

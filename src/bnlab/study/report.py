@@ -36,7 +36,7 @@ from bnlab.study import answers, steps
 from bnlab.study.claims import CLAIMS
 from bnlab.study.common import count_failed, dataset_label, json_safe
 from bnlab.study.runner import STORE_NAME
-from bnlab.study.scope import at_look, robust, settings
+from bnlab.study.scope import at_look, design, robust, settings
 from bnlab.study.store import Store
 from bnlab.study.style import png_bytes
 from bnlab.study.templates import BLOCK_SVG, GLOSSARY, HTML, MARKDOWN, profile_time
@@ -106,7 +106,7 @@ def analyze_claims(profile: dict, results: dict, claims) -> list[ClaimResult]:
             with at_confidence(look.level):
                 result = _analyze_one(module, look.profile, results)
             result.scope = {"setting": place.label, "dataset": place.dataset, "depth": place.depth,
-                            "seeds": len(look.seeds), "max_seeds": len(place.profile["seeds"]),
+                            "seeds": len(look.seeds), "max_seeds": design(place.profile, module).max_seeds,
                             "look": look.index + 1, "looks": look.count, "confidence": look.level}
             per_setting.append(result)
         primary = per_setting[0]
@@ -352,8 +352,15 @@ def _first_screen_scope(profile: dict, study: dict, results: list[ClaimResult]) 
     places = [r.across for r in results if r.across]
     labels = list(dict.fromkeys(a["setting"] for a in places[0])) if places else []
     seeds = len(profile.get("seeds") or study.get("seeds") or [])
-    seeds_text = (f"{seeds} seeds" + (" (sequential seeds: " + ", ".join(map(str, profile["looks"])) + ")"
-                                       if profile.get("looks") else ""))
+    own = {n: (profile.get(c.SLUG) or {}).get("looks") for n, c in CLAIMS.items()}
+    own = {n: looks for n, looks in own.items() if looks and any(r.number == n for r in results)}
+    if profile.get("looks"):
+        seeds_text = f"{profile['looks'][-1]} seeds (sequential seeds: " + ", ".join(map(str, profile["looks"])) + ")"
+    else:
+        seeds_text = f"{seeds} seeds"
+    if own:
+        seeds_text += "".join(f"; claim {n}: up to {looks[-1]} ({', '.join(map(str, looks))}, each part stopping "
+                              f"when decided)" for n, looks in own.items())
     if len(labels) > 1:
         where = f"{len(labels)} settings ({'; '.join(labels)}), up to {seeds_text} in each"
     elif profile.get("dataset"):

@@ -12,6 +12,8 @@ Within a setting a claim is judged at its current **look** (:mod:`bnlab.study.se
 undecided part runs the seeds up to n₂, and so on up to the last look. A claim whose parts are all decided
 (or have no data) stops there. Every interval is computed at its look's level (``look_alphas``), which keeps
 a false decision under 5% whatever the stopping. Without ``looks`` there is one look: every seed at 95%.
+A claim's section may set looks of its own (:func:`design`); a claim may also let its parts stop separately
+(claim 3: :func:`bnlab.study.sequential.part_look`), each part then one sequence of looks.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Optional, Sequence
 from bnlab.study.claims import CLAIMS
 from bnlab.study.common import dataset_label
 from bnlab.study.profiles import with_dataset
-from bnlab.study.sequential import Design, single
+from bnlab.study.sequential import Design, of_profile
 from bnlab.study.specs import spec_key, unique_specs
 from bnlab.study.verdict import UNDECIDED, at_confidence
 
@@ -72,11 +74,10 @@ def settings(profile: dict) -> list[Setting]:
     return out
 
 
-def design(profile: dict) -> Design:
-    """The profile's sequential design (one look at every seed when it sets none)."""
-    if profile.get("looks"):
-        return Design(tuple(profile["looks"]), tuple(profile["look_alphas"]))
-    return single(len(profile["seeds"]))
+def design(profile: dict, claim: Optional[ModuleType] = None) -> Design:
+    """The sequential design ``claim`` is judged under: its section's own ``looks`` if it sets them, else the
+    profile's (one look at every seed when neither does)."""
+    return of_profile(profile, getattr(claim, "SLUG", None))
 
 
 def _narrowed(profile: dict, seeds: int) -> dict:
@@ -90,7 +91,7 @@ def _all_finished(specs, results: dict) -> bool:
 def at_look(claim: ModuleType, profile: dict, results: Optional[dict]) -> Look:
     """The look ``claim`` has reached in ``profile`` (one setting's profile) given ``results``: the first
     look whose runs have not all finished, or whose decision leaves no part undecided, or the last."""
-    plan = design(profile)
+    plan = design(profile, claim)
     for index, (count, alpha) in enumerate(zip(plan.looks, plan.alphas)):
         look = Look(_narrowed(profile, count), index, len(plan.looks), 1.0 - alpha)
         if index == len(plan.looks) - 1 or not results:

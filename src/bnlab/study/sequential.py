@@ -30,15 +30,17 @@ and the threshold (where any decision is wrong in one direction) and beyond.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from scipy import stats
 
 __all__ = ["Design", "single", "repeated_95", "t_interval_at", "simulate", "false_decision_rate", "power",
-           "TOTAL_ALPHA"]
+           "TOTAL_ALPHA", "of_profile", "part_look", "every_look"]
 
 TOTAL_ALPHA = 0.05   # the two-sided error of one fixed-size 95% interval: the budget the looks share
 
@@ -82,6 +84,12 @@ class Design:
         later = [n for n in self.looks if n > seeds_run]
         return later[0] if later else seeds_run
 
+    def reached(self, seeds_run: int) -> list[tuple[int, float]]:
+        """(seeds, two-sided alpha) of every look reached with ``seeds_run`` seeds run, in order; a count
+        below the first look stands for itself at the first look's alpha."""
+        out = [(n, a) for n, a in zip(self.looks, self.alphas) if n <= seeds_run]
+        return out or [(seeds_run, self.alphas[0])]
+
     def text(self) -> str:
         if len(self.looks) == 1:
             return f"one look at {self.looks[0]} seeds, {100 * (1 - self.alphas[0]):g}% intervals"
@@ -110,6 +118,48 @@ def repeated_95(looks: Sequence[int]) -> _Repeated:
 def single(seeds: int) -> Design:
     """The fixed-size design: one look at ``seeds`` seeds with the 95% interval."""
     return Design((seeds,), (TOTAL_ALPHA,))
+
+
+def of_profile(profile: dict, section: Optional[str] = None) -> Design:
+    """The design a claim is judged under: its own section's ``looks``/``look_alphas`` when ``section`` names a
+    profile section that sets them, else the profile's, else one look at every seed (the plain 95% interval)."""
+    own = (profile.get(section) or {}) if section else {}
+    for where in (own, profile):
+        if where.get("looks"):
+            return Design(tuple(where["looks"]), tuple(where["look_alphas"]))
+    return single(len(profile["seeds"]))
+
+
+_EVERY_LOOK = contextvars.ContextVar("bnlab_every_look", default=False)
+
+
+@contextlib.contextmanager
+def every_look():
+    """Inside the block no part stops at an earlier look (:func:`part_look` gives the current one): what a
+    plan counting the most runs every look may ask for needs."""
+    token = _EVERY_LOOK.set(True)
+    try:
+        yield
+    finally:
+        _EVERY_LOOK.reset(token)
+
+
+def part_look(plan: Design, seeds_run: int, judge: Callable[[int, float], Optional[bool]]) -> tuple[int, float]:
+    """``(seeds, confidence level)`` one part of a claim is judged at, when parts stop separately: the first
+    look reached (:meth:`Design.reached`) at which ``judge(seeds, level)`` says the part is decided (``True``)
+    or its runs have not all finished (``None``); else the last look reached. A part decided at a look keeps
+    that decision at later looks, and only the parts still undecided run more seeds — each part is one
+    sequence of looks under the design's error split, so the union bound holds for it as for a whole claim."""
+    reached = plan.reached(seeds_run)
+    if _EVERY_LOOK.get():
+        n, alpha = reached[-1]
+        return n, 1.0 - alpha
+    for n, alpha in reached:
+        verdict = judge(n, 1.0 - alpha)
+        if verdict is None or verdict:
+            return n, 1.0 - alpha
+    n, alpha = reached[-1]
+    return n, 1.0 - alpha
 
 
 def t_interval_at(values: Sequence[float], confidence: float) -> tuple[float, float, float]:
