@@ -214,3 +214,9 @@ def test_claim3_own_looks_set_its_scope_and_the_reports_first_line():
         {"seeds": 9, "max_seeds": 9, "look": 3, "looks": 3}
     line = _first_screen_scope(profile, {}, [result])
     assert "5 seeds (sequential seeds: 3, 5)" in line and "claim 3: up to 9 (3, 6, 9" in line, line
+    # standard: claim 3's parts stop separately, claim 5 (looks of its own too) stops as a whole
+    from types import SimpleNamespace
+    from bnlab.study import get_profile
+    line = _first_screen_scope(get_profile("standard"), {}, [SimpleNamespace(number=n, across=[]) for n in (3, 5)])
+    assert "claim 3: up to 80 (10, 20, 40, 80, each part stopping when decided)" in line, line
+    assert "claim 5: up to 24 (6, 10, 16, 24)" in line, line

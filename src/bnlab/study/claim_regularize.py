@@ -20,10 +20,10 @@ from pydantic import (ConfigDict, Field, NonNegativeFloat, PositiveFloat, Positi
                       model_validator)
 
 from bnlab.study import style
-from bnlab.study.common import (DIFF_BOUNDS, Band, OwnLooks, arm_label, ci, dataset_label, final_pct, fmt, fmt_ci,
-                                lookup, paper_table, resnet_depths, train_spec, tuned, tuning_caveat)
+from bnlab.study.common import (DIFF_BOUNDS, Band, OwnLooks, all_finished, arm_label, ci, dataset_label, final_pct,
+                                fmt, fmt_ci, lookup, narrowed, paper_table, resnet_depths, train_spec, tuned,
+                                tuning_caveat)
 from bnlab.study.sequential import of_profile, part_look
-from bnlab.study.specs import spec_key
 from bnlab.study.verdict import (SUPPORTED, UNDECIDED, ClaimResult, Effect, Interval, Part, Rule, Verdict,
                                  at_confidence, paired_effect)
 
@@ -180,15 +180,6 @@ def part_arms(profile: dict) -> tuple[set, set]:
     return {"bn", "none"}, {"bn", f"ghost:{min(profile['regularize']['ghost_sizes'])}"}
 
 
-def _narrowed(profile: dict, seeds: int) -> dict:
-    return {**profile, "seeds": list(profile["seeds"][:seeds])}
-
-
-def _finished(results: Optional[dict], specs: list[dict]) -> bool:
-    return all(((results or {}).get(spec_key(s)) or {}).get("status") in ("done", "diverged", "failed")
-               for s in specs)
-
-
 def part_looks(profile: dict, results: Optional[dict]) -> list[tuple[int, float]]:
     """Per part, ``(seeds, confidence level)`` it is judged at: each part stops at the first look of the
     claim's design (its own ``looks``, else the profile's) that decides it, and only the arms of the parts
@@ -200,8 +191,8 @@ def part_looks(profile: dict, results: Optional[dict]) -> list[tuple[int, float]
 
     def judge(index: int, keys: set):
         def at(n: int, level: float) -> Optional[bool]:
-            sub = _narrowed(profile, n)
-            if not _finished(results, [s for k in keys for s in _tuned(sub, results, *by_key[k])[0]]):
+            sub = narrowed(profile, n)
+            if not all_finished(results, [s for k in keys for s in _tuned(sub, results, *by_key[k])[0]]):
                 return None
             with at_confidence(level):
                 return _decide_part(index, sub, results, {k: _arm(sub, results, *by_key[k]) for k in keys})[0] \
@@ -223,7 +214,7 @@ def arm_looks(profile: dict, results: Optional[dict], looks: Optional[list] = No
 def measure(profile: dict, results: Optional[dict] = None) -> list[dict]:
     looks = arm_looks(profile, results)
     return [spec for key, norm, wd in arms(profile)
-            for spec in _tuned(_narrowed(profile, looks[key][0]), results, norm, wd)[0]]
+            for spec in _tuned(narrowed(profile, looks[key][0]), results, norm, wd)[0]]
 
 
 # ------------------------------------------------------------------------------------------------ decide
@@ -310,7 +301,7 @@ def decide(profile: dict, results: dict) -> Findings:
     for key, norm, wd in arms(profile):
         n, level = looks[key]
         with at_confidence(level):
-            per_arm[key] = _arm(_narrowed(profile, n), results, norm, wd)
+            per_arm[key] = _arm(narrowed(profile, n), results, norm, wd)
     decided = []
     for index, (_, level) in enumerate(per_part):   # each part at its own look (paired: the seeds both arms ran)
         with at_confidence(level):

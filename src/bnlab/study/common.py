@@ -18,8 +18,8 @@ from bnlab.study.verdict import Interval
 
 __all__ = ["data_fields", "dataset_label", "base_fields", "resnet_depths", "train_spec", "lookup", "count_failed",
            "final_loss", "final_pct", "stable", "choose_lr", "tuning_seeds", "tuned", "tuning_caveat", "seed_list",
-           "by_seed", "ci", "Band", "LaterRounds", "ARM_LABELS", "arm_label", "fmt", "fmt_ci", "ACC_BOUNDS",
-           "DIFF_BOUNDS", "OwnLooks"]
+           "by_seed", "narrowed", "all_finished", "ci", "Band", "LaterRounds", "ARM_LABELS", "arm_label", "fmt",
+           "fmt_ci", "ACC_BOUNDS", "DIFF_BOUNDS", "OwnLooks"]
 
 class OwnLooks(BaseModel):
     """A claim section's own sequential seeds, in place of the profile's ``looks`` (the scope reads them:
@@ -32,11 +32,8 @@ class OwnLooks(BaseModel):
 
     @model_validator(mode="after")
     def _own_looks(self):
-        if (self.looks is None) != (self.look_alphas is None):
-            raise ValueError("looks and look_alphas go together: give both or neither")
-        if self.looks is not None:
-            from bnlab.study.sequential import Design
-            Design(tuple(self.looks), tuple(self.look_alphas))   # raises ValueError naming what is wrong
+        from bnlab.study.sequential import checked
+        checked(self.looks, self.look_alphas)   # raises ValueError naming what is wrong
         return self
 
 
@@ -113,6 +110,17 @@ def lookup(results: dict, spec: dict) -> Optional[dict]:
     """The stored row for ``spec`` (``None`` if it was not run or failed)."""
     row = (results or {}).get(spec_key(spec))
     return row if row is not None and row["status"] in ("done", "diverged") else None
+
+
+def narrowed(profile: dict, seeds: int) -> dict:
+    """``profile`` on its first ``seeds`` seeds (a look's profile)."""
+    return {**profile, "seeds": list(profile["seeds"][:seeds])}
+
+
+def all_finished(results: Optional[dict], specs: Iterable[dict]) -> bool:
+    """Whether every run of ``specs`` is stored as finished (done, diverged or failed)."""
+    return all(((results or {}).get(spec_key(s)) or {}).get("status") in ("done", "diverged", "failed")
+               for s in specs)
 
 
 def count_failed(results: dict, specs: Iterable[dict]) -> int:

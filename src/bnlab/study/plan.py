@@ -50,6 +50,7 @@ import torch
 
 from bnlab.errors import UserError
 from bnlab.study.claims import CLAIMS
+from bnlab.study.common import narrowed
 from bnlab.study.kinds import KINDS, kind_of
 from bnlab.study.scope import design as scope_design, settings
 from bnlab.study.sequential import every_look
@@ -89,7 +90,7 @@ def _at_look(profile: dict, number: int, all_looks: bool) -> dict:
     """The profile claim ``number`` measures in the count: on its design's first look's seeds, or (``all_looks``)
     on every seed of its design's last look."""
     plan = scope_design(profile, CLAIMS[number])
-    return {**profile, "seeds": list(profile["seeds"][:plan.looks[-1] if all_looks else plan.looks[0]])}
+    return narrowed(profile, plan.looks[-1] if all_looks else plan.looks[0])
 
 
 def _count_into(out: dict[int, ClaimCount], owner: dict[str, int], profile: dict, claims: Sequence[int],

@@ -150,11 +150,8 @@ class Shared(BaseModel):
 
     @model_validator(mode="after")
     def _looks(self):
-        if (self.looks is None) != (self.look_alphas is None):
-            raise ValueError("looks and look_alphas go together: give both or neither")
-        if self.looks is not None:
-            from bnlab.study.sequential import Design
-            Design(tuple(self.looks), tuple(self.look_alphas))   # raises ValueError naming what is wrong
+        from bnlab.study.sequential import checked
+        checked(self.looks, self.look_alphas)   # raises ValueError naming what is wrong
         own = {slug: getattr(self, slug) for slug in SECTIONS if getattr(getattr(self, slug, None), "looks", None)}
         # every seed is some design's: the profile's last look (or every seed without one) and each section's
         reach = {"looks": self.looks[-1] if self.looks else len(self.seeds)} | {

@@ -359,8 +359,9 @@ def _first_screen_scope(profile: dict, study: dict, results: list[ClaimResult]) 
     else:
         seeds_text = f"{seeds} seeds"
     if own:
-        seeds_text += "".join(f"; claim {n}: up to {looks[-1]} ({', '.join(map(str, looks))}, each part stopping "
-                              f"when decided)" for n, looks in own.items())
+        seeds_text += "".join(f"; claim {n}: up to {looks[-1]} ({', '.join(map(str, looks))}"
+                              + (", each part stopping when decided" if hasattr(CLAIMS[n], "part_looks") else "")
+                              + ")" for n, looks in own.items())
     if len(labels) > 1:
         where = f"{len(labels)} settings ({'; '.join(labels)}), up to {seeds_text} in each"
     elif profile.get("dataset"):

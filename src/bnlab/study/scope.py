@@ -24,16 +24,15 @@ from types import ModuleType
 from typing import Optional, Sequence
 
 from bnlab.study.claims import CLAIMS
-from bnlab.study.common import dataset_label
+from bnlab.study.common import all_finished, dataset_label, narrowed
 from bnlab.study.profiles import with_dataset
 from bnlab.study.sequential import Design, of_profile
-from bnlab.study.specs import spec_key, unique_specs
+from bnlab.study.specs import unique_specs
 from bnlab.study.verdict import UNDECIDED, at_confidence
 
 __all__ = ["Setting", "Look", "settings", "design", "at_look", "collect", "robust", "DEPENDS"]
 
 DEPENDS = "depends on the setting"
-_FINISHED = ("done", "diverged", "failed")
 
 
 @dataclass(frozen=True)
@@ -80,24 +79,16 @@ def design(profile: dict, claim: Optional[ModuleType] = None) -> Design:
     return of_profile(profile, getattr(claim, "SLUG", None))
 
 
-def _narrowed(profile: dict, seeds: int) -> dict:
-    return {**profile, "seeds": list(profile["seeds"][:seeds])}
-
-
-def _all_finished(specs, results: dict) -> bool:
-    return all((results.get(spec_key(s)) or {}).get("status") in _FINISHED for s in specs)
-
-
 def at_look(claim: ModuleType, profile: dict, results: Optional[dict]) -> Look:
     """The look ``claim`` has reached in ``profile`` (one setting's profile) given ``results``: the first
     look whose runs have not all finished, or whose decision leaves no part undecided, or the last."""
     plan = design(profile, claim)
     for index, (count, alpha) in enumerate(zip(plan.looks, plan.alphas)):
-        look = Look(_narrowed(profile, count), index, len(plan.looks), 1.0 - alpha)
+        look = Look(narrowed(profile, count), index, len(plan.looks), 1.0 - alpha)
         if index == len(plan.looks) - 1 or not results:
             return look
         with at_confidence(look.level):
-            if not _all_finished(claim.measure(look.profile, results), results):
+            if not all_finished(results, claim.measure(look.profile, results)):
                 return look
             findings = claim.decide(look.profile, results)
         if not any(p.outcome == UNDECIDED for p in findings.parts):

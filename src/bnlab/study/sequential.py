@@ -40,7 +40,7 @@ import numpy as np
 from scipy import stats
 
 __all__ = ["Design", "single", "repeated_95", "t_interval_at", "simulate", "false_decision_rate", "power",
-           "TOTAL_ALPHA", "of_profile", "part_look", "every_look"]
+           "TOTAL_ALPHA", "checked", "of_profile", "part_look", "every_look"]
 
 TOTAL_ALPHA = 0.05   # the two-sided error of one fixed-size 95% interval: the budget the looks share
 
@@ -118,6 +118,14 @@ def repeated_95(looks: Sequence[int]) -> _Repeated:
 def single(seeds: int) -> Design:
     """The fixed-size design: one look at ``seeds`` seeds with the 95% interval."""
     return Design((seeds,), (TOTAL_ALPHA,))
+
+
+def checked(looks: Optional[Sequence[int]], alphas: Optional[Sequence[float]]) -> Optional[Design]:
+    """The design ``looks``/``look_alphas`` give (``None`` when both are unset); a ``ValueError`` naming what is
+    wrong when only one is set or the pair is no valid :class:`Design` (what the profile schema reports)."""
+    if (looks is None) != (alphas is None):
+        raise ValueError("looks and look_alphas go together: give both or neither")
+    return None if looks is None else Design(tuple(looks), tuple(alphas))
 
 
 def of_profile(profile: dict, section: Optional[str] = None) -> Design:
